@@ -1,0 +1,127 @@
+"""Neighbour search: directed pairs within a cutoff, linear in the number of atoms.
+
+Pairs are found in float64 without gradients; what they return is integer data (atom
+indices and periodic image shifts), from which the potential rebuilds differentiable
+displacement vectors.  Periodic cells may be triclinic and shorter than the cutoff,
+in which case an atom sees several images of its neighbours and of itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import torch
+
+#: Below this many atoms a dense distance matrix beats a cell list.
+_DENSE_LIMIT = 256
+
+
+@dataclasses.dataclass
+class Pairs:
+    """Directed neighbour pairs, sorted by ``center``.
+
+    ``vector = positions[neighbor] - positions[center] + shift @ cell`` (Å), where
+    ``shift`` holds integer image offsets in units of the cell's lattice vectors, or is
+    None when no pair crosses a periodic boundary.
+    """
+
+    center: torch.Tensor  # (P,) int64
+    neighbor: torch.Tensor  # (P,) int64
+    shift: torch.Tensor | None  # (P, 3) float, integer-valued
+
+    def __len__(self) -> int:
+        return len(self.center)
+
+
+def find_pairs(positions: torch.Tensor, cutoff: float, cell: torch.Tensor | None = None) -> Pairs:
+    """All directed pairs (i, j[, image]) with |r_j + shift·cell − r_i| ≤ cutoff.
+
+    positions: (N, 3) Å.  cell: (3, 3) Å, rows are lattice vectors, periodic in all
+    three directions; None for an isolated molecule.
+    """
+    with torch.no_grad():
+        pos = positions.detach().to(torch.float64)
+        if cell is None:
+            if len(pos) <= _DENSE_LIMIT:
+                return _dense_pairs(pos, cutoff)
+            center, neighbor, _ = _cell_list(pos, pos, torch.arange(len(pos), device=pos.device), cutoff)
+            return Pairs(center, neighbor, None)
+        return _periodic_pairs(pos, cell.detach().to(torch.float64), cutoff)
+
+
+def _dense_pairs(pos: torch.Tensor, cutoff: float) -> Pairs:
+    d2 = (pos[:, None, :] - pos[None, :, :]).pow(2).sum(-1)
+    d2.fill_diagonal_(math.inf)
+    center, neighbor = torch.nonzero(d2 <= cutoff * cutoff, as_tuple=True)
+    return Pairs(center, neighbor, None)
+
+
+def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pairs:
+    inverse = torch.linalg.inv(cell)
+    frac = pos @ inverse
+    wrap = -torch.floor(frac)  # integer shift that brings each atom into [0, 1)
+    frac = frac + wrap
+    # Perpendicular width of the cell along each lattice direction: how many image
+    # layers the cutoff reaches.
+    volume = torch.abs(torch.linalg.det(cell))
+    widths = torch.stack([volume / torch.linalg.norm(torch.cross(cell[(k + 1) % 3], cell[(k + 2) % 3], dim=0))
+                          for k in range(3)])
+    reach = cutoff / widths  # in fractional units
+    layers = [int(math.ceil(r)) for r in reach.tolist()]
+    offsets = torch.tensor(list(itertools.product(*[range(-n, n + 1) for n in layers])),
+                           dtype=torch.float64, device=pos.device)
+    # Every image of every atom, kept only if it lies within the cutoff slab around the
+    # central cell (a necessary condition for being a neighbour of a central atom).
+    image_frac = (frac[None, :, :] + offsets[:, None, :]).reshape(-1, 3)
+    image_atom = torch.arange(len(pos), device=pos.device).repeat(len(offsets))
+    image_offset = offsets.repeat_interleave(len(pos), dim=0)
+    keep = ((image_frac >= -reach) & (image_frac < 1 + reach)).all(dim=1)
+    image_frac, image_atom, image_offset = image_frac[keep], image_atom[keep], image_offset[keep]
+    center, source, _ = _cell_list(frac @ cell, image_frac @ cell, image_atom, cutoff,
+                                   is_self=lambda q, s: (image_atom[s] == q) & (image_offset[s] == 0).all(1))
+    neighbor = image_atom[source]
+    # Back to the caller's (unwrapped) positions: r_j' = r_j + w_j·cell.
+    shift = image_offset[source] + wrap[neighbor] - wrap[center]
+    return Pairs(center, neighbor, shift.to(pos.dtype))
+
+
+def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.Tensor, cutoff: float,
+               is_self=None):
+    """Pairs (query q, source s) within cutoff, by binning sources into cubes of side cutoff.
+
+    Bins are hashed (sorted unique ids), so sparse or far-flung systems need no dense
+    grid.  Returns (query index, source index, distance²), sorted by query.
+    """
+    origin = sources.min(dim=0).values
+    q_bin = torch.floor((queries - origin) / cutoff).long() + 1  # +1: offsets never go negative
+    s_bin = torch.floor((sources - origin) / cutoff).long() + 1
+    dims = torch.maximum(q_bin.max(0).values, s_bin.max(0).values) + 2
+    stride = torch.stack([torch.ones_like(dims[0]), dims[0], dims[0] * dims[1]])
+    s_id = (s_bin * stride).sum(1)
+    order = torch.argsort(s_id)
+    unique_ids, counts = torch.unique_consecutive(s_id[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    neighbour_offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), device=queries.device)
+    target = ((q_bin[:, None, :] + neighbour_offsets[None]) * stride).sum(-1)  # (Q, 27)
+    slot = torch.searchsorted(unique_ids, target).clamp(max=len(unique_ids) - 1)
+    found = unique_ids[slot] == target
+    count = torch.where(found, counts[slot], torch.zeros_like(slot))
+    start = starts[slot]
+    count, start = count.reshape(-1), start.reshape(-1)
+    query_of = torch.arange(len(queries), device=queries.device).repeat_interleave(27)
+    total = int(count.sum())
+    query = query_of.repeat_interleave(count, output_size=total)
+    first = torch.cumsum(count, 0) - count
+    local = torch.arange(total, device=queries.device) - first.repeat_interleave(count, output_size=total)
+    source = order[start.repeat_interleave(count, output_size=total) + local]
+    d2 = (sources[source] - queries[query]).pow(2).sum(-1)
+    keep = d2 <= cutoff * cutoff
+    if is_self is None:
+        keep &= source_atom[source] != query
+    else:
+        keep &= ~is_self(query, source)
+    query, source, d2 = query[keep], source[keep], d2[keep]
+    # Sorted by query already (query_of is non-decreasing); keep it stable for triplets.
+    return query, source, d2

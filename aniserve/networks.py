@@ -1,0 +1,73 @@
+"""Element networks: one MLP per element, all ensemble members evaluated together.
+
+The k members of an element are stored stacked — weights (k, in, out), biases (k, out) —
+so a whole ensemble runs as one batched matrix product per layer instead of k small
+ones.  Hidden layers use CELU(α); the output layer is linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class EnsembleMLP(nn.Module):
+    """k stacked MLPs of one element: features (n, in) → atomic energies (k, n)."""
+
+    def __init__(self, sizes: list[int], ensemble_size: int = 1, celu_alpha: float = 0.1):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.celu_alpha = celu_alpha
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            # Kaiming-uniform, like nn.Linear, for models trained from scratch.
+            bound = 1 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(ensemble_size, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(ensemble_size, 1, fan_out).uniform_(-bound, bound)))
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.weights[0].shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        k, fan_in, fan_out = self.weights[0].shape
+        # First layer as one wide GEMM over all members: (n, in) @ (in, k·out).
+        w0 = self.weights[0].permute(1, 0, 2).reshape(fan_in, k * fan_out)
+        x = (features @ w0).reshape(-1, k, fan_out).transpose(0, 1) + self.biases[0]
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            x = torch.baddbmm(b, F.celu(x, alpha=self.celu_alpha), w)
+        return x.squeeze(-1)
+
+
+class ElementNetworks(nn.Module):
+    """Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N)."""
+
+    def __init__(self, elements: list[str], hidden: dict[str, list[int]], input_width: int,
+                 ensemble_size: int = 1, celu_alpha: float = 0.1):
+        super().__init__()
+        self.elements = list(elements)
+        self.hidden = {e: list(hidden[e]) for e in self.elements}
+        self.input_width = input_width
+        self.celu_alpha = celu_alpha
+        self.mlps = nn.ModuleList(
+            EnsembleMLP([input_width, *self.hidden[e], 1], ensemble_size, celu_alpha) for e in self.elements)
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.mlps[0].ensemble_size
+
+    def config(self) -> dict:
+        return {"elements": self.elements, "hidden": self.hidden, "input_width": self.input_width,
+                "ensemble_size": self.ensemble_size, "celu_alpha": self.celu_alpha}
+
+    def forward(self, species: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        energies = features.new_zeros(self.ensemble_size, species.shape[0])
+        for index, mlp in enumerate(self.mlps):
+            atoms = torch.nonzero(species == index).squeeze(1)
+            if len(atoms):
+                energies[:, atoms] = mlp(features[atoms])
+        return energies

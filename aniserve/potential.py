@@ -1,0 +1,220 @@
+"""The ANI potential: featurizer + element networks + self atomic energies.
+
+``ANIPotential.forward`` is pure tensor computation (Å in, Hartree out).
+``ANIPotential.evaluate`` is the convenient entry point: it checks the input, finds
+neighbours, and returns energies, forces and strain derivatives as float64 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from aniserve.elements import NUMBERS, symbol
+from aniserve.neighbors import Pairs, find_pairs
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Results in Hartree and Å.  A batch adds a leading structure axis to every field.
+
+    energy: ensemble mean, Hartree.  forces: −dE/dr, (N, 3) Hartree/Å (zero on padding).
+    strain_derivative: dE/dε, (3, 3) Hartree, for r → r(I+ε) applied to positions and
+    cell; None without a cell.  member_energies: (k,) Hartree.  energy_std: population
+    standard deviation over members.  member_forces: (k, N, 3), only when asked for.
+    """
+
+    energy: np.ndarray | float
+    forces: np.ndarray
+    member_energies: np.ndarray
+    energy_std: np.ndarray | float
+    strain_derivative: np.ndarray | None = None
+    member_forces: np.ndarray | None = None
+    member_strain_derivatives: np.ndarray | None = None
+
+
+class ANIPotential(nn.Module):
+    def __init__(self, featurizer: nn.Module, networks: nn.Module, self_energies: dict[str, float],
+                 description: dict | None = None):
+        super().__init__()
+        self.featurizer = featurizer
+        self.networks = networks
+        self.elements = list(networks.elements)
+        self.description = description or {}
+        # Self energies stay float64 whatever the model's dtype: rounding them to float32
+        # moves totals by ~3e-6 Hartree per heavy atom.
+        self.register_buffer("self_energies", torch.tensor([self_energies[e] for e in self.elements],
+                                                           dtype=torch.float64), persistent=False)
+        table = torch.full((119,), -1, dtype=torch.long)
+        for index, element in enumerate(self.elements):
+            table[NUMBERS[element]] = index
+        self.register_buffer("species_of_number", table, persistent=False)
+
+    @property
+    def cutoff(self) -> float:
+        return self.featurizer.cutoff
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.networks.ensemble_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.networks.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.networks.parameters()).device
+
+    def _apply(self, fn, recurse=True):
+        # Keep self energies in float64 through .to(dtype) / .float() / .double().
+        sae = self.self_energies
+        result = super()._apply(fn, recurse)
+        self.self_energies = sae.to(device=self.species_of_number.device)
+        return result
+
+    def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
+                vectors: torch.Tensor, structure: torch.Tensor, num_structures: int) -> torch.Tensor:
+        """Member energies (k, B) in Hartree, float64.
+
+        species: (N,) model species indices; center/neighbor: (P,) pair atom indices,
+        sorted by center; vectors: (P, 3) Å; structure: (N,) structure index of each atom.
+        """
+        features = self.featurizer(species, center, neighbor, vectors)
+        atomic = self.networks(species, features).to(torch.float64)
+        energies = atomic.new_zeros(atomic.shape[0], num_structures).index_add_(1, structure, atomic)
+        offsets = atomic.new_zeros(num_structures).index_add_(0, structure, self.self_energies[species])
+        return energies + offsets
+
+    # ----------------------------------------------------------------- evaluation
+    def species_indices(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Model species index of each atomic number; a clear error for unknown ones."""
+        if ((numbers < 1) | (numbers > 118)).any():
+            bad = numbers[(numbers < 1) | (numbers > 118)].unique().tolist()
+            raise ValueError(f"atomic numbers must be 1..118, got {bad}")
+        species = self.species_of_number[numbers]
+        if (species < 0).any():
+            bad = numbers[species < 0]
+            counts = {symbol(int(z)): int((bad == z).sum()) for z in bad.unique()}
+            listed = ", ".join(f"{s} ({n} atom{'s' * (n > 1)})" for s, n in counts.items())
+            raise ValueError(f"model {self.description.get('name', '')!s} does not support element(s) {listed}; "
+                             f"it covers {', '.join(self.elements)}")
+        return species
+
+    def evaluate(self, numbers, positions, cell=None, *, member_forces: bool = False,
+                 pairs: list[Pairs] | None = None) -> Evaluation:
+        """Energy, forces and (with a cell) strain derivative of one structure or a batch.
+
+        numbers: (N,) atomic numbers, or (B, N) with 0 marking padding.
+        positions: (N, 3) or (B, N, 3), Å.  cell: None (isolated), or (3, 3) / (B, 3, 3)
+        with lattice vectors as rows, Å, periodic in all three directions.
+        pairs: neighbour lists to reuse, one per structure (see ``find_pairs``).
+        """
+        batch = _as_batch(numbers, positions, cell, self.device)
+        num, pos64, cell64 = batch["numbers"], batch["positions"], batch["cell"]
+        real = num > 0
+        structure = torch.nonzero(real)[:, 0]
+        flat_numbers = num[real]
+        species = self.species_indices(flat_numbers)
+        flat_pos64 = pos64[real]
+        counts = real.sum(1)
+        starts = torch.cumsum(counts, 0) - counts
+        if pairs is None:
+            pairs = [find_pairs(flat_pos64[s:s + n], self.cutoff, None if cell64 is None else cell64[b])
+                     for b, (s, n) in enumerate(zip(starts.tolist(), counts.tolist()))]
+        center = torch.cat([p.center + s for p, s in zip(pairs, starts.tolist())])
+        neighbor = torch.cat([p.neighbor + s for p, s in zip(pairs, starts.tolist())])
+
+        dtype = self.dtype
+        pos = flat_pos64.to(dtype).requires_grad_(True)
+        inputs = [pos]
+        if cell64 is None:
+            vectors = pos[neighbor] - pos[center]
+        else:
+            strain = torch.zeros(len(num), 3, 3, dtype=dtype, device=pos.device, requires_grad=True)
+            inputs.append(strain)
+            deform = torch.eye(3, dtype=dtype, device=pos.device) + strain
+            strained_pos = torch.bmm(pos[:, None, :], deform[structure]).squeeze(1)
+            strained_cell = torch.bmm(cell64.to(dtype), deform)
+            shift = torch.cat([p.shift if p.shift is not None else pos.new_zeros(len(p), 3) for p in pairs]).to(dtype)
+            vectors = (strained_pos[neighbor] - strained_pos[center]
+                       + torch.bmm(shift[:, None, :], strained_cell[structure[center]]).squeeze(1))
+
+        members = self.forward(species, center, neighbor, vectors, structure, len(num))
+        energy = members.mean(0)
+        grads = torch.autograd.grad(energy.sum(), inputs, retain_graph=member_forces)
+        result = Evaluation(
+            energy=energy.detach().cpu().numpy(),
+            forces=_unflatten(-grads[0], real),
+            member_energies=members.detach().T.cpu().numpy(),
+            energy_std=members.detach().std(0, unbiased=False).cpu().numpy(),
+            strain_derivative=None if cell64 is None else grads[1].detach().to(torch.float64).cpu().numpy(),
+        )
+        if member_forces:
+            per_member = [torch.autograd.grad(members[m].sum(), inputs, retain_graph=m + 1 < len(members))
+                          for m in range(len(members))]
+            result.member_forces = np.stack([_unflatten(-g[0], real) for g in per_member], axis=1)
+            if cell64 is not None:
+                result.member_strain_derivatives = np.stack(
+                    [g[1].detach().to(torch.float64).cpu().numpy() for g in per_member], axis=1)
+        if batch["single"]:
+            result = _first(result)
+        return result
+
+
+def _unflatten(flat: torch.Tensor, real: torch.Tensor) -> np.ndarray:
+    out = torch.zeros(*real.shape, 3, dtype=torch.float64, device=flat.device)
+    out[real] = flat.detach().to(torch.float64)
+    return out.cpu().numpy()
+
+
+def _first(result: Evaluation) -> Evaluation:
+    return Evaluation(**{f.name: (None if getattr(result, f.name) is None else getattr(result, f.name)[0])
+                         for f in dataclasses.fields(result)})
+
+
+def _as_tensor(value, dtype, device, name):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype)
+    try:
+        return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a numeric array: {error}") from None
+
+
+def _as_batch(numbers, positions, cell, device) -> dict:
+    """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
+    num = _as_tensor(numbers, torch.long, device, "numbers")
+    pos = _as_tensor(positions, torch.float64, device, "positions")
+    single = num.dim() == 1
+    if single:
+        num, pos = num[None], pos[None]
+    if num.dim() != 2 or pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != num.shape:
+        raise ValueError(f"shape mismatch: numbers {tuple(_as_tensor(numbers, torch.long, device, 'numbers').shape)} "
+                         f"and positions {tuple(_as_tensor(positions, torch.float64, device, 'positions').shape)}; "
+                         f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)")
+    if not torch.isfinite(pos).all():
+        bad = torch.nonzero(~torch.isfinite(pos).all(-1))
+        where = ", ".join(f"atom {int(a)}" + (f" of structure {int(b)}" if not single else "") for b, a in bad[:5])
+        raise ValueError(f"positions contain NaN or infinite values ({where})")
+    if (num[:, 0] <= 0).any() or ((num > 0).sum(1) == 0).any():
+        raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
+    c = None
+    if cell is not None:
+        c = _as_tensor(cell, torch.float64, device, "cell")
+        if c.shape == (3, 3):
+            c = c.expand(len(num), 3, 3)
+        if c.shape != (len(num), 3, 3):
+            raise ValueError(f"cell must be (3, 3) or (B, 3, 3), got {tuple(c.shape)}")
+        if not torch.isfinite(c).all():
+            raise ValueError("cell contains NaN or infinite values")
+        volume = torch.linalg.det(c).abs()
+        scale = torch.linalg.norm(c, dim=-1).prod(-1)
+        if (volume <= 1e-8 * scale).any() or (scale == 0).any():
+            raise ValueError(f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors "
+                             f"must be linearly independent")
+        c = c.contiguous()
+    return {"numbers": num, "positions": pos, "cell": c, "single": single}
