@@ -45,7 +45,9 @@ def _cosine_cutoff(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
 
 
 class AEVFeaturizer(nn.Module):
-    """Species and neighbour geometry → ANI AEVs, (N, output_width).
+    """ANI atomic environment vectors (radial + angular, NeuroChem layout).
+
+    Species and neighbour geometry → ANI AEVs, (N, output_width).
 
     Inputs are the model's species indices (N,) and directed neighbour pairs sorted by
     center, given as their displacement vectors (P, 3) in Å; pairs beyond Rcr are
@@ -82,6 +84,16 @@ class AEVFeaturizer(nn.Module):
         pair_index[upper[1], upper[0]] = torch.arange(upper.shape[1])
         self.register_buffer("pair_index", pair_index)
         self.num_pairs = upper.shape[1]
+
+    @classmethod
+    def from_config(cls, params: dict, elements: list[str] | None = None) -> "AEVFeaturizer":
+        parsed = AEVParameters.from_json(params)
+        if elements is not None and list(parsed.elements) != list(elements):
+            raise ValueError(f"AEV elements {parsed.elements} differ from the model's {elements}")
+        return cls(parsed)
+
+    def config(self) -> dict:
+        return self.params.to_json()
 
     @property
     def output_width(self) -> int:

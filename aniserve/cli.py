@@ -2,13 +2,92 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 
-@click.group()
+class _Group(click.Group):
+    """Library errors (bad input, missing models, unreadable files) become one clean
+    line on stderr and exit status 1, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, LookupError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="aniserve")
-def main():
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="Register a plugin module by import path (for development), e.g. --plugin my_pkg.plugin.")
+def main(plugins):
     """Serve, train and transfer-learn ANI neural-network potentials."""
+    if plugins:
+        from aniserve.registry import add_plugins
+
+        add_plugins(plugins)
+
+
+@main.command()
+def models():
+    """List the models that resolve by name, where each resolves from, and its elements."""
+    from aniserve.models import load_model
+    from aniserve.registry import registry
+
+    reg = registry()
+    for source_name in reg.names("model-source"):
+        source = reg.get("model-source", source_name)
+        for name in source.names():
+            found, looked = source.locate(name)
+            if found is None:
+                click.echo(f"{name:12s} not available  (looked: {'; '.join(looked)})")
+                continue
+            model = load_model(found)
+            click.echo(f"{name:12s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
+                       f"[{source_name}] {found}")
+
+
+@main.command("eval")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--index", default=":", show_default=True, help="Which frames of FILE (ASE index syntax).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
+def eval_(file, model, index, device, dtype):
+    """Energy, largest force and uncertainty of each structure in FILE (any format ASE reads).
+
+    Example: aniserve eval examples/molecules/ethanol.xyz --model ani-1ccx
+    """
+    import ase.io
+    import numpy as np
+
+    from aniserve.calculator import periodic_cell
+    from aniserve.models import load_model
+    from aniserve.units import HARTREE_IN_EV
+
+    potential = load_model(model, device=device, dtype=dtype)
+    for n, atoms in enumerate(ase.io.read(file, index=index)):
+        r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
+        fmax = float(np.linalg.norm(r.forces, axis=1).max()) * HARTREE_IN_EV
+        click.echo(f"{n:4d} {atoms.get_chemical_formula():12s} E = {float(r.energy):.8f} Ha = "
+                   f"{float(r.energy) * HARTREE_IN_EV:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
+                   f"σ(ensemble) = {float(r.energy_std) * HARTREE_IN_EV * 1000:.2f} meV")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {kind, name, plugin, version, description}.")
+def plugins(as_json):
+    """List every registered component: kind, name, providing plugin and version."""
+    from aniserve.registry import registry
+
+    rows = registry().listing()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['kind']:18s} {r['name']:16s} {r['plugin']} {r['version']:8s} {r['description']}")
 
 
 @main.group()

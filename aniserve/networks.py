@@ -44,7 +44,9 @@ class EnsembleMLP(nn.Module):
 
 
 class ElementNetworks(nn.Module):
-    """Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N)."""
+    """ANI element MLPs (CELU), ensembles stacked.
+
+    Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N)."""
 
     def __init__(self, elements: list[str], hidden: dict[str, list[int]], input_width: int,
                  ensemble_size: int = 1, celu_alpha: float = 0.1):
@@ -59,6 +61,11 @@ class ElementNetworks(nn.Module):
     @property
     def ensemble_size(self) -> int:
         return self.mlps[0].ensemble_size
+
+    @classmethod
+    def from_config(cls, params: dict) -> "ElementNetworks":
+        return cls(params["elements"], params["hidden"], params["input_width"],
+                   params.get("ensemble_size", 1), params.get("celu_alpha", 0.1))
 
     def config(self) -> dict:
         return {"elements": self.elements, "hidden": self.hidden, "input_width": self.input_width,

@@ -1,0 +1,3 @@
+from aniserve.cli import main
+
+main()

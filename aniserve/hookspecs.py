@@ -1,0 +1,59 @@
+"""Hook specifications: how components are registered with aniserve, by name.
+
+A plugin is a module (or object) with functions marked ``@aniserve.hookimpl`` and named
+like the specs below; install it with an entry point in the ``aniserve`` group::
+
+    [project.entry-points.aniserve]
+    myplugin = "my_package.plugin"
+
+or pass ``--plugin my_package.plugin`` on the command line while developing.
+aniserve's own components register through these same hooks (``aniserve.builtins``).
+Each hook is called once, when the plugin manager is first built, and returns a
+mapping from component name to the component.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("aniserve")
+
+
+@hookspec
+def aniserve_featurizers() -> dict:
+    """Featurizers: name → class.
+
+    The class is an ``nn.Module`` with ``from_config(params: dict, elements: list[str])``,
+    ``config() -> dict`` (JSON-serialisable), an ``output_width`` int, a ``cutoff`` float
+    (Å) and ``forward(species (N,), center (P,), neighbor (P,), vectors (P, 3) Å)``
+    returning per-atom features (N, output_width).
+    """
+
+
+@hookspec
+def aniserve_element_networks() -> dict:
+    """Element networks: name → class.
+
+    The class is an ``nn.Module`` with ``from_config(params: dict)``, ``config() -> dict``,
+    ``elements`` (list of symbols), ``ensemble_size`` and
+    ``forward(species (N,), features (N, D))`` returning atomic energies (k, N), Hartree.
+    """
+
+
+@hookspec
+def aniserve_transfer_strategies() -> dict:
+    """Transfer-learning strategies: name → class.
+
+    The class has ``description`` (one line) and
+    ``prepare(model, options: dict) -> model``: it returns the model to train on the
+    new data, with ``requires_grad`` set on exactly the parameters that train.
+    """
+
+
+@hookspec
+def aniserve_model_sources() -> dict:
+    """Model sources: name → object resolving model names.
+
+    The object has ``description``, ``names() -> list[str]`` (what it offers) and
+    ``locate(name) -> (path | None, list[str])``: a path aniserve can load (NeuroChem
+    ``.info``/folder or aniserve model file) or None, plus the places it looked, which
+    end up in the error message when no source has the model.
+    """

@@ -1,0 +1,114 @@
+"""The plugin manager and the registries it fills: built on demand, never at import."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pluggy
+
+from aniserve import hookspecs
+
+hookimpl = pluggy.HookimplMarker("aniserve")
+
+#: aniserve's own components, registered through the same hooks as any plugin.
+DEFAULT_PLUGINS = ("aniserve.builtins",)
+
+#: Registry kinds, as ``aniserve plugins`` names them, and the hook that fills each.
+KINDS = {
+    "featurizer": "aniserve_featurizers",
+    "element-network": "aniserve_element_networks",
+    "transfer-strategy": "aniserve_transfer_strategies",
+    "model-source": "aniserve_model_sources",
+}
+
+
+class RegistryError(LookupError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    obj: object
+    plugin: str
+    version: str
+
+    @property
+    def description(self) -> str:
+        text = getattr(self.obj, "description", None) or (self.obj.__doc__ or "")
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+
+class Registry:
+    """Components by kind and name, gathered from every registered plugin."""
+
+    def __init__(self, extra_plugins: tuple[str, ...] = (), entry_points: bool = True):
+        self.manager = pluggy.PluginManager("aniserve")
+        self.manager.add_hookspecs(hookspecs)
+        for name in DEFAULT_PLUGINS + tuple(extra_plugins):
+            self.manager.register(importlib.import_module(name), name=name)
+        if entry_points:
+            self.manager.load_setuptools_entrypoints("aniserve")
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        distributions = {id(plugin): f"{dist.project_name}" if hasattr(dist, "project_name") else dist.metadata["name"]
+                         for plugin, dist in self.manager.list_plugin_distinfo()}
+        versions = {id(plugin): dist.version for plugin, dist in self.manager.list_plugin_distinfo()}
+        for kind, hook_name in KINDS.items():
+            hook = getattr(self.manager.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                plugin_name = distributions.get(id(impl.plugin), impl.plugin_name)
+                if impl.plugin_name in DEFAULT_PLUGINS:
+                    plugin_name = "aniserve"
+                version = versions.get(id(impl.plugin)) or _version_of(plugin_name)
+                for name, obj in (impl.function() or {}).items():
+                    existing = self.components[kind].get(name)
+                    if existing is not None:
+                        raise RegistryError(f"{kind} {name!r} is registered twice: by {existing.plugin} "
+                                            f"({existing.obj!r}) and by {plugin_name} ({obj!r})")
+                    self.components[kind][name] = Component(kind, name, obj, plugin_name, version)
+
+    def get(self, kind: str, name: str):
+        try:
+            return self.components[kind][name].obj
+        except KeyError:
+            known = ", ".join(sorted(self.components[kind])) or "none"
+            raise RegistryError(f"no {kind} named {name!r} is registered (known: {known}); if it comes from a "
+                                f"plugin, install that plugin or pass --plugin MODULE") from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def listing(self) -> list[dict]:
+        return [{"kind": c.kind, "name": c.name, "plugin": c.plugin, "version": c.version,
+                 "description": c.description}
+                for kind in KINDS for c in sorted(self.components[kind].values(), key=lambda c: c.name)]
+
+
+def _version_of(distribution: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_default: Registry | None = None
+_extra: list[str] = []
+
+
+def add_plugins(modules) -> None:
+    """Register development plugins by module path (the CLI's --plugin)."""
+    global _default
+    _extra.extend(m for m in modules if m not in _extra)
+    _default = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _default
+    if _default is None:
+        _default = Registry(tuple(_extra))
+    return _default

@@ -1,0 +1,42 @@
+"""Shared fixtures.  Official weights and references come from the shared folder that
+``.ci/run`` points ANISERVE_SHARED at (default: ../shared beside the checkout); tests
+fail, rather than skip, when it is missing, since CI always has it."""
+
+import functools
+import json
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("ANISERVE_SHARED", ROOT.parent / "shared"))
+os.environ.setdefault("ANISERVE_MODEL_DIR", str(SHARED / "ani-model-zoo"))
+
+
+def pytest_configure(config):
+    if not (SHARED / "ani-model-zoo").is_dir():
+        raise pytest.UsageError(f"official weights not found under {SHARED}; set ANISERVE_SHARED")
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+    return json.loads((SHARED / "reference" / "ani_reference.json").read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(name, dtype):
+    import aniserve
+
+    return aniserve.load_model(name, dtype=dtype)
+
+
+@pytest.fixture
+def ani1ccx():
+    return cached_model("ani-1ccx", "float64")
+
+
+ETHANOL_NUMBERS = [6, 6, 8, 1, 1, 1, 1, 1, 1]
+ETHANOL_POSITIONS = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
+                     [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
+                     [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]

@@ -1,0 +1,23 @@
+"""aniserve's own model file round-trips exactly and never needs pickle."""
+
+import numpy as np
+
+import aniserve
+from aniserve.modelfile import read_description, save_model
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
+
+
+def test_round_trip_gives_identical_results(tmp_path, ani1ccx):
+    path = tmp_path / "ani1ccx.safetensors"
+    save_model(ani1ccx, path, name="copy-of-ani-1ccx")
+    description = read_description(path)
+    assert description["featurizer"]["name"] == "ani-aev"
+    assert description["element_network"]["params"]["hidden"]["C"] == [144, 112, 96]
+    assert description["ensemble_size"] == 8
+    reloaded = aniserve.load_model(path, dtype="float64")
+    a = ani1ccx.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    b = reloaded.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    assert a.energy == b.energy
+    np.testing.assert_array_equal(a.forces, b.forces)
+    # Self energies survive as float64, exactly as read from sae_linfit.dat.
+    assert description["self_energies"]["C"] == -38.03750806057356

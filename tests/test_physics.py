@@ -1,0 +1,114 @@
+"""Physics the potential must obey, checked against finite differences and symmetry."""
+
+import numpy as np
+import pytest
+import torch
+
+from aniserve.neighbors import find_pairs
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
+
+
+def water_box():
+    record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
+    return np.array(record["numbers"]), np.array(record["positions"]), np.array(record["cell"])
+
+
+def test_forces_are_minus_energy_gradient(ani1ccx):
+    x = np.array(ETHANOL_POSITIONS)
+    forces = ani1ccx.evaluate(ETHANOL_NUMBERS, x).forces
+    h = 1e-5
+    for atom, axis in [(0, 0), (2, 1), (8, 2), (4, 0)]:
+        plus, minus = x.copy(), x.copy()
+        plus[atom, axis] += h
+        minus[atom, axis] -= h
+        numeric = -(ani1ccx.evaluate(ETHANOL_NUMBERS, plus).energy - ani1ccx.evaluate(ETHANOL_NUMBERS, minus).energy) / (2 * h)
+        assert abs(numeric - forces[atom, axis]) < 1e-6
+
+
+def test_strain_derivative_matches_finite_difference(ani1ccx):
+    numbers, positions, cell = water_box()
+    analytic = ani1ccx.evaluate(numbers, positions, cell).strain_derivative
+    h = 1e-5
+    for i, j in [(0, 0), (1, 2), (2, 1), (2, 2)]:
+        eps = np.zeros((3, 3))
+        eps[i, j] = h
+        e_plus = ani1ccx.evaluate(numbers, positions @ (np.eye(3) + eps), cell @ (np.eye(3) + eps)).energy
+        e_minus = ani1ccx.evaluate(numbers, positions @ (np.eye(3) - eps), cell @ (np.eye(3) - eps)).energy
+        assert abs((e_plus - e_minus) / (2 * h) - analytic[i, j]) < 1e-6
+
+
+def random_rotation(seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def test_rotation_translation_permutation_invariance(ani1ccx):
+    x = np.array(ETHANOL_POSITIONS)
+    base = ani1ccx.evaluate(ETHANOL_NUMBERS, x)
+    rot = random_rotation(1)
+    moved = ani1ccx.evaluate(ETHANOL_NUMBERS, x @ rot.T + [3.0, -7.0, 11.0])
+    assert abs(moved.energy - base.energy) < 1e-9
+    np.testing.assert_allclose(moved.forces, base.forces @ rot.T, atol=1e-9)
+    perm = np.random.default_rng(2).permutation(len(x))
+    permuted = ani1ccx.evaluate(np.array(ETHANOL_NUMBERS)[perm], x[perm])
+    assert abs(permuted.energy - base.energy) < 1e-9
+    np.testing.assert_allclose(permuted.forces, base.forces[perm], atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["water27-pbc", "methane-tight-pbc"])
+def test_supercell_has_eight_times_the_energy(ani1ccx, name):
+    record = next(r for r in reference()["records"] if r["name"] == name)
+    numbers, positions, cell = np.array(record["numbers"]), np.array(record["positions"]), np.array(record["cell"])
+    shifts = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) @ cell
+    big = ani1ccx.evaluate(np.tile(numbers, 8), (positions[None] + shifts[:, None]).reshape(-1, 3), 2 * cell)
+    small = ani1ccx.evaluate(numbers, positions, cell)
+    assert abs(big.energy - 8 * small.energy) < 1e-8
+    np.testing.assert_allclose(big.forces[:len(numbers)], small.forces, atol=1e-8)
+
+
+def test_wrapping_atoms_into_the_cell_changes_nothing(ani1ccx):
+    numbers, positions, cell = water_box()
+    shifted = positions + np.array([[3, -2, 1]] * len(positions)) @ cell  # whole-cell translations
+    shifted[::2] += np.array([-1, 0, 2]) @ cell
+    a = ani1ccx.evaluate(numbers, positions, cell)
+    b = ani1ccx.evaluate(numbers, shifted, cell)
+    assert abs(a.energy - b.energy) < 1e-9
+    np.testing.assert_allclose(a.forces, b.forces, atol=1e-9)
+    np.testing.assert_allclose(a.strain_derivative, b.strain_derivative, atol=1e-8)
+
+
+def test_molecules_far_apart_do_not_interact(ani1ccx):
+    x = np.array(ETHANOL_POSITIONS)
+    one = ani1ccx.evaluate(ETHANOL_NUMBERS, x).energy
+    two = ani1ccx.evaluate(ETHANOL_NUMBERS * 2, np.concatenate([x, x + [40.0, 0, 0]])).energy
+    assert abs(two - 2 * one) < 1e-9
+    cell = np.diag([60.0, 30.0, 30.0])
+    boxed = ani1ccx.evaluate(ETHANOL_NUMBERS * 2, np.concatenate([x, x + [30.0, 0, 0]]), cell).energy
+    assert abs(boxed - 2 * one) < 1e-9
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("n_atoms", [30, 400])
+def test_neighbour_pairs_match_ase(periodic, n_atoms):
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+
+    rng = np.random.default_rng(n_atoms)
+    cell = np.array([[9.0, 0, 0], [2.5, 8.0, 0], [-1.5, 1.0, 7.5]]) * (n_atoms / 30) ** (1 / 3)
+    atoms = Atoms(numbers=[1] * n_atoms, positions=rng.uniform(-2, 12, (n_atoms, 3)), cell=cell, pbc=periodic)
+    pairs = find_pairs(torch.tensor(atoms.positions), 5.2, torch.tensor(cell) if periodic else None)
+    i, j, S = neighbor_list("ijS", atoms, 5.2)
+    shifts = pairs.shift.long().tolist() if pairs.shift is not None else [[0, 0, 0]] * len(pairs)
+    ours = sorted(zip(pairs.center.tolist(), pairs.neighbor.tolist(), map(tuple, shifts)))
+    theirs = sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+    assert ours == theirs
+    assert bool((pairs.center[1:] >= pairs.center[:-1]).all())
+
+
+def test_cell_shorter_than_cutoff_sees_its_own_images():
+    cell = np.array([[2.0, 0, 0], [0.5, 2.2, 0], [0.3, 0.2, 2.1]])
+    pairs = find_pairs(torch.zeros(1, 3, dtype=torch.float64), 5.2, torch.tensor(cell))
+    assert len(pairs) > 50 and bool((pairs.neighbor == 0).all())
+    vectors = pairs.shift.numpy() @ cell
+    assert np.linalg.norm(vectors, axis=1).max() <= 5.2 and np.linalg.norm(vectors, axis=1).min() > 0
