@@ -77,6 +77,67 @@ def eval_(file, model, index, device, dtype):
 
 
 @main.command()
+@click.option("--model", default="ani-1ccx", show_default=True,
+              help="Model name (aniserve models) or path, e.g. --model ani-2x or --model my.safetensors.")
+@click.option("--structure", "structures", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="File (any ASE format) giving the atoms in the order the server sends them; the protocol "
+                   "never sends elements.  Once for all addresses, or once per address in order.")
+@click.option("--unix", "unix", multiple=True, metavar="NAME",
+              help="UNIX socket /tmp/ipi_NAME (i-PI's and ASE's naming) or an absolute path. Example: --unix water")
+@click.option("--inet", "inet", multiple=True, metavar="HOST:PORT", help="TCP address. Example: --inet localhost:31415")
+@click.option("--shm", "shm", multiple=True, metavar="NAME",
+              help="i-PI <ffsocket mode='shm'>: control on /tmp/ipi_NAME, arrays in shared memory.")
+@click.option("--connections", default=1, show_default=True,
+              help="Connections to open to each address; all are evaluated together in one batched pass "
+                   "(e.g. --connections 8 serves 8 i-PI beads from one model).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--pbc", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Periodicity (never sent on the wire). auto: periodic when the server's cell is non-singular.")
+@click.option("--extras", type=click.Choice(["committee", "std"]), default="committee", show_default=True,
+              help="committee: per-member energies/forces/virials as JSON for i-PI's <ffcommittee parse_json>, "
+                   "plus energy_std; std: only energy_std (one gradient pass instead of k+1).")
+@click.option("--connect-timeout", default=60.0, show_default=True, help="Seconds to wait for a server to come up.")
+@click.option("--timeout", "message_timeout", default=60.0, show_default=True,
+              help="Seconds a half-received message may wait for the rest before the driver gives up.")
+@click.option("--reconnect-timeout", default=10.0, show_default=True,
+              help="After a server closes the connection, seconds to wait for one to come back at the same address.")
+def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, connect_timeout,
+          message_timeout, reconnect_timeout):
+    """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
+
+    \b
+    Examples:
+      aniserve drive --model ani-1ccx --structure init.xyz --unix water --connections 8
+      aniserve drive --model ani-2x --structure mol.xyz --inet localhost:31415
+
+    Exit status: 0 after EXIT or when every server has gone; 2 protocol error;
+    3 a structure the model cannot evaluate (unknown element, NaN); 4 no server.
+    """
+    import logging
+    import sys
+
+    import ase.io
+
+    from aniserve.driver import Address, IPIDriver
+    from aniserve.models import load_model
+
+    logging.basicConfig(level=logging.INFO, format="aniserve drive: %(message)s", stream=sys.stderr)
+    addresses = ([Address.unix(n) for n in unix] + [Address.inet(t) for t in inet]
+                 + [Address.unix(n, shm=True) for n in shm])
+    if not addresses:
+        raise click.UsageError("give at least one of --unix, --inet, --shm")
+    if len(structures) not in (1, len(addresses)):
+        raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
+    numbers = [ase.io.read(s).numbers for s in structures]
+    if len(numbers) == 1:
+        numbers = numbers * len(addresses)
+    driver = IPIDriver(load_model(model, device=device, dtype=dtype), addresses, numbers, connections, pbc, extras,
+                       connect_timeout, message_timeout, reconnect_timeout)
+    sys.exit(driver.run())
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {kind, name, plugin, version, description}.")
 def plugins(as_json):
     """List every registered component: kind, name, providing plugin and version."""

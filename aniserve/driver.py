@@ -1,0 +1,361 @@
+"""IPIDriver: serve a potential to i-PI or ASE servers over the i-PI socket protocol.
+
+One process holds any number of connections.  The loop reads whatever has arrived,
+decodes it with ``aniserve.protocol``, and when structures are waiting it evaluates all
+of them — across connections and batch slots — in one batched forward pass.  Units
+change here and nowhere else: Bohr ↔ Å on the way in, Hartree/Å → Hartree/Bohr and the
+virial W = −dE/dε on the way out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import socket
+import time
+
+import numpy as np
+
+from aniserve import protocol
+from aniserve.units import BOHR_IN_ANGSTROM
+
+log = logging.getLogger("aniserve.driver")
+
+#: Exit codes of ``aniserve drive``.
+EXIT_OK, EXIT_PROTOCOL, EXIT_INPUT, EXIT_CONNECT = 0, 2, 3, 4
+
+
+class DriverError(RuntimeError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    kind: str  # 'unix', 'inet' or 'shm' (a UNIX socket plus shared memory)
+    target: str | tuple[str, int]
+
+    @classmethod
+    def unix(cls, name: str, shm: bool = False) -> "Address":
+        # i-PI and ASE both put UNIX sockets at /tmp/ipi_NAME; an absolute path is taken as is.
+        path = name if name.startswith("/") else f"/tmp/ipi_{name}"
+        return cls("shm" if shm else "unix", path)
+
+    @classmethod
+    def inet(cls, text: str) -> "Address":
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"--inet wants HOST:PORT, got {text!r}")
+        return cls("inet", (host or "localhost", int(port)))
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target if self.kind != 'inet' else '%s:%d' % self.target}"
+
+
+class Connection:
+    def __init__(self, address: Address, numbers: np.ndarray, sock: socket.socket):
+        self.address, self.numbers, self.sock = address, numbers, sock
+        self.mode = protocol.Mode(shm=address.kind == "shm")
+        self.buffer = bytearray()
+        self.initialised = False
+        self.state = "idle"  # idle → pending (structures received) → computed (reply ready)
+        self.structures: protocol.PosData | None = None
+        self.reply = b""
+        self.shm_results = None
+        self.segments = {}
+        self.views = {}
+        self.partial_since = None
+        self.exited = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self, fatal: bool = False) -> None:
+        """Close; after a fatal error read what is pending and half-close first, so
+        i-PI sees a clean end of stream and reassigns the bead instead of hanging."""
+        try:
+            if fatal:
+                self.sock.setblocking(False)
+                try:
+                    while self.sock.recv(65536):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+        for segment in self.segments.values():
+            segment.close()
+        self.segments, self.views = {}, {}
+
+
+def connect(address: Address, timeout: float) -> socket.socket:
+    """Connect, retrying while the server is not up yet, for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            if address.kind == "inet":
+                sock = socket.create_connection(address.target, timeout=5)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~80 ms a step
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(5)
+                sock.connect(address.target)
+            sock.settimeout(None)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError) as error:
+            if time.monotonic() >= deadline:
+                raise DriverError(f"could not connect to {address} within {timeout:g} s ({error})",
+                                  EXIT_CONNECT) from None
+            if not announced:
+                log.info("waiting for a server at %s …", address)
+                announced = True
+            time.sleep(0.2)
+
+
+class IPIDriver:
+    """Serve ``potential`` to the servers at ``addresses``.
+
+    numbers: atomic numbers of each connection's system (the protocol never sends
+    them), one array per address.  pbc: 'auto' (periodic when the cell sent is
+    non-singular), 'yes' or 'no'.  extras: 'committee' (per-member energies, forces and
+    virials for i-PI's committee force field, plus the ensemble std) or 'std' (only
+    the std: cheaper, one gradient pass instead of k+1).
+    """
+
+    def __init__(self, potential, addresses: list[Address], numbers: list[np.ndarray], connections: int = 1,
+                 pbc: str = "auto", extras: str = "committee", connect_timeout: float = 60.0,
+                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002):
+        if pbc not in ("auto", "yes", "no"):
+            raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
+        if extras not in ("committee", "std"):
+            raise ValueError(f"extras must be committee or std, got {extras!r}")
+        self.potential = potential
+        self.targets = [(a, np.asarray(n)) for a, n in zip(addresses, numbers) for _ in range(connections)]
+        self.pbc, self.extras = pbc, extras
+        self.connect_timeout, self.message_timeout = connect_timeout, message_timeout
+        self.reconnect_timeout, self.gather_s = reconnect_timeout, gather_s
+        self.connections: list[Connection] = []
+        for z in {int(z) for _, n in self.targets for z in n}:
+            potential.species_indices(np.array([z]))  # unsupported element: fail before connecting
+
+    # ------------------------------------------------------------ connections
+    def _open(self, address: Address, numbers: np.ndarray, timeout: float) -> Connection:
+        conn = Connection(address, numbers, connect(address, timeout))
+        # Finish the handshake (answer the first STATUS) before opening the next
+        # connection: i-PI serves one pending client at a time.
+        conn.sock.settimeout(self.message_timeout)
+        try:
+            while not conn.buffer.startswith(protocol.header("STATUS")):
+                data = conn.sock.recv(65536)
+                if not data:
+                    raise DriverError(f"{address} closed the connection during the handshake", EXIT_PROTOCOL)
+                conn.buffer += data
+                if len(conn.buffer) >= protocol.HEADER_LENGTH and not conn.buffer.startswith(protocol.header("STATUS")):
+                    raise DriverError(f"{address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
+                                      EXIT_PROTOCOL)
+        except socket.timeout:
+            raise DriverError(f"{address}: no STATUS within {self.message_timeout:g} s", EXIT_PROTOCOL) from None
+        conn.sock.settimeout(None)
+        self._process(conn)
+        log.info("connected to %s", address)
+        return conn
+
+    def run(self) -> int:
+        try:
+            for address, numbers in self.targets:
+                self.connections.append(self._open(address, numbers, self.connect_timeout))
+            self._loop()
+            return EXIT_OK
+        except DriverError as error:
+            log.error("%s", error)
+            for conn in self.connections:
+                conn.close(fatal=True)
+            return error.code
+        finally:
+            for conn in self.connections:
+                if conn.sock.fileno() >= 0:
+                    conn.close()
+
+    def _loop(self) -> None:
+        first_pending = None
+        while self.connections:
+            pending = [c for c in self.connections if c.state == "pending"]
+            if pending:
+                first_pending = first_pending or time.monotonic()
+                waited = time.monotonic() - first_pending
+                if len(pending) == len(self.connections) or waited >= self.gather_s:
+                    self._compute(pending)
+                    first_pending = None
+                    for conn in pending:
+                        self._process(conn)
+                    continue
+                timeout = self.gather_s - waited
+            else:
+                timeout = 1.0
+            readable, _, _ = select.select([c.sock for c in self.connections], [], [], timeout)
+            for conn in [c for c in self.connections if c.sock in readable]:
+                try:
+                    data = conn.sock.recv(1 << 20)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    self._lost(conn)
+                    continue
+                conn.buffer += data
+                self._process(conn)
+            now = time.monotonic()
+            for conn in self.connections:
+                if conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
+                    raise DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, starting "
+                                      f"{bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s", EXIT_PROTOCOL)
+
+    def _lost(self, conn: Connection) -> None:
+        """The server closed the connection: a half-sent message is an error; otherwise
+        wait for a server to come back at the same address (i-PI restarted), or stop."""
+        if conn.buffer:
+            raise DriverError(f"{conn.address} closed the connection in the middle of a message "
+                              f"({len(conn.buffer)} bytes of {bytes(conn.buffer[:12]).strip()!r} received)",
+                              EXIT_PROTOCOL)
+        conn.close()
+        self.connections.remove(conn)
+        log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
+                 self.reconnect_timeout)
+        try:
+            self.connections.append(self._open(conn.address, conn.numbers, self.reconnect_timeout))
+        except DriverError:
+            log.info("no server at %s; that connection is done", conn.address)
+
+    # --------------------------------------------------------------- messages
+    def _process(self, conn: Connection) -> None:
+        """Handle buffered messages until the buffer runs dry or we wait on results."""
+        while True:
+            try:
+                decoded = protocol.decode(conn.buffer, conn.mode) if conn.buffer else None
+            except protocol.ProtocolError as error:
+                raise DriverError(f"{conn.address}: {error}", EXIT_PROTOCOL) from None
+            if decoded is None:
+                conn.partial_since = (conn.partial_since or time.monotonic()) if conn.buffer else None
+                return
+            message, used = decoded
+            if isinstance(message, (protocol.Status, protocol.GetForce)) and conn.state == "pending":
+                return  # answered once the structures are computed
+            del conn.buffer[:used]
+            conn.partial_since = None
+            if isinstance(message, protocol.Status):
+                state = {"computed": "HAVEDATA"}.get(conn.state, "READY" if conn.initialised else "NEEDINIT")
+                conn.send(protocol.encode_status(state))
+            elif isinstance(message, protocol.Init):
+                conn.mode = dataclasses.replace(conn.mode, batch_size=message.batch_size)
+                conn.initialised = True
+            elif isinstance(message, (protocol.PosData, protocol.ShmPosData)):
+                if conn.state != "idle":
+                    raise DriverError(f"{conn.address}: POSDATA before the previous forces were collected",
+                                      EXIT_PROTOCOL)
+                if isinstance(message, protocol.ShmPosData):
+                    message = self._read_shm(conn, message)
+                if len(message.positions[0]) != len(conn.numbers):
+                    raise DriverError(f"{conn.address}: the server sent {len(message.positions[0])} atoms, "
+                                      f"the structure file has {len(conn.numbers)}", EXIT_INPUT)
+                conn.structures, conn.state = message, "pending"
+            elif isinstance(message, protocol.GetForce):
+                if conn.state != "computed":
+                    raise DriverError(f"{conn.address}: GETFORCE without positions", EXIT_PROTOCOL)
+                if conn.mode.shm:
+                    energies, forces, virials = conn.shm_results
+                    conn.views["pot"][:len(energies)] = energies
+                    conn.views["force"][:len(energies)] = forces.reshape(len(energies), -1)
+                    conn.views["vir"][:len(energies)] = virials
+                conn.send(conn.reply)
+                conn.state, conn.reply = "idle", b""
+            elif isinstance(message, protocol.Exit):
+                log.info("%s sent EXIT", conn.address)
+                conn.close()
+                self.connections.remove(conn)
+                return
+
+    def _read_shm(self, conn: Connection, message: protocol.ShmPosData) -> protocol.PosData:
+        from multiprocessing import resource_tracker, shared_memory
+
+        b, n = conn.mode.batch_size, message.natoms
+        if message.segment_names is not None:
+            shapes = {"pos": (b, 3 * n), "h": (b, 3, 3), "ih": (b, 3, 3), "pot": (b,), "force": (b, 3 * n),
+                      "vir": (b, 3, 3)}
+            for kind, name in message.segment_names.items():
+                try:
+                    segment = shared_memory.SharedMemory(name=name)
+                except FileNotFoundError:
+                    raise DriverError(f"{conn.address}: shared-memory segment {name!r} does not exist",
+                                      EXIT_PROTOCOL) from None
+                # i-PI owns the segments: stop our resource tracker from unlinking them.
+                resource_tracker.unregister(segment._name, "shared_memory")
+                if segment.size < 8 * int(np.prod(shapes[kind])):
+                    raise DriverError(f"{conn.address}: segment {name!r} holds {segment.size} bytes, too few "
+                                      f"for {shapes[kind]} float64", EXIT_PROTOCOL)
+                conn.segments[kind] = segment
+                conn.views[kind] = np.ndarray(shapes[kind], dtype=np.float64, buffer=segment.buf)
+            conn.mode = dataclasses.replace(conn.mode, shm_attached=True)
+        if not conn.views:
+            raise DriverError(f"{conn.address}: shared-memory POSDATA before the segments were named", EXIT_PROTOCOL)
+        return protocol.PosData(conn.views["h"].copy(), conn.views["pos"].reshape(b, n, 3).copy())
+
+    # ---------------------------------------------------------------- compute
+    def _periodic(self, cell_h: np.ndarray) -> bool:
+        if self.pbc != "auto":
+            return self.pbc == "yes"
+        return abs(np.linalg.det(cell_h)) > 1e-6
+
+    def _compute(self, pending: list[Connection]) -> None:
+        """Evaluate every waiting structure in (at most) two batched passes."""
+        slots = [(conn, b) for conn in pending for b in range(len(conn.structures.positions))]
+        energies, forces, virials, extras = {}, {}, {}, {}
+        for periodic in (False, True):
+            group = [(c, b) for c, b in slots if self._periodic(c.structures.cells[b]) == periodic]
+            if not group:
+                continue
+            n_max = max(len(c.numbers) for c, _ in group)
+            numbers = np.zeros((len(group), n_max), dtype=np.int64)
+            positions = np.zeros((len(group), n_max, 3))
+            cells = np.zeros((len(group), 3, 3))
+            for i, (c, b) in enumerate(group):
+                numbers[i, :len(c.numbers)] = c.numbers
+                positions[i, :len(c.numbers)] = c.structures.positions[b] * BOHR_IN_ANGSTROM
+                cells[i] = c.structures.cells[b].T * BOHR_IN_ANGSTROM  # h's columns → rows
+            try:
+                result = self.potential.evaluate(numbers, positions, cells if periodic else None,
+                                                 member_forces=self.extras == "committee")
+            except ValueError as error:
+                raise DriverError(f"cannot evaluate the structure sent by {group[0][0].address}: {error}",
+                                  EXIT_INPUT) from None
+            for i, (c, b) in enumerate(group):
+                n = len(c.numbers)
+                energies[c, b] = float(result.energy[i])
+                forces[c, b] = result.forces[i, :n] * BOHR_IN_ANGSTROM
+                virials[c, b] = (-_symmetric(result.strain_derivative[i]) if periodic else np.zeros((3, 3)))
+                extra = {"energy_std": float(result.energy_std[i])}
+                if self.extras == "committee":
+                    extra["committee_pot"] = result.member_energies[i].tolist()
+                    extra["committee_force"] = (result.member_forces[i, :, :n] * BOHR_IN_ANGSTROM).reshape(
+                        len(result.member_energies[i]), -1).tolist()
+                    extra["committee_virial"] = (
+                        [(-_symmetric(s)).ravel().tolist() for s in result.member_strain_derivatives[i]]
+                        if periodic else [[0.0] * 9] * len(result.member_energies[i]))
+                extras[c, b] = json.dumps(extra)
+        for conn in pending:
+            count = len(conn.structures.positions)
+            e = np.array([energies[conn, b] for b in range(count)])
+            f = np.stack([forces[conn, b] for b in range(count)])
+            v = np.stack([virials[conn, b] for b in range(count)])
+            conn.reply = protocol.encode_forceready(e, f, v, [extras[conn, b] for b in range(count)], conn.mode)
+            conn.shm_results = (e, f, v) if conn.mode.shm else None
+            conn.state, conn.structures = "computed", None
+
+
+def _symmetric(matrix: np.ndarray) -> np.ndarray:
+    return 0.5 * (matrix + matrix.T)

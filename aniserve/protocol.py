@@ -1,0 +1,256 @@
+"""The i-PI socket protocol, client side, as pure functions over bytes.
+
+No sockets here: ``decode`` takes the bytes received so far and returns one message and
+how many bytes it used, or ``None`` if the buffer does not yet hold a whole message;
+``encode_*`` build replies.  Layouts follow i-PI 3.3 (``ipi/interfaces/sockets.py``):
+12-byte space-padded upper-case headers, native little-endian int32 and float64, Bohr and
+Hartree.  Three variants of POSDATA/FORCEREADY exist, chosen per connection:
+
+- single:   POSDATA  h(9) h⁻¹(9) natoms positions(3N);
+            FORCEREADY energy natoms forces(3N) virial(9) len extras
+- batched (``batch_size:B`` in the INIT string):
+            POSDATA  natoms B×(h(9) h⁻¹(9)) B×positions(3N);
+            FORCEREADY B×energy natoms B×forces(3N) B×virial(9) B×(len extras)
+- shm:      POSDATA  natoms [first time: 6 × (len name)]; arrays live in shared memory;
+            FORCEREADY B×(len extras)
+
+Sizes read from the wire are untrusted: every one is bounded before anything is
+allocated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+
+HEADER_LENGTH = 12
+#: Bounds on sizes read from the wire, so a corrupt or hostile peer cannot make us
+#: allocate gigabytes: 10M atoms is 240 MB of positions.
+MAX_ATOMS = 10_000_000
+MAX_BATCH = 65_536
+MAX_STRING = 1 << 20
+SHM_KINDS = ("pos", "h", "ih", "pot", "force", "vir")
+
+_HEADERS = {name: name.ljust(HEADER_LENGTH).encode() for name in
+            ("STATUS", "INIT", "POSDATA", "GETFORCE", "FORCEREADY", "READY", "NEEDINIT", "HAVEDATA", "EXIT")}
+_NAMES = {v: k for k, v in _HEADERS.items()}
+
+
+class ProtocolError(ValueError):
+    """The peer sent something that is not valid i-PI protocol."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What this connection speaks: batch size (1 = unbatched) and shared memory."""
+
+    batch_size: int = 1
+    shm: bool = False
+    shm_attached: bool = False
+
+
+@dataclasses.dataclass
+class Status:
+    pass
+
+
+@dataclasses.dataclass
+class GetForce:
+    pass
+
+
+@dataclasses.dataclass
+class Exit:
+    pass
+
+
+@dataclasses.dataclass
+class Init:
+    bead: int
+    parameters: str
+    batch_size: int
+
+
+@dataclasses.dataclass
+class PosData:
+    """Structures in Bohr: cells (B, 3, 3) with lattice vectors as columns (i-PI's h),
+    positions (B, N, 3)."""
+
+    cells: np.ndarray
+    positions: np.ndarray
+
+
+@dataclasses.dataclass
+class ShmPosData:
+    natoms: int
+    segment_names: dict[str, str] | None  # only on the first POSDATA of a connection
+
+
+def header(name: str) -> bytes:
+    return _HEADERS[name]
+
+
+def encode_status(state: str) -> bytes:
+    if state not in ("READY", "NEEDINIT", "HAVEDATA"):
+        raise ValueError(f"not a status reply: {state}")
+    return _HEADERS[state]
+
+
+def parse_batch_size(parameters: str) -> int:
+    """The ``batch_size:B`` token i-PI appends to the INIT string (1 when absent)."""
+    batch = 1
+    for token in parameters.replace(",", " ").split():
+        key, sep, value = token.partition(":")
+        if sep and key.strip() == "batch_size":
+            try:
+                batch = int(value)
+            except ValueError:
+                raise ProtocolError(f"INIT: batch_size {value!r} is not an integer") from None
+    if not 1 <= batch <= MAX_BATCH:
+        raise ProtocolError(f"INIT: batch_size {batch} outside 1..{MAX_BATCH}")
+    return batch
+
+
+class _Reader:
+    """Reads fixed-size fields from a buffer; ``None`` from ``take`` = need more bytes."""
+
+    def __init__(self, buffer, start: int):
+        self.buffer, self.offset = buffer, start
+
+    def take(self, nbytes: int):
+        if self.offset + nbytes > len(self.buffer):
+            raise _Incomplete
+        chunk = self.buffer[self.offset:self.offset + nbytes]
+        self.offset += nbytes
+        return chunk
+
+    def int32(self) -> int:
+        return struct.unpack("<i", self.take(4))[0]
+
+    def float64s(self, count: int) -> np.ndarray:
+        return np.frombuffer(bytes(self.take(8 * count)), dtype="<f8").copy()
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _bounded(value: int, low: int, high: int, what: str) -> int:
+    if not low <= value <= high:
+        raise ProtocolError(f"{what} {value} outside {low}..{high}")
+    return value
+
+
+def decode(buffer, mode: Mode):
+    """One message from the start of ``buffer``: ``(message, bytes used)`` or ``None``."""
+    if len(buffer) < HEADER_LENGTH:
+        return None
+    raw = bytes(buffer[:HEADER_LENGTH])
+    name = _NAMES.get(raw)
+    if name is None:
+        raise ProtocolError(f"unknown message header {raw!r}")
+    reader = _Reader(buffer, HEADER_LENGTH)
+    try:
+        if name == "STATUS":
+            message = Status()
+        elif name == "GETFORCE":
+            message = GetForce()
+        elif name == "EXIT":
+            message = Exit()
+        elif name == "INIT":
+            bead = reader.int32()
+            length = _bounded(reader.int32(), 0, MAX_STRING, "INIT string length")
+            parameters = bytes(reader.take(length)).decode("utf-8", errors="replace").rstrip("\x00")
+            message = Init(bead, parameters, parse_batch_size(parameters))
+        elif name == "POSDATA":
+            message = _decode_posdata(reader, mode)
+        else:
+            raise ProtocolError(f"a driver never receives {name}")
+    except _Incomplete:
+        return None
+    return message, reader.offset
+
+
+def _decode_posdata(reader: _Reader, mode: Mode):
+    b = mode.batch_size
+    if mode.shm:
+        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "POSDATA atom count")
+        names = None
+        if not mode.shm_attached:
+            names = {}
+            for kind in SHM_KINDS:
+                length = _bounded(reader.int32(), 1, 4096, "shared-memory segment name length")
+                names[kind] = bytes(reader.take(length)).decode()
+        return ShmPosData(natoms, names)
+    if b == 1:
+        cell = reader.float64s(9).reshape(1, 3, 3)
+        reader.float64s(9)  # inverse cell: legacy, recomputed where needed
+        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "POSDATA atom count")
+        positions = reader.float64s(3 * natoms).reshape(1, natoms, 3)
+        return PosData(cell, positions)
+    natoms = _bounded(reader.int32(), 1, MAX_ATOMS // b, "POSDATA atom count")
+    cells = reader.float64s(18 * b).reshape(b, 2, 3, 3)[:, 0]
+    positions = reader.float64s(3 * natoms * b).reshape(b, natoms, 3)
+    return PosData(cells, positions)
+
+
+def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) -> bytes:
+    """FORCEREADY for B structures: energies (B,) Hartree, forces (B, N, 3) Hartree/Bohr,
+    virials (B, 3, 3) Hartree, one extras string each.  In shm mode the arrays go to
+    shared memory (the caller writes them) and only the extras travel here."""
+    energies = np.asarray(energies, dtype="<f8").reshape(-1)
+    b = len(energies)
+    tail = b"".join(struct.pack("<i", len(e.encode())) + e.encode() for e in extras)
+    if mode.shm:
+        return _HEADERS["FORCEREADY"] + tail
+    forces = np.asarray(forces, dtype="<f8").reshape(b, -1, 3)
+    virials = np.asarray(virials, dtype="<f8").reshape(b, 3, 3)
+    natoms = struct.pack("<i", forces.shape[1])
+    if mode.batch_size == 1:
+        extra = extras[0].encode()
+        return (_HEADERS["FORCEREADY"] + energies.tobytes() + natoms + forces.tobytes() + virials.tobytes()
+                + struct.pack("<i", len(extra)) + extra)
+    return _HEADERS["FORCEREADY"] + energies.tobytes() + natoms + forces.tobytes() + virials.tobytes() + tail
+
+
+# ----------------------------------------------------------------- server side
+# The server's half, used by tests and by `aniserve bench` to talk to a driver
+# without i-PI.
+
+def encode_init(bead: int, parameters: str) -> bytes:
+    data = parameters.encode()
+    return _HEADERS["INIT"] + struct.pack("<ii", bead, len(data)) + data
+
+
+def encode_posdata(cells, positions, batch_size: int = 1) -> bytes:
+    cells = np.asarray(cells, dtype="<f8").reshape(-1, 3, 3)
+    positions = np.asarray(positions, dtype="<f8").reshape(len(cells), -1, 3)
+    natoms = struct.pack("<i", positions.shape[1])
+    inverse = np.linalg.pinv(cells)
+    if batch_size == 1:
+        return _HEADERS["POSDATA"] + cells[0].tobytes() + inverse[0].tobytes() + natoms + positions[0].tobytes()
+    blocks = b"".join(c.tobytes() + i.tobytes() for c, i in zip(cells, inverse))
+    return _HEADERS["POSDATA"] + natoms + blocks + positions.tobytes()
+
+
+def decode_forceready(buffer, batch_size: int = 1):
+    """(energies (B,), forces (B, N, 3), virials (B, 3, 3), extras) or None if incomplete."""
+    if len(buffer) < HEADER_LENGTH:
+        return None
+    if bytes(buffer[:HEADER_LENGTH]) != _HEADERS["FORCEREADY"]:
+        raise ProtocolError(f"expected FORCEREADY, got {bytes(buffer[:HEADER_LENGTH])!r}")
+    reader = _Reader(buffer, HEADER_LENGTH)
+    try:
+        energies = reader.float64s(batch_size)
+        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "FORCEREADY atom count")
+        forces = reader.float64s(3 * natoms * batch_size).reshape(batch_size, natoms, 3)
+        virials = reader.float64s(9 * batch_size).reshape(batch_size, 3, 3)
+        extras = []
+        for _ in range(batch_size):
+            length = _bounded(reader.int32(), 0, MAX_STRING, "extras length")
+            extras.append(bytes(reader.take(length)).decode())
+    except _Incomplete:
+        return None
+    return (energies, forces, virials, extras), reader.offset
