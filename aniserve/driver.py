@@ -147,21 +147,31 @@ class IPIDriver:
 
     # ------------------------------------------------------------ connections
     def _open(self, address: Address, numbers: np.ndarray, timeout: float) -> Connection:
-        conn = Connection(address, numbers, connect(address, timeout))
-        # Finish the handshake (answer the first STATUS) before opening the next
-        # connection: i-PI serves one pending client at a time.
-        conn.sock.settimeout(self.message_timeout)
-        try:
-            while not conn.buffer.startswith(protocol.header("STATUS")):
-                data = conn.sock.recv(65536)
-                if not data:
-                    raise DriverError(f"{address} closed the connection during the handshake", EXIT_PROTOCOL)
-                conn.buffer += data
-                if len(conn.buffer) >= protocol.HEADER_LENGTH and not conn.buffer.startswith(protocol.header("STATUS")):
-                    raise DriverError(f"{address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
-                                      EXIT_PROTOCOL)
-        except socket.timeout:
-            raise DriverError(f"{address}: no STATUS within {self.message_timeout:g} s", EXIT_PROTOCOL) from None
+        """Connect and finish the handshake (answer the first STATUS) before the next
+        connection is opened: i-PI serves one pending client at a time.  A reset during
+        the handshake (a server shutting down) counts as no server yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = Connection(address, numbers, connect(address, max(deadline - time.monotonic(), 0)))
+            conn.sock.settimeout(self.message_timeout)
+            try:
+                while not conn.buffer.startswith(protocol.header("STATUS")):
+                    data = conn.sock.recv(65536)
+                    if not data:
+                        raise ConnectionResetError("closed during the handshake")
+                    conn.buffer += data
+                    if len(conn.buffer) >= protocol.HEADER_LENGTH and not conn.buffer.startswith(
+                            protocol.header("STATUS")):
+                        raise DriverError(f"{address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
+                                          EXIT_PROTOCOL)
+                break
+            except socket.timeout:
+                raise DriverError(f"{address}: no STATUS within {self.message_timeout:g} s", EXIT_PROTOCOL) from None
+            except ConnectionError as error:
+                conn.close()
+                if time.monotonic() >= deadline:
+                    raise DriverError(f"{address}: {error}", EXIT_CONNECT) from None
+                time.sleep(0.2)
         conn.sock.settimeout(None)
         self._process(conn)
         log.info("connected to %s", address)
