@@ -52,8 +52,9 @@ def read_molecule_list(path: str | pathlib.Path) -> list[MoleculeSpec]:
     path = pathlib.Path(path)
     specs = []
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip() if line.lstrip().startswith("#") else line.strip()
-        if not line:
+        # Only whole-line comments: '#' inside a SMILES is a triple bond.
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
         fields = line.split()
         source = fields[0]
