@@ -14,7 +14,17 @@ def aniserve_featurizers():
 def aniserve_element_networks():
     from aniserve.networks import ElementNetworks
 
-    return {"ani-mlp": ElementNetworks}
+    from aniserve.training.strategies import DeltaNetworks
+
+    return {"ani-mlp": ElementNetworks, "delta": DeltaNetworks}
+
+
+@hookimpl
+def aniserve_transfer_strategies():
+    from aniserve.training import strategies
+
+    return {"full": strategies.FullFineTune, "freeze": strategies.FreezeLayers,
+            "scratch": strategies.Scratch, "delta": strategies.Delta}
 
 
 @hookimpl

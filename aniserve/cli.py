@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import click
 
@@ -149,6 +150,103 @@ def plugins(as_json):
         return
     for r in rows:
         click.echo(f"{r['kind']:18s} {r['name']:16s} {r['plugin']} {r['version']:8s} {r['description']}")
+
+
+def _training_options(f):
+    """Options shared by ``train`` and ``transfer``."""
+    options = [
+        click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+                     help="ANI-format HDF5 file (ANI-1x/1ccx release or TorchANI layout)."),
+        click.option("--energy-key", required=True, help="Energy dataset, e.g. wb97x_631gd.energy (Hartree)."),
+        click.option("--forces-key", default=None, help="Forces dataset, e.g. wb97x_631gd.forces (Hartree/Å)."),
+        click.option("--out", required=True, type=click.Path(dir_okay=False),
+                     help="Model file to write (.safetensors); its checkpoint is OUT.ckpt."),
+        click.option("--epochs", default=100, show_default=True),
+        click.option("--batch-size", default=32, show_default=True),
+        click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate."),
+        click.option("--force-weight", default=0.1, show_default=True, help="Weight of the force loss."),
+        click.option("--validation", default=0.15, show_default=True,
+                     help="Fraction of molecules (formula groups) held out for validation."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
+        click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(kw):
+    from aniserve.training import Settings
+
+    return Settings(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], force_weight=kw["force_weight"],
+                    validation=kw["validation"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"])
+
+
+@main.command()
+@_training_options
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Model description JSON (elements, featurizer, element_network); default: ANI-1x AEVs "
+                   "with 64-48-24 CELU networks, 4 members, for the data's elements.")
+@click.option("--ensemble-size", default=None, type=int, help="Members (default 4, or the config's).")
+def train(config, ensemble_size, **kw):
+    """Train a model from scratch on ANI HDF5 data.
+
+    Example: aniserve train --data data/qm-train.h5 --energy-key wb97x_631gd.energy
+    --forces-key wb97x_631gd.forces --out dft.safetensors
+
+    Distributed: torchrun --nproc_per_node 2 -m aniserve train ...
+    """
+    from aniserve.elements import NUMBERS
+    from aniserve.models import DTYPES
+    from aniserve.training import ANIData, default_description, new_model, train as run
+
+    data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
+    if config:
+        description = json.loads(open(config).read())
+        if ensemble_size:
+            description["element_network"]["params"]["ensemble_size"] = ensemble_size
+    else:
+        elements = sorted(data.element_counts(), key=NUMBERS.get)
+        description = default_description(elements, ensemble_size=ensemble_size or 4)
+    description.setdefault("name", pathlib.Path(kw["out"]).stem)
+    model = new_model(description, kw["seed"], DTYPES[kw["dtype"]], kw["device"])
+    run(model, data, kw["out"], _settings(kw), resume=kw["resume"])
+
+
+@main.command()
+@_training_options
+@click.option("--from", "pretrained", required=True, help="Pretrained model: name or path.")
+@click.option("--strategy", default="freeze", show_default=True,
+              help="Transfer strategy (see `aniserve plugins`): full, freeze, scratch, delta, or a plugin's.")
+@click.option("--freeze-layers", default=None, help="For freeze: comma-separated layer numbers (default 1,3).")
+@click.option("--option", "options", multiple=True, metavar="KEY=JSON",
+              help="Strategy option, e.g. --option l2sp_weight=0.01 (value parsed as JSON when it can be).")
+def transfer(pretrained, strategy, freeze_layers, options, **kw):
+    """Transfer a pretrained model to new data (e.g. DFT → CCSD(T)).
+
+    Example: aniserve transfer --from dft.safetensors --data data/qm-train.h5
+    --energy-key "ccsd(t)_ccpvdz.energy" --strategy freeze --out cc.safetensors
+    """
+    from aniserve.models import load_model
+    from aniserve.training import ANIData, train as run, transfer_model
+
+    data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
+    parsed = {}
+    for item in options:
+        key, _, value = item.partition("=")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    if freeze_layers:
+        parsed["freeze_layers"] = [int(x) for x in freeze_layers.split(",")]
+    model = load_model(pretrained, device=kw["device"], dtype=kw["dtype"])
+    model, penalty = transfer_model(model, strategy, parsed, kw["seed"])
+    model.description["name"] = pathlib.Path(kw["out"]).stem
+    run(model, data, kw["out"], _settings(kw), resume=kw["resume"], penalty=penalty,
+        extra={"transfer": {"from": str(pretrained), "strategy": strategy, "options": parsed}})
 
 
 @main.group()

@@ -44,7 +44,10 @@ def aniserve_transfer_strategies() -> dict:
 
     The class has ``description`` (one line) and
     ``prepare(model, options: dict) -> model``: it returns the model to train on the
-    new data, with ``requires_grad`` set on exactly the parameters that train.
+    new data, with ``requires_grad`` set on exactly the parameters that train.  It may
+    also have ``penalty(model) -> scalar tensor``, added to the loss at every step
+    (called with the model being trained, which after ``--resume`` is a reloaded copy:
+    look parameters up by name).  The trainer instantiates the class once per run.
     """
 
 

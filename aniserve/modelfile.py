@@ -92,4 +92,5 @@ def load_saved(path: str | os.PathLike) -> ANIPotential:
     except (RuntimeError, OSError) as error:
         raise ModelFileError(f"{path}: weights do not match the description ({error})") from None
     model.description["source"] = str(path)
-    return model
+    # Buffers (AEV constants) follow the networks' dtype, as after load_model(dtype=...).
+    return model.to(model.dtype)

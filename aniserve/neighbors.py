@@ -125,3 +125,21 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
     query, source, d2 = query[keep], source[keep], d2[keep]
     # Sorted by query already (query_of is non-decreasing); keep it stable for triplets.
     return query, source, d2
+
+
+def molecule_pairs(numbers: torch.Tensor, positions: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed pairs within ``cutoff`` for a padded batch of isolated molecules at once.
+
+    numbers (B, N) with 0 for padding; positions (B, N, 3).  Returns (center, neighbor)
+    indexing the real atoms in row-major order (``positions[numbers > 0]``), sorted by
+    center.  One dense (B, N, N) pass: the fast path for many small molecules.
+    """
+    with torch.no_grad():
+        real = numbers > 0
+        pos = positions.detach()
+        d2 = (pos[:, :, None, :] - pos[:, None, :, :]).pow(2).sum(-1)
+        close = (d2 <= cutoff * cutoff) & real[:, :, None] & real[:, None, :]
+        close.diagonal(dim1=1, dim2=2).fill_(False)
+        b, i, j = torch.nonzero(close, as_tuple=True)
+        flat = torch.cumsum(real.reshape(-1), 0).reshape(real.shape) - 1
+        return flat[b, i], flat[b, j]

@@ -71,6 +71,13 @@ class ElementNetworks(nn.Module):
         return {"elements": self.elements, "hidden": self.hidden, "input_width": self.input_width,
                 "ensemble_size": self.ensemble_size, "celu_alpha": self.celu_alpha}
 
+    def layers(self) -> list[list[nn.Parameter]]:
+        """Parameters of each linear layer, input layer first, across all elements
+        (what the ``freeze`` transfer strategy selects by layer number)."""
+        depth = max(len(m.weights) for m in self.mlps)
+        return [[p for m in self.mlps if i < len(m.weights) for p in (m.weights[i], m.biases[i])]
+                for i in range(depth)]
+
     def forward(self, species: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         energies = features.new_zeros(self.ensemble_size, species.shape[0])
         for index, mlp in enumerate(self.mlps):

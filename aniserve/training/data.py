@@ -1,0 +1,230 @@
+"""ANI-format HDF5 data: reading, splitting by molecule, size-grouped batches.
+
+Two layouts are read, found by walking the file for groups holding ``coordinates``:
+
+* the ANI-1x / ANI-1ccx release: ``atomic_numbers`` (N,), ``coordinates`` (C, N, 3) and
+  one dataset per property, e.g. ``wb97x_dz.energy`` (C,), ``wb97x_dz.forces`` (C, N, 3);
+* TorchANI's: ``species`` (N,) as element symbols (or numbers), ``coordinates``,
+  ``energies``.
+
+Units are the files' own, Å and Hartree.  Only the index (group names, atom counts, which
+conformations have targets) is held in memory; coordinates and targets are read from
+the file batch by batch, so a multi-GB file trains in constant memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections import Counter
+
+import numpy as np
+import torch
+
+from aniserve.elements import NUMBERS, symbol
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Batch:
+    """Padded structures: numbers (B, N) with 0 for padding, positions (B, N, 3) Å,
+    energy (B,) Hartree, forces (B, N, 3) Hartree/Å or None; NaN marks a missing target."""
+
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    energy: torch.Tensor
+    forces: torch.Tensor | None
+    group: list[str]
+    conformation: list[int]
+    molecule: list[str]
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    name: str
+    numbers: np.ndarray
+    conformations: np.ndarray  # indices with at least one finite target
+
+
+class ANIData:
+    """Conformations of an ANI HDF5 file with an energy target and optional forces.
+
+    Conformations lacking every requested target (NaN) are left out; one lacking only
+    some is kept and that loss term is skipped for it.
+    """
+
+    def __init__(self, path: str | pathlib.Path, energy_key: str, forces_key: str | None = None,
+                 _groups: list[_Group] | None = None):
+        import h5py
+
+        self.path = pathlib.Path(path)
+        self.energy_key, self.forces_key = energy_key, forces_key
+        try:
+            self._file = h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: no such file") from None
+        except OSError as error:
+            raise DataError(f"{self.path}: not a readable HDF5 file ({error})") from None
+        self.groups = _groups if _groups is not None else self._index()
+
+    def _index(self) -> list[_Group]:
+        groups, keys = [], set()
+        for name, group in _conformer_groups(self._file):
+            keys.update(group.keys())
+            if self.energy_key not in group and (self.forces_key is None or self.forces_key not in group):
+                continue
+            numbers = _numbers(group, self.path, name)
+            count = group["coordinates"].shape[0]
+            have = np.zeros(count, bool)
+            for key in (self.energy_key, self.forces_key):
+                if key and key in group:
+                    values = group[key][()].reshape(count, -1)
+                    have |= np.isfinite(values).all(1)
+            groups.append(_Group(name, numbers, np.nonzero(have)[0]))
+        missing = [k for k in (self.energy_key, self.forces_key) if k and k not in keys]
+        if missing:
+            raise DataError(f"{self.path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
+                            f"hold: {', '.join(sorted(keys)) or 'nothing (no group has coordinates)'}")
+        return [g for g in groups if len(g.conformations)]
+
+    # ------------------------------------------------------------------ views
+    def subset(self, names) -> "ANIData":
+        names = set(names)
+        return ANIData(self.path, self.energy_key, self.forces_key,
+                       _groups=[g for g in self.groups if g.name in names])
+
+    def split(self, validation: float, seed: int) -> tuple["ANIData", "ANIData"]:
+        """(train, validation) by whole groups (molecular formulas), reproducibly."""
+        names = sorted(g.name for g in self.groups)
+        rng = np.random.default_rng(seed)
+        rng.shuffle(names)
+        n_val = max(1, round(validation * len(names))) if len(names) > 1 else 0
+        return self.subset(names[n_val:]), self.subset(names[:n_val])
+
+    def __len__(self) -> int:
+        return sum(len(g.conformations) for g in self.groups)
+
+    def element_counts(self) -> dict[str, tuple[int, int]]:
+        """Element → (atoms, conformations) over the whole set."""
+        atoms, confs = Counter(), Counter()
+        for g in self.groups:
+            for z, n in Counter(g.numbers.tolist()).items():
+                atoms[symbol(z)] += n * len(g.conformations)
+                confs[symbol(z)] += len(g.conformations)
+        return {e: (atoms[e], confs[e]) for e in atoms}
+
+    def check_elements(self, elements) -> None:
+        extra = {e: c for e, c in self.element_counts().items() if e not in set(elements)}
+        if extra:
+            listed = ", ".join(f"{e} ({a} atoms in {c} conformations)" for e, (a, c) in sorted(extra.items()))
+            raise DataError(f"{self.path}: the data holds element(s) the model does not cover: {listed}; "
+                            f"the model covers {', '.join(elements)}")
+
+    # ----------------------------------------------------------------- batches
+    def batches(self, batch_size: int, seed: int | None = None):
+        """Yield Batches of up to ``batch_size`` structures of similar atom count.
+
+        With a seed, conformations are shuffled before grouping by size and the batch
+        order is shuffled; without one the order is fixed (evaluation)."""
+        plan = self.plan(batch_size, seed)
+        for items in plan:
+            yield self.read(items)
+
+    def plan(self, batch_size: int, seed: int | None = None) -> list[list[tuple[int, int]]]:
+        """Batches as lists of (group index, conformation) — cheap, no file reads."""
+        items = [(gi, int(c)) for gi, g in enumerate(self.groups) for c in g.conformations]
+        sizes = np.array([len(self.groups[gi].numbers) for gi, _ in items])
+        if seed is None:
+            order = np.argsort(sizes, kind="stable")
+        else:
+            rng = np.random.default_rng(seed)
+            order = rng.permutation(len(items))
+            order = order[np.argsort(sizes[order], kind="stable")]
+        chunks = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        if seed is not None:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        return chunks
+
+    def read(self, items: list[tuple[int, int]]) -> Batch:
+        n_max = max(len(self.groups[gi].numbers) for gi, _ in items)
+        B = len(items)
+        numbers = np.zeros((B, n_max), np.int64)
+        positions = np.zeros((B, n_max, 3))
+        energy = np.full(B, np.nan)
+        forces = np.full((B, n_max, 3), np.nan) if self.forces_key else None
+        molecule = [""] * B
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for row, (gi, c) in enumerate(items):
+            by_group.setdefault(gi, []).append((c, row))
+        for gi, entries in by_group.items():
+            g = self.groups[gi]
+            h5 = self._file[g.name]
+            entries.sort()
+            confs = [c for c, _ in entries]
+            rows = [r for _, r in entries]
+            n = len(g.numbers)
+            numbers[rows, :n] = g.numbers
+            positions[rows, :n] = h5["coordinates"][confs]
+            if self.energy_key in h5:
+                energy[rows] = h5[self.energy_key][confs]
+            if forces is not None and self.forces_key in h5:
+                forces[rows, :n] = h5[self.forces_key][confs]
+            names = h5["molecule"][confs] if "molecule" in h5 else [g.name] * len(confs)
+            for r, m in zip(rows, names):
+                molecule[r] = m.decode() if isinstance(m, bytes) else str(m)
+        return Batch(torch.from_numpy(numbers), torch.from_numpy(positions), torch.from_numpy(energy),
+                     None if forces is None else torch.from_numpy(forces),
+                     [self.groups[gi].name for gi, _ in items], [c for _, c in items], molecule)
+
+
+def _conformer_groups(root, prefix=""):
+    import h5py
+
+    for name, item in root.items():
+        if isinstance(item, h5py.Group):
+            path = f"{prefix}/{name}" if prefix else name
+            if "coordinates" in item:
+                yield path, item
+            else:
+                yield from _conformer_groups(item, path)
+
+
+def _numbers(group, path, name) -> np.ndarray:
+    if "atomic_numbers" in group:
+        return np.asarray(group["atomic_numbers"][()], dtype=np.int64)
+    if "species" in group:
+        raw = group["species"][()]
+        if raw.dtype.kind in "SUO":
+            try:
+                return np.array([NUMBERS[s.decode() if isinstance(s, bytes) else str(s)] for s in raw], np.int64)
+            except KeyError as error:
+                raise DataError(f"{path}: group {name!r} has unknown element symbol {error}") from None
+        return np.asarray(raw, dtype=np.int64)
+    raise DataError(f"{path}: group {name!r} has coordinates but neither 'atomic_numbers' nor 'species'")
+
+
+def write_ani_h5(path, structures: dict[str, dict[str, np.ndarray]], layout: str = "ani") -> None:
+    """Write groups of conformations; ``layout`` 'ani' (atomic_numbers + property keys) or
+    'torchani' (species as symbols, 'energies').  Used by tests and small tools."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, data in structures.items():
+            g = f.create_group(name)
+            for key, value in data.items():
+                if key == "atomic_numbers" and layout == "torchani":
+                    g["species"] = np.array([symbol(int(z)).encode() for z in value])
+                else:
+                    g[key] = value
+
+
+def nan_safe_mean(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan

@@ -1,0 +1,51 @@
+"""New models from a description, and pretrained models prepared by a transfer strategy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aniserve.modelfile import build
+from aniserve.potential import ANIPotential
+
+
+def ani1x_aev(elements) -> dict:
+    """ANI-1x's AEV constants (Rcr 5.2 Å, Rca 3.5 Å; 384 features for H, C, N, O)."""
+    return {"elements": list(elements), "Rcr": 5.2, "Rca": 3.5, "EtaR": [16.0],
+            "ShfR": [0.9 + 0.26875 * i for i in range(16)], "EtaA": [8.0], "Zeta": [32.0],
+            "ShfA": [0.9, 1.55, 2.2, 2.85], "ShfZ": [math.pi / 16 + k * math.pi / 8 for k in range(8)]}
+
+
+def default_description(elements=("H", "C", "N", "O"), hidden=(64, 48, 24), ensemble_size: int = 4,
+                        name: str = "") -> dict:
+    """ANI-1x features with small CELU networks: the demonstration-scale architecture
+    (ANI-1x itself uses 160-128-96 for H; pass ``hidden`` per element via --config)."""
+    from aniserve.aev import AEVFeaturizer, AEVParameters
+
+    width = AEVFeaturizer(AEVParameters.from_json(ani1x_aev(elements))).output_width
+    return {"name": name, "elements": list(elements),
+            "featurizer": {"name": "ani-aev", "params": ani1x_aev(elements)},
+            "element_network": {"name": "ani-mlp", "params": {
+                "elements": list(elements), "hidden": {e: list(hidden) for e in elements}, "input_width": width,
+                "ensemble_size": ensemble_size, "celu_alpha": 0.1}},
+            "self_energies": {e: 0.0 for e in elements}}
+
+
+def new_model(description: dict, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ANIPotential:
+    """An untrained model, its random weights fixed by ``seed``."""
+    description = dict(description)
+    description.setdefault("self_energies", {e: 0.0 for e in description["elements"]})
+    torch.manual_seed(seed)
+    return build(description).to(dtype=dtype, device=device).train()
+
+
+def transfer_model(pretrained: ANIPotential, strategy: str, options: dict, seed: int):
+    """(model, penalty): the pretrained model as ``strategy`` (a registered name)
+    prepares it for training, and the strategy's extra loss term (or None)."""
+    from aniserve.registry import registry
+
+    torch.manual_seed(seed)
+    chosen = registry().get("transfer-strategy", strategy)()
+    prepared = chosen.prepare(pretrained, options)
+    return prepared.train(), getattr(chosen, "penalty", None)

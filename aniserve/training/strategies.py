@@ -1,0 +1,125 @@
+"""Built-in transfer-learning strategies.
+
+A strategy turns a pretrained model into the model to train on new (higher-level) data
+and marks what trains by ``requires_grad``; the trainer optimises exactly those
+parameters.  In every strategy the trainer first refits the self atomic energies on the
+new data, as ANI-1ccx did (its ``sae_linfit.dat`` differs from ANI-1x's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aniserve.networks import ElementNetworks
+from aniserve.potential import ANIPotential
+
+#: ANI-1ccx kept linear layers 1 and 3 of ANI-1x byte-identical and retrained 2 and 4
+#: (see the released weights); layers are numbered from 1 at the input.
+PAPER_FROZEN_LAYERS = (1, 3)
+
+
+def _all_trainable(model: nn.Module, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+class FullFineTune:
+    """Fine-tune every parameter of the pretrained model."""
+
+    description = "fine-tune all parameters of the pretrained model"
+
+    def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
+        _all_trainable(model, True)
+        return model
+
+
+class FreezeLayers:
+    """Retrain with chosen layers frozen; the default freezes layers 1 and 3, as ANI-1ccx."""
+
+    description = "retrain with layers frozen (default 1 and 3, the ANI-1ccx recipe)"
+
+    def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
+        layers_of = getattr(model.networks, "layers", None)
+        if layers_of is None:
+            raise ValueError(f"element network {type(model.networks).__name__} does not number its layers "
+                             f"(no layers() method), so the freeze strategy cannot select them")
+        layers = layers_of()
+        frozen = tuple(options.get("freeze_layers") or PAPER_FROZEN_LAYERS)
+        bad = [n for n in frozen if not 1 <= n <= len(layers)]
+        if bad:
+            raise ValueError(f"freeze_layers {bad} out of range: the network has layers 1..{len(layers)}")
+        _all_trainable(model, True)
+        for number in frozen:
+            for p in layers[number - 1]:
+                p.requires_grad_(False)
+        return model
+
+
+class Scratch:
+    """Same architecture, fresh random weights, trained on the new data only (ANI-1ccx-R)."""
+
+    description = "same architecture, random weights, new data only (the ANI-1ccx-R baseline)"
+
+    def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
+        from aniserve.modelfile import build, describe
+
+        fresh = build(describe(model)).to(dtype=model.dtype, device=model.device)
+        _all_trainable(fresh, True)
+        return fresh
+
+
+class DeltaNetworks(nn.Module):
+    """A frozen base element network plus a trainable correction: E = E_base + E_corr.
+
+    Registered as the element network ``delta``, so a delta-learned model saves and
+    reloads like any other."""
+
+    def __init__(self, base: nn.Module, correction: nn.Module, base_name: str, correction_name: str):
+        super().__init__()
+        if correction.ensemble_size not in (1, base.ensemble_size) or list(correction.elements) != list(base.elements):
+            raise ValueError("the delta correction must cover the base's elements with 1 or the same number of members")
+        self.base, self.correction = base, correction
+        self.names = (base_name, correction_name)
+        self.elements = list(base.elements)
+
+    @property
+    def ensemble_size(self) -> int:
+        return self.base.ensemble_size
+
+    @classmethod
+    def from_config(cls, params: dict) -> "DeltaNetworks":
+        from aniserve.registry import registry
+
+        parts = [registry().get("element-network", params[k]["name"]).from_config(params[k]["params"])
+                 for k in ("base", "correction")]
+        return cls(*parts, params["base"]["name"], params["correction"]["name"])
+
+    def config(self) -> dict:
+        return {"base": {"name": self.names[0], "params": self.base.config()},
+                "correction": {"name": self.names[1], "params": self.correction.config()}}
+
+    def forward(self, species: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.base(species, features) + self.correction(species, features)
+
+
+class Delta:
+    """Keep the pretrained model frozen; learn a small correction toward the new level."""
+
+    description = "frozen pretrained model plus a trained correction network (Δ-learning)"
+
+    def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
+        hidden = list(options.get("correction_hidden") or (32, 16))
+        correction = ElementNetworks(model.elements, {e: hidden for e in model.elements},
+                                     model.featurizer.output_width, model.ensemble_size)
+        # Start as the pretrained model exactly: the correction's output layer is zero.
+        for mlp in correction.mlps:
+            nn.init.zeros_(mlp.weights[-1])
+            nn.init.zeros_(mlp.biases[-1])
+        networks = DeltaNetworks(model.networks, correction, model.description["element_network"]["name"], "ani-mlp")
+        description = dict(model.description, element_network={"name": "delta"})
+        delta = ANIPotential(model.featurizer, networks, dict(zip(model.elements, model.self_energies.tolist())),
+                             description).to(dtype=model.dtype, device=model.device)
+        _all_trainable(delta, False)
+        _all_trainable(delta.networks.correction, True)
+        return delta

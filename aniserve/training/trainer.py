@@ -1,0 +1,335 @@
+"""Training an ANI potential on ANI-format HDF5 data.
+
+Loss, per ensemble member m, averaged over structures b with that target:
+    energy:  (E_mb − E_b)² / N_b                      (ANI: squared error scaled by atom count)
+    forces:  w · Σ_atoms |F_mb − F_b|² / (3 N_b)
+The k stacked members see the same batches but start from different random weights and
+their losses do not mix, so one run trains k independent networks.  Self atomic energies
+are fitted first by linear least squares on element counts.  AdamW, learning rate
+halved on a validation plateau, early stopping on the validation energy RMSE; the
+weights with the best validation RMSE are what is saved.
+
+A checkpoint (``OUT.ckpt``) is written atomically after every epoch; ``resume=True``
+continues from it.  The batch order of epoch e depends only on (seed, e), so a resumed
+run reproduces the uninterrupted one.  Under ``torchrun`` (WORLD_SIZE > 1) the step runs
+in DistributedDataParallel, each process taking every world-th batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from aniserve.elements import NUMBERS
+from aniserve.modelfile import build, describe, save_model
+from aniserve.neighbors import molecule_pairs
+from aniserve.potential import ANIPotential
+from aniserve.training.data import ANIData, Batch
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+
+@dataclasses.dataclass
+class Settings:
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    force_weight: float = 0.1
+    plateau_patience: int = 5
+    early_stop_patience: int = 15
+    min_lr: float = 1e-6
+    validation: float = 0.15
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    refit_self_energies: bool = True
+
+
+# --------------------------------------------------------------------------- steps
+def predict(model: ANIPotential, batch: Batch, forces: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Member energies (k, B) and, if asked, member forces (k, B, N, 3), differentiable."""
+    device, dtype = model.device, model.dtype
+    numbers = batch.numbers.to(device)
+    real = numbers > 0
+    species = model.species_indices(numbers[real])
+    structure = torch.nonzero(real)[:, 0]
+    positions = batch.positions.to(device)
+    center, neighbor = molecule_pairs(numbers, positions, model.cutoff)
+    pos = positions[real].to(dtype).requires_grad_(forces)
+    energies = model(species, center, neighbor, pos[neighbor] - pos[center], structure, len(numbers))
+    if not forces:
+        return energies, None
+    out = energies.new_zeros(len(energies), *real.shape, 3)
+    for m in range(len(energies)):
+        grad, = torch.autograd.grad(energies[m].sum(), pos, create_graph=torch.is_grad_enabled() and model.training,
+                                    retain_graph=True)
+        out[m][real] = -grad.to(out.dtype)
+    return energies, out
+
+
+def losses(model: ANIPotential, batch: Batch, force_weight: float) -> tuple[torch.Tensor, dict]:
+    """The training loss (summed over members) and its parts for the progress line."""
+    use_forces = batch.forces is not None and force_weight > 0 and bool(torch.isfinite(batch.forces).any())
+    energies, forces = predict(model, batch, use_forces)
+    n_atoms = (batch.numbers > 0).sum(1).to(energies.device, torch.float64)
+    target = batch.energy.to(energies.device)
+    has_e = torch.isfinite(target)
+    total = energies.new_zeros(())
+    parts = {}
+    if has_e.any():
+        err = (energies[:, has_e] - target[has_e]) ** 2 / n_atoms[has_e]
+        energy_loss = err.mean(1).sum()
+        total = total + energy_loss
+        parts["energy"] = float(energy_loss.detach()) / len(energies)
+    if use_forces:
+        ref = batch.forces.to(energies.device)
+        has_f = torch.isfinite(ref).flatten(1).all(1) & (batch.numbers > 0).any(1).to(ref.device)
+        if has_f.any():
+            diff = (forces[:, has_f] - ref[has_f].nan_to_num()) ** 2
+            per_structure = diff.sum((2, 3)) / (3 * n_atoms[has_f])
+            force_loss = force_weight * per_structure.mean(1).sum()
+            total = total + force_loss
+            parts["forces"] = float(force_loss.detach()) / len(energies)
+    return total, parts
+
+
+@torch.no_grad()
+def network_part(model: ANIPotential, batch: Batch) -> torch.Tensor:
+    """Ensemble-mean energy minus the self-energy sum, (B,) Hartree."""
+    energies, _ = predict(model, batch, False)
+    numbers = batch.numbers.to(model.device)
+    species = model.species_indices(numbers[numbers > 0])
+    offsets = torch.zeros(len(numbers), dtype=torch.float64, device=model.device)
+    offsets.index_add_(0, torch.nonzero(numbers > 0)[:, 0], model.self_energies[species])
+    return energies.mean(0) - offsets
+
+
+def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256) -> dict[str, float]:
+    """Least-squares self energies: Σ_e n_e·s_e ≈ E_ref − (network part of E_model).
+
+    On a fresh model this is the usual linear fit of energies on element counts; on a
+    pretrained one it moves the energy zero to the new level of theory without touching
+    what the networks learned."""
+    rows, residuals = [], []
+    column = {NUMBERS[e]: i for i, e in enumerate(model.elements)}
+    for batch in data.batches(batch_size):
+        keep = torch.isfinite(batch.energy)
+        if not keep.any():
+            continue
+        rest = batch.energy.to(model.device) - network_part(model, batch)
+        for b in torch.nonzero(keep)[:, 0].tolist():
+            counts = np.zeros(len(model.elements))
+            for z in batch.numbers[b][batch.numbers[b] > 0].tolist():
+                counts[column[z]] += 1
+            rows.append(counts)
+            residuals.append(float(rest[b]))
+    if not rows:
+        raise ValueError("no conformation has the energy target; cannot fit self energies")
+    A, y = np.array(rows), np.array(residuals)
+    present = A.any(0)
+    solution = np.zeros(len(model.elements))
+    solution[present] = np.linalg.lstsq(A[:, present], y, rcond=None)[0]
+    fitted = {e: float(solution[i]) if present[i] else float(model.self_energies[i])
+              for i, e in enumerate(model.elements)}
+    model.self_energies.copy_(torch.tensor([fitted[e] for e in model.elements], dtype=torch.float64))
+    return fitted
+
+
+@torch.no_grad()
+def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, forces: bool = False) -> dict:
+    """Energy RMSE/MAE (kcal/mol) of the ensemble mean; force RMSE (kcal/mol/Å) if asked."""
+    was_training = model.training
+    model.eval()
+    de, df = [], []
+    for batch in data.batches(batch_size):
+        with torch.enable_grad():
+            energies, predicted_forces = predict(model, batch, forces)
+        keep = torch.isfinite(batch.energy)
+        de.append((energies.mean(0).detach().cpu()[keep] - batch.energy[keep]))
+        if forces and batch.forces is not None:
+            mean_f = predicted_forces.mean(0).detach().cpu()
+            mask = torch.isfinite(batch.forces).all(-1) & (batch.numbers > 0)
+            df.append((mean_f[mask] - batch.forces[mask]).flatten())
+    model.train(was_training)
+    de = torch.cat(de) * HARTREE_IN_KCAL_PER_MOL if de else torch.zeros(0)
+    out = {"energy_rmse_kcal": float(de.pow(2).mean().sqrt()) if len(de) else math.nan,
+           "energy_mae_kcal": float(de.abs().mean()) if len(de) else math.nan}
+    if df:
+        f = torch.cat(df) * HARTREE_IN_KCAL_PER_MOL
+        out["force_rmse_kcal_per_a"] = float(f.pow(2).mean().sqrt())
+    return out
+
+
+class _Step(nn.Module):
+    """The loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: ANIPotential, force_weight: float, penalty=None):
+        super().__init__()
+        self.model, self.force_weight, self.penalty = model, force_weight, penalty
+
+    def forward(self, batch: Batch):
+        loss, parts = losses(self.model, batch, self.force_weight)
+        if self.penalty is not None:
+            extra = self.penalty(self.model)
+            loss = loss + extra
+            parts["penalty"] = float(extra.detach())
+        return loss, parts
+
+
+# ------------------------------------------------------------------------- trainer
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("ANISERVE_DDP_BACKEND") != "gloo"
+                                else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: Settings,
+          resume: bool = False, extra: dict | None = None, validation_data: ANIData | None = None,
+          penalty=None) -> dict:
+    """Train ``model`` (parameters with requires_grad) on ``data``; write ``out``.
+
+    penalty: optional ``penalty(model) -> scalar tensor`` added to every step's loss
+    (a transfer strategy's regulariser, e.g. L2-SP).
+    Returns the run's summary (also stored in the model file under ``training``)."""
+    rank, world = _distributed()
+    out = pathlib.Path(out)
+    checkpoint_path = out.with_name(out.name + ".ckpt")
+    data.check_elements(model.elements)
+    if validation_data is None:
+        train_data, val_data = data.split(settings.validation, settings.seed)
+    else:
+        train_data, val_data = data, validation_data
+    if len(val_data) == 0:
+        raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    history, start_epoch, best = [], 0, {"rmse": math.inf, "epoch": -1}
+    model.train()
+
+    state = None
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+        description = json.loads(state["description"])
+        model = build(description).to(device=settings.device, dtype=model.dtype)
+        model.load_state_dict(state["model"])
+        trainable = set(state["trainable"])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
+        history, start_epoch, best = json.loads(state["history"]), state["epoch"] + 1, json.loads(state["best"])
+        model.train()
+        _say(rank, f"resuming from {checkpoint_path} after epoch {state['epoch'] + 1}")
+    elif settings.refit_self_energies:
+        fitted = fit_self_energies(model, train_data)
+        _say(rank, "self energies (Ha): " + ", ".join(f"{e} {v:.6f}" for e, v in fitted.items()))
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("nothing to train: the strategy froze every parameter")
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=settings.plateau_patience)
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(json.loads(state["scheduler"]))
+        best_state = state["best_model"]
+
+    step = _Step(model, settings.force_weight if data.forces_key else 0.0, penalty)
+    if world > 1:
+        step = nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
+    n_params = sum(p.numel() for p in parameters)
+    _say(rank, f"training {n_params} of {sum(p.numel() for p in model.parameters())} parameters "
+               f"({model.ensemble_size} members) on {len(train_data)} conformations, "
+               f"validating on {len(val_data)}; {world} process(es)")
+
+    for epoch in range(start_epoch, settings.epochs):
+        if epoch - best["epoch"] > settings.early_stop_patience or optimizer.param_groups[0]["lr"] < settings.min_lr:
+            _say(rank, f"stopping early at epoch {epoch}: no improvement since epoch {best['epoch'] + 1}")
+            break
+        started = time.perf_counter()
+        plan = train_data.plan(settings.batch_size, seed=settings.seed * 100_003 + epoch)
+        plan = plan[: len(plan) // world * world][rank::world] if world > 1 else plan
+        total, count = 0.0, 0
+        with _progress(rank, len(plan), f"epoch {epoch + 1}/{settings.epochs}") as bar:
+            for items in plan:
+                batch = train_data.read(items)
+                optimizer.zero_grad(set_to_none=True)
+                loss, parts = step(batch)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) / model.ensemble_size
+                count += 1
+                bar.update(1, f"loss {total / count:.3e}")
+        metrics = validate(model, val_data)
+        scheduler.step(metrics["energy_rmse_kcal"])
+        improved = metrics["energy_rmse_kcal"] < best["rmse"]
+        if improved:
+            best = {"rmse": metrics["energy_rmse_kcal"], "epoch": epoch}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **metrics,
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
+        _say(rank, f"epoch {epoch + 1}: train loss {total / max(count, 1):.3e}, validation energy RMSE "
+                   f"{metrics['energy_rmse_kcal']:.3f} kcal/mol{' *' if improved else ''}, "
+                   f"lr {optimizer.param_groups[0]['lr']:.1e}, {time.perf_counter() - started:.1f} s")
+        if rank == 0:
+            _atomic_save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
+                          "scheduler": json.dumps(scheduler.state_dict()), "epoch": epoch,
+                          "trainable": sorted(trainable), "history": json.dumps(history), "best": json.dumps(best),
+                          "description": json.dumps(describe(model))}, checkpoint_path)
+
+    model.load_state_dict(best_state)
+    summary = {"best_epoch": best["epoch"] + 1, "validation_energy_rmse_kcal": best["rmse"],
+               "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
+               "data": str(data.path), "energy_key": data.energy_key, "forces_key": data.forces_key,
+               "history": history}
+    if rank == 0:
+        save_model(model, out, extra={"training": {**summary, **(extra or {})}})
+        _say(rank, f"wrote {out} (best validation energy RMSE {best['rmse']:.3f} kcal/mol at epoch "
+                   f"{best['epoch'] + 1})")
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _atomic_save(obj: dict, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _progress:
+    """A one-line progress bar with live loss on stderr (only on a terminal, rank 0)."""
+
+    def __init__(self, rank: int, total: int, label: str):
+        self.show = rank == 0 and sys.stderr.isatty()
+        self.total, self.label, self.done = total, label, 0
+
+    def __enter__(self):
+        return self
+
+    def update(self, n: int, text: str) -> None:
+        self.done += n
+        if self.show:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {text}",
+                  end="", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.show:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)

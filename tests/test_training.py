@@ -1,0 +1,242 @@
+"""Training and transfer learning on small files written here, labelled by the official
+ANI-1x model (a smooth, realistic teacher) so that learning is measurable in seconds."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from aniserve.modelfile import load_saved
+from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train, transfer_model
+from aniserve.training.data import write_ani_h5
+from conftest import ROOT, cached_model
+
+MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
+
+
+def teacher_groups(conformations=10, seed=0, shift=0.0):
+    """{formula: arrays} with ANI-1x energies/forces (+ ``shift`` Ha per heavy atom as a
+    stand-in 'higher level'), atoms ordered by decreasing atomic number per group."""
+    from ase.build import molecule
+
+    model = cached_model("ani-1x", "float64")
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for name in MOLECULES:
+        atoms = molecule(name)
+        order = np.argsort(-atoms.numbers, kind="stable")
+        numbers = atoms.numbers[order]
+        pos = atoms.positions[order][None] + rng.normal(0, 0.06, (conformations, len(atoms), 3))
+        result = model.evaluate(np.repeat(numbers[None], conformations, 0), pos)
+        energy = result.energy + shift * (numbers > 1).sum() + 0.002 * np.sin(3 * pos[:, 0, 0])
+        groups[atoms.get_chemical_formula()] = {
+            "atomic_numbers": numbers, "coordinates": pos, "wb97x_dz.energy": energy,
+            "wb97x_dz.forces": result.forces, "ccsd(t)_cbs.energy": energy + 0.001 * pos[:, 0, 1]}
+    return groups
+
+
+@pytest.fixture(scope="module")
+def dft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "dft.h5"
+    write_ani_h5(path, teacher_groups())
+    return path
+
+
+def small_model(seed=0):
+    return new_model(default_description(hidden=(16, 8, 8), ensemble_size=2), seed)
+
+
+def quick(**kw):
+    return Settings(**{"epochs": 4, "batch_size": 16, "lr": 3e-3, "validation": 0.25, **kw})
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_both_layouts_read_the_same_structures(tmp_path):
+    groups = teacher_groups(conformations=3)
+    write_ani_h5(tmp_path / "ani.h5", groups)
+    torchani_groups = {k: {"atomic_numbers": v["atomic_numbers"], "coordinates": v["coordinates"],
+                           "energies": v["wb97x_dz.energy"]} for k, v in groups.items()}
+    write_ani_h5(tmp_path / "torchani.h5", torchani_groups, layout="torchani")
+    a = list(ANIData(tmp_path / "ani.h5", "wb97x_dz.energy").batches(64))
+    b = list(ANIData(tmp_path / "torchani.h5", "energies").batches(64))
+    assert sum(len(x) for x in a) == 3 * len(MOLECULES)
+    for x, y in zip(a, b):
+        assert torch.equal(x.numbers, y.numbers)
+        assert torch.equal(x.positions, y.positions)
+        assert torch.equal(x.energy, y.energy)
+
+
+def test_batches_group_similar_sizes_and_skip_missing(tmp_path):
+    groups = teacher_groups(conformations=4)
+    groups["CH4"]["wb97x_dz.energy"][1] = np.nan
+    write_ani_h5(tmp_path / "d.h5", groups)
+    data = ANIData(tmp_path / "d.h5", "wb97x_dz.energy")
+    assert len(data) == 4 * len(MOLECULES) - 1
+    for batch in data.batches(4, seed=1):
+        assert torch.isfinite(batch.energy).all()
+        sizes = (batch.numbers > 0).sum(1)
+        assert int(sizes.max() - sizes.min()) <= 3
+    train_part, val_part = data.split(0.25, seed=3)
+    assert not {g.name for g in train_part.groups} & {g.name for g in val_part.groups}
+    assert [g.name for g in data.split(0.25, seed=3)[1].groups] == [g.name for g in val_part.groups]
+
+
+def test_training_lowers_validation_rmse_and_saves(dft_file, tmp_path):
+    data = ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces")
+    model = small_model()
+    summary = train(model, data, tmp_path / "m.safetensors", quick(epochs=8))
+    history = summary["history"]
+    assert history[-1]["energy_rmse_kcal"] < 0.5 * history[0]["energy_rmse_kcal"]
+    saved = load_saved(tmp_path / "m.safetensors")
+    batch = next(ANIData(dft_file, "wb97x_dz.energy").batches(8))
+    from aniserve.training.trainer import predict
+
+    with torch.no_grad():
+        a = predict(saved.eval(), batch, False)[0]
+        b = predict(model.eval(), batch, False)[0]
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_resume_reproduces_an_uninterrupted_run(dft_file, tmp_path):
+    data = ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces")
+    train(small_model(), data, tmp_path / "straight.safetensors", quick(epochs=4))
+    train(small_model(), data, tmp_path / "broken.safetensors", quick(epochs=2))
+    # The run 'killed' after epoch 2 continues from its checkpoint to epoch 4.
+    train(small_model(seed=99), data, tmp_path / "broken.safetensors", quick(epochs=4), resume=True)
+    a = load_saved(tmp_path / "straight.safetensors").state_dict()
+    b = load_saved(tmp_path / "broken.safetensors").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def pretrained(dft_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pre") / "pre.safetensors"
+    train(small_model(), ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces"), path, quick(epochs=3))
+    return path
+
+
+@pytest.mark.parametrize("strategy, frozen", [
+    ("full", []),
+    ("freeze", ["weights.0", "biases.0", "weights.2", "biases.2"]),
+    ("delta", ["base."]),
+])
+def test_strategy_trains_exactly_what_it_claims(strategy, frozen, pretrained, dft_file, tmp_path):
+    model, penalty = transfer_model(load_saved(pretrained), strategy, {}, seed=0)
+    names = dict(model.named_parameters())
+    is_frozen = {n: any(f in n for f in frozen) for n in names}
+    assert {n for n, p in names.items() if not p.requires_grad} == {n for n in names if is_frozen[n]}
+    before = {n: digest([p]) for n, p in names.items()}
+    train(model, ANIData(dft_file, "ccsd(t)_cbs.energy"), tmp_path / "t.safetensors", quick(epochs=2),
+          penalty=penalty)
+    after = {n: digest([p]) for n, p in load_saved(tmp_path / "t.safetensors").named_parameters()}
+    for n in names:
+        assert (before[n] == after[n]) == is_frozen[n], n
+
+
+def test_scratch_starts_from_new_weights(pretrained):
+    original = load_saved(pretrained)
+    fresh, _ = transfer_model(load_saved(pretrained), "scratch", {}, seed=0)
+    assert all(p.requires_grad for p in fresh.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(original.parameters(), fresh.parameters()))
+    assert [p.shape for p in original.parameters()] == [p.shape for p in fresh.parameters()]
+
+
+def test_freeze_layers_option_and_range(pretrained):
+    model, _ = transfer_model(load_saved(pretrained), "freeze", {"freeze_layers": [1, 2, 3]}, seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("weights.3" in n or "biases.3" in n for n in trainable)
+    with pytest.raises(ValueError, match="out of range"):
+        transfer_model(load_saved(pretrained), "freeze", {"freeze_layers": [7]}, seed=0)
+
+
+def test_delta_model_starts_equal_and_reloads(pretrained, dft_file, tmp_path):
+    base = load_saved(pretrained).eval()
+    delta, _ = transfer_model(load_saved(pretrained), "delta", {}, seed=0)
+    batch = next(ANIData(dft_file, "wb97x_dz.energy").batches(8))
+    from aniserve.training.trainer import predict
+
+    with torch.no_grad():
+        assert torch.equal(predict(base, batch, False)[0], predict(delta.eval(), batch, False)[0])
+    from aniserve.modelfile import save_model
+
+    save_model(delta, tmp_path / "delta.safetensors")
+    assert load_saved(tmp_path / "delta.safetensors").description["element_network"]["name"] == "delta"
+
+
+def test_cli_train_then_transfer(dft_file, tmp_path):
+    from click.testing import CliRunner
+
+    from aniserve.cli import main
+
+    runner = CliRunner()
+    pre = tmp_path / "pre.safetensors"
+    config = tmp_path / "config.json"
+    import json
+
+    config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
+    result = runner.invoke(main, ["train", "--data", str(dft_file), "--energy-key", "wb97x_dz.energy",
+                                  "--config", str(config), "--out", str(pre), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "cc.safetensors"
+    result = runner.invoke(main, ["transfer", "--from", str(pre), "--data", str(dft_file), "--energy-key",
+                                  "ccsd(t)_cbs.energy", "--strategy", "freeze", "--freeze-layers", "1,3",
+                                  "--out", str(out), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    from aniserve.modelfile import read_description
+
+    training = read_description(out)["training"]
+    assert training["transfer"] == {"from": str(pre), "strategy": "freeze", "options": {"freeze_layers": [1, 3]}}
+
+
+def test_two_process_ddp_matches_single_process_trend(dft_file, tmp_path):
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
+    common = ["--data", str(dft_file), "--energy-key", "wb97x_dz.energy", "--forces-key", "wb97x_dz.forces",
+              "--config", str(config), "--epochs", "5", "--lr", "3e-3", "--validation", "0.25"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "aniserve", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp.safetensors")]
+    done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    single = subprocess.run([sys.executable, "-m", "aniserve", "train", *common, "--batch-size", "16",
+                             "--out", str(tmp_path / "one.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    from aniserve.modelfile import read_description
+
+    ddp = [h["energy_rmse_kcal"] for h in read_description(tmp_path / "ddp.safetensors")["training"]["history"]]
+    one = [h["energy_rmse_kcal"] for h in read_description(tmp_path / "one.safetensors")["training"]["history"]]
+    assert len(ddp) == len(one) == 5
+    # Same effective batch (2 × 8 vs 16): both fall, and end within a factor of two.
+    assert ddp[-1] < 0.7 * ddp[0] and one[-1] < 0.7 * one[0]
+    assert 0.5 < ddp[-1] / one[-1] < 2.0
+
+
+def test_bad_data_is_named(dft_file, tmp_path):
+    with pytest.raises(DataError, match=r"no dataset named 'wb97x_631gd.energy'.*wb97x_dz.energy"):
+        ANIData(dft_file, "wb97x_631gd.energy")
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(dft_file.read_bytes()[:4000])
+    with pytest.raises(DataError, match="not a readable HDF5 file"):
+        ANIData(broken, "wb97x_dz.energy")
+    groups = teacher_groups(conformations=2)
+    groups["SH2"] = {"atomic_numbers": np.array([16, 1, 1]), "coordinates": np.zeros((2, 3, 3)),
+                     "wb97x_dz.energy": np.zeros(2)}
+    write_ani_h5(tmp_path / "s.h5", groups)
+    with pytest.raises(DataError, match=r"does not cover: S \(2 atoms in 2 conformations\)"):
+        train(small_model(), ANIData(tmp_path / "s.h5", "wb97x_dz.energy"), tmp_path / "x.safetensors", quick())
