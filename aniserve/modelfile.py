@@ -26,12 +26,17 @@ class ModelFileError(ValueError):
 
 
 def describe(model: ANIPotential, name: str = "", extra: dict | None = None) -> dict:
+    reg = registry()
+    featurizer = model.description["featurizer"]["name"]
+    network = model.description["element_network"]["name"]
     return {
         "format": FORMAT, "aniserve_version": __version__, "name": name or model.description.get("name", ""),
         "elements": model.elements,
-        "featurizer": {"name": model.description["featurizer"]["name"], "params": model.featurizer.config()},
-        "element_network": {"name": model.description["element_network"]["name"],
-                            "params": model.networks.config()},
+        # The providing plugin is recorded so that a missing one can be named on load.
+        "featurizer": {"name": featurizer, "params": model.featurizer.config(),
+                       **reg.provider("featurizer", featurizer)},
+        "element_network": {"name": network, "params": model.networks.config(),
+                            **reg.provider("element-network", network)},
         "self_energies": dict(zip(model.elements, model.self_energies.tolist())),
         "ensemble_size": model.ensemble_size,
         **(extra or {}),
@@ -73,12 +78,17 @@ def build(description: dict) -> ANIPotential:
         featurizer_cls = reg.get("featurizer", description["featurizer"]["name"])
         network_cls = reg.get("element-network", description["element_network"]["name"])
     except RegistryError as error:
+        needed = [f"{part['name']!r} from the plugin {part['plugin']} {part.get('version', '')}".strip()
+                  for part in (description["featurizer"], description["element_network"])
+                  if part.get("plugin") and part["plugin"] != "aniserve"]
+        hint = f" It was saved with {' and '.join(needed)}; install that plugin." if needed else ""
         raise ModelFileError(f"model {description.get('name', '')!r} needs a component that is not installed: "
-                             f"{error}") from None
+                             f"{error}.{hint}") from None
     featurizer = featurizer_cls.from_config(description["featurizer"]["params"], description["elements"])
     networks = network_cls.from_config(description["element_network"]["params"])
     return ANIPotential(featurizer, networks, description["self_energies"],
-                        {k: description[k] for k in ("name", "featurizer", "element_network")})
+                        {"name": description.get("name", ""), "featurizer": description["featurizer"],
+                         "element_network": description["element_network"]})
 
 
 def load_saved(path: str | os.PathLike) -> ANIPotential:

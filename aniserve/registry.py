@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 
 import pluggy
 
@@ -50,6 +51,10 @@ class Registry:
         for name in DEFAULT_PLUGINS + tuple(extra_plugins):
             self.manager.register(importlib.import_module(name), name=name)
         if entry_points:
+            # ANISERVE_BLOCK_PLUGINS=name,name masks installed plugins by entry-point name,
+            # e.g. to check that a model does not silently depend on one.
+            for blocked in filter(None, os.environ.get("ANISERVE_BLOCK_PLUGINS", "").split(",")):
+                self.manager.set_blocked(blocked.strip())
             self.manager.load_setuptools_entrypoints("aniserve")
         self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         distributions = {id(plugin): f"{dist.project_name}" if hasattr(dist, "project_name") else dist.metadata["name"]
@@ -76,6 +81,11 @@ class Registry:
             known = ", ".join(sorted(self.components[kind])) or "none"
             raise RegistryError(f"no {kind} named {name!r} is registered (known: {known}); if it comes from a "
                                 f"plugin, install that plugin or pass --plugin MODULE") from None
+
+    def provider(self, kind: str, name: str) -> dict:
+        """{"plugin": distribution, "version": ...} of a registered component."""
+        component = self.components[kind].get(name)
+        return {"plugin": component.plugin, "version": component.version} if component else {}
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])

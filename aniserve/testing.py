@@ -1,0 +1,43 @@
+"""Helpers for testing models and plugins end to end (used by aniserve's and plugins' tests)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import numpy as np
+
+
+def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str = "float64") -> list[tuple]:
+    """Serve ``model`` with ``aniserve drive`` to an ASE SocketIOCalculator (UNIX socket).
+
+    Returns (atoms positions, energy eV, forces eV/Å) for the structure and ``moves``
+    random displacements of it, as computed by the driver process."""
+    from ase.calculators.socketio import SocketIOCalculator
+    from ase.io import write
+
+    name = f"ani{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(seed)
+    atoms = atoms.copy()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        structure = pathlib.Path(folder) / "structure.xyz"
+        write(structure, atoms)
+        driver = subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", str(model), "--dtype", dtype,
+                                   "--structure", str(structure), "--unix", name],
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            with SocketIOCalculator(unixsocket=name) as calc:
+                atoms.calc = calc
+                for step in range(moves + 1):
+                    if step:
+                        atoms.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
+                    results.append((atoms.positions.copy(), atoms.get_potential_energy(), atoms.get_forces()))
+        finally:
+            code = driver.wait(timeout=60)
+            if code != 0:
+                raise RuntimeError(f"aniserve drive exited with {code}: {driver.stderr.read()}")
+    return results
