@@ -29,6 +29,7 @@ def aniserve_transfer_strategies():
 
 @hookimpl
 def aniserve_model_sources():
+    from aniserve.embedded import EmbeddedModels
     from aniserve.zoo import OfficialZoo
 
-    return {"official-zoo": OfficialZoo()}
+    return {"official-zoo": OfficialZoo(), "embedded": EmbeddedModels()}

@@ -7,6 +7,8 @@ import pathlib
 
 import click
 
+from aniserve.embedded import DEFAULT_MODEL
+
 
 class _Group(click.Group):
     """Library errors (bad input, missing models, unreadable files) become one clean
@@ -52,7 +54,8 @@ def models():
 
 @main.command("eval")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Model name or path; the official ANI-1ccx is --model ani-1ccx.")
 @click.option("--index", default=":", show_default=True, help="Which frames of FILE (ASE index syntax).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
@@ -78,7 +81,7 @@ def eval_(file, model, index, device, dtype):
 
 
 @main.command()
-@click.option("--model", default="ani-1ccx", show_default=True,
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model name (aniserve models) or path, e.g. --model ani-2x or --model my.safetensors.")
 @click.option("--structure", "structures", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="File (any ASE format) giving the atoms in the order the server sends them; the protocol "
@@ -233,13 +236,7 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     from aniserve.training import ANIData, train as run, transfer_model
 
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
-    parsed = {}
-    for item in options:
-        key, _, value = item.partition("=")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
+    parsed = dict(_parse_option(item) for item in options)
     if freeze_layers:
         parsed["freeze_layers"] = [int(x) for x in freeze_layers.split(",")]
     model = load_model(pretrained, device=kw["device"], dtype=kw["dtype"])
@@ -313,3 +310,51 @@ def _worker(jobs, folder, out, threads):
 
     lib.num_threads(threads)
     generate.work(jobs, folder, out)
+
+
+@main.group()
+def bench():
+    """Built-in benchmarks: measured figures and ratios, printed and saved as JSON."""
+
+
+@bench.command("transfer")
+@click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
+@click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
+@click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="Training set (low level + high-level subset).")
+@click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="Held-out test set with both levels.")
+@click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
+@click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
+def bench_transfer(quick, strategies, train_path, test_path, seeds, options, workdir, json_out, plot_out):
+    """Pretrain on DFT, transfer to CCSD(T) with every strategy, score on larger held-out molecules.
+
+    Example: aniserve bench transfer --quick --json transfer.json --plot transfer.png
+    """
+    import dataclasses
+
+    from aniserve.bench import transfer
+
+    budget = transfer.QUICK if quick else transfer.FULL
+    if seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
+    parsed = dict(_parse_option(item) for item in options)
+    result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget,
+                          workdir or transfer.default_workdir(), parsed)
+    click.echo(transfer.table(result))
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
+    if plot_out:
+        transfer.plot(result, plot_out)
+
+
+def _parse_option(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

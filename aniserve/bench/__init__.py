@@ -1,0 +1,1 @@
+"""Built-in benchmarks (``aniserve bench …``): figures are measured and reported, never asserted."""

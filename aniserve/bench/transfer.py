@@ -1,0 +1,268 @@
+"""``aniserve bench transfer``: the ANI-1ccx experiment in miniature.
+
+1. Pretrain an ensemble on the low level (ωB97X/6-31G* energies and forces) of the
+   training molecules — cached, so every strategy starts from the same weights.
+2. Apply every transfer strategy on the high-level (CCSD(T)/cc-pVDZ) subset of the same
+   molecules, same budget and seeds.
+3. Score on the held-out, larger test molecules against CCSD(T).
+
+Baselines: the DFT method itself, and the DFT-trained model; both get their energy zero
+moved to the CCSD(T) level by per-element offsets fitted on the high-level training
+data (what every transferred model gets from its self-energy refit), which leaves their
+relative conformer energies untouched.
+
+Conformer errors are of energies relative to each test molecule's mean:
+(E_i − ⟨E⟩_mol) − (E_i^ref − ⟨E^ref⟩_mol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+LOW_ENERGY, LOW_FORCES, HIGH_ENERGY = "wb97x_631gd.energy", "wb97x_631gd.forces", "ccsd(t)_ccpvdz.energy"
+
+
+@dataclasses.dataclass
+class Budget:
+    pretrain_epochs: int
+    transfer_epochs: int
+    seeds: tuple[int, ...]
+    ensemble_size: int
+    hidden: tuple[int, ...] = (64, 48, 24)
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+FULL = Budget(pretrain_epochs=300, transfer_epochs=300, seeds=(0, 1, 2), ensemble_size=4)
+QUICK = Budget(pretrain_epochs=12, transfer_epochs=12, seeds=(0,), ensemble_size=2, hidden=(32, 16, 8))
+
+
+@dataclasses.dataclass
+class TestSet:
+    """High-level test conformations with their DFT values, in a fixed order."""
+
+    numbers: list[np.ndarray]
+    positions: list[np.ndarray]
+    molecule: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    low_forces: list[np.ndarray]
+
+
+def read_test_set(path) -> TestSet:
+    import h5py
+
+    out = TestSet([], [], [], [], [], [])
+    with h5py.File(path, "r") as f:
+        for name in sorted(f):
+            g = f[name]
+            keep = np.nonzero(np.isfinite(g[HIGH_ENERGY][()]))[0]
+            names = [m.decode() for m in g["molecule"][keep]] if "molecule" in g else [name] * len(keep)
+            for row, c in enumerate(keep):
+                out.numbers.append(g["atomic_numbers"][()])
+                out.positions.append(g["coordinates"][c])
+                out.molecule.append(names[row])
+                out.high.append(g[HIGH_ENERGY][c])
+                out.low.append(g[LOW_ENERGY][c] if LOW_ENERGY in g else np.nan)
+                out.low_forces.append(g[LOW_FORCES][c] if LOW_FORCES in g else np.full((len(g["atomic_numbers"]), 3),
+                                                                                      np.nan))
+    out.molecule, out.high, out.low = np.array(out.molecule), np.array(out.high), np.array(out.low)
+    if not len(out.high):
+        raise ValueError(f"{path}: no conformation has {HIGH_ENERGY}")
+    return out
+
+
+def metrics(predicted: np.ndarray, test: TestSet, forces=None, std=None) -> dict:
+    """kcal/mol (forces kcal/mol/Å) errors against CCSD(T) (forces against DFT)."""
+    error = (predicted - test.high) * HARTREE_IN_KCAL_PER_MOL
+    relative = np.empty_like(error)
+    for mol in np.unique(test.molecule):
+        sel = test.molecule == mol
+        relative[sel] = error[sel] - error[sel].mean()
+    per_molecule = [mol for mol in np.unique(test.molecule) if (test.molecule == mol).sum() > 1]
+    conf = np.concatenate([relative[test.molecule == m] for m in per_molecule]) if per_molecule else np.zeros(0)
+    out = {"conformer_rmse_kcal": float(np.sqrt(np.mean(conf ** 2))) if len(conf) else float("nan"),
+           "conformer_mae_kcal": float(np.mean(np.abs(conf))) if len(conf) else float("nan"),
+           "total_rmse_kcal": float(np.sqrt(np.mean(error ** 2))),
+           "test_conformations": int(len(error)), "test_molecules": int(len(np.unique(test.molecule)))}
+    if forces is not None:
+        diff = np.concatenate([(f - r).ravel() for f, r in zip(forces, test.low_forces)])
+        diff = diff[np.isfinite(diff)]
+        if len(diff):
+            out["force_rmse_vs_dft_kcal_per_a"] = float(np.sqrt(np.mean(diff ** 2)) * HARTREE_IN_KCAL_PER_MOL)
+    if std is not None:
+        out["mean_ensemble_std_kcal"] = float(np.mean(std) * HARTREE_IN_KCAL_PER_MOL)
+    return out
+
+
+def predict_test(model, test: TestSet):
+    energies, forces, std = [], [], []
+    for numbers, positions in zip(test.numbers, test.positions):
+        result = model.evaluate(numbers, positions)
+        energies.append(float(result.energy))
+        forces.append(result.forces)
+        std.append(float(result.energy_std))
+    return np.array(energies), forces, np.array(std)
+
+
+def score(model, test: TestSet) -> dict:
+    energies, forces, std = predict_test(model, test)
+    return metrics(energies, test, forces, std)
+
+
+def element_offsets(train_path, test: TestSet) -> np.ndarray:
+    """Per-element offsets (E_high − E_low ≈ Σ n_e c_e) fitted on the training set's
+    high-level conformations, evaluated for each test conformation."""
+    import h5py
+
+    rows, y, elements = [], [], sorted({int(z) for n in test.numbers for z in n})
+    with h5py.File(train_path, "r") as f:
+        elements = sorted(set(elements) | {int(z) for g in f.values() for z in g["atomic_numbers"][()]})
+        for g in f.values():
+            both = np.isfinite(g[HIGH_ENERGY][()]) & np.isfinite(g[LOW_ENERGY][()])
+            counts = [np.sum(g["atomic_numbers"][()] == z) for z in elements]
+            for c in np.nonzero(both)[0]:
+                rows.append(counts)
+                y.append(g[HIGH_ENERGY][c] - g[LOW_ENERGY][c])
+    coef = np.linalg.lstsq(np.array(rows, float), np.array(y), rcond=None)[0]
+    return np.array([sum(coef[elements.index(int(z))] for z in n) for n in test.numbers])
+
+
+def _file_hash(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
+    """The DFT model (cached by data hash, budget and seed)."""
+    from aniserve.training import ANIData, Settings, default_description, new_model, train
+
+    key = hashlib.sha256(json.dumps([_file_hash(train_path), dataclasses.asdict(budget), seed]).encode()).hexdigest()
+    path = workdir / f"pretrained-{key[:16]}.safetensors"
+    if path.exists():
+        _say(f"pretrained model from cache: {path}")
+        return path
+    data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
+    description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
+    settings = Settings(epochs=budget.pretrain_epochs, batch_size=budget.batch_size, lr=budget.lr, seed=seed,
+                        early_stop_patience=30, plateau_patience=10)
+    _say(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
+    train(new_model(description, seed), data, path, settings)
+    return path
+
+
+def run(train_path, test_path, strategies: list[str] | None, budget: Budget, workdir, options=None) -> dict:
+    from aniserve.modelfile import load_saved
+    from aniserve.registry import registry
+    from aniserve.training import ANIData, Settings, train, transfer_model
+    from aniserve.training.trainer import fit_self_energies
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    strategies = strategies or registry().names("transfer-strategy")
+    test = read_test_set(test_path)
+    high = ANIData(train_path, HIGH_ENERGY)
+    _say(f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training conformations; "
+         f"{len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules")
+
+    offsets = element_offsets(train_path, test)
+    baselines = {"dft_method": metrics(test.low + offsets, test)}
+    per_strategy = {name: [] for name in strategies}
+    dft_model_runs = []
+    for seed in budget.seeds:
+        pre_path = pretrain(train_path, budget, workdir, seed)
+        dft_model = load_saved(pre_path).to(torch.float64)
+        fit_self_energies(dft_model, high)
+        dft_model_runs.append(score(dft_model, test))
+        for name in strategies:
+            started = time.perf_counter()
+            model, penalty = transfer_model(load_saved(pre_path), name, dict(options or {}), seed)
+            out = workdir / f"{name}-seed{seed}.safetensors"
+            settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size, lr=budget.lr,
+                                seed=seed, early_stop_patience=30, plateau_patience=10)
+            _say(f"transfer: {name}, seed {seed} …")
+            summary = train(model, high, out, settings, penalty=penalty)
+            trained = load_saved(out).to(torch.float64).eval()
+            result = score(trained, test)
+            result.update(seed=seed, seconds=round(time.perf_counter() - started, 1),
+                          trainable_parameters=summary["trainable_parameters"], model=str(out))
+            per_strategy[name].append(result)
+    baselines["dft_model"] = _aggregate(dft_model_runs)
+    return {"budget": dataclasses.asdict(budget), "train": str(train_path), "test": str(test_path),
+            "strategies": [{"name": name, **_aggregate(runs), "runs": runs} for name, runs in per_strategy.items()],
+            "baselines": baselines}
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a"))]
+    out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
+    out["seeds"] = len(runs)
+    return out
+
+
+def table(result: dict) -> str:
+    rows = [("DFT method (ωB97X/6-31G*)", result["baselines"]["dft_method"]),
+            ("DFT-trained model", result["baselines"]["dft_model"])]
+    rows += [(f"transfer: {s['name']}", s) for s in result["strategies"]]
+    head = f"{'model':32s} {'conformer RMSE':>15s} {'conformer MAE':>14s} {'total RMSE':>11s} {'F RMSE vs DFT':>14s}"
+    lines = [head, "-" * len(head)]
+    for label, m in rows:
+        def cell(key, width):
+            if key not in m:
+                return f"{'–':>{width}s}"
+            spread = m.get(f"{key}_std")
+            text = f"{m[key]:.2f}" + (f"±{spread:.2f}" if spread else "")
+            return f"{text:>{width}s}"
+
+        lines.append(f"{label:32s} {cell('conformer_rmse_kcal', 15)} {cell('conformer_mae_kcal', 14)} "
+                     f"{cell('total_rmse_kcal', 11)} {cell('force_rmse_vs_dft_kcal_per_a', 14)}")
+    lines.append("kcal/mol (forces kcal/mol/Å) against CCSD(T)/cc-pVDZ on the held-out test molecules; "
+                 "± is the spread over seeds")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["DFT method", "DFT model"] + [s["name"] for s in result["strategies"]]
+    rows = [result["baselines"]["dft_method"], result["baselines"]["dft_model"], *result["strategies"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
+    x = np.arange(len(labels))
+    for offset, key, label in [(-0.2, "conformer_rmse_kcal", "conformer RMSE"),
+                               (0.2, "conformer_mae_kcal", "conformer MAE")]:
+        ax.bar(x + offset, [r[key] for r in rows], 0.4, yerr=[r.get(f"{key}_std", 0) for r in rows],
+               capsize=3, label=label)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel("error vs CCSD(T), kcal/mol")
+    ax.set_title("Transfer learning DFT → CCSD(T), held-out larger molecules")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def default_workdir() -> pathlib.Path:
+    base = os.environ.get("ANISERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aniserve")
+    return pathlib.Path(base) / "bench-transfer"

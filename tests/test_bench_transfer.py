@@ -1,0 +1,62 @@
+"""``aniserve bench transfer --quick`` end to end on a cut-down stand-in: ANI-1x plays
+the DFT level and ANI-1ccx the coupled-cluster level (both official models), small
+molecules train and larger ones test, as in the shipped set."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from aniserve.cli import main
+from aniserve.registry import registry
+from aniserve.training.data import write_ani_h5
+from conftest import cached_model
+
+TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
+TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]
+
+
+def write_levels(path, names, conformations, high_every, seed):
+    from ase.build import molecule
+
+    low, high = cached_model("ani-1x", "float64"), cached_model("ani-1ccx", "float64")
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for name in names:
+        atoms = molecule(name)
+        order = np.argsort(-atoms.numbers, kind="stable")
+        numbers = atoms.numbers[order]
+        pos = atoms.positions[order][None] + rng.normal(0, 0.05, (conformations, len(atoms), 3))
+        batch = np.repeat(numbers[None], conformations, 0)
+        dft = low.evaluate(batch, pos)
+        cc = high.evaluate(batch, pos).energy
+        cc[np.arange(conformations) % high_every != 0] = np.nan
+        groups[atoms.get_chemical_formula()] = {
+            "atomic_numbers": numbers, "coordinates": pos, "molecule": np.array([name.encode()] * conformations),
+            "wb97x_631gd.energy": dft.energy, "wb97x_631gd.forces": dft.forces, "ccsd(t)_ccpvdz.energy": cc}
+    write_ani_h5(path, groups)
+
+
+def test_quick_transfer_bench_covers_every_strategy(tmp_path):
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--train", str(tmp_path / "train.h5"),
+                                       "--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
+                                       "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert {s["name"] for s in data["strategies"]} == set(registry().names("transfer-strategy"))
+    rows = data["strategies"] + list(data["baselines"].values())
+    for row in rows:
+        for key in ("conformer_rmse_kcal", "conformer_mae_kcal", "total_rmse_kcal"):
+            assert np.isfinite(row[key]) and row[key] >= 0, (row, key)
+    assert all(np.isfinite(s["force_rmse_vs_dft_kcal_per_a"]) for s in data["strategies"])
+    assert data["baselines"]["dft_method"]["test_conformations"] == 16
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "transfer: freeze" in result.output and "DFT method" in result.output
+    # The pretrained model is cached: a second run reuses it.
+    again = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
+                                      str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
+                                      "--workdir", str(tmp_path / "work")])
+    assert again.exit_code == 0 and "pretrained model from cache" in again.output
