@@ -358,3 +358,72 @@ def _parse_option(item: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+@bench.command("speed")
+@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
+@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
+@click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
+def bench_speed(model, device, dtype, threads, quick, compare_torchani, json_out, plot_out):
+    """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
+
+    Example: aniserve bench speed --model ani-1ccx --compare-torchani --json speed.json --plot speed.png
+    """
+    import platform
+
+    import torch
+
+    from aniserve.bench import speed
+    from aniserve.models import DTYPES, load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    potential = load_model(model, device=device, dtype=dtype)
+    reference = speed.torchani_runner(model, DTYPES[dtype]) if compare_torchani else None
+    rows = speed.run(potential, quick, reference)
+    result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "cases": rows, "scaling": speed.scaling(rows)}
+    click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'peak RSS MB':>11s}"
+               + ("  TorchANI ms  speed-up" if compare_torchani else ""))
+    for r in rows:
+        click.echo(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} "
+                   f"{r['peak_rss_mb']:11.0f}"
+                   + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×" if compare_torchani
+                      else ""))
+    if result["scaling"]:
+        s = result["scaling"]
+        click.echo(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
+                   f"(1.00 = linear)")
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
+    if plot_out:
+        speed.plot(rows, plot_out)
+
+
+@bench.command("ipi")
+@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--steps", default="20,220", show_default=True,
+              help="Short and long run lengths; the per-step time is their difference over the extra steps.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def bench_ipi(model, steps, json_out):
+    """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
+
+    Example: aniserve bench ipi --model ani-1ccx --json ipi.json
+    """
+    from aniserve.bench import ipi
+
+    short, long = (int(s) for s in steps.split(","))
+    if not 0 < short < long:
+        raise click.BadParameter("need 0 < short < long", param_hint="--steps")
+    rows = ipi.run(model, short, long)
+    click.echo(f"{'client':24s} {'ms/step':>8s} {'× harmonic':>10s}")
+    for r in rows:
+        click.echo(f"{r['client']:24s} {r['ms_per_step']:8.2f} {r.get('ratio_to_harmonic', float('nan')):10.2f}")
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))

@@ -199,7 +199,8 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
             settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size, lr=budget.lr,
                                 seed=seed, early_stop_patience=30, plateau_patience=10)
             _say(f"transfer: {name}, seed {seed} …")
-            summary = train(model, high, out, settings, penalty=penalty)
+            summary = train(model, high, out, settings, penalty=penalty,
+                            extra={"transfer": {"from": pre_path.name, "strategy": name, "options": options or {}}})
             trained = load_saved(out).to(torch.float64).eval()
             result = score(trained, test)
             result.update(seed=seed, seconds=round(time.perf_counter() - started, 1),

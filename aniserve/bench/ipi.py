@@ -1,0 +1,108 @@
+"""``aniserve bench ipi``: wall time per i-PI step of 8-bead path-integral NVT of ethanol.
+
+Clients compared on the same i-PI input: i-PI's own Python driver with its harmonic
+potential (the cost of i-PI and the socket round trips alone), aniserve with one
+connection (i-PI sends the 8 beads one by one), aniserve with one batched connection
+(``<batch_size>8``: all beads in one message and one forward pass) and aniserve holding
+8 connections (beads in flight together, gathered into one forward pass).
+Each setting runs twice, for ``short`` and ``long`` steps; the per-step time is
+(t_long − t_short) / (long − short), which removes start-up and connection time.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from aniserve.bench.speed import ETHANOL
+
+INPUT = """<simulation verbosity='low'>
+  <output prefix='bench'><properties stride='1000' filename='out'> [step, potential] </properties></output>
+  <total_steps>{steps}</total_steps>
+  <prng><seed>12345</seed></prng>
+  <ffsocket name='ff' mode='unix' pbc='false'>
+    <address>{address}</address><latency>1e-4</latency>{batch}
+  </ffsocket>
+  <system>
+    <initialize nbeads='8'><file mode='xyz'>ethanol.xyz</file>
+      <velocities mode='thermal' units='kelvin'>300</velocities></initialize>
+    <forces><force forcefield='ff'/></forces>
+    <ensemble><temperature units='kelvin'>300</temperature></ensemble>
+    <motion mode='dynamics'><dynamics mode='nvt'><timestep units='femtosecond'>0.25</timestep>
+      <thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat></dynamics></motion>
+  </system>
+</simulation>
+"""
+
+
+def _script(name: str) -> str:
+    """An i-PI console script: beside this Python (a venv), else on PATH."""
+    local = pathlib.Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: install i-PI (pip install 'aniserve[ipi]')")
+    return found
+
+
+def _client(kind: str, address: str, model: str, structure: pathlib.Path) -> list[str]:
+    if kind == "harmonic":
+        return [_script("i-pi-py_driver"), "-u", "-a", address, "-m", "harmonic", "-o", "1.0"]
+    connections = "8" if kind == "aniserve-8-connections" else "1"
+    return [sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure", str(structure),
+            "--unix", address, "--connections", connections]
+
+
+def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path) -> float:
+    address = f"bench{uuid.uuid4().hex[:8]}"
+    batch = "<batch_size>8</batch_size>" if kind == "aniserve-batched" else ""
+    (folder / "input.xml").write_text(INPUT.format(steps=steps, address=address, batch=batch))
+    ipi = _script("i-pi")
+    start = time.perf_counter()
+    server = subprocess.Popen([ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    time.sleep(1.0)  # let i-PI open its socket; the difference of two runs cancels this
+    client = subprocess.Popen(_client(kind, address, model, folder / "ethanol.xyz"), cwd=folder,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while server.poll() is None:
+            if client.poll() not in (None, 0):
+                raise RuntimeError(f"{kind} client exited with {client.returncode}: {client.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        code = server.returncode
+        elapsed = time.perf_counter() - start
+        client.wait(timeout=60)
+    finally:
+        for process in (server, client):
+            if process.poll() is None:
+                process.kill()
+    if code != 0:
+        raise RuntimeError(f"i-PI failed ({kind}): {server.stderr.read()[-2000:]}")
+    return elapsed
+
+
+def run(model: str, short: int = 20, long: int = 120,
+        kinds=("harmonic", "aniserve-1-connection", "aniserve-batched", "aniserve-8-connections")) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        numbers, positions = ETHANOL
+        symbols = {1: "H", 6: "C", 8: "O"}
+        (folder / "ethanol.xyz").write_text(f"{len(numbers)}\n# CELL(abcABC): 30 30 30 90 90 90 positions{{angstrom}} cell{{angstrom}}\n" + "".join(
+            f"{symbols[z]} {x:.6f} {y:.6f} {w:.6f}\n" for z, (x, y, w) in zip(numbers, positions)))
+        for kind in kinds:
+            t_short = _run_once(kind, short, model, folder)
+            t_long = _run_once(kind, long, model, folder)
+            per_step = (t_long - t_short) / (long - short)
+            rows.append({"client": kind, "ms_per_step": per_step * 1e3, "beads": 8,
+                         "steps": [short, long], "wall_s": [t_short, t_long]})
+            print(f"{kind:24s} {per_step * 1e3:8.2f} ms per step", file=sys.stderr, flush=True)
+    base = next((r["ms_per_step"] for r in rows if r["client"] == "harmonic"), None)
+    for r in rows:
+        if base:
+            r["ratio_to_harmonic"] = r["ms_per_step"] / base
+    return rows

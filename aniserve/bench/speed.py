@@ -1,0 +1,172 @@
+"""``aniserve bench speed``: energy + forces cost per call, against system size.
+
+Cases: single molecules (ethanol 9 atoms, n-hexane 20, n-tritriacontane 101), periodic
+water boxes (density 1 g/cm³, random orientations) from 192 to 12,288 atoms, and a batch
+of 100 ethanols.  Each case is timed as the median of repeated full calls of
+``ANIPotential.evaluate`` (neighbour search, featurizer, networks, autograd forces),
+after warm-up.  Peak memory is the process's peak resident set size after the case.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+ETHANOL = ([6, 6, 8, 1, 1, 1, 1, 1, 1],
+           [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
+            [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
+            [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]])
+
+
+def alkane(carbons: int):
+    """n-CnH(2n+2), all-trans zigzag with tetrahedral hydrogens (C–C 1.54 Å, C–H 1.09 Å)."""
+    half = math.radians(109.5) / 2
+    carbon = np.array([[i * 1.54 * math.sin(half), (i % 2) * 1.54 * math.cos(half), 0.0] for i in range(carbons)])
+    numbers, positions = [6] * carbons, list(carbon)
+    for i, c in enumerate(carbon):
+        outward = np.array([0.0, -1.0 if i % 2 == 0 else 1.0, 0.0])
+        for side in (-1, 1):
+            direction = outward * math.cos(math.radians(54.75)) + np.array([0, 0, side * math.sin(math.radians(54.75))])
+            positions.append(c + 1.09 * direction / np.linalg.norm(direction))
+            numbers.append(1)
+        for end, axis in ((0, -1), (carbons - 1, 1)):
+            if i == end:
+                positions.append(c + 1.09 * np.array([axis * math.sin(half), outward[1] * math.cos(half), 0.0]))
+                numbers.append(1)
+    return numbers, np.array(positions)
+
+
+def water_box(per_side: int, seed: int = 0):
+    """per_side³ water molecules on a cubic lattice at 1 g/cm³, randomly oriented."""
+    spacing = (18.015 / 0.6022 / 1.0) ** (1 / 3)  # Å per molecule at 1 g/cm³
+    rng = np.random.default_rng(seed)
+    local = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [0.9572 * math.cos(math.radians(104.52)),
+                                                             0.9572 * math.sin(math.radians(104.52)), 0.0]])
+    numbers, positions = [], []
+    for index in np.ndindex(per_side, per_side, per_side):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        positions.extend(local @ q.T + (np.array(index) + 0.5) * spacing)
+        numbers.extend([8, 1, 1])
+    return numbers, np.array(positions), np.eye(3) * per_side * spacing
+
+
+def _time(call, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cases(quick: bool):
+    yield "ethanol", "molecule", 1, (*ETHANOL, None), 20
+    yield "n-hexane", "molecule", 1, (*alkane(6), None), 20
+    yield "n-C33H68", "molecule", 1, (*alkane(33), None), 20
+    for n in ((4, 6) if quick else (4, 6, 8, 12, 16)):
+        numbers, positions, cell = water_box(n)
+        yield f"water box {n ** 3}", "periodic", 1, (numbers, positions, cell), (10 if n <= 8 else 3)
+    numbers = np.array([ETHANOL[0]] * 100)
+    rng = np.random.default_rng(0)
+    positions = np.array(ETHANOL[1])[None] + rng.normal(0, 0.02, (100, 9, 3))
+    yield "100 ethanols (batch)", "batch", 100, (numbers, positions, None), 10
+
+
+def run(model, quick: bool = False, torchani_model=None) -> list[dict]:
+    rows = []
+    for name, kind, count, (numbers, positions, cell), repeats in cases(quick):
+        atoms = int(np.size(numbers))
+        if quick:
+            repeats = min(repeats, 3)
+        seconds = _time(lambda: model.evaluate(numbers, positions, cell), repeats)
+        row = {"case": name, "kind": kind, "atoms": atoms, "structures": count, "ms_per_call": seconds * 1e3,
+               "atoms_per_s": atoms / seconds, "peak_rss_mb": _peak_rss_mb()}
+        if torchani_model is not None:
+            ref = _time(lambda: torchani_model(numbers, positions, cell), repeats)
+            row.update(torchani_ms_per_call=ref * 1e3, speedup_vs_torchani=ref / seconds)
+        print(f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
+              + (f"  TorchANI {row['torchani_ms_per_call']:9.2f} ms ({row['speedup_vs_torchani']:.1f}×)"
+                 if torchani_model is not None else ""), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def scaling(rows: list[dict]) -> dict:
+    """Cost per atom of the largest water box relative to the 1,536-atom box (1.0 = linear)."""
+    boxes = {r["atoms"]: r for r in rows if r["kind"] == "periodic"}
+    if 1536 in boxes and max(boxes) > 1536:
+        big = boxes[max(boxes)]
+        ratio = (big["ms_per_call"] / big["atoms"]) / (boxes[1536]["ms_per_call"] / 1536)
+        return {"from_atoms": 1536, "to_atoms": big["atoms"], "per_atom_cost_ratio": ratio}
+    return {}
+
+
+def torchani_runner(model_name: str, dtype: torch.dtype):
+    """TorchANI on the same NeuroChem weights, energy + forces, for --compare-torchani."""
+    import pathlib
+
+    import torchani
+
+    from aniserve.models import load_model
+
+    source = pathlib.Path(load_model(model_name).description["source"])
+    info = source if source.suffix == ".info" else next(source.glob("*.info"))
+    # TorchANI resolves the files an .info names under $TORCHANI_DATA_DIR/Neurochem.
+    import os
+    import tempfile
+
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="aniserve-torchani-"))
+    (folder / "Neurochem").symlink_to(info.parent.resolve())
+    os.environ["TORCHANI_DATA_DIR"] = str(folder)
+    reference = torchani.neurochem.load_model_from_info_file(info).to(dtype)
+
+    def call(numbers, positions, cell):
+        species = torch.as_tensor(np.asarray(numbers)).reshape(-1, np.shape(numbers)[-1])
+        coords = torch.as_tensor(np.asarray(positions), dtype=dtype).reshape(len(species), -1, 3).requires_grad_(True)
+        if cell is None:
+            energy = reference((species, coords)).energies
+        else:
+            c = torch.as_tensor(cell, dtype=dtype)
+            energy = reference((species, coords), cell=c, pbc=torch.tensor([True, True, True])).energies
+        torch.autograd.grad(energy.sum(), coords)
+
+    return call
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("molecule", "o"), ("periodic", "s"), ("batch", "^")):
+        sel = [r for r in rows if r["kind"] == kind]
+        if sel:
+            ax.loglog([r["atoms"] for r in sel], [r["ms_per_call"] for r in sel], marker, label=f"aniserve, {kind}")
+        ref = [r for r in sel if "torchani_ms_per_call" in r]
+        if ref:
+            ax.loglog([r["atoms"] for r in ref], [r["torchani_ms_per_call"] for r in ref], marker, mfc="none",
+                      label=f"TorchANI, {kind}")
+    boxes = [r for r in rows if r["kind"] == "periodic"]
+    if boxes:
+        x = np.array([r["atoms"] for r in boxes])
+        ax.loglog(x, boxes[0]["ms_per_call"] * x / x[0], "k:", label="linear")
+    ax.set_xlabel("atoms")
+    ax.set_ylabel("ms per energy+forces call")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
