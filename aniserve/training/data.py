@@ -15,7 +15,6 @@ the file batch by batch, so a multi-GB file trains in constant memory.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from collections import Counter
 
@@ -224,7 +223,3 @@ def write_ani_h5(path, structures: dict[str, dict[str, np.ndarray]], layout: str
                 else:
                     g[key] = value
 
-
-def nan_safe_mean(values: torch.Tensor) -> float:
-    finite = values[torch.isfinite(values)]
-    return float(finite.mean()) if len(finite) else math.nan
