@@ -41,3 +41,17 @@ def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str 
             if code != 0:
                 raise RuntimeError(f"aniserve drive exited with {code}: {driver.stderr.read()}")
     return results
+
+
+def assert_drive_matches_in_process(model: str, atoms, tolerance_ev: float = 1e-6) -> None:
+    """Energies and forces served through ``aniserve drive`` equal the in-process ones."""
+    from aniserve import ANICalculator, load_model
+
+    local = ANICalculator(load_model(model, dtype="float64"))
+    for positions, energy, forces in drive_with_ase(model, atoms):
+        probe = atoms.copy()
+        probe.positions = positions
+        probe.calc = local
+        if abs(probe.get_potential_energy() - energy) > tolerance_ev:
+            raise AssertionError(f"served energy {energy} eV differs from in-process {probe.get_potential_energy()} eV")
+        np.testing.assert_allclose(probe.get_forces(), forces, atol=tolerance_ev)

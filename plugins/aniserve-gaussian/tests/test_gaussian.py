@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -95,16 +94,9 @@ def test_model_trains_saves_and_reloads(trained):
 def test_model_serves_under_aniserve_drive(trained):
     from ase.build import molecule
 
-    from aniserve import ANICalculator, load_model
-    from aniserve.testing import drive_with_ase
+    from aniserve.testing import assert_drive_matches_in_process
 
-    local = ANICalculator(load_model(trained[0], dtype="float64"))
-    for positions, energy, forces in drive_with_ase(str(trained[0]), molecule("CH3CH2OH")):
-        atoms = molecule("CH3CH2OH")
-        atoms.positions = positions
-        atoms.calc = local
-        assert abs(atoms.get_potential_energy() - energy) < 1e-6
-        np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-6)
+    assert_drive_matches_in_process(str(trained[0]), molecule("CH3CH2OH"))
 
 
 def test_masked_plugin_gives_a_clear_error(trained):

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -91,16 +90,9 @@ def test_freeze_strategy_works_on_residual_blocks(pretrained):
 def test_model_serves_under_aniserve_drive(pretrained):
     from ase.build import molecule
 
-    from aniserve import ANICalculator, load_model
-    from aniserve.testing import drive_with_ase
+    from aniserve.testing import assert_drive_matches_in_process
 
-    local = ANICalculator(load_model(pretrained[0], dtype="float64"))
-    for positions, energy, forces in drive_with_ase(str(pretrained[0]), molecule("CH3CONH2")):
-        atoms = molecule("CH3CONH2")
-        atoms.positions = positions
-        atoms.calc = local
-        assert abs(atoms.get_potential_energy() - energy) < 1e-6
-        np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-6)
+    assert_drive_matches_in_process(str(pretrained[0]), molecule("CH3CONH2"))
 
 
 def test_a_duplicate_name_is_rejected_naming_both(tmp_path, monkeypatch):
