@@ -40,3 +40,16 @@ ETHANOL_NUMBERS = [6, 6, 8, 1, 1, 1, 1, 1, 1]
 ETHANOL_POSITIONS = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
                      [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
                      [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
+
+
+def perturbed_molecules(names, conformations, rng, noise):
+    """(formula, name, numbers, positions (C, N, 3)) for ASE's g2 molecules, atoms in
+    decreasing atomic number (the shipped data's order), Gaussian noise in Å."""
+    import numpy as np
+    from ase.build import molecule
+
+    for name in names:
+        atoms = molecule(name)
+        order = np.argsort(-atoms.numbers, kind="stable")
+        positions = atoms.positions[order][None] + rng.normal(0, noise, (conformations, len(atoms), 3))
+        yield atoms.get_chemical_formula(), name, atoms.numbers[order], positions

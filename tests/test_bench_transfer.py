@@ -10,28 +10,21 @@ from click.testing import CliRunner
 from aniserve.cli import main
 from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
-from conftest import cached_model
+from conftest import cached_model, perturbed_molecules
 
 TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]
 
 
 def write_levels(path, names, conformations, high_every, seed):
-    from ase.build import molecule
-
     low, high = cached_model("ani-1x", "float64"), cached_model("ani-1ccx", "float64")
-    rng = np.random.default_rng(seed)
     groups = {}
-    for name in names:
-        atoms = molecule(name)
-        order = np.argsort(-atoms.numbers, kind="stable")
-        numbers = atoms.numbers[order]
-        pos = atoms.positions[order][None] + rng.normal(0, 0.05, (conformations, len(atoms), 3))
+    for formula, name, numbers, pos in perturbed_molecules(names, conformations, np.random.default_rng(seed), 0.05):
         batch = np.repeat(numbers[None], conformations, 0)
         dft = low.evaluate(batch, pos)
         cc = high.evaluate(batch, pos).energy
         cc[np.arange(conformations) % high_every != 0] = np.nan
-        groups[atoms.get_chemical_formula()] = {
+        groups[formula] = {
             "atomic_numbers": numbers, "coordinates": pos, "molecule": np.array([name.encode()] * conformations),
             "wb97x_631gd.energy": dft.energy, "wb97x_631gd.forces": dft.forces, "ccsd(t)_ccpvdz.energy": cc}
     write_ani_h5(path, groups)

@@ -13,7 +13,7 @@ import torch
 from aniserve.modelfile import load_saved
 from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train, transfer_model
 from aniserve.training.data import write_ani_h5
-from conftest import ROOT, cached_model
+from conftest import ROOT, cached_model, perturbed_molecules
 
 MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 
@@ -21,19 +21,12 @@ MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH
 def teacher_groups(conformations=10, seed=0, shift=0.0):
     """{formula: arrays} with ANI-1x energies/forces (+ ``shift`` Ha per heavy atom as a
     stand-in 'higher level'), atoms ordered by decreasing atomic number per group."""
-    from ase.build import molecule
-
     model = cached_model("ani-1x", "float64")
-    rng = np.random.default_rng(seed)
     groups = {}
-    for name in MOLECULES:
-        atoms = molecule(name)
-        order = np.argsort(-atoms.numbers, kind="stable")
-        numbers = atoms.numbers[order]
-        pos = atoms.positions[order][None] + rng.normal(0, 0.06, (conformations, len(atoms), 3))
+    for formula, _, numbers, pos in perturbed_molecules(MOLECULES, conformations, np.random.default_rng(seed), 0.06):
         result = model.evaluate(np.repeat(numbers[None], conformations, 0), pos)
         energy = result.energy + shift * (numbers > 1).sum() + 0.002 * np.sin(3 * pos[:, 0, 0])
-        groups[atoms.get_chemical_formula()] = {
+        groups[formula] = {
             "atomic_numbers": numbers, "coordinates": pos, "wb97x_dz.energy": energy,
             "wb97x_dz.forces": result.forces, "ccsd(t)_cbs.energy": energy + 0.001 * pos[:, 0, 1]}
     return groups
