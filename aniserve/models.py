@@ -23,7 +23,8 @@ def load_model(name_or_path: str | os.PathLike = "ani-1ccx", device: str = "cpu"
     name_or_path: a registered name (``ani-1x``, ``ani-1ccx``, ``ani-2x``, …; see
     ``aniserve models``), a NeuroChem ``.info`` file or folder, or an aniserve model
     file (``.safetensors``).  device: ``cpu``, ``cuda``, ``cuda:1``…  dtype: ``float32``
-    or ``float64``.  The model is in eval mode.
+    or ``float64``.  The model is in eval mode with its parameters frozen (a transfer
+    strategy unfreezes what it trains).
     """
     from aniserve.modelfile import load_saved
     from aniserve.neurochem import load_neurochem
@@ -54,4 +55,5 @@ def load_model(name_or_path: str | os.PathLike = "ani-1ccx", device: str = "cpu"
         model = load_saved(path)
     else:
         model = load_neurochem(path, name=name if not pathlib.Path(name).exists() else path.stem)
-    return model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
+    model = model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
+    return model.requires_grad_(False)

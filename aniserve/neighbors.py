@@ -127,6 +127,73 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
     return query, source, d2
 
 
+class NeighborList:
+    """Pairs within ``cutoff + skin``, rebuilt only when needed (the molecular-dynamics case).
+
+    While no atom has moved more than skin/2 since the last build (and the cell and
+    atom count are unchanged), no pair can have come within ``cutoff`` that the list
+    lacks, so the old list serves; consumers ignore the extra pairs beyond ``cutoff``.
+    Positions must be given the same way each call (no re-wrapping into the cell: an
+    atom that jumps by a lattice vector simply triggers a rebuild).
+    """
+
+    def __init__(self, cutoff: float, skin: float = 1.0):
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.cutoff, self.skin = cutoff, skin
+        self.builds = 0
+        self._pairs: Pairs | None = None
+        self._positions: torch.Tensor | None = None
+        self._cell: torch.Tensor | None = None
+
+    def pairs(self, positions: torch.Tensor, cell: torch.Tensor | None = None) -> Pairs:
+        """Pairs for these positions ((N, 3) Å) and cell ((3, 3) Å or None)."""
+        positions = positions.detach().to(torch.float64)
+        cell = None if cell is None else cell.detach().to(torch.float64)
+        if self._needs_rebuild(positions, cell):
+            self._pairs = find_pairs(positions, self.cutoff + self.skin, cell)
+            self._positions, self._cell = positions.clone(), None if cell is None else cell.clone()
+            self.builds += 1
+        return self._pairs
+
+    def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor | None) -> bool:
+        if self._pairs is None or positions.shape != self._positions.shape:
+            return True
+        if (cell is None) != (self._cell is None) or (cell is not None and not torch.equal(cell, self._cell)):
+            return True
+        moved = (positions - self._positions).pow(2).sum(-1).max() if len(positions) else 0.0
+        return bool(moved > (self.skin / 2) ** 2)
+
+
+def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor | None,
+                cutoff: float) -> Pairs:
+    """Pairs of a padded batch (numbers (B, N), 0 = padding; positions (B, N, 3) Å;
+    cell None or (B, 3, 3)), indexing the real atoms in row-major order."""
+    if cell is None and numbers.shape[1] <= _DENSE_LIMIT:
+        return Pairs(*molecule_pairs(numbers, positions, cutoff), None)
+    real = numbers > 0
+    counts = real.sum(1).tolist()
+    return concatenate([find_pairs(positions[b, :n], cutoff, None if cell is None else cell[b])
+                        for b, n in enumerate(counts)], _starts(counts))
+
+
+def _starts(counts: list[int]) -> list[int]:
+    return list(itertools.accumulate([0, *counts[:-1]]))
+
+
+def concatenate(pairs: list[Pairs], starts: list[int]) -> Pairs:
+    """One pair list for a batch: structure b's atom indices offset by ``starts[b]``."""
+    if len(pairs) == 1 and starts[0] == 0:
+        return pairs[0]
+    center = torch.cat([p.center + s for p, s in zip(pairs, starts)])
+    neighbor = torch.cat([p.neighbor + s for p, s in zip(pairs, starts)])
+    shift = None
+    if any(p.shift is not None for p in pairs):
+        shift = torch.cat([p.shift if p.shift is not None else torch.zeros(len(p), 3, dtype=torch.float64,
+                                                                          device=p.center.device) for p in pairs])
+    return Pairs(center, neighbor, shift)
+
+
 def molecule_pairs(numbers: torch.Tensor, positions: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Directed pairs within ``cutoff`` for a padded batch of isolated molecules at once.
 

@@ -28,17 +28,35 @@ class EnsembleMLP(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(ensemble_size, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(ensemble_size, 1, fan_out).uniform_(-bound, bound)))
+        self._packed_key = None
+        self._packed_weights = None
 
     @property
     def ensemble_size(self) -> int:
         return self.weights[0].shape[0]
 
+    def _packed(self, w: torch.Tensor) -> torch.Tensor:
+        """First-layer weights of all members side by side, (in, k·out), for one wide GEMM.
+
+        Packing copies the whole layer (2 MB for an ANI-1ccx element), which costs more
+        than the product itself on a small molecule, so a frozen layer (serving, or the
+        ``freeze`` strategy) is packed once and reused until its values change.
+        """
+        k, fan_in, fan_out = w.shape
+        if w.requires_grad and torch.is_grad_enabled():
+            return w.permute(1, 0, 2).reshape(fan_in, k * fan_out)  # in the graph: gradients reach w
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._packed_key != key:
+            self._packed_weights = w.detach().permute(1, 0, 2).reshape(fan_in, k * fan_out).contiguous()
+            self._packed_key = key
+        return self._packed_weights
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        k, fan_in, fan_out = self.weights[0].shape
-        # First layer as one wide GEMM over all members: (n, in) @ (in, k·out).
-        w0 = self.weights[0].permute(1, 0, 2).reshape(fan_in, k * fan_out)
-        x = (features @ w0).reshape(-1, k, fan_out).transpose(0, 1) + self.biases[0]
-        for w, b in zip(self.weights[1:], self.biases[1:]):
+        layers = iter(zip(self.weights, self.biases))  # (slicing a ParameterList builds a new Module)
+        w0, b0 = next(layers)
+        k, _, fan_out = w0.shape
+        x = (features @ self._packed(w0)).reshape(-1, k, fan_out).transpose(0, 1) + b0
+        for w, b in layers:
             x = torch.baddbmm(b, F.celu(x, alpha=self.celu_alpha), w)
         return x.squeeze(-1)
 
@@ -83,5 +101,5 @@ class ElementNetworks(nn.Module):
         for index, mlp in enumerate(self.mlps):
             atoms = torch.nonzero(species == index).squeeze(1)
             if len(atoms):
-                energies[:, atoms] = mlp(features[atoms])
+                energies = energies.index_copy(1, atoms, mlp(features.index_select(0, atoms)))
         return energies

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from aniserve.elements import NUMBERS, symbol
-from aniserve.neighbors import Pairs, find_pairs
+from aniserve.neighbors import Pairs, batch_pairs, concatenate
 
 
 @dataclasses.dataclass
@@ -111,7 +111,8 @@ class ANIPotential(nn.Module):
         numbers: (N,) atomic numbers, or (B, N) with 0 marking padding.
         positions: (N, 3) or (B, N, 3), Å.  cell: None (isolated), or (3, 3) / (B, 3, 3)
         with lattice vectors as rows, Å, periodic in all three directions.
-        pairs: neighbour lists to reuse, one per structure (see ``find_pairs``).
+        pairs: neighbour lists to reuse, one per structure, from ``find_pairs`` or a
+        ``NeighborList`` (a cutoff with a skin is fine: pairs beyond it are ignored).
         """
         batch = _as_batch(numbers, positions, cell, self.device)
         num, pos64, cell64 = batch["numbers"], batch["positions"], batch["cell"]
@@ -121,27 +122,35 @@ class ANIPotential(nn.Module):
         species = self.species_indices(flat_numbers)
         flat_pos64 = pos64[real]
         counts = real.sum(1)
-        starts = torch.cumsum(counts, 0) - counts
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
         if pairs is None:
-            pairs = [find_pairs(flat_pos64[s:s + n], self.cutoff, None if cell64 is None else cell64[b])
-                     for b, (s, n) in enumerate(zip(starts.tolist(), counts.tolist()))]
-        center = torch.cat([p.center + s for p, s in zip(pairs, starts.tolist())])
-        neighbor = torch.cat([p.neighbor + s for p, s in zip(pairs, starts.tolist())])
+            pairs = batch_pairs(num, pos64, cell64, self.cutoff)
+        else:
+            pairs = concatenate(pairs, starts)
+        center, neighbor = pairs.center, pairs.neighbor
 
         dtype = self.dtype
         pos = flat_pos64.to(dtype).requires_grad_(True)
         inputs = [pos]
-        if cell64 is None:
-            vectors = pos[neighbor] - pos[center]
-        else:
+        # index_select, not pos[neighbor]: its backward is an index_add, several times
+        # cheaper than fancy indexing's accumulate.
+        vectors = pos.index_select(0, neighbor) - pos.index_select(0, center)
+        if cell64 is not None:
+            # Strain r → r(I+ε) of positions and cell together moves every displacement
+            # r_j − r_i + shift·cell to (r_j − r_i + shift·cell)(I+ε).
             strain = torch.zeros(len(num), 3, 3, dtype=dtype, device=pos.device, requires_grad=True)
             inputs.append(strain)
             deform = torch.eye(3, dtype=dtype, device=pos.device) + strain
-            strained_pos = torch.bmm(pos[:, None, :], deform[structure]).squeeze(1)
-            strained_cell = torch.bmm(cell64.to(dtype), deform)
-            shift = torch.cat([p.shift if p.shift is not None else pos.new_zeros(len(p), 3) for p in pairs]).to(dtype)
-            vectors = (strained_pos[neighbor] - strained_pos[center]
-                       + torch.bmm(shift[:, None, :], strained_cell[structure[center]]).squeeze(1))
+            if len(num) == 1:
+                if pairs.shift is not None:
+                    vectors = vectors + (pairs.shift @ cell64[0]).to(dtype)
+                vectors = vectors @ deform[0]
+            else:
+                pair_structure = structure.index_select(0, center)
+                if pairs.shift is not None:
+                    image = torch.bmm(pairs.shift[:, None, :], cell64.index_select(0, pair_structure))[:, 0]
+                    vectors = vectors + image.to(dtype)
+                vectors = torch.bmm(vectors[:, None, :], deform.index_select(0, pair_structure))[:, 0]
 
         members = self.forward(species, center, neighbor, vectors, structure, len(num))
         energy = members.mean(0)

@@ -237,7 +237,7 @@ def test_nan_positions_are_reported_not_evaluated():
 
 
 def test_driver_serves_a_restarted_server_and_exits_on_exit():
-    server = FakeServer().start_driver("--reconnect-timeout", "20")
+    server = FakeServer().start_driver("--reconnect-timeout", "20", "--extras", "committee")
     expected = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy
     for round_ in range(2):  # the first server goes away cleanly; a new one takes its place
         try:

@@ -21,3 +21,17 @@ def test_round_trip_gives_identical_results(tmp_path, ani1ccx):
     np.testing.assert_array_equal(a.forces, b.forces)
     # Self energies survive as float64, exactly as read from sae_linfit.dat.
     assert description["self_energies"]["C"] == -38.03750806057356
+
+
+def test_float64_weights_reload_without_rounding(tmp_path):
+    import torch
+
+    from aniserve.modelfile import load_saved
+    from aniserve.training.model import default_description, new_model
+
+    model = new_model(default_description(["H", "C"], hidden=(8, 4), ensemble_size=2), seed=0, dtype=torch.float64)
+    save_model(model, tmp_path / "m.safetensors")
+    reloaded = load_saved(tmp_path / "m.safetensors")
+    assert reloaded.dtype == torch.float64
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name

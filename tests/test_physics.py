@@ -112,3 +112,19 @@ def test_cell_shorter_than_cutoff_sees_its_own_images():
     assert len(pairs) > 50 and bool((pairs.neighbor == 0).all())
     vectors = pairs.shift.numpy() @ cell
     assert np.linalg.norm(vectors, axis=1).max() <= 5.2 and np.linalg.norm(vectors, axis=1).min() > 0
+
+
+def test_angular_accumulation_is_twice_differentiable():
+    """The featurizer's hand-written backward (outer product + index_add) against
+    autograd's numerical checks; training on forces differentiates it twice."""
+    from aniserve.aev import _OuterIndexAdd
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.rand(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    index = torch.tensor([0, 2, 2, 1, 0, 3, 2])
+    out = _OuterIndexAdd.apply(a, b, index, 4)
+    expected = torch.zeros(4, 6, dtype=torch.float64).index_add_(0, index, (a[:, :, None] * b[:, None, :]).reshape(7, 6))
+    assert torch.equal(out, expected)
+    assert torch.autograd.gradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))
+    assert torch.autograd.gradgradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))

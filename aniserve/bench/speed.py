@@ -4,7 +4,7 @@ Cases: single molecules (ethanol 9 atoms, n-hexane 20, n-tritriacontane 101), pe
 water boxes (density 1 g/cm³, random orientations) from 192 to 12,288 atoms, and a batch
 of 100 ethanols.  Each case is timed as the median of repeated full calls of
 ``ANIPotential.evaluate`` (neighbour search, featurizer, networks, autograd forces),
-after warm-up.  Peak memory is the process's peak resident set size after the case.
+after warm-up, and again with a reused neighbour list (an MD step between rebuilds).  Peak memory is the process's peak resident set size after the case.
 """
 
 from __future__ import annotations
@@ -84,7 +84,12 @@ def cases(quick: bool):
     yield "100 ethanols (batch)", "batch", 100, (numbers, positions, None), 10
 
 
-def run(model, quick: bool = False, torchani_model=None) -> list[dict]:
+def run(model, quick: bool = False, torchani_model=None, skin: float = 1.0) -> list[dict]:
+    """Time every case.  ``ms_per_call`` is a cold call (neighbour search included);
+    ``ms_per_md_step`` reuses a neighbour list with ``skin``, as an MD step does between
+    rebuilds (single structures only)."""
+    from aniserve.neighbors import NeighborList
+
     rows = []
     for name, kind, count, (numbers, positions, cell), repeats in cases(quick):
         atoms = int(np.size(numbers))
@@ -92,13 +97,23 @@ def run(model, quick: bool = False, torchani_model=None) -> list[dict]:
             repeats = min(repeats, 3)
         seconds = _time(lambda: model.evaluate(numbers, positions, cell), repeats)
         row = {"case": name, "kind": kind, "atoms": atoms, "structures": count, "ms_per_call": seconds * 1e3,
-               "atoms_per_s": atoms / seconds, "peak_rss_mb": _peak_rss_mb()}
+               "atoms_per_s": atoms / seconds}
+        line = f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
+        if kind != "batch":
+            pairs = [NeighborList(model.cutoff, skin).pairs(torch.as_tensor(np.asarray(positions, dtype=np.float64)),
+                                                             None if cell is None else torch.as_tensor(cell))]
+            step = _time(lambda: model.evaluate(numbers, positions, cell, pairs=pairs), repeats)
+            row.update(ms_per_md_step=step * 1e3, md_atoms_per_s=atoms / step)
+            line += f"  reused list {step * 1e3:9.2f} ms {atoms / step:9.0f} atoms/s"
+        row["peak_rss_mb"] = _peak_rss_mb()
         if torchani_model is not None:
             ref = _time(lambda: torchani_model(numbers, positions, cell), repeats)
-            row.update(torchani_ms_per_call=ref * 1e3, speedup_vs_torchani=ref / seconds)
-        print(f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
-              + (f"  TorchANI {row['torchani_ms_per_call']:9.2f} ms ({row['speedup_vs_torchani']:.1f}×)"
-                 if torchani_model is not None else ""), file=sys.stderr, flush=True)
+            ours = np.asarray(model.evaluate(numbers, positions, cell).energy)
+            diff = float(np.max(np.abs(ours - torchani_model(numbers, positions, cell))))
+            row.update(torchani_ms_per_call=ref * 1e3, speedup_vs_torchani=ref / seconds,
+                       torchani_energy_max_abs_diff_hartree=diff)
+            line += f"  TorchANI {ref * 1e3:9.2f} ms ({ref / seconds:.1f}×, |ΔE| {diff:.1e} Ha)"
+        print(line, file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
@@ -141,6 +156,7 @@ def torchani_runner(model_name: str, dtype: torch.dtype):
             c = torch.as_tensor(cell, dtype=dtype)
             energy = reference((species, coords), cell=c, pbc=torch.tensor([True, True, True])).energies
         torch.autograd.grad(energy.sum(), coords)
+        return energy.detach().double().numpy().reshape(np.shape(numbers)[:-1])
 
     return call
 
