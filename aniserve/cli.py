@@ -386,24 +386,27 @@ def bench_speed(model, device, dtype, threads, quick, compare_torchani, json_out
     if threads:
         torch.set_num_threads(threads)
     potential = load_model(model, device=device, dtype=dtype)
-    reference = speed.torchani_runner(model, DTYPES[dtype]) if compare_torchani else None
-    rows = speed.run(potential, quick, reference)
+    reference = agreement = None
+    if compare_torchani:
+        reference = speed.torchani_runner(model, DTYPES[dtype])
+        agreement = (load_model(model, device=device, dtype="float64"), speed.torchani_runner(model, torch.float64))
+    rows = speed.run(potential, quick, reference, agreement)
     result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cases": rows, "scaling": speed.scaling(rows)}
     click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
-               f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  |ΔE| Ha" if compare_torchani else ""))
+               f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else ""))
     for r in rows:
         md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
               else f"{'':10s} {'':9s}")
         click.echo(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
                    f"{r['peak_rss_mb']:11.0f}"
                    + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
-                      f"{r['torchani_energy_max_abs_diff_hartree']:.1e}" if compare_torchani else ""))
+                      f"{r['torchani_float64_energy_diff_hartree']:.1e}" if compare_torchani else ""))
     if result["scaling"]:
         s = result["scaling"]
         click.echo(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
-                   f"(1.00 = linear)")
+                   f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)")
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:

@@ -16,6 +16,8 @@ import torch
 
 #: Below this many atoms a dense distance matrix beats a cell list.
 _DENSE_LIMIT = 256
+#: Queries per chunk of the cell-list search.
+_QUERY_CHUNK = 2048
 
 
 @dataclasses.dataclass
@@ -104,27 +106,31 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
     unique_ids, counts = torch.unique_consecutive(s_id[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     neighbour_offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), device=queries.device)
-    target = ((q_bin[:, None, :] + neighbour_offsets[None]) * stride).sum(-1)  # (Q, 27)
-    slot = torch.searchsorted(unique_ids, target).clamp(max=len(unique_ids) - 1)
-    found = unique_ids[slot] == target
-    count = torch.where(found, counts[slot], torch.zeros_like(slot))
-    start = starts[slot]
-    count, start = count.reshape(-1), start.reshape(-1)
-    query_of = torch.arange(len(queries), device=queries.device).repeat_interleave(27)
-    total = int(count.sum())
-    query = query_of.repeat_interleave(count, output_size=total)
-    first = torch.cumsum(count, 0) - count
-    local = torch.arange(total, device=queries.device) - first.repeat_interleave(count, output_size=total)
-    source = order[start.repeat_interleave(count, output_size=total) + local]
-    d2 = (sources[source] - queries[query]).pow(2).sum(-1)
-    keep = d2 <= cutoff * cutoff
-    if is_self is None:
-        keep &= source_atom[source] != query
-    else:
-        keep &= ~is_self(query, source)
-    query, source, d2 = query[keep], source[keep], d2[keep]
-    # Sorted by query already (query_of is non-decreasing); keep it stable for triplets.
-    return query, source, d2
+
+    def search(q0: int, q1: int):
+        """Pairs of queries q0..q1-1 with the sources in the 27 bins around each."""
+        target = ((q_bin[q0:q1, None, :] + neighbour_offsets[None]) * stride).sum(-1)  # (Q, 27)
+        slot = torch.searchsorted(unique_ids, target).clamp(max=len(unique_ids) - 1)
+        count = torch.where(unique_ids[slot] == target, counts[slot], torch.zeros_like(slot)).reshape(-1)
+        start = starts[slot].reshape(-1)
+        total = int(count.sum())
+        query = torch.arange(q0, q1, device=queries.device).repeat_interleave(27).repeat_interleave(
+            count, output_size=total)
+        first = torch.cumsum(count, 0) - count
+        local = torch.arange(total, device=queries.device) - first.repeat_interleave(count, output_size=total)
+        source = order[start.repeat_interleave(count, output_size=total) + local]
+        d2 = (sources[source] - queries[query]).pow(2).sum(-1)
+        keep = d2 <= cutoff * cutoff
+        if is_self is None:
+            keep &= source_atom[source] != query
+        else:
+            keep &= ~is_self(query, source)
+        return query[keep], source[keep], d2[keep]
+
+    # Queries in chunks, so the candidate arrays (~400 per query) stay cache-sized and
+    # the search linear in atoms.  Results come out sorted by query (stable for triplets).
+    chunks = [search(q0, min(len(queries), q0 + _QUERY_CHUNK)) for q0 in range(0, len(queries), _QUERY_CHUNK)]
+    return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 
 class NeighborList:

@@ -46,8 +46,14 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
             assert np.isfinite(row[key]) and row[key] >= 0, (row, key)
     assert all(np.isfinite(s["force_rmse_vs_dft_kcal_per_a"]) for s in data["strategies"])
     assert data["baselines"]["dft_method"]["test_conformations"] == 16
+    # Here the "CC level" is ANI-1ccx and the "DFT level" ANI-1x, so the official-model
+    # baselines must reproduce them exactly (a check of their offset fit and scoring).
+    assert data["baselines"]["ani-1ccx"]["total_rmse_kcal"] < 1e-6
+    assert data["baselines"]["ani-1x"]["force_rmse_vs_dft_kcal_per_a"] < 1e-6
+    assert abs(data["baselines"]["ani-1x"]["conformer_rmse_kcal"]
+               - data["baselines"]["dft_method"]["conformer_rmse_kcal"]) < 1e-6
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "transfer: freeze" in result.output and "DFT method" in result.output
+    assert "transfer: freeze" in result.output and "official ANI-1ccx" in result.output
     # The pretrained model is cached: a second run reuses it.
     again = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
