@@ -328,11 +328,15 @@ def bench():
               type=click.Path(exists=True, dir_okay=False), help="Held-out test set with both levels.")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
 @click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
+@click.option("--budget", "budget_items", multiple=True, metavar="KEY=JSON",
+              help="Override a budget field: pretrain_epochs, transfer_epochs, ensemble_size, hidden, batch_size, "
+                   "lr, transfer_lr, force_weight, patience (e.g. --budget transfer_lr=1e-4).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
-def bench_transfer(quick, strategies, train_path, test_path, seeds, options, workdir, json_out, plot_out):
+def bench_transfer(quick, strategies, train_path, test_path, seeds, options, budget_items, workdir, json_out,
+                   plot_out):
     """Pretrain on DFT, transfer to CCSD(T) with every strategy, score on larger held-out molecules.
 
     Example: aniserve bench transfer --quick --json transfer.json --plot transfer.png
@@ -344,6 +348,15 @@ def bench_transfer(quick, strategies, train_path, test_path, seeds, options, wor
     budget = transfer.QUICK if quick else transfer.FULL
     if seeds:
         budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
+    overrides = dict(_parse_option(item) for item in budget_items)
+    fields = {f.name for f in dataclasses.fields(budget)} - {"seeds"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise click.BadParameter(f"unknown budget field(s) {sorted(unknown)}; known: {sorted(fields)}",
+                                 param_hint="--budget")
+    if "hidden" in overrides:
+        overrides["hidden"] = tuple(overrides["hidden"])
+    budget = dataclasses.replace(budget, **overrides)
     parsed = dict(_parse_option(item) for item in options)
     result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget,
                           workdir or transfer.default_workdir(), parsed)

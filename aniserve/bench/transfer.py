@@ -42,6 +42,13 @@ class Budget:
     hidden: tuple[int, ...] = (64, 48, 24)
     batch_size: int = 32
     lr: float = 1e-3
+    transfer_lr: float | None = None  # default: lr
+    force_weight: float = 0.1  # of the DFT force loss in pretraining
+    patience: int = 30  # epochs without validation improvement before stopping
+
+    def pretraining(self) -> dict:
+        """The fields that decide the pretrained model (its cache key)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("transfer_epochs", "transfer_lr", "seeds")}
 
 
 FULL = Budget(pretrain_epochs=300, transfer_epochs=300, seeds=(0, 1, 2), ensemble_size=4)
@@ -92,10 +99,12 @@ def metrics(predicted: np.ndarray, test: TestSet, forces=None, std=None) -> dict
         relative[sel] = error[sel] - error[sel].mean()
     per_molecule = [mol for mol in np.unique(test.molecule) if (test.molecule == mol).sum() > 1]
     conf = np.concatenate([relative[test.molecule == m] for m in per_molecule]) if per_molecule else np.zeros(0)
+    by_molecule = {m: float(np.sqrt(np.mean(relative[test.molecule == m] ** 2))) for m in per_molecule}
     out = {"conformer_rmse_kcal": float(np.sqrt(np.mean(conf ** 2))) if len(conf) else float("nan"),
            "conformer_mae_kcal": float(np.mean(np.abs(conf))) if len(conf) else float("nan"),
            "total_rmse_kcal": float(np.sqrt(np.mean(error ** 2))),
-           "test_conformations": int(len(error)), "test_molecules": int(len(np.unique(test.molecule)))}
+           "test_conformations": int(len(error)), "test_molecules": int(len(np.unique(test.molecule))),
+           "conformer_rmse_by_molecule": by_molecule}
     if forces is not None:
         diff = np.concatenate([(f - r).ravel() for f, r in zip(forces, test.low_forces)])
         diff = diff[np.isfinite(diff)]
@@ -183,7 +192,7 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
     """The DFT model (cached by data hash, budget and seed)."""
     from aniserve.training import ANIData, Settings, default_description, new_model, train
 
-    key = hashlib.sha256(json.dumps([_file_hash(train_path), dataclasses.asdict(budget), seed]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([_file_hash(train_path), budget.pretraining(), seed]).encode()).hexdigest()
     path = workdir / f"pretrained-{key[:16]}.safetensors"
     if path.exists():
         _say(f"pretrained model from cache: {path}")
@@ -191,7 +200,8 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
     data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
     description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
     settings = Settings(epochs=budget.pretrain_epochs, batch_size=budget.batch_size, lr=budget.lr, seed=seed,
-                        early_stop_patience=30, plateau_patience=10)
+                        force_weight=budget.force_weight, early_stop_patience=budget.patience,
+                        plateau_patience=max(1, budget.patience // 3))
     _say(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
     train(new_model(description, seed), data, path, settings)
     return path
@@ -224,8 +234,9 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
             started = time.perf_counter()
             model, penalty = transfer_model(load_saved(pre_path), name, dict(options or {}), seed)
             out = workdir / f"{name}-seed{seed}.safetensors"
-            settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size, lr=budget.lr,
-                                seed=seed, early_stop_patience=30, plateau_patience=10)
+            settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size,
+                                lr=budget.transfer_lr or budget.lr, seed=seed, early_stop_patience=budget.patience,
+                                plateau_patience=max(1, budget.patience // 3))
             _say(f"transfer: {name}, seed {seed} …")
             summary = train(model, high, out, settings, penalty=penalty,
                             extra={"transfer": {"from": pre_path.name, "strategy": name, "options": options or {}}})
@@ -244,6 +255,8 @@ def _aggregate(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a"))]
     out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
+    out["conformer_rmse_by_molecule"] = {m: float(np.mean([r["conformer_rmse_by_molecule"][m] for r in runs]))
+                                         for m in runs[0]["conformer_rmse_by_molecule"]}
     out["seeds"] = len(runs)
     return out
 

@@ -146,24 +146,35 @@ def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256)
 
 
 @torch.no_grad()
-def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, forces: bool = False) -> dict:
-    """Energy RMSE/MAE (kcal/mol) of the ensemble mean; force RMSE (kcal/mol/Å) if asked."""
+def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_weight: float = 0.0) -> dict:
+    """Errors of the ensemble mean: energy RMSE/MAE (kcal/mol), force RMSE (kcal/mol/Å)
+    when ``force_weight`` > 0 and the data has forces, and ``loss``, the training
+    objective's form (ΔE²/N + force_weight·|ΔF|²/3N per structure, Hartree²) — what model
+    selection and the learning-rate schedule follow."""
     was_training = model.training
     model.eval()
-    de, df = [], []
+    use_forces = force_weight > 0 and data.forces_key is not None
+    de, df, loss = [], [], []
     for batch in data.batches(batch_size):
         with torch.enable_grad():
-            energies, predicted_forces = predict(model, batch, forces)
+            energies, predicted_forces = predict(model, batch, use_forces)
+        n_atoms = (batch.numbers > 0).sum(1).to(torch.float64)
         keep = torch.isfinite(batch.energy)
-        de.append((energies.mean(0).detach().cpu()[keep] - batch.energy[keep]))
-        if forces and batch.forces is not None:
+        error = energies.mean(0).detach().cpu() - batch.energy
+        de.append(error[keep])
+        per_structure = torch.where(keep, error.nan_to_num() ** 2 / n_atoms, 0.0)
+        if use_forces and batch.forces is not None:
             mean_f = predicted_forces.mean(0).detach().cpu()
             mask = torch.isfinite(batch.forces).all(-1) & (batch.numbers > 0)
             df.append((mean_f[mask] - batch.forces[mask]).flatten())
+            squared = torch.where(mask[..., None], (mean_f - batch.forces.nan_to_num()) ** 2, 0.0)
+            per_structure = per_structure + force_weight * squared.sum((1, 2)) / (3 * n_atoms)
+        loss.append(per_structure)
     model.train(was_training)
     de = torch.cat(de) * HARTREE_IN_KCAL_PER_MOL if de else torch.zeros(0)
     out = {"energy_rmse_kcal": float(de.pow(2).mean().sqrt()) if len(de) else math.nan,
-           "energy_mae_kcal": float(de.abs().mean()) if len(de) else math.nan}
+           "energy_mae_kcal": float(de.abs().mean()) if len(de) else math.nan,
+           "loss": float(torch.cat(loss).mean()) if loss else math.nan}
     if df:
         f = torch.cat(df) * HARTREE_IN_KCAL_PER_MOL
         out["force_rmse_kcal_per_a"] = float(f.pow(2).mean().sqrt())
@@ -219,7 +230,7 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
     if len(val_data) == 0:
         raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    history, start_epoch, best = [], 0, {"rmse": math.inf, "epoch": -1}
+    history, start_epoch, best = [], 0, {"loss": math.inf, "rmse": math.inf, "epoch": -1}
     model.train()
 
     state = None
@@ -249,7 +260,8 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         scheduler.load_state_dict(json.loads(state["scheduler"]))
         best_state = state["best_model"]
 
-    step = _Step(model, settings.force_weight if data.forces_key else 0.0, penalty)
+    step_force_weight = settings.force_weight if data.forces_key else 0.0
+    step = _Step(model, step_force_weight, penalty)
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
     n_params = sum(p.numel() for p in parameters)
@@ -275,17 +287,20 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                 total += float(loss.detach()) / model.ensemble_size
                 count += 1
                 bar.update(1, f"loss {total / count:.3e}")
-        metrics = validate(model, val_data)
-        scheduler.step(metrics["energy_rmse_kcal"])
-        improved = metrics["energy_rmse_kcal"] < best["rmse"]
+        metrics = validate(model, val_data, force_weight=step_force_weight)
+        scheduler.step(metrics["loss"])
+        improved = metrics["loss"] < best["loss"]
         if improved:
-            best = {"rmse": metrics["energy_rmse_kcal"], "epoch": epoch}
+            best = {"loss": metrics["loss"], "rmse": metrics["energy_rmse_kcal"], "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **metrics,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
-        _say(rank, f"epoch {epoch + 1}: train loss {total / max(count, 1):.3e}, validation energy RMSE "
-                   f"{metrics['energy_rmse_kcal']:.3f} kcal/mol{' *' if improved else ''}, "
-                   f"lr {optimizer.param_groups[0]['lr']:.1e}, {time.perf_counter() - started:.1f} s")
+        force_text = (f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å"
+                      if "force_rmse_kcal_per_a" in metrics else "")
+        _say(rank, f"epoch {epoch + 1}: train loss {total / max(count, 1):.3e}, validation loss "
+                   f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
+                   f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, "
+                   f"{time.perf_counter() - started:.1f} s")
         if rank == 0:
             _atomic_save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
                           "scheduler": json.dumps(scheduler.state_dict()), "epoch": epoch,
@@ -293,8 +308,8 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                           "description": json.dumps(describe(model))}, checkpoint_path)
 
     model.load_state_dict(best_state)
-    summary = {"best_epoch": best["epoch"] + 1, "validation_energy_rmse_kcal": best["rmse"],
-               "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
+    summary = {"best_epoch": best["epoch"] + 1, "validation_loss": best["loss"],
+               "validation_energy_rmse_kcal": best["rmse"], "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
                "data": str(data.path), "energy_key": data.energy_key, "forces_key": data.forces_key,
                "history": history}
     if rank == 0:
