@@ -179,8 +179,8 @@ def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tens
         return Pairs(*molecule_pairs(numbers, positions, cutoff), None)
     real = numbers > 0
     counts = real.sum(1).tolist()
-    return concatenate([find_pairs(positions[b, :n], cutoff, None if cell is None else cell[b])
-                        for b, n in enumerate(counts)], _starts(counts))
+    return concatenate([find_pairs(positions[b][real[b]], cutoff, None if cell is None else cell[b])
+                        for b in range(len(counts))], _starts(counts))
 
 
 def _starts(counts: list[int]) -> list[int]:

@@ -152,3 +152,15 @@ def test_evaluation_in_blocks_equals_one_pass(periodic):
     if periodic:
         np.testing.assert_allclose(blocked.strain_derivative, whole.strain_derivative, atol=1e-9, rtol=0)
         np.testing.assert_allclose(blocked.member_strain_derivatives, whole.member_strain_derivatives, atol=1e-9)
+
+
+def test_padding_between_atoms_is_skipped_in_periodic_batches(ani1ccx):
+    """0 marks padding wherever it stands; the periodic (per-structure) pair search must
+    index the same real atoms as the flattened batch."""
+    numbers, positions, cell = water_box()
+    padded_numbers = np.insert(numbers, 5, 0)[None]
+    padded_positions = np.insert(positions, 5, [50.0, 50.0, 50.0], axis=0)[None]
+    got = ani1ccx.evaluate(padded_numbers, padded_positions, cell[None])
+    want = ani1ccx.evaluate(numbers, positions, cell)
+    assert abs(got.energy[0] - want.energy) < 1e-9
+    np.testing.assert_allclose(np.delete(got.forces[0], 5, axis=0), want.forces, atol=1e-9)
