@@ -265,12 +265,12 @@ def _as_batch(numbers, positions, cell, device) -> dict:
     """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
     num = _as_tensor(numbers, torch.long, device, "numbers")
     pos = _as_tensor(positions, torch.float64, device, "positions")
+    given = (tuple(num.shape), tuple(pos.shape))
     single = num.dim() == 1
     if single:
         num, pos = num[None], pos[None]
     if num.dim() != 2 or pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != num.shape:
-        raise ValueError(f"shape mismatch: numbers {tuple(_as_tensor(numbers, torch.long, device, 'numbers').shape)} "
-                         f"and positions {tuple(_as_tensor(positions, torch.float64, device, 'positions').shape)}; "
+        raise ValueError(f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
                          f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)")
     if not torch.isfinite(pos).all():
         bad = torch.nonzero(~torch.isfinite(pos).all(-1))

@@ -5,6 +5,7 @@ molecules train and larger ones test, as in the shipped set."""
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from aniserve.cli import main
@@ -59,3 +60,21 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
                                       "--workdir", str(tmp_path / "work")])
     assert again.exit_code == 0 and "pretrained model from cache" in again.output
+
+
+def test_test_set_reads_only_high_level_conformations(tmp_path):
+    from aniserve.bench.transfer import read_test_set
+
+    water = np.array([8, 1, 1])
+    pos = np.random.default_rng(0).normal(size=(3, 3, 3))
+    write_ani_h5(tmp_path / "t.h5", {
+        "H2O": {"atomic_numbers": water, "coordinates": pos, "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
+                "ccsd(t)_ccpvdz.energy": np.array([-76.2, np.nan, -76.4])},
+        "H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2], "wb97x_631gd.energy": -np.ones(3)}})
+    test = read_test_set(tmp_path / "t.h5")
+    assert list(test.high) == [-76.2, -76.4] and list(test.low) == [-76.0, -76.2]
+    assert np.array_equal(test.positions[1], pos[2]) and list(test.molecule) == ["H2O", "H2O"]
+    write_ani_h5(tmp_path / "dft-only.h5", {"H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2],
+                                                   "wb97x_631gd.energy": -np.ones(3)}})
+    with pytest.raises(ValueError, match=r"no conformation has ccsd\(t\)_ccpvdz.energy"):
+        read_test_set(tmp_path / "dft-only.h5")

@@ -78,6 +78,8 @@ def read_test_set(path) -> TestSet:
     with h5py.File(path, "r") as f:
         for name in sorted(f):
             g = f[name]
+            if HIGH_ENERGY not in g:  # a group without the high level has nothing to test
+                continue
             keep = np.nonzero(np.isfinite(g[HIGH_ENERGY][()]))[0]
             names = [m.decode() for m in g["molecule"][keep]] if "molecule" in g else [name] * len(keep)
             for row, c in enumerate(keep):
@@ -144,6 +146,8 @@ def element_offsets(train_path, test: TestSet, base=None) -> np.ndarray:
     with h5py.File(train_path, "r") as f:
         elements = sorted(set(elements) | {int(z) for g in f.values() for z in g["atomic_numbers"][()]})
         for g in f.values():
+            if HIGH_ENERGY not in g:
+                continue
             numbers = g["atomic_numbers"][()]
             known = np.isfinite(g[HIGH_ENERGY][()])
             if base is None:
