@@ -86,6 +86,7 @@ class AEVFeaturizer(nn.Module):
         pair_index[upper[1], upper[0]] = torch.arange(upper.shape[1])
         self.register_buffer("pair_index", pair_index, persistent=False)
         self.num_pairs = upper.shape[1]
+        self._columns: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, params: dict, elements: list[str] | None = None) -> "AEVFeaturizer":
@@ -100,6 +101,23 @@ class AEVFeaturizer(nn.Module):
     @property
     def output_width(self) -> int:
         return self.num_species * self.radial_width + self.num_pairs * self.angular_width
+
+    def nonzero_columns(self, present: tuple[int, ...]) -> torch.Tensor | None:
+        """The AEV columns that can be nonzero when only the species indices ``present``
+        occur — their radial blocks and the angular blocks of their pairs — or None when
+        every column can.  The others are zero whatever the geometry, so networks may
+        skip their weights: for water (H, O) two thirds of the first layer.  One tensor
+        per species combination and device (networks cache weights by its identity)."""
+        if len(present) == self.num_species:
+            return None
+        key = (tuple(sorted(present)), self.pair_index.device)
+        if key not in self._columns:
+            radial = [s * self.radial_width + i for s in key[0] for i in range(self.radial_width)]
+            start = self.num_species * self.radial_width
+            pairs = sorted({int(self.pair_index[s, t]) for s in key[0] for t in key[0]})
+            angular = [start + p * self.angular_width + i for p in pairs for i in range(self.angular_width)]
+            self._columns[key] = torch.tensor(radial + angular, dtype=torch.long, device=self.pair_index.device)
+        return self._columns[key]
 
     def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
                 vectors: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,11 @@ def aniserve_featurizers() -> dict:
     The class is an ``nn.Module`` with ``from_config(params: dict, elements: list[str])``,
     ``config() -> dict`` (JSON-serialisable), an ``output_width`` int, a ``cutoff`` float
     (Å) and ``forward(species (N,), center (P,), neighbor (P,), vectors (P, 3) Å)``
-    returning per-atom features (N, output_width).
+    returning per-atom features (N, output_width).  It may offer
+    ``nonzero_columns(present: tuple[int, ...]) -> LongTensor | None``: the feature
+    columns that can be nonzero when only those species indices occur (None: all), the
+    same tensor object for the same combination; the potential then passes networks
+    only those columns.
     """
 
 
@@ -34,7 +38,9 @@ def aniserve_element_networks() -> dict:
 
     The class is an ``nn.Module`` with ``from_config(params: dict)``, ``config() -> dict``,
     ``elements`` (list of symbols), ``ensemble_size`` and
-    ``forward(species (N,), features (N, D))`` returning atomic energies (k, N), Hartree.
+    ``forward(species (N,), features (N, D), columns=None)`` returning atomic energies
+    (k, N), Hartree; with ``columns`` (a LongTensor) the features hold only those input
+    columns, all others being zero.
     """
 
 

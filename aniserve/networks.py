@@ -29,33 +29,45 @@ class EnsembleMLP(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(ensemble_size, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(ensemble_size, 1, fan_out).uniform_(-bound, bound)))
         self._packed_key = None
-        self._packed_weights = None
+        self._packed: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     @property
     def ensemble_size(self) -> int:
         return self.weights[0].shape[0]
 
-    def _packed(self, w: torch.Tensor) -> torch.Tensor:
-        """First-layer weights of all members side by side, (in, k·out), for one wide GEMM.
+    def _first_layer(self, w: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """First-layer weights of all members side by side, (in, k·out), for one wide
+        GEMM; only the rows of the input ``columns`` when given.
 
-        Packing copies the whole layer (2 MB for an ANI-1ccx element), which costs more
-        than the product itself on a small molecule, so a frozen layer (serving, or the
-        ``freeze`` strategy) is packed once and reused until its values change.
+        Packing copies the layer (2 MB for an ANI-1ccx element), which costs more than
+        the product itself on a small molecule, so a frozen layer (serving, or the
+        ``freeze`` strategy) is packed once per column set and reused until its values
+        change.
         """
         k, fan_in, fan_out = w.shape
-        if w.requires_grad and torch.is_grad_enabled():
-            return w.permute(1, 0, 2).reshape(fan_in, k * fan_out)  # in the graph: gradients reach w
+        if w.requires_grad and torch.is_grad_enabled():  # in the graph: gradients reach w
+            rows = w if columns is None else w.index_select(1, columns)
+            return rows.permute(1, 0, 2).reshape(-1, k * fan_out)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._packed_key != key:
-            self._packed_weights = w.detach().permute(1, 0, 2).reshape(fan_in, k * fan_out).contiguous()
-            self._packed_key = key
-        return self._packed_weights
+            self._packed_key, self._packed = key, {}
+        # Keyed by the columns tensor's identity; holding it keeps the id unique.  The
+        # featurizer hands out one tensor per species combination, so few are cached.
+        cached = self._packed.get(id(columns))
+        if cached is None:
+            rows = w.detach() if columns is None else w.detach().index_select(1, columns)
+            cached = (columns, rows.permute(1, 0, 2).reshape(-1, k * fan_out).contiguous())
+            if len(self._packed) >= 16:
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[id(columns)] = cached
+        return cached[1]
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """features: (n, in), or (n, len(columns)) holding only those input columns."""
         layers = iter(zip(self.weights, self.biases))  # (slicing a ParameterList builds a new Module)
         w0, b0 = next(layers)
         k, _, fan_out = w0.shape
-        x = (features @ self._packed(w0)).reshape(-1, k, fan_out).transpose(0, 1) + b0
+        x = (features @ self._first_layer(w0, columns)).reshape(-1, k, fan_out).transpose(0, 1) + b0
         for w, b in layers:
             x = torch.baddbmm(b, F.celu(x, alpha=self.celu_alpha), w)
         return x.squeeze(-1)
@@ -64,7 +76,8 @@ class EnsembleMLP(nn.Module):
 class ElementNetworks(nn.Module):
     """ANI element MLPs (CELU), ensembles stacked.
 
-    Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N)."""
+    Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N).
+    With ``columns``, features hold only those input columns (the others being zero)."""
 
     def __init__(self, elements: list[str], hidden: dict[str, list[int]], input_width: int,
                  ensemble_size: int = 1, celu_alpha: float = 0.1):
@@ -96,10 +109,11 @@ class ElementNetworks(nn.Module):
         return [[p for m in self.mlps if i < len(m.weights) for p in (m.weights[i], m.biases[i])]
                 for i in range(depth)]
 
-    def forward(self, species: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, species: torch.Tensor, features: torch.Tensor,
+                columns: torch.Tensor | None = None) -> torch.Tensor:
         energies = features.new_zeros(self.ensemble_size, species.shape[0])
         for index, mlp in enumerate(self.mlps):
             atoms = torch.nonzero(species == index).squeeze(1)
             if len(atoms):
-                energies = energies.index_copy(1, atoms, mlp(features.index_select(0, atoms)))
+                energies = energies.index_copy(1, atoms, mlp(features.index_select(0, atoms), columns))
         return energies

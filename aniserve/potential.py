@@ -92,9 +92,17 @@ class ANIPotential(nn.Module):
         block of a large system needs for its pairs); default all.
         """
         features = self.featurizer(species, center, neighbor, vectors)
+        # Features of species absent from the input (neighbours included) are zero: drop
+        # them and the network weights they would meet (featurizers that can tell offer
+        # nonzero_columns).
+        columns = None
+        if hasattr(self.featurizer, "nonzero_columns"):
+            columns = self.featurizer.nonzero_columns(tuple(torch.unique(species).tolist()))
         if centers is not None:
             species, features, structure = species[:centers], features[:centers], structure[:centers]
-        atomic = self.networks(species, features).to(torch.float64)
+        if columns is not None:
+            features = features.index_select(1, columns)
+        atomic = self.networks(species, features, columns).to(torch.float64)
         energies = atomic.new_zeros(atomic.shape[0], num_structures).index_add_(1, structure, atomic)
         offsets = atomic.new_zeros(num_structures).index_add_(0, structure, self.self_energies[species])
         return energies + offsets

@@ -164,3 +164,44 @@ def test_padding_between_atoms_is_skipped_in_periodic_batches(ani1ccx):
     want = ani1ccx.evaluate(numbers, positions, cell)
     assert abs(got.energy[0] - want.energy) < 1e-9
     np.testing.assert_allclose(np.delete(got.forces[0], 5, axis=0), want.forces, atol=1e-9)
+
+
+def test_absent_species_columns_are_skipped_exactly():
+    """Features of species a structure lacks are zero whatever the geometry, so the
+    potential drops them and their first-layer weights; the results must equal a pass
+    over every column, for molecules, batches mixing species, and blocked boxes."""
+    model = cached_model("ani-1ccx", "float64")
+    featurizer = model.featurizer
+    species = model.species_indices(torch.tensor(ETHANOL_NUMBERS))  # C, O, H: no N
+    pairs = find_pairs(torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64), model.cutoff)
+    x = torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64)
+    features = featurizer(species, pairs.center, pairs.neighbor, x[pairs.neighbor] - x[pairs.center])
+    columns = featurizer.nonzero_columns(tuple(torch.unique(species).tolist()))
+    dropped = torch.ones(features.shape[1], dtype=torch.bool)
+    dropped[columns] = False
+    assert int(dropped.sum()) == 16 + 4 * 32  # N's radial block and the 4 angular pairs with N
+    assert torch.all(features[:, dropped] == 0)
+    assert featurizer.nonzero_columns((0, 1, 2, 3)) is None
+    assert featurizer.nonzero_columns((2, 0)) is featurizer.nonzero_columns((0, 2))
+
+    numbers, positions, cell = water_box()
+    cases = [(ETHANOL_NUMBERS, ETHANOL_POSITIONS, None, {}),
+             (np.array([[6, 1, 1, 1, 1, 0], [7, 1, 1, 1, 0, 0]]), np.random.default_rng(1).normal(0, 1.2, (2, 6, 3)),
+              None, {}),
+             (numbers, positions, cell, {"block_pairs": 700}),
+             (np.stack([numbers, numbers]), np.stack([positions, positions + 0.05]), None, {"block_pairs": 700})]
+    for numbers, positions, cell, options in cases:
+        for key, value in options.items():
+            setattr(model, key, value)
+        try:
+            skipped = model.evaluate(numbers, positions, cell, member_forces=True)
+            featurizer.nonzero_columns = lambda present: None  # every column, every weight
+            full = model.evaluate(numbers, positions, cell, member_forces=True)
+        finally:
+            del featurizer.nonzero_columns
+            for key in options:
+                delattr(model, key)
+        np.testing.assert_allclose(skipped.energy, full.energy, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(skipped.member_forces, full.member_forces, atol=1e-10, rtol=0)
+        if cell is not None:
+            np.testing.assert_allclose(skipped.strain_derivative, full.strain_derivative, atol=1e-10, rtol=0)

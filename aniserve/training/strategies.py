@@ -99,8 +99,9 @@ class DeltaNetworks(nn.Module):
         return {"base": {"name": self.names[0], "params": self.base.config()},
                 "correction": {"name": self.names[1], "params": self.correction.config()}}
 
-    def forward(self, species: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.base(species, features) + self.correction(species, features)
+    def forward(self, species: torch.Tensor, features: torch.Tensor,
+                columns: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base(species, features, columns) + self.correction(species, features, columns)
 
 
 class Delta:

@@ -29,8 +29,9 @@ class _ResidualEnsemble(nn.Module):
         self.b = nn.ParameterList(nn.Parameter(torch.zeros(k, 1, width)) for _ in range(blocks))
         self.w_out, self.b_out = _uniform(k, width, 1), nn.Parameter(torch.zeros(k, 1, 1))
 
-    def forward(self, features):
-        x = torch.einsum("nd,kdw->knw", features, self.w_in) + self.b_in
+    def forward(self, features, columns=None):
+        w_in = self.w_in if columns is None else self.w_in.index_select(1, columns)
+        x = torch.einsum("nd,kdw->knw", features, w_in) + self.b_in
         for gamma, beta, w, b in zip(self.gamma, self.beta, self.w, self.b):
             normed = F.layer_norm(x, x.shape[-1:]) * gamma + beta
             x = x + F.silu(torch.baddbmm(b, normed, w))
@@ -67,10 +68,10 @@ class ResidualElementNetworks(nn.Module):
         layers.append([p for n in self.nets for p in (n.w_out, n.b_out)])
         return layers
 
-    def forward(self, species, features):
+    def forward(self, species, features, columns=None):
         energies = features.new_zeros(self.ensemble_size, species.shape[0])
         for index, net in enumerate(self.nets):
             atoms = torch.nonzero(species == index).squeeze(1)
             if len(atoms):
-                energies[:, atoms] = net(features[atoms])
+                energies[:, atoms] = net(features[atoms], columns)
         return energies
