@@ -136,11 +136,12 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
 class NeighborList:
     """Pairs within ``cutoff + skin``, rebuilt only when needed (the molecular-dynamics case).
 
-    While no atom has moved more than skin/2 since the last build (and the cell and
-    atom count are unchanged), no pair can have come within ``cutoff`` that the list
-    lacks, so the old list serves; consumers ignore the extra pairs beyond ``cutoff``.
-    Positions must be given the same way each call (no re-wrapping into the cell: an
-    atom that jumps by a lattice vector simply triggers a rebuild).
+    While no atom has moved more than skin/2 since the last build (and the atom count is
+    unchanged), no pair can have come within ``cutoff`` that the list lacks, so the old
+    list serves; consumers ignore the extra pairs beyond ``cutoff``.  A changed cell
+    (constant-pressure runs) is allowed for by its deformation, below.  Positions must be
+    given the same way each call (no re-wrapping into the cell: an atom that jumps by a
+    lattice vector simply triggers a rebuild).
     """
 
     def __init__(self, cutoff: float, skin: float = 1.0):
@@ -163,12 +164,26 @@ class NeighborList:
         return self._pairs
 
     def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor | None) -> bool:
-        if self._pairs is None or positions.shape != self._positions.shape:
+        if self._pairs is None or positions.shape != self._positions.shape or (cell is None) != (self._cell is None):
             return True
-        if (cell is None) != (self._cell is None) or (cell is not None and not torch.equal(cell, self._cell)):
-            return True
-        moved = (positions - self._positions).pow(2).sum(-1).max() if len(positions) else 0.0
-        return bool(moved > (self.skin / 2) ** 2)
+        if not len(positions):
+            return False
+        allowed, unstrained = self.skin / 2, positions
+        if cell is not None and not torch.equal(cell, self._cell):
+            # Write the new cell as the old one deformed, h = h₀F.  A pair vector is then
+            # (d₀ + e_j − e_i)F, where d₀ is its vector at the build and e the atoms'
+            # displacements with the deformation taken out, u = rF⁻¹ − r₀.  It stays
+            # beyond the cutoff while σ_min(F)·(cutoff + skin − 2 max|e|) > cutoff.
+            deform = torch.linalg.solve(self._cell, cell)
+            smallest = float(torch.linalg.svdvals(deform).min())
+            if smallest <= 0:
+                return True
+            allowed = (self.cutoff + self.skin - self.cutoff / smallest) / 2
+            if allowed < 0:
+                return True
+            unstrained = torch.linalg.solve(deform.T, positions.T).T
+        moved = (unstrained - self._positions).pow(2).sum(-1).max()
+        return bool(moved > allowed ** 2)
 
 
 def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor | None,

@@ -8,7 +8,7 @@ from ase import Atoms, units
 from ase.md.verlet import VelocityVerlet
 
 from aniserve.calculator import ANICalculator
-from aniserve.neighbors import NeighborList
+from aniserve.neighbors import NeighborList, find_pairs
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
 from test_physics import water_box
 
@@ -52,12 +52,48 @@ def test_cell_change_and_lattice_jump_rebuild(ani1ccx):
     pairs = listed.pairs(torch.tensor(jumped), torch.tensor(cell))
     assert listed.builds == 2
     assert_same(ani1ccx.evaluate(numbers, jumped, cell, pairs=[pairs]), ani1ccx.evaluate(numbers, positions, cell))
-    # A 0.5 % larger cell, positions scaled with it.
-    bigger = cell * 1.005
-    scaled = jumped * 1.005
-    pairs = listed.pairs(torch.tensor(scaled), torch.tensor(bigger))
+    # A cell 20 % smaller: pairs 6.2 Å apart at the build are now within the cutoff.
+    squeezed = listed.pairs(torch.tensor(jumped * 0.8), torch.tensor(cell * 0.8))
     assert listed.builds == 3
-    assert_same(ani1ccx.evaluate(numbers, scaled, bigger, pairs=[pairs]), ani1ccx.evaluate(numbers, scaled, bigger))
+    assert_same(ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8, pairs=[squeezed]),
+                ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8))
+
+
+def pair_set(pairs, cutoff=None, positions=None, cell=None):
+    keys = zip(pairs.center.tolist(), pairs.neighbor.tolist(), map(tuple, pairs.shift.round().long().tolist()))
+    if cutoff is None:
+        return set(keys)
+    vectors = positions[pairs.neighbor] - positions[pairs.center] + pairs.shift @ cell
+    return {key for key, d in zip(keys, vectors.norm(dim=1).tolist()) if d <= cutoff}
+
+
+def test_constant_pressure_steps_reuse_the_list_while_it_is_complete(ani1ccx):
+    """Barostat steps deform the cell (and the positions with it) a little each time: the
+    list is reused while the deformation bound allows, and whenever it is reused every
+    pair within the cutoff is in it (random deformations up to and past the bound)."""
+    numbers, positions, cell = water_box()
+    rng = np.random.default_rng(3)
+    listed = NeighborList(ani1ccx.cutoff, skin=1.0)
+    x, h = torch.tensor(positions), torch.tensor(cell)
+    listed.pairs(x, h)
+    reused = 0
+    for step in range(60):
+        deform = torch.eye(3, dtype=torch.float64) + torch.tensor(rng.normal(0, 0.006, (3, 3)))
+        x = x @ deform + torch.tensor(rng.normal(0, 0.02, x.shape))
+        h = h @ deform
+        builds = listed.builds
+        pairs = listed.pairs(x, h)
+        if listed.builds == builds:
+            reused += 1
+            assert pair_set(find_pairs(x, ani1ccx.cutoff, h)) <= pair_set(pairs, ani1ccx.cutoff, x, h)
+    assert 0 < listed.builds - 1 < reused  # both paths taken, mostly reuse
+    assert_same(ani1ccx.evaluate(numbers, x.numpy(), h.numpy(), pairs=[pairs]),
+                ani1ccx.evaluate(numbers, x.numpy(), h.numpy()))
+    # The cell changes but the atoms stay put: far from the origin that is a large move
+    # relative to the deformed frame, and the list must still hold every pair.
+    h2 = h * 1.03
+    pairs = listed.pairs(x, h2)
+    assert pair_set(find_pairs(x, ani1ccx.cutoff, h2)) <= pair_set(pairs, ani1ccx.cutoff, x, h2)
 
 
 def test_calculator_md_matches_fresh_search(ani1ccx):
@@ -79,3 +115,20 @@ def test_calculator_md_matches_fresh_search(ani1ccx):
         check = Atoms(numbers=numbers, positions=x, cell=cell, pbc=True)
         check.calc = fresh
         assert abs(check.get_potential_energy() - energy) < 1e-8
+
+
+@pytest.mark.parametrize("case", ["compressed with the atoms", "compressed under still atoms"])
+def test_cell_deformation_bound_catches_pairs_coming_into_range(case):
+    """Two atoms whose nearest image is just beyond cutoff + skin at the build come within
+    the cutoff after the cell shrinks — with the atoms scaled along (the bound's σ_min
+    term) or left in place (its deformation-removed displacements)."""
+    cutoff, box = 5.2, 20.0
+    x = torch.tensor([[1.0, 10.0, 10.0], [14.6, 10.0, 10.0]], dtype=torch.float64)  # image 6.4 Å apart
+    h = torch.eye(3, dtype=torch.float64) * box
+    listed = NeighborList(cutoff, skin=1.0)
+    assert len(listed.pairs(x, h)) == 0
+    scale = 0.8 if case == "compressed with the atoms" else 0.93
+    x2 = x * scale if case == "compressed with the atoms" else x
+    pairs = listed.pairs(x2, h * scale)
+    assert pair_set(find_pairs(x2, cutoff, h * scale)) <= pair_set(pairs, cutoff, x2, h * scale)
+    assert len(pair_set(pairs, cutoff, x2, h * scale)) == 2 and listed.builds == 2
