@@ -335,8 +335,12 @@ def bench():
               help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
+@click.option("--export-best", "export_path", type=click.Path(dir_okay=False), default=None,
+              help="Save the best strategy's seed-0 model here (how the embedded model is made).")
+@click.option("--export-name", default="aniserve-ccx-demo", show_default=True, help="Name given to the exported model.")
+@click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
 def bench_transfer(quick, strategies, train_path, test_path, seeds, options, budget_items, workdir, json_out,
-                   plot_out):
+                   plot_out, export_path, export_name, export_card):
     """Pretrain on DFT, transfer to CCSD(T) with every strategy, score on larger held-out molecules.
 
     Example: aniserve bench transfer --quick --json transfer.json --plot transfer.png
@@ -365,6 +369,9 @@ def bench_transfer(quick, strategies, train_path, test_path, seeds, options, bud
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:
         transfer.plot(result, plot_out)
+    if export_path:
+        best = transfer.export_best(result, export_path, export_name, export_card)
+        click.echo(f"exported {best['name']} (seed 0) as {export_name} to {export_path}")
 
 
 def _parse_option(item: str) -> tuple[str, object]:

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from aniserve.cli import main
+from aniserve.modelfile import load_saved, read_description
 from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
 from conftest import cached_model, perturbed_molecules
@@ -37,7 +38,8 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--train", str(tmp_path / "train.h5"),
                                        "--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
-                                       "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+                                       "--json", str(out), "--plot", str(tmp_path / "bench.png"),
+                                       "--export-best", str(tmp_path / "best.safetensors"), "--export-name", "demo"])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert {s["name"] for s in data["strategies"]} == set(registry().names("transfer-strategy"))
@@ -55,6 +57,15 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
                - data["baselines"]["dft_method"]["conformer_rmse_kcal"]) < 1e-6
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "transfer: freeze" in result.output and "official ANI-1ccx" in result.output
+    # The exported model is the best strategy's seed-0 model, named, with its test errors.
+    best = min(data["strategies"], key=lambda s: s["conformer_rmse_kcal"])
+    description = read_description(tmp_path / "best.safetensors")
+    assert description["name"] == "demo" and "history" not in description["training"]
+    assert description["benchmark"]["strategy"] == best["name"]
+    assert description["benchmark"]["conformer_rmse_kcal"] == best["runs"][0]["conformer_rmse_kcal"]
+    exported, source = load_saved(tmp_path / "best.safetensors"), load_saved(best["runs"][0]["model"])
+    x = np.random.default_rng(2).normal(0, 1.0, (5, 3))
+    assert exported.evaluate([6, 1, 1, 8, 7], x).energy == source.evaluate([6, 1, 1, 8, 7], x).energy
     # The pretrained model is cached: a second run reuses it.
     again = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),

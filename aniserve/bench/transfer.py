@@ -259,6 +259,25 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
             "baselines": baselines}
 
 
+def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
+    """Save the seed-0 model of the strategy with the lowest mean conformer RMSE (seed 0
+    is fixed in advance, so the pick among seeds sees no test results) as ``name``, with
+    its training record (less the per-epoch history) and its own test errors.  Returns
+    the chosen strategy's row."""
+    from aniserve.modelfile import load_saved, read_description, save_model
+
+    best = min(result["strategies"], key=lambda s: s["conformer_rmse_kcal"])
+    run = next(r for r in best["runs"] if r["seed"] == 0)
+    training = {k: v for k, v in read_description(run["model"]).get("training", {}).items() if k != "history"}
+    errors = {k: v for k, v in run.items() if k.endswith(("_kcal", "_kcal_per_a", "_by_molecule"))}
+    extra = {"training": training,
+             "benchmark": {"train": result["train"], "test": result["test"], "strategy": best["name"], **errors}}
+    if card:
+        extra["card"] = card
+    save_model(load_saved(run["model"]), path, name, extra)
+    return best
+
+
 def _aggregate(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a"))]
     out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
