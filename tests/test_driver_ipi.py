@@ -262,3 +262,53 @@ def test_driver_serves_a_restarted_server_and_exits_on_exit():
     code, log = server.finish()
     conn.close()
     assert code == 0 and "sent EXIT" in log
+
+
+NPT_MOTION = """<motion mode='dynamics'>
+      <dynamics mode='npt'>
+        <barostat mode='isotropic'>
+          <tau units='femtosecond'>20</tau>
+          <thermostat mode='langevin'><tau units='femtosecond'>50</tau></thermostat>
+        </barostat>
+        <thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat>
+        <timestep units='femtosecond'>0.5</timestep>
+      </dynamics>
+    </motion>"""
+
+
+def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
+    """i-PI's NPT barostat is driven by the virial we send: its printed virial at step 0
+    must be ours (−dE/dε over the volume, atomic units), and the cell must then move."""
+    record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
+    numbers, positions, cell = record["numbers"], np.array(record["positions"]), np.array(record["cell"])
+    name = f"ani{uuid.uuid4().hex[:8]}"
+    write_xyz(tmp_path / "init.xyz", numbers, positions, cell)
+    xml = INPUT.format(steps=12, mode="unix", address=f"<address>{name}</address>", beads=1, batch="")
+    xml = xml.replace("[step, potential]", "[step, potential, volume, virial_md]")
+    xml = xml.replace("<ensemble><temperature units='kelvin'>300</temperature></ensemble>",
+                      "<ensemble><temperature units='kelvin'>300</temperature>"
+                      "<pressure units='megapascal'>1000</pressure></ensemble>")
+    xml = xml[:xml.index("<motion")] + NPT_MOTION + xml[xml.index("</motion>") + len("</motion>"):]
+    (tmp_path / "input.xml").write_text(xml)
+    server = subprocess.Popen(IPI + ["input.xml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    driver = subprocess.run(DRIVE + ["--structure", str(tmp_path / "init.xyz"), "--pbc", "yes", "--unix", name],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = server.communicate(timeout=60)[0].decode()
+    assert driver.returncode == 0, driver.stderr + out
+    data = np.loadtxt(tmp_path / "sim.out", ndmin=2)
+    assert len(data) == 13
+    # i-PI reads the Å file with its own 8-digit constant (1.8897261 bohr/Å, ours is
+    # CODATA 2018): what reaches the driver is the structure scaled by 1 − 1.4e-8, which
+    # moves this box's virial by 1e-5 relative.  Compare at the structure i-PI sent.
+    from ipi.utils.units import unit_to_internal
+
+    scale = unit_to_internal("length", "angstrom", 1.0) * BOHR_IN_ANGSTROM
+    result = cached_model("ani-1ccx", "float64").evaluate(numbers, positions * scale, cell * scale)
+    volume_bohr3 = abs(np.linalg.det(cell * scale)) / BOHR_IN_ANGSTROM ** 3
+    assert abs(data[0, 2] - volume_bohr3) < 1e-8 * volume_bohr3
+    virial = -(result.strain_derivative + result.strain_derivative.T) / 2 / volume_bohr3
+    expected = [virial[0, 0], virial[1, 1], virial[2, 2], virial[0, 1], virial[0, 2], virial[1, 2]]
+    # i-PI prints 7 significant digits here.
+    np.testing.assert_allclose(data[0, 3:9], expected, rtol=2e-6, atol=1e-14)
+    assert np.ptp(data[:, 2]) > 1e-4 * volume_bohr3  # the barostat moved the cell
+    assert np.all(np.isfinite(data))
