@@ -144,22 +144,91 @@ class AEVFeaturizer(nn.Module):
         per_pair = torch.cat([vectors.index_select(0, in_angular) / d[:, None], d[:, None],
                               _cosine_cutoff(d, self.Rca)[:, None]], dim=1)
         a, b = per_pair.index_select(0, first), per_pair.index_select(0, second)
-        # θ' = arccos(0.95 cos θ), so cos(θ' − ShfZ) = cos θ'·cos ShfZ + sin θ'·sin ShfZ
-        # without arccos; sin θ' ≥ √(1 − 0.95²) keeps the gradient finite.
-        cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
-        sin_t = torch.sqrt(1 - cos_t * cos_t)
-        # (cos/sin of ShfZ here, not as buffers: ShfZ is exact in float32, its cosine is
-        # not, and a float64 model may have passed through float32 on loading.)
-        factor1 = ((1 + cos_t[:, None] * torch.cos(self.ShfZ) + sin_t[:, None] * torch.sin(self.ShfZ)) / 2) ** self.Zeta
-        factor2 = torch.exp(-self.EtaA * ((a[:, 3:4] + b[:, 3:4]) / 2 - self.ShfA) ** 2) * (2 * a[:, 4:5] * b[:, 4:5])
         pair_center = center.index_select(0, in_angular)
         pair_species = neighbor_species.index_select(0, in_angular)
         angular_index = (pair_center.index_select(0, first) * self.num_pairs
                          + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)])
-        # (T, ShfA, ShfZ) flattened: ShfA-major, ShfZ-minor, as NeuroChem lays it out.
-        angular_aev = _OuterIndexAdd.apply(factor2, factor1, angular_index, n_atoms * self.num_pairs)
+        # (cos/sin of ShfZ here, not as buffers: ShfZ is exact in float32, its cosine is
+        # not, and a float64 model may have passed through float32 on loading.)
+        constants = _AngularConstants(torch.cos(self.ShfZ), torch.sin(self.ShfZ), self.ShfA, self.EtaA, self.Zeta)
+        angular_aev = _AngularTerms.apply(a, b, angular_index, n_atoms * self.num_pairs, constants)
 
         return torch.cat([radial_aev.reshape(n_atoms, -1), angular_aev.reshape(n_atoms, -1)], dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AngularConstants:
+    cos_z: torch.Tensor  # (1, len ShfZ)
+    sin_z: torch.Tensor
+    shf_a: torch.Tensor  # (1, len ShfA)
+    eta_a: float
+    zeta: float
+
+
+def _angular_terms(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, rows: int, k: _AngularConstants):
+    """The angular AEV rows by plain differentiable operations (see ``_AngularTerms``).
+
+    a, b: (T, 5) per triplet, its two pairs' [unit vector, distance, cutoff function].
+    θ' = arccos(0.95 cos θ), so cos(θ' − ShfZ) = cos θ'·cos ShfZ + sin θ'·sin ShfZ without
+    arccos; sin θ' ≥ √(1 − 0.95²) keeps every derivative finite.
+    """
+    cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
+    sin_t = torch.sqrt(1 - cos_t * cos_t)
+    factor1 = ((1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2) ** k.zeta
+    factor2 = torch.exp(-k.eta_a * ((a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a) ** 2) * (2 * a[:, 4:5] * b[:, 4:5])
+    # (T, ShfA, ShfZ) flattened: ShfA-major, ShfZ-minor, as NeuroChem lays it out.
+    return _OuterIndexAdd.apply(factor2, factor1, index, rows)
+
+
+class _AngularTerms(torch.autograd.Function):
+    """``_angular_terms`` with its first derivative written out.
+
+    Per triplet, with x_z = (1 + cos θ'·cos ShfZ_z + sin θ'·sin ShfZ_z)/2,
+    f1_z = x_z^ζ, s_a = (R_ij + R_ik)/2 − ShfA_a, g_a = exp(−η s_a²), f2_a = 2 g_a c_j c_k,
+    and G the incoming gradient of the (a, z) terms:
+        ∂/∂cos θ  = 0.95 ζ/2 · Σ_z (Σ_a G_az f2_a) f1_z / x_z · (cos ShfZ_z − sin ShfZ_z cos θ'/sin θ')
+        ∂/∂R_ij   = ∂/∂R_ik = −η Σ_a (Σ_z G_az f1_z) f2_a s_a
+        ∂/∂c_j    = 2 c_k Σ_a (Σ_z G_az f1_z) g_a
+    which takes half the passes over the (T, 32) arrays that autograd's chain does (the
+    angular terms are most of a large system's featurizer cost).  When a second
+    derivative is wanted (training on forces), the backward differentiates
+    ``_angular_terms`` instead, so every order stays exact.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, index, rows, k: _AngularConstants):
+        cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
+        sin_t = torch.sqrt(1 - cos_t * cos_t)
+        x = (1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2
+        factor1 = x ** k.zeta
+        s = (a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a
+        g = torch.exp(-k.eta_a * s * s)
+        factor2 = g * (2 * a[:, 4:5] * b[:, 4:5])
+        ctx.save_for_backward(a, b, index, cos_t, sin_t, x, factor1, s, g, factor2)
+        ctx.rows, ctx.constants = rows, k
+        width = factor2.shape[1] * factor1.shape[1]
+        outer = (factor2[:, :, None] * factor1[:, None, :]).reshape(len(a), width)
+        return a.new_zeros(rows, width).index_add_(0, index, outer)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, index, cos_t, sin_t, x, factor1, s, g, factor2 = ctx.saved_tensors
+        k = ctx.constants
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain composition
+            wanted = [x for x, needed in zip((a, b), ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(_angular_terms(a, b, index, ctx.rows, k), wanted, grad,
+                                             create_graph=True))
+            return *(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None, None, None
+        g_terms = grad.index_select(0, index).reshape(len(a), factor2.shape[1], factor1.shape[1])
+        g_f2 = torch.bmm(g_terms, factor1[:, :, None])[:, :, 0]
+        h = torch.bmm(factor2[:, None, :], g_terms)[:, 0, :].mul_(factor1).div_(x)
+        h_cos, h_sin = (h * k.cos_z).sum(1), (h * k.sin_z).sum(1)
+        g_cos = (0.95 * k.zeta / 2) * (h_cos - cos_t / sin_t * h_sin)
+        g_distance = (-k.eta_a * (g_f2 * factor2 * s).sum(1))[:, None]
+        g_cutoff = 2 * (g_f2 * g).sum(1)[:, None]
+        ga = torch.cat([g_cos[:, None] * b[:, :3], g_distance, g_cutoff * b[:, 4:5]], dim=1)
+        gb = torch.cat([g_cos[:, None] * a[:, :3], g_distance, g_cutoff * a[:, 4:5]], dim=1)
+        return ga, gb, None, None, None
 
 
 class _OuterIndexAdd(torch.autograd.Function):

@@ -1,5 +1,7 @@
 """Physics the potential must obey, checked against finite differences and symmetry."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,36 @@ def test_angular_accumulation_is_twice_differentiable():
     assert torch.equal(out, expected)
     assert torch.autograd.gradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))
     assert torch.autograd.gradgradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))
+
+
+def test_angular_terms_derivatives_written_out_are_exact():
+    """The angular terms' hand-derived first derivative against finite differences and
+    against autograd of the plain composition; second derivatives (training on forces)
+    too, with both inputs or one of them differentiable."""
+    from aniserve.aev import _AngularConstants, _AngularTerms, _angular_terms
+
+    g = torch.Generator().manual_seed(1)
+    shf_z = torch.tensor([[0.2, 1.0, 2.5]], dtype=torch.float64)
+    k = _AngularConstants(torch.cos(shf_z), torch.sin(shf_z), torch.tensor([[0.9, 1.6]], dtype=torch.float64),
+                          eta_a=8.0, zeta=32.0)
+
+    def pair_terms(n):
+        unit = torch.nn.functional.normalize(torch.randn(n, 3, dtype=torch.float64, generator=g), dim=1)
+        distance = 0.8 + 2.5 * torch.rand(n, 1, dtype=torch.float64, generator=g)
+        return torch.cat([unit, distance, 0.5 * torch.cos(distance * math.pi / 3.5) + 0.5], 1).requires_grad_(True)
+
+    a, b = pair_terms(12), pair_terms(12)
+    index = torch.randint(0, 5, (12,), generator=g)
+    terms = lambda x, y: _AngularTerms.apply(x, y, index, 5, k)
+    assert torch.equal(terms(a, b), _angular_terms(a, b, index, 5, k))
+    weights = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    written = torch.autograd.grad((terms(a, b) * weights).sum(), (a, b))
+    chained = torch.autograd.grad((_angular_terms(a, b, index, 5, k) * weights).sum(), (a, b))
+    for w, c in zip(written, chained):
+        torch.testing.assert_close(w, c, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(terms, (a, b))
+    assert torch.autograd.gradgradcheck(terms, (a, b))
+    assert torch.autograd.gradgradcheck(lambda x: terms(x, b.detach()), (a,))
 
 
 @pytest.mark.parametrize("periodic", [False, True])
