@@ -151,7 +151,10 @@ class AEVFeaturizer(nn.Module):
         # (cos/sin of ShfZ here, not as buffers: ShfZ is exact in float32, its cosine is
         # not, and a float64 model may have passed through float32 on loading.)
         constants = _AngularConstants(torch.cos(self.ShfZ), torch.sin(self.ShfZ), self.ShfA, self.EtaA, self.Zeta)
-        angular_aev = _AngularTerms.apply(a, b, angular_index, n_atoms * self.num_pairs, constants)
+        # Training on forces differentiates twice: there autograd's own graph of the plain
+        # composition serves both orders; otherwise the written-out derivative is cheaper.
+        angular = _angular_terms if self.training else _AngularTerms.apply
+        angular_aev = angular(a, b, angular_index, n_atoms * self.num_pairs, constants)
 
         return torch.cat([radial_aev.reshape(n_atoms, -1), angular_aev.reshape(n_atoms, -1)], dim=1)
 
@@ -190,9 +193,10 @@ class _AngularTerms(torch.autograd.Function):
         ∂/∂R_ij   = ∂/∂R_ik = −η Σ_a (Σ_z G_az f1_z) f2_a s_a
         ∂/∂c_j    = 2 c_k Σ_a (Σ_z G_az f1_z) g_a
     which takes half the passes over the (T, 32) arrays that autograd's chain does (the
-    angular terms are most of a large system's featurizer cost).  When a second
-    derivative is wanted (training on forces), the backward differentiates
-    ``_angular_terms`` instead, so every order stays exact.
+    angular terms are most of a large system's featurizer cost).  Should a second
+    derivative be wanted all the same (the featurizer uses ``_angular_terms`` itself in
+    training mode), the backward differentiates ``_angular_terms``, so every order stays
+    exact.
     """
 
     @staticmethod

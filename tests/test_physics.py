@@ -162,6 +162,26 @@ def test_angular_terms_derivatives_written_out_are_exact():
     assert torch.autograd.gradgradcheck(lambda x: terms(x, b.detach()), (a,))
 
 
+def test_featurizer_modes_agree():
+    """Eval mode takes the written-out angular derivative, training mode autograd's chain
+    (which force training differentiates again): same features, same forces."""
+    model = cached_model("ani-1ccx", "float64")
+    x = torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64, requires_grad=True)
+    species = model.species_indices(torch.tensor(ETHANOL_NUMBERS))
+    pairs = find_pairs(x, model.cutoff)
+    results = []
+    for training in (False, True):
+        model.featurizer.train(training)
+        try:
+            features = model.featurizer(species, pairs.center, pairs.neighbor, x[pairs.neighbor] - x[pairs.center])
+            weights = torch.linspace(-1, 1, features.numel(), dtype=torch.float64).reshape(features.shape)
+            results.append((features, *torch.autograd.grad((features * weights).sum(), x)))
+        finally:
+            model.featurizer.train(False)
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("periodic", [False, True])
 def test_evaluation_in_blocks_equals_one_pass(periodic):
     """Large systems are evaluated a block of center atoms at a time; forcing tiny
