@@ -1,0 +1,47 @@
+"""The committed quantum-chemistry data set: what data/README.md says it holds, and what
+issue #3 asked of it (sizes, heavy-atom ranges, no test molecule in training)."""
+
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+LOW, HIGH = "wb97x_631gd.energy", "ccsd(t)_ccpvdz.energy"
+
+
+def contents(name):
+    molecules, low, high, heavy = set(), 0, 0, {}
+    with h5py.File(ROOT / "data" / name, "r") as f:
+        for group in f.values():
+            numbers = group["atomic_numbers"][()]
+            names = [m.decode() for m in group["molecule"][()]]
+            e_low, e_high = group[LOW][()], group[HIGH][()]
+            low, high = low + int(np.isfinite(e_low).sum()), high + int(np.isfinite(e_high).sum())
+            assert np.all(np.isfinite(e_high) <= np.isfinite(e_low)), "high level only where the low level is"
+            forces = group["wb97x_631gd.forces"][()]
+            assert np.all(np.isfinite(forces[np.isfinite(e_low)]))
+            for molecule in names:
+                molecules.add(molecule)
+                heavy[molecule] = int((numbers > 1).sum())
+    return molecules, low, high, heavy
+
+
+@pytest.mark.parametrize("name,heavy_range,min_molecules,min_low,min_high", [
+    ("qm-train.h5", (1, 4), 60, 2000, 500),
+    ("qm-test.h5", (5, 7), 12, 100, 100),
+])
+def test_shipped_set_meets_its_targets_and_readme(name, heavy_range, min_molecules, min_low, min_high):
+    molecules, low, high, heavy = contents(name)
+    assert len(molecules) >= min_molecules and low >= min_low and high >= min_high
+    assert all(heavy_range[0] <= n <= heavy_range[1] for n in heavy.values()), heavy
+    readme = (ROOT / "data" / "README.md").read_text()
+    row = re.search(rf"\| `{re.escape(name)}` \| (\d+) \| ([\d,]+) \| ([\d,]+) \|", readme)
+    assert row, f"data/README.md has no COUNTS row for {name}"
+    assert [int(x.replace(",", "")) for x in row.groups()] == [len(molecules), low, high]
+
+
+def test_no_test_molecule_is_trained_on():
+    assert not contents("qm-train.h5")[0] & contents("qm-test.h5")[0]
