@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from aniserve.cli import main
@@ -71,6 +72,15 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
                                       "--workdir", str(tmp_path / "work")])
     assert again.exit_code == 0 and "pretrained model from cache" in again.output
+    # Interrupted after its last checkpoint, the pretraining resumes to the same model.
+    pretrained, = (tmp_path / "work").glob("pretrained-*.safetensors")
+    weights = load_saved(pretrained).state_dict()
+    pretrained.unlink()
+    resumed = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
+                                        str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
+                                        "--workdir", str(tmp_path / "work")])
+    assert resumed.exit_code == 0 and "resuming from" in resumed.output
+    assert all(torch.equal(weights[k], v) for k, v in load_saved(pretrained).state_dict().items())
 
 
 def test_test_set_reads_only_high_level_conformations(tmp_path):

@@ -197,7 +197,7 @@ def _say(text: str) -> None:
 
 
 def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
-    """The DFT model (cached by data hash, budget and seed)."""
+    """The DFT model (cached by data hash, budget and seed; resumed if interrupted)."""
     from aniserve.training import ANIData, Settings, default_description, new_model, train
 
     key = hashlib.sha256(json.dumps([_file_hash(train_path), budget.pretraining(), seed]).encode()).hexdigest()
@@ -211,7 +211,9 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
                         force_weight=budget.force_weight, early_stop_patience=budget.patience,
                         plateau_patience=max(1, budget.patience // 3))
     _say(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
-    train(new_model(description, seed), data, path, settings)
+    # An interrupted pretraining continues from its checkpoint (same data, budget and
+    # seed: the key is in the name), exactly as if it had not stopped.
+    train(new_model(description, seed), data, path, settings, resume=True)
     return path
 
 
