@@ -56,6 +56,11 @@ def test_energies_match_a_direct_pyscf_call(tmp_path):
     with h5py.File(out) as f:
         assert "PySCF" in f.attrs["levels"] and "temperature_k" in f["H2O"]
         assert (f["H2O"]["hf_sto3g.wall_s"][()] > 0).all()
+    # The training code reads it: every conformation at the low level, every 2nd at the high.
+    from aniserve.training import ANIData
+
+    assert len(ANIData(out, "hf_sto3g.energy", "hf_sto3g.forces")) == 6
+    assert len(ANIData(out, "ccsd(t)_sto3g.energy")) == 4  # conformations 0 and 2 of each
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path):
