@@ -168,18 +168,26 @@ class _AngularConstants:
     zeta: float
 
 
-def _angular_terms(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, rows: int, k: _AngularConstants):
-    """The angular AEV rows by plain differentiable operations (see ``_AngularTerms``).
+def _angular_factors(a: torch.Tensor, b: torch.Tensor, k: _AngularConstants):
+    """Per triplet, from its two pairs' [unit vector, distance, cutoff function] (a, b:
+    (T, 5)): cos θ', sin θ', x = (1 + cos(θ' − ShfZ))/2, factor1 = x^ζ (T, ShfZ),
+    s = mean distance − ShfA, g = exp(−η s²), factor2 = 2 g c_j c_k (T, ShfA).
 
-    a, b: (T, 5) per triplet, its two pairs' [unit vector, distance, cutoff function].
     θ' = arccos(0.95 cos θ), so cos(θ' − ShfZ) = cos θ'·cos ShfZ + sin θ'·sin ShfZ without
     arccos; sin θ' ≥ √(1 − 0.95²) keeps every derivative finite.
     """
     cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
     sin_t = torch.sqrt(1 - cos_t * cos_t)
-    factor1 = ((1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2) ** k.zeta
-    factor2 = torch.exp(-k.eta_a * ((a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a) ** 2) * (2 * a[:, 4:5] * b[:, 4:5])
-    # (T, ShfA, ShfZ) flattened: ShfA-major, ShfZ-minor, as NeuroChem lays it out.
+    x = (1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2
+    s = (a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a
+    g = torch.exp(-k.eta_a * s * s)
+    return cos_t, sin_t, x, x ** k.zeta, s, g, g * (2 * a[:, 4:5] * b[:, 4:5])
+
+
+def _angular_terms(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, rows: int, k: _AngularConstants):
+    """The angular AEV rows by plain differentiable operations (see ``_AngularTerms``):
+    (T, ShfA, ShfZ) flattened, ShfA-major, ShfZ-minor, as NeuroChem lays it out."""
+    *_, factor1, _, _, factor2 = _angular_factors(a, b, k)
     return _OuterIndexAdd.apply(factor2, factor1, index, rows)
 
 
@@ -201,13 +209,7 @@ class _AngularTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, index, rows, k: _AngularConstants):
-        cos_t = 0.95 * (a[:, :3] * b[:, :3]).sum(-1)
-        sin_t = torch.sqrt(1 - cos_t * cos_t)
-        x = (1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2
-        factor1 = x ** k.zeta
-        s = (a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a
-        g = torch.exp(-k.eta_a * s * s)
-        factor2 = g * (2 * a[:, 4:5] * b[:, 4:5])
+        cos_t, sin_t, x, factor1, s, g, factor2 = _angular_factors(a, b, k)
         ctx.save_for_backward(a, b, index, cos_t, sin_t, x, factor1, s, g, factor2)
         ctx.rows, ctx.constants = rows, k
         width = factor2.shape[1] * factor1.shape[1]
@@ -219,7 +221,7 @@ class _AngularTerms(torch.autograd.Function):
         a, b, index, cos_t, sin_t, x, factor1, s, g, factor2 = ctx.saved_tensors
         k = ctx.constants
         if torch.is_grad_enabled():  # create_graph: differentiate the plain composition
-            wanted = [x for x, needed in zip((a, b), ctx.needs_input_grad) if needed]
+            wanted = [t for t, needed in zip((a, b), ctx.needs_input_grad) if needed]
             grads = iter(torch.autograd.grad(_angular_terms(a, b, index, ctx.rows, k), wanted, grad,
                                              create_graph=True))
             return *(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None, None, None
