@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from aniserve import kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class AEVParameters:
@@ -87,6 +89,7 @@ class AEVFeaturizer(nn.Module):
         self.register_buffer("pair_index", pair_index, persistent=False)
         self.num_pairs = upper.shape[1]
         self._columns: dict[tuple, torch.Tensor] = {}
+        self._kernel_constants: kernels.AEVKernelConstants | None = None
 
     @classmethod
     def from_config(cls, params: dict, elements: list[str] | None = None) -> "AEVFeaturizer":
@@ -121,6 +124,26 @@ class AEVFeaturizer(nn.Module):
 
     def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
                 vectors: torch.Tensor) -> torch.Tensor:
+        # Serving on a CPU: the compiled kernel (same terms, one pass, see
+        # aniserve/kernels).  Training differentiates twice, which only the tensor
+        # version below can.
+        if not self.training and vectors.device.type == "cpu" and vectors.dtype in (torch.float32, torch.float64):
+            lib = kernels.library()
+            if lib is not None and self.kernel_constants().fits:
+                return _AEVKernel.apply(vectors, species, center, neighbor, self, lib)
+        return self.tensor_forward(species, center, neighbor, vectors)
+
+    def kernel_constants(self) -> kernels.AEVKernelConstants:
+        if self._kernel_constants is None:
+            as_list = lambda buffer: buffer.detach().double().cpu().flatten().tolist()  # noqa: E731
+            self._kernel_constants = kernels.AEVKernelConstants(
+                self.num_species, self.num_pairs, self.Rcr, self.Rca, self.EtaR, self.EtaA, self.Zeta,
+                as_list(self.ShfR), as_list(self.ShfA), as_list(self.ShfZ), self.pair_index)
+        return self._kernel_constants
+
+    def tensor_forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
+                       vectors: torch.Tensor) -> torch.Tensor:
+        """The AEVs by tensor operations: any device, differentiable to every order."""
         n_atoms = species.shape[0]
         distance = vectors.norm(dim=-1)
         neighbor_species = species.index_select(0, neighbor)
@@ -157,6 +180,35 @@ class AEVFeaturizer(nn.Module):
         angular_aev = angular(a, b, angular_index, n_atoms * self.num_pairs, constants)
 
         return torch.cat([radial_aev.reshape(n_atoms, -1), angular_aev.reshape(n_atoms, -1)], dim=1)
+
+
+class _AEVKernel(torch.autograd.Function):
+    """The AEVs by the compiled kernel, with its written-out gradient.  A second
+    derivative (create_graph) differentiates the tensor version instead, so every order
+    stays exact."""
+
+    @staticmethod
+    def forward(ctx, vectors, species, center, neighbor, featurizer, lib):
+        ctx.save_for_backward(vectors, species, center, neighbor)
+        ctx.featurizer, ctx.lib = featurizer, lib
+        return kernels.aev_forward(lib, featurizer.kernel_constants(), *_kernel_inputs(vectors, species, center,
+                                                                                        neighbor))
+
+    @staticmethod
+    def backward(ctx, grad):
+        vectors, species, center, neighbor = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: through the saved input, whose history autograd kept
+            with torch.enable_grad():
+                aev = ctx.featurizer.tensor_forward(species, center, neighbor, vectors)
+                return torch.autograd.grad(aev, vectors, grad, create_graph=True)[0], None, None, None, None, None
+        return (kernels.aev_backward(ctx.lib, ctx.featurizer.kernel_constants(),
+                                     *_kernel_inputs(vectors, species, center, neighbor), grad),
+                None, None, None, None, None)
+
+
+def _kernel_inputs(vectors, species, center, neighbor):
+    """What the kernel reads: contiguous int64 indices and vectors (no copy when they are already)."""
+    return species.long().contiguous(), center.long().contiguous(), neighbor.long().contiguous(), vectors.contiguous()
 
 
 @dataclasses.dataclass(frozen=True)

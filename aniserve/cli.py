@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import click
@@ -388,10 +389,12 @@ def _parse_option(item: str) -> tuple[str, object]:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
 @click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
+@click.option("--kernels", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Compiled CPU kernels, or tensor operations only (as ANISERVE_KERNELS=off).")
 @click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
-def bench_speed(model, device, dtype, threads, quick, compare_torchani, json_out, plot_out):
+def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani, json_out, plot_out):
     """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
 
     Example: aniserve bench speed --model ani-1ccx --compare-torchani --json speed.json --plot speed.png
@@ -400,18 +403,22 @@ def bench_speed(model, device, dtype, threads, quick, compare_torchani, json_out
 
     import torch
 
+    from aniserve import kernels as compiled
     from aniserve.bench import speed
     from aniserve.models import DTYPES, load_model
 
     if threads:
         torch.set_num_threads(threads)
+    os.environ["ANISERVE_KERNELS"] = kernels
+    used = "compiled" if device == "cpu" and compiled.library() is not None else "tensor operations"
+    click.echo(f"CPU kernels: {used}")
     potential = load_model(model, device=device, dtype=dtype)
     reference = agreement = None
     if compare_torchani:
         reference = speed.torchani_runner(model, DTYPES[dtype])
         agreement = (load_model(model, device=device, dtype="float64"), speed.torchani_runner(model, torch.float64))
     rows = speed.run(potential, quick, reference, agreement)
-    result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+    result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "kernels": used,
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cases": rows, "scaling": speed.scaling(rows)}
     click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "

@@ -224,10 +224,17 @@ def molecule_pairs(numbers: torch.Tensor, positions: torch.Tensor, cutoff: float
     """
     with torch.no_grad():
         real = numbers > 0
+        padded = not bool(real.all())
         pos = positions.detach()
-        d2 = (pos[:, :, None, :] - pos[:, None, :, :]).pow(2).sum(-1)
-        close = (d2 <= cutoff * cutoff) & real[:, :, None] & real[:, None, :]
+        diff = pos[:, :, None, :] - pos[:, None, :, :]
+        close = (diff * diff).sum(-1) <= cutoff * cutoff
+        if padded:
+            close &= real[:, :, None] & real[:, None, :]
         close.diagonal(dim1=1, dim2=2).fill_(False)
         b, i, j = torch.nonzero(close, as_tuple=True)
+        if not padded:  # real atoms in row-major order: b·N + i
+            if len(numbers) == 1:
+                return i, j
+            return b * numbers.shape[1] + i, b * numbers.shape[1] + j
         flat = torch.cumsum(real.reshape(-1), 0).reshape(real.shape) - 1
         return flat[b, i], flat[b, j]

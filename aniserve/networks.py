@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aniserve import kernels
+
 
 class EnsembleMLP(nn.Module):
     """k stacked MLPs of one element: features (n, in) → atomic energies (k, n)."""
@@ -28,49 +30,111 @@ class EnsembleMLP(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(ensemble_size, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(ensemble_size, 1, fan_out).uniform_(-bound, bound)))
-        self._packed_key = None
-        self._packed: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._cache_key = None
+        self._cached_layers: dict[int, tuple] = {}
 
     @property
     def ensemble_size(self) -> int:
         return self.weights[0].shape[0]
 
-    def _first_layer(self, w: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-        """First-layer weights of all members side by side, (in, k·out), for one wide
-        GEMM; only the rows of the input ``columns`` when given.
+    def _parameter_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # The ParameterLists' own dicts: indexing a ParameterList goes through
+        # Module.__getattr__, microseconds each, which a small molecule notices.
+        return list(self.weights._parameters.values()), list(self.biases._parameters.values())
 
-        Packing copies the layer (2 MB for an ANI-1ccx element), which costs more than
-        the product itself on a small molecule, so a frozen layer (serving, or the
-        ``freeze`` strategy) is packed once per column set and reused until its values
-        change.
+    def _first_layer(self, columns: torch.Tensor | None) -> torch.Tensor:
+        """First-layer weights (k, in, out), only the rows of the input ``columns`` when
+        given, by plain (differentiable) indexing."""
+        w = self.weights[0]
+        return w if columns is None else w.index_select(1, columns)
+
+    def _frozen_layers(self, columns: torch.Tensor | None, weights: list[torch.Tensor],
+                       biases: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """Detached weights, the same transposed (k, out, in), and biases, the first
+        layer's rows restricted to ``columns``.
+
+        Selecting rows copies the layer (1–2 MB for an ANI-1ccx element), which costs more
+        than the product itself on a small molecule, so it is done once per column set and
+        reused until a parameter changes (its version or storage).
         """
-        k, fan_in, fan_out = w.shape
-        if w.requires_grad and torch.is_grad_enabled():  # in the graph: gradients reach w
-            rows = w if columns is None else w.index_select(1, columns)
-            return rows.permute(1, 0, 2).reshape(-1, k * fan_out)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._packed_key != key:
-            self._packed_key, self._packed = key, {}
+        key = tuple((p.data_ptr(), p._version) for p in (*weights, *biases))
+        if self._cache_key != key:
+            self._cache_key, self._cached_layers = key, {}
         # Keyed by the columns tensor's identity; holding it keeps the id unique.  The
         # featurizer hands out one tensor per species combination, so few are cached.
-        cached = self._packed.get(id(columns))
+        cached = self._cached_layers.get(id(columns))
         if cached is None:
-            rows = w.detach() if columns is None else w.detach().index_select(1, columns)
-            cached = (columns, rows.permute(1, 0, 2).reshape(-1, k * fan_out).contiguous())
-            if len(self._packed) >= 16:
-                self._packed.pop(next(iter(self._packed)))
-            self._packed[id(columns)] = cached
-        return cached[1]
+            first = weights[0].detach() if columns is None else weights[0].detach().index_select(1, columns)
+            weights = [first.contiguous(), *(w.detach() for w in weights[1:])]
+            # Transposed copies too, for the backward's products: a transposed view costs
+            # 15–25 % more per product.
+            transposed = [w.transpose(1, 2).contiguous() for w in weights]
+            cached = (columns, weights, transposed, [b.detach() for b in biases])
+            if len(self._cached_layers) >= 16:
+                self._cached_layers.pop(next(iter(self._cached_layers)))
+            self._cached_layers[id(columns)] = cached
+        return cached[1:]
 
     def forward(self, features: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """features: (n, in), or (n, len(columns)) holding only those input columns."""
+        weights, biases = self._parameter_tensors()
+        if not self.training and not any(p.requires_grad for p in (*weights, *biases)):
+            # Frozen, in eval mode (serving): the written-out gradient.
+            return _FrozenMLP.apply(features, *self._frozen_layers(columns, weights, biases), self.celu_alpha,
+                                    self, columns)
+        return self.plain_forward(features, columns)
+
+    def plain_forward(self, features: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward pass by plain operations, differentiable in everything."""
         layers = iter(zip(self.weights, self.biases))  # (slicing a ParameterList builds a new Module)
-        w0, b0 = next(layers)
-        k, _, fan_out = w0.shape
-        x = (features @ self._first_layer(w0, columns)).reshape(-1, k, fan_out).transpose(0, 1) + b0
+        _, b0 = next(layers)
+        w0 = self._first_layer(columns)
+        # All k members in one batched product; the expanded input is a view, not a copy.
+        x = torch.baddbmm(b0, features.expand(w0.shape[0], *features.shape), w0)
         for w, b in layers:
             x = torch.baddbmm(b, F.celu(x, alpha=self.celu_alpha), w)
         return x.squeeze(-1)
+
+
+class _FrozenMLP(torch.autograd.Function):
+    """``EnsembleMLP.plain_forward`` of a frozen network, with the gradient with respect
+    to the features written out: z_l = a_(l−1) W_l + b_l, a_l = CELU(z_l), so
+    ∂E/∂a_(l−1) = (∂E/∂a_l ⊙ CELU'(z_l)) W_lᵀ, with CELU'(z) = exp(min(z, 0)/α).
+
+    Autograd would record and replay each layer's operations; this keeps the CELU
+    derivatives from the forward pass and runs one product per layer backward.  (Second
+    derivatives, should anyone ask, differentiate ``plain_forward`` instead.)
+    """
+
+    @staticmethod
+    def forward(ctx, features, weights, transposed, biases, alpha, mlp, columns):
+        x = torch.baddbmm(biases[0], features.expand(weights[0].shape[0], *features.shape), weights[0])
+        lib = kernels.library() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) else None
+        slopes = []
+        for w, b in zip(weights[1:], biases[1:]):
+            if lib is not None:  # both in one compiled pass
+                a, slope = kernels.celu_with_slope(lib, x, alpha)
+            else:
+                a, slope = F.celu(x, alpha=alpha), x.clamp(max=0).mul_(1 / alpha).exp_()
+            slopes.append(slope)
+            x = torch.baddbmm(b, a, w)
+        ctx.save_for_backward(features, *slopes)
+        ctx.transposed, ctx.mlp, ctx.columns = transposed, mlp, columns
+        return x.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, *slopes = ctx.saved_tensors
+        nothing = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph: through the saved input, whose history autograd kept
+            with torch.enable_grad():
+                energies = ctx.mlp.plain_forward(features, ctx.columns)
+                return torch.autograd.grad(energies, features, grad, create_graph=True)[0], *nothing
+        transposed = ctx.transposed
+        g = grad[:, :, None] * transposed[-1]  # ∂E/∂a of the last hidden layer, (k, n, width)
+        for w_t, slope in zip(reversed(transposed[:-1]), reversed(slopes)):
+            g = torch.bmm(g.mul_(slope), w_t)
+        return g.sum(0), *nothing
 
 
 class ElementNetworks(nn.Module):
@@ -111,9 +175,17 @@ class ElementNetworks(nn.Module):
 
     def forward(self, species: torch.Tensor, features: torch.Tensor,
                 columns: torch.Tensor | None = None) -> torch.Tensor:
-        energies = features.new_zeros(self.ensemble_size, species.shape[0])
-        for index, mlp in enumerate(self.mlps):
-            atoms = torch.nonzero(species == index).squeeze(1)
-            if len(atoms):
-                energies = energies.index_copy(1, atoms, mlp(features.index_select(0, atoms), columns))
-        return energies
+        # Atoms grouped by element with one sort, so each element's networks take a
+        # contiguous slice (a few operations in all, rather than a few per element).
+        counts = torch.bincount(species, minlength=len(self.mlps)).tolist()
+        order = torch.argsort(species, stable=True)
+        grouped = features.index_select(0, order)
+        parts, start = [], 0
+        for mlp, count in zip(self.mlps, counts):
+            if count:
+                parts.append(mlp(grouped[start:start + count], columns))
+            start += count
+        if not parts:
+            return features.new_zeros(self.ensemble_size, 0)
+        energies = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return torch.empty_like(energies).index_copy_(1, order, energies)

@@ -8,6 +8,7 @@ neighbours, and returns energies, forces and strain derivatives as float64 numpy
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -53,10 +54,16 @@ class ANIPotential(nn.Module):
         # moves totals by ~3e-6 Hartree per heavy atom.
         self.register_buffer("self_energies", torch.tensor([self_energies[e] for e in self.elements],
                                                            dtype=torch.float64), persistent=False)
-        table = torch.full((119,), -1, dtype=torch.long)
+        # Model species index of atomic numbers 0..119, clamped into that range: −1 for
+        # padding (0), out-of-range numbers (119) and elements the model lacks.
+        table = torch.full((120,), -1, dtype=torch.long)
         for index, element in enumerate(self.elements):
             table[NUMBERS[element]] = index
         self.register_buffer("species_of_number", table, persistent=False)
+        # Looked up on every call, where a parameters() walk costs tens of µs on a small
+        # molecule; refreshed by _apply (.to, .float(), .double(), .cuda()).
+        self._ensemble_size = networks.ensemble_size
+        self._dtype_device = (self.dtype, self.device)
 
     @property
     def cutoff(self) -> float:
@@ -64,7 +71,7 @@ class ANIPotential(nn.Module):
 
     @property
     def ensemble_size(self) -> int:
-        return self.networks.ensemble_size
+        return self._ensemble_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,17 +86,19 @@ class ANIPotential(nn.Module):
         sae = self.self_energies
         result = super()._apply(fn, recurse)
         self.self_energies = sae.to(device=self.species_of_number.device)
+        self._dtype_device = (self.dtype, self.device)
         return result
 
     def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
                 vectors: torch.Tensor, structure: torch.Tensor, num_structures: int,
-                centers: int | None = None) -> torch.Tensor:
+                centers: int | None = None, present: tuple[int, ...] | None = None) -> torch.Tensor:
         """Member energies (k, B) in Hartree, float64.
 
         species: (N,) model species indices; center/neighbor: (P,) pair atom indices,
         sorted by center; vectors: (P, 3) Å; structure: (N,) structure index of each atom.
         centers: count only the first ``centers`` atoms (the rest are neighbours that a
-        block of a large system needs for its pairs); default all.
+        block of a large system needs for its pairs); default all.  present: the sorted
+        species indices occurring in ``species``, when the caller knows them already.
         """
         features = self.featurizer(species, center, neighbor, vectors)
         # Features of species absent from the input (neighbours included) are zero: drop
@@ -97,7 +106,9 @@ class ANIPotential(nn.Module):
         # nonzero_columns).
         columns = None
         if hasattr(self.featurizer, "nonzero_columns"):
-            columns = self.featurizer.nonzero_columns(tuple(torch.unique(species).tolist()))
+            if present is None:
+                present = tuple(torch.unique(species).tolist())
+            columns = self.featurizer.nonzero_columns(present)
         if centers is not None:
             species, features, structure = species[:centers], features[:centers], structure[:centers]
         if columns is not None:
@@ -110,11 +121,12 @@ class ANIPotential(nn.Module):
     # ----------------------------------------------------------------- evaluation
     def species_indices(self, numbers: torch.Tensor) -> torch.Tensor:
         """Model species index of each atomic number; a clear error for unknown ones."""
-        if ((numbers < 1) | (numbers > 118)).any():
-            bad = numbers[(numbers < 1) | (numbers > 118)].unique().tolist()
-            raise ValueError(f"atomic numbers must be 1..118, got {bad}")
-        species = self.species_of_number[numbers]
+        numbers = torch.as_tensor(numbers, device=self.species_of_number.device)
+        species = self.species_of_number[numbers.clamp(0, 119)]
         if (species < 0).any():
+            if ((numbers < 1) | (numbers > 118)).any():
+                bad = numbers[(numbers < 1) | (numbers > 118)].unique().tolist()
+                raise ValueError(f"atomic numbers must be 1..118, got {bad}")
             bad = numbers[species < 0]
             counts = {symbol(int(z)): int((bad == z).sum()) for z in bad.unique()}
             listed = ", ".join(f"{s} ({n} atom{'s' * (n > 1)})" for s, n in counts.items())
@@ -132,38 +144,45 @@ class ANIPotential(nn.Module):
         pairs: neighbour lists to reuse, one per structure, from ``find_pairs`` or a
         ``NeighborList`` (a cutoff with a skin is fine: pairs beyond it are ignored).
         """
-        batch = _as_batch(numbers, positions, cell, self.device)
+        dtype, device = self._dtype_device
+        batch = _as_batch(numbers, positions, cell, device)
         num, pos64, cell64 = batch["numbers"], batch["positions"], batch["cell"]
-        real = num > 0
-        structure = torch.nonzero(real)[:, 0]
-        flat_numbers = num[real]
+        n_structures, width = num.shape
+        if batch["padded"]:
+            real = num > 0
+            structure = torch.nonzero(real)[:, 0]
+            flat_numbers, flat_pos64 = num[real], pos64[real]
+            counts = real.sum(1)
+            starts = (torch.cumsum(counts, 0) - counts).tolist()
+        else:  # every row full: flattening is a reshape
+            real = None
+            structure = (torch.zeros(width, dtype=torch.long, device=device) if n_structures == 1 else
+                         torch.arange(n_structures, device=device).repeat_interleave(width))
+            flat_numbers, flat_pos64 = num.reshape(-1), pos64.reshape(-1, 3)
+            starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
-        flat_pos64 = pos64[real]
-        counts = real.sum(1)
-        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
         if pairs is None:
             pairs = batch_pairs(num, pos64, cell64, self.cutoff)
         else:
             pairs = concatenate(pairs, starts)
-        center, neighbor = pairs.center, pairs.neighbor
 
-        dtype = self.dtype
         pos = flat_pos64.to(dtype).requires_grad_(True)
         inputs = [pos]
         strain = None
         if cell64 is not None:
-            strain = torch.zeros(len(num), 3, 3, dtype=dtype, device=pos.device, requires_grad=True)
+            strain = torch.zeros(n_structures, 3, 3, dtype=dtype, device=device, requires_grad=True)
             inputs.append(strain)
         k = self.ensemble_size
-        members = torch.zeros(k, len(num), dtype=torch.float64, device=pos.device)
+        members = torch.zeros(k, n_structures, dtype=torch.float64, device=device)
         grads = [torch.zeros_like(x) for x in inputs]
         member_grads = [[torch.zeros_like(x) for x in inputs] for _ in range(k)] if member_forces else None
         # Large systems go in blocks of whole center atoms, each differentiated on its
         # own and accumulated: memory stays bounded and the cost linear in atoms.
         for block in _blocks(pairs, structure, species, self.block_pairs):
             vectors = _displacements(pos, block, cell64, strain)
-            part = self.forward(block.species, block.center, block.neighbor, vectors, block.structure, len(num),
-                                centers=block.centers)
+            part = self.forward(block.species, block.center, block.neighbor, vectors, block.structure, n_structures,
+                                centers=block.centers, present=present)
             members += part.detach()
             for total, g in zip(grads, torch.autograd.grad(part.mean(0).sum(), inputs, retain_graph=member_forces)):
                 total += g
@@ -173,15 +192,16 @@ class ANIPotential(nn.Module):
                                                                              retain_graph=m + 1 < k)):
                         total += g
 
+        std, mean = torch.std_mean(members, dim=0, correction=0)
         result = Evaluation(
-            energy=members.mean(0).cpu().numpy(),
-            forces=_unflatten(-grads[0], real),
+            energy=mean.cpu().numpy(),
+            forces=_unflatten(-grads[0], real, num.shape),
             member_energies=members.T.cpu().numpy(),
-            energy_std=members.std(0, unbiased=False).cpu().numpy(),
+            energy_std=std.cpu().numpy(),
             strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
         )
         if member_forces:
-            result.member_forces = np.stack([_unflatten(-g[0], real) for g in member_grads], axis=1)
+            result.member_forces = np.stack([_unflatten(-g[0], real, num.shape) for g in member_grads], axis=1)
             if cell64 is not None:
                 result.member_strain_derivatives = np.stack(
                     [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1)
@@ -249,15 +269,20 @@ def _displacements(pos: torch.Tensor, block: _Block, cell64: torch.Tensor | None
     return torch.bmm(vectors[:, None, :], deform.index_select(0, pair_structure))[:, 0]
 
 
-def _unflatten(flat: torch.Tensor, real: torch.Tensor) -> np.ndarray:
-    out = torch.zeros(*real.shape, 3, dtype=torch.float64, device=flat.device)
-    out[real] = flat.detach().to(torch.float64)
-    return out.cpu().numpy()
+def _unflatten(flat: torch.Tensor, real: torch.Tensor | None, shape: torch.Size) -> np.ndarray:
+    """(atoms, 3) of the real atoms → (B, N, 3) float64, zero on padding (real: None
+    when there is none)."""
+    flat = flat.detach().to(torch.float64).cpu().numpy()
+    if real is None:
+        return flat.reshape(*shape, 3)
+    out = np.zeros((*shape, 3))
+    out[real.cpu().numpy()] = flat
+    return out
 
 
 def _first(result: Evaluation) -> Evaluation:
-    return Evaluation(**{f.name: (None if getattr(result, f.name) is None else getattr(result, f.name)[0])
-                         for f in dataclasses.fields(result)})
+    values = (getattr(result, f.name) for f in dataclasses.fields(result))
+    return Evaluation(*(None if value is None else value[0] for value in values))
 
 
 def _as_tensor(value, dtype, device, name):
@@ -280,12 +305,18 @@ def _as_batch(numbers, positions, cell, device) -> dict:
     if num.dim() != 2 or pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != num.shape:
         raise ValueError(f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
                          f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)")
-    if not torch.isfinite(pos).all():
+    # One reduction in the common case; the sum of finite positions can only overflow
+    # for coordinates near 1e308, which the element-wise test below then clears.
+    if not math.isfinite(float(pos.sum())) and not torch.isfinite(pos).all():
         bad = torch.nonzero(~torch.isfinite(pos).all(-1))
         where = ", ".join(f"atom {int(a)}" + (f" of structure {int(b)}" if not single else "") for b, a in bad[:5])
         raise ValueError(f"positions contain NaN or infinite values ({where})")
-    if (num[:, 0] <= 0).any() or ((num > 0).sum(1) == 0).any():
-        raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
+    padded = bool((num <= 0).any())
+    if padded:
+        if (num < 0).any():
+            raise ValueError(f"atomic numbers must be 1..118 (0 marks padding), got {num[num < 0].unique().tolist()}")
+        if (num[:, 0] == 0).any():
+            raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
     c = None
     if cell is not None:
         c = _as_tensor(cell, torch.float64, device, "cell")
@@ -301,4 +332,4 @@ def _as_batch(numbers, positions, cell, device) -> dict:
             raise ValueError(f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors "
                              f"must be linearly independent")
         c = c.contiguous()
-    return {"numbers": num, "positions": pos, "cell": c, "single": single}
+    return {"numbers": num, "positions": pos, "cell": c, "single": single, "padded": padded}

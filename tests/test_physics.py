@@ -162,15 +162,17 @@ def test_angular_terms_derivatives_written_out_are_exact():
     assert torch.autograd.gradgradcheck(lambda x: terms(x, b.detach()), (a,))
 
 
-def test_featurizer_modes_agree():
-    """Eval mode takes the written-out angular derivative, training mode autograd's chain
-    (which force training differentiates again): same features, same forces."""
+def test_featurizer_modes_agree(monkeypatch):
+    """Three ways to the same AEVs and forces: eval mode on the CPU takes the compiled
+    kernel; without it, the tensor version with the written-out angular derivative;
+    training mode, autograd's chain (which force training differentiates again)."""
     model = cached_model("ani-1ccx", "float64")
     x = torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64, requires_grad=True)
     species = model.species_indices(torch.tensor(ETHANOL_NUMBERS))
     pairs = find_pairs(x, model.cutoff)
     results = []
-    for training in (False, True):
+    for training, compiled in ((False, "on"), (False, "off"), (True, "on")):
+        monkeypatch.setenv("ANISERVE_KERNELS", compiled)
         model.featurizer.train(training)
         try:
             features = model.featurizer(species, pairs.center, pairs.neighbor, x[pairs.neighbor] - x[pairs.center])
@@ -178,8 +180,10 @@ def test_featurizer_modes_agree():
             results.append((features, *torch.autograd.grad((features * weights).sum(), x)))
         finally:
             model.featurizer.train(False)
-    assert torch.equal(results[0][0], results[1][0])
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-13)
+    assert "_AEVKernel" in results[0][0].grad_fn.name() and "_AEVKernel" not in results[1][0].grad_fn.name()
+    for features, forces in results[1:]:
+        torch.testing.assert_close(features, results[0][0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(forces, results[0][1], rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("periodic", [False, True])

@@ -155,7 +155,8 @@ def test_freeze_layers_option_and_range(pretrained):
 
 
 def test_delta_model_starts_equal_and_reloads(pretrained, dft_file, tmp_path):
-    base = load_saved(pretrained).eval()
+    # Frozen, as the delta model's base is, so both take the same (written-out) path.
+    base = load_saved(pretrained).eval().requires_grad_(False)
     delta, _ = transfer_model(load_saved(pretrained), "delta", {}, seed=0)
     batch = next(ANIData(dft_file, "wb97x_dz.energy").batches(8))
     from aniserve.training.trainer import predict

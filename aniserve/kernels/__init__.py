@@ -1,0 +1,179 @@
+"""Compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+The AEV featurizer's tensor version costs about a hundred small tensor operations per
+call, forward and backward, whatever the system's size; on a small molecule their fixed
+costs are most of the time, and on a large one the (triplets × 32) intermediate arrays
+are.  ``aev.cpp`` computes the same terms in one pass per center.  It is compiled once
+per source, compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
+``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through ctypes:
+no build step at install time and no dependency beyond a compiler.  Without one, or with
+``ANISERVE_KERNELS=off``, everything runs on the tensor version, which gives the same
+results (tested) and remains the one used for training (second derivatives) and on GPUs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+_SOURCES = sorted(pathlib.Path(__file__).parent.glob("*.cpp"))
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
+# Tried in turn until the compiler takes them: threads (OpenMP) and vector exp/pow from
+# glibc's libmvec (see aev.cpp), where those exist; threads alone; neither.
+_LIBMVEC = ["-DANISERVE_LIBMVEC", "-lmvec"] if platform.system() == "Linux" and platform.machine() == "x86_64" else []
+_OPTIONAL = [["-fopenmp", *_LIBMVEC], ["-fopenmp"], []]
+#: The longest AEV constant arrays (ShfR; ShfA and ShfZ) the kernel takes; every ANI
+#: model's fit.  Others run on the tensor version.
+MAX_RADIAL_SHIFTS, MAX_ANGULAR_SHIFTS = 16, 8
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+class _Constants(ctypes.Structure):
+    # The layout of ``Constants`` in aev.cpp.
+    _fields_ = [(name, ctypes.c_int64) for name in ("num_species", "num_shf_r", "num_shf_a", "num_shf_z",
+                                                    "num_pairs")] + \
+               [(name, ctypes.c_double) for name in ("Rcr", "Rca", "EtaR", "EtaA", "Zeta")] + \
+               [(name, ctypes.POINTER(ctypes.c_double)) for name in ("ShfR", "ShfA", "cos_z", "sin_z")] + \
+               [("pair_index", ctypes.POINTER(ctypes.c_int64))]
+
+
+def enabled() -> bool:
+    return os.environ.get("ANISERVE_KERNELS", "on").lower() not in ("off", "0", "no", "false")
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("ANISERVE_CACHE", pathlib.Path.home() / ".cache" / "aniserve")) / "kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native binds the library to the CPU it was built on.
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX", "c++")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in _SOURCES), compiler, version,
+                                    repr((_FLAGS, _OPTIONAL)), platform.machine(), _cpu_signature()]).encode())
+    target = cache_dir() / f"aniserve-kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes never load half a file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = pathlib.Path(tmp) / target.name
+            for extra in _OPTIONAL:
+                result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), *extra],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
+                raise RuntimeError(f"{compiler} failed on {', '.join(s.name for s in _SOURCES)}:\n"
+                                   f"{result.stderr[-2000:]}")
+            os.replace(built, target)
+    lib = ctypes.CDLL(str(target))
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in ("f32", "f64"):
+        forward, backward = getattr(lib, f"aev_forward_{suffix}"), getattr(lib, f"aev_backward_{suffix}")
+        forward.argtypes = [ctypes.POINTER(_Constants), i64, i64, pointer, pointer, pointer, pointer, pointer,
+                            ctypes.c_int]
+        backward.argtypes = [ctypes.POINTER(_Constants), i64, i64, pointer, pointer, pointer, pointer, pointer,
+                             pointer, ctypes.c_int]
+        forward.restype = backward.restype = ctypes.c_int
+    lib.celu_f32.argtypes = [i64, pointer, ctypes.c_float, pointer, pointer]
+    lib.celu_f64.argtypes = [i64, pointer, ctypes.c_double, pointer, pointer]
+    lib.celu_f32.restype = lib.celu_f64.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (kernels switched off, or no working compiler: then
+    one warning says why).  Called on every evaluation, so the loaded case is a lookup."""
+    if not enabled():
+        return None
+    try:
+        return _loaded["lib"]
+    except KeyError:
+        pass
+    with _lock:
+        if "lib" not in _loaded:
+            try:
+                _loaded["lib"] = _build()
+            except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+                warnings.warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations "
+                              f"(slower on CPU): {error}", RuntimeWarning, stacklevel=3)
+                _loaded["lib"] = None
+        return _loaded["lib"]
+
+
+class AEVKernelConstants:
+    """The AEV constants in the kernel's layout (arrays kept alive with the struct)."""
+
+    def __init__(self, num_species: int, num_pairs: int, Rcr: float, Rca: float, EtaR: float, EtaA: float,
+                 Zeta: float, ShfR, ShfA, ShfZ, pair_index: torch.Tensor):
+        as_array = lambda values: np.ascontiguousarray(np.asarray(values, dtype=np.float64).ravel())  # noqa: E731
+        shf_z = as_array(ShfZ)
+        self._arrays = [as_array(ShfR), as_array(ShfA), np.cos(shf_z), np.sin(shf_z)]
+        self._pair_index = np.ascontiguousarray(pair_index.cpu().numpy(), dtype=np.int64)
+        double_p = ctypes.POINTER(ctypes.c_double)
+        self.struct = _Constants(num_species, len(self._arrays[0]), len(self._arrays[1]), len(shf_z), num_pairs,
+                                 Rcr, Rca, EtaR, EtaA, Zeta,
+                                 *(a.ctypes.data_as(double_p) for a in self._arrays),
+                                 self._pair_index.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        self.width = num_species * len(self._arrays[0]) + num_pairs * len(self._arrays[1]) * len(shf_z)
+        self.fits = len(self._arrays[0]) <= MAX_RADIAL_SHIFTS and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise TypeError(f"the AEV kernel computes in float32 or float64, not {dtype}")
+
+
+def aev_forward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,
+                neighbor: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """AEVs (N, width) from species (N,), pairs sorted by center (P,), vectors (P, 3) Å."""
+    out = vectors.new_zeros(len(species), constants.width)
+    status = getattr(lib, f"aev_forward_{_suffix(vectors.dtype)}")(
+        ctypes.byref(constants.struct), len(species), len(center), species.data_ptr(), center.data_ptr(),
+        neighbor.data_ptr(), vectors.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError("AEV constant arrays longer than the compiled kernel allows")
+    return out
+
+
+def celu_with_slope(lib: ctypes.CDLL, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CELU(z) and its derivative, in one pass (z contiguous, on the CPU)."""
+    a, slope = torch.empty_like(z), torch.empty_like(z)
+    getattr(lib, f"celu_{_suffix(z.dtype)}")(z.numel(), z.data_ptr(), alpha, a.data_ptr(), slope.data_ptr())
+    return a, slope
+
+
+def aev_backward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,
+                 neighbor: torch.Tensor, vectors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient (P, 3) with respect to the vectors, given that of the AEVs (N, width)."""
+    grad = grad.to(vectors.dtype).contiguous()
+    out = torch.zeros_like(vectors)
+    status = getattr(lib, f"aev_backward_{_suffix(vectors.dtype)}")(
+        ctypes.byref(constants.struct), len(species), len(center), species.data_ptr(), center.data_ptr(),
+        neighbor.data_ptr(), vectors.data_ptr(), grad.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError("AEV constant arrays longer than the compiled kernel allows")
+    return out

@@ -1,0 +1,191 @@
+"""The compiled CPU kernels (aniserve/kernels) against the tensor operations they
+replace: the same AEVs, gradients and network outputs, every order of derivative still
+exact, and a clean fallback when no compiler is at hand."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aniserve import kernels
+from aniserve.networks import EnsembleMLP
+from aniserve.neighbors import find_pairs
+from aniserve.bench.speed import water_box
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
+
+
+def structures():
+    """(label, numbers, positions (N, 3), cell or None): a molecule, a periodic box with
+    enough pairs to split across threads, and a molecule with an isolated atom."""
+    numbers, positions, cell = water_box(4)
+    lone = np.array([*ETHANOL_POSITIONS, [30.0, 0.0, 0.0]])
+    return [("ethanol", ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS), None), ("water box", numbers, positions, cell),
+            ("ethanol + lone N", [*ETHANOL_NUMBERS, 7], lone, None)]
+
+
+def pair_vectors(model, numbers, positions, cell, dtype):
+    pos = torch.tensor(positions, dtype=torch.float64)
+    cell_t = None if cell is None else torch.tensor(cell, dtype=torch.float64)
+    pairs = find_pairs(pos, model.cutoff + 0.5, cell_t)  # with a skin: pairs beyond the cutoff are ignored
+    vectors = pos[pairs.neighbor] - pos[pairs.center]
+    if pairs.shift is not None:
+        vectors = vectors + pairs.shift @ cell_t
+    return model.species_indices(torch.tensor(numbers)), pairs, vectors.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["ani-1ccx", "ani-2x"])
+def test_aev_kernel_equals_tensor_version(name):
+    model = cached_model(name, "float64")
+    featurizer = model.featurizer
+    for label, numbers, positions, cell in structures():
+        species, pairs, vectors = pair_vectors(model, numbers, positions, cell, torch.float64)
+        grad_out = torch.randn(len(species), featurizer.output_width, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(0))
+        results = []
+        for forward in (featurizer.forward, featurizer.tensor_forward):
+            v = vectors.clone().requires_grad_(True)
+            aev = forward(species, pairs.center, pairs.neighbor, v)
+            results.append((aev, *torch.autograd.grad(aev, v, grad_out)))
+        assert results[0][0].grad_fn.name().endswith("_AEVKernelBackward"), label
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14, msg=label)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-11, atol=1e-12, msg=label)
+
+
+def test_aev_kernel_in_float32_is_as_accurate_as_the_tensor_version():
+    """Against float64, the kernel's float32 AEVs and gradients err no more than the
+    tensor version's float32 ones (within a factor for rounding luck)."""
+    exact, single = cached_model("ani-1ccx", "float64").featurizer, cached_model("ani-1ccx", "float32").featurizer
+    _, numbers, positions, cell = structures()[1]
+    species, pairs, vectors = pair_vectors(cached_model("ani-1ccx", "float64"), numbers, positions, cell,
+                                           torch.float64)
+    grad_out = torch.rand(len(species), exact.output_width, dtype=torch.float64)
+    v = vectors.clone().requires_grad_(True)
+    reference = exact.tensor_forward(species, pairs.center, pairs.neighbor, v)
+    reference_grad, = torch.autograd.grad(reference, v, grad_out)
+    errors = []
+    for forward in (single.forward, single.tensor_forward):
+        v = vectors.float().requires_grad_(True)
+        aev = forward(species, pairs.center, pairs.neighbor, v)
+        grad, = torch.autograd.grad(aev, v, grad_out.float())
+        errors.append(((aev.double() - reference).abs().max().item(), (grad.double() - reference_grad).abs().max().item()))
+    (aev_kernel, grad_kernel), (aev_tensor, grad_tensor) = errors
+    assert aev_kernel < 1e-5 and grad_kernel < 1e-4
+    assert aev_kernel <= 2 * aev_tensor and grad_kernel <= 2 * grad_tensor
+
+
+def test_aev_kernel_gradients_of_every_order():
+    """gradcheck of the kernel's written-out gradient; a second derivative (create_graph)
+    differentiates the tensor version, so gradgradcheck holds too."""
+    model = cached_model("ani-1ccx", "float64")
+    species, pairs, vectors = pair_vectors(model, ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS), None, torch.float64)
+    aev = lambda v: model.featurizer(species, pairs.center, pairs.neighbor, v)  # noqa: E731
+    v = vectors.clone().requires_grad_(True)
+    assert aev(v).grad_fn.name().endswith("_AEVKernelBackward")
+    assert torch.autograd.gradcheck(aev, (v,))
+    assert torch.autograd.gradgradcheck(aev, (v,))
+
+
+def test_aev_kernel_splits_work_across_threads_without_changing_a_bit():
+    model = cached_model("ani-1ccx", "float64")
+    _, numbers, positions, cell = structures()[1]
+    species, pairs, vectors = pair_vectors(model, numbers, positions, cell, torch.float64)
+    assert len(pairs) > 2 * 4096  # enough pairs for two threads
+    grad_out = torch.rand(len(species), model.featurizer.output_width, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            v = vectors.clone().requires_grad_(True)
+            aev = model.featurizer(species, pairs.center, pairs.neighbor, v)
+            results.append((aev, *torch.autograd.grad(aev, v, grad_out)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_frozen_networks_written_out_gradient_equals_autograd():
+    """Frozen networks in eval mode run _FrozenMLP (CELU and its slope from the compiled
+    kernel); trainable ones autograd's plain composition: same energies, same gradients,
+    and a second derivative through the frozen path is autograd's."""
+    torch.manual_seed(0)
+    mlp = EnsembleMLP([12, 10, 8, 6, 1], ensemble_size=3).double()
+    columns = torch.tensor([0, 2, 3, 5, 7, 11])
+    features = torch.randn(5, len(columns), dtype=torch.float64) * 3
+    weights = torch.rand(3, 5, dtype=torch.float64)
+
+    def energies_gradient_hessian_diagonal():
+        f = features.clone().requires_grad_(True)
+        energies = mlp(f, columns)
+        gradient, = torch.autograd.grad((energies * weights).sum(), f, retain_graph=True)
+        gradient_graph, = torch.autograd.grad((energies * weights).sum(), f, create_graph=True)
+        hessian, = torch.autograd.grad(gradient_graph.sum(), f)
+        return energies, gradient, hessian
+
+    mlp.requires_grad_(False).eval()
+    assert mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenMLPBackward")
+    frozen = energies_gradient_hessian_diagonal()
+    mlp.requires_grad_(True)
+    assert not mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenMLPBackward")
+    plain = energies_gradient_hessian_diagonal()
+
+    torch.testing.assert_close(frozen[0], plain[0], rtol=1e-13, atol=1e-14)
+    # torch's own CELU derivative scales by 1/α rounded to float32, even in float64
+    # (relative error ~1e-7 where z ≤ 0); the written-out one is exact.
+    torch.testing.assert_close(frozen[1], plain[1], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(frozen[2], plain[2], rtol=1e-12, atol=1e-13)  # both autograd's
+    mlp.requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda x: mlp(x, columns), (features.clone().requires_grad_(True),),
+                                    atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_celu_kernel_equals_torch(dtype):
+    lib = kernels.library()
+    z = torch.cat([torch.linspace(-8, 8, 4001, dtype=dtype), torch.tensor([0.0, -0.0, 1e-30, -1e-30], dtype=dtype)])
+    a, slope = kernels.celu_with_slope(lib, z, 0.1)
+    torch.testing.assert_close(a, F.celu(z, alpha=0.1), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    # Reference: exp of the same rounded argument, evaluated in float64 (not autograd's
+    # derivative: torch's rounds 1/α to float32 even in float64).
+    argument = z.clamp(max=0) * torch.tensor(1 / 0.1, dtype=dtype)
+    torch.testing.assert_close(slope, torch.exp(argument.double()).to(dtype), rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_evaluation_is_the_same_with_kernels_off(monkeypatch):
+    model = cached_model("ani-1ccx", "float64")
+    _, numbers, positions, cell = structures()[1]
+    compiled = model.evaluate(numbers, positions, cell)
+    monkeypatch.setenv("ANISERVE_KERNELS", "off")
+    assert kernels.library() is None
+    tensor = model.evaluate(numbers, positions, cell)
+    assert abs(compiled.energy - tensor.energy) < 1e-10
+    np.testing.assert_allclose(compiled.forces, tensor.forces, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(compiled.strain_derivative, tensor.strain_derivative, atol=1e-9, rtol=0)
+
+
+def test_without_a_compiler_one_warning_and_the_tensor_version(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernels unavailable"):
+        assert kernels.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.library() is None  # warned once
+        result = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    assert np.isfinite(result.energy)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
+    assert kernels.library() is not None
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.library() is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
