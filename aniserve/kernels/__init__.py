@@ -95,9 +95,10 @@ def _build() -> ctypes.CDLL:
         backward.argtypes = [ctypes.POINTER(_Constants), i64, i64, pointer, pointer, pointer, pointer, pointer,
                              pointer, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
-    lib.celu_f32.argtypes = [i64, pointer, ctypes.c_float, pointer, pointer]
-    lib.celu_f64.argtypes = [i64, pointer, ctypes.c_double, pointer, pointer]
-    lib.celu_f32.restype = lib.celu_f64.restype = None
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        mlp = getattr(lib, f"mlp_{suffix}")
+        mlp.argtypes = [i64, i64, pointer, pointer, pointer, real, i64, pointer, pointer, pointer, ctypes.c_int]
+        mlp.restype = None
     return lib
 
 
@@ -159,11 +160,32 @@ def aev_forward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.
     return out
 
 
-def celu_with_slope(lib: ctypes.CDLL, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """CELU(z) and its derivative, in one pass (z contiguous, on the CPU)."""
-    a, slope = torch.empty_like(z), torch.empty_like(z)
-    getattr(lib, f"celu_{_suffix(z.dtype)}")(z.numel(), z.data_ptr(), alpha, a.data_ptr(), slope.data_ptr())
-    return a, slope
+class MLPKernelLayers:
+    """A frozen ensemble's layers as the MLP kernel reads them: contiguous weights (k, in,
+    out) and biases (k, 1, out), and arrays of their addresses (the tensors are kept
+    alive here)."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]):
+        self.tensors = [t.contiguous() for t in (*weights, *biases)]
+        layers = len(weights)
+        array = ctypes.c_void_p * layers
+        self.weights = array(*(t.data_ptr() for t in self.tensors[:layers]))
+        self.biases = array(*(t.data_ptr() for t in self.tensors[layers:]))
+        self.sizes = np.array([weights[0].shape[1], *(w.shape[2] for w in weights)], dtype=np.int64)
+        self.layers, self.members, self.dtype = layers, weights[0].shape[0], weights[0].dtype
+
+
+def mlp(lib: ctypes.CDLL, layers: MLPKernelLayers, features: torch.Tensor, alpha: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features (n, in)."""
+    features = features.to(layers.dtype).contiguous()
+    n = features.shape[0]
+    energies = features.new_empty(layers.members, n)
+    gradients = features.new_empty(layers.members, n, features.shape[1])
+    getattr(lib, f"mlp_{_suffix(layers.dtype)}")(
+        layers.members, layers.layers, layers.sizes.ctypes.data, layers.weights, layers.biases,
+        alpha, n, features.data_ptr(), energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
+    return energies, gradients
 
 
 def aev_backward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,

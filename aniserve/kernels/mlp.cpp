@@ -1,0 +1,240 @@
+// A frozen element network's ensemble, forward and input gradient in one call.
+//
+// For each member m and atom i: the energy E_mi of the MLP (CELU hidden layers, linear
+// output) and J_mi = ∂E_mi/∂x_i, the gradient with respect to that atom's features.
+// aniserve/networks.py (_FrozenMLP) turns J into the backward pass: ∂L/∂x_i =
+// Σ_m (∂L/∂E_mi) J_mi.  Computing J during the forward pass lets a small molecule's
+// whole network evaluation run here, as a few register-blocked matrix products per
+// layer, without the fixed cost of a library call per product.
+//
+// Work is split into (member, block of kRows atoms) tasks across torch's OpenMP threads
+// (see aev.cpp); each task owns its rows of E and J.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef ANISERVE_LIBMVEC
+extern "C" {  // vector variants in libmvec (see aev.cpp)
+float expf(float) __attribute__((simd("notinbranch")));
+float expm1f(float) __attribute__((simd("notinbranch")));
+double exp(double) __attribute__((simd("notinbranch")));
+double expm1(double) __attribute__((simd("notinbranch")));
+}
+#endif
+
+namespace {
+
+constexpr int kRows = 6;  // atoms per task: the rows of a register block
+
+// Explicit vectors (GCC/Clang extension): 32 bytes, one AVX register where there is AVX.
+template <typename T>
+struct Vector {
+    typedef T type __attribute__((vector_size(32)));
+    typedef T unaligned __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
+    static constexpr int width = 32 / sizeof(T);
+    static type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+    static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+};
+
+// C[r, :] = bias + A[r, :] B for r < kRows; A (kRows, K) with row stride lda, B (K, N)
+// row-major, C (kRows, N) with row stride ldc.  A register block of kRows × (V vectors)
+// accumulates over all of K; N must be a multiple of V vectors.
+template <typename T, int V>
+void product(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+    typedef Vector<T> Vec;
+    typedef typename Vec::type vec;
+    constexpr int W = Vec::width;
+    for (int64_t c0 = 0; c0 < N; c0 += V * W) {
+        vec acc[kRows][V];
+        for (int j = 0; j < V; ++j) {
+            const vec start = bias ? Vec::load(bias + c0 + j * W) : vec{};
+            for (int r = 0; r < kRows; ++r) acc[r][j] = start;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            vec b[V];
+            for (int j = 0; j < V; ++j) b[j] = Vec::load(B + k * N + c0 + j * W);
+            for (int r = 0; r < kRows; ++r) {
+                const T a = A[r * lda + k];
+                for (int j = 0; j < V; ++j) acc[r][j] += a * b[j];
+            }
+        }
+        for (int r = 0; r < kRows; ++r)
+            for (int j = 0; j < V; ++j) Vec::store(C + r * ldc + c0 + j * W, acc[r][j]);
+    }
+}
+
+// The same, one column at a time, for widths that are not a multiple of a vector.
+template <typename T>
+void product_scalar(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+    for (int r = 0; r < kRows; ++r)
+        for (int64_t c = 0; c < N; ++c) {
+            T acc = bias ? bias[c] : T(0);
+            for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[k * N + c];
+            C[r * ldc + c] = acc;
+        }
+}
+
+template <typename T>
+void product_any(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+    constexpr int W = Vector<T>::width;
+    if (N % (2 * W) == 0) return product<T, 2>(K, N, A, lda, B, bias, C, ldc);
+    if (N % W == 0) return product<T, 1>(K, N, A, lda, B, bias, C, ldc);
+    return product_scalar<T>(K, N, A, lda, B, bias, C, ldc);
+}
+
+// C[r, c] = Σ_k A[r, k] B[c, k] for r < kRows: A (kRows, K) with row stride lda, B (N, K)
+// row-major, C (kRows, N) with row stride ldc.  The backward pass's product with a
+// layer's transpose, reading the weights as stored, along their rows: the forward pass
+// has just brought them into cache, and no transposed copy need exist.
+template <typename T>
+void product_transposed(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, T* C, int64_t ldc) {
+    typedef Vector<T> Vec;
+    typedef typename Vec::type vec;
+    constexpr int W = Vec::width;
+    if (K % W != 0) {  // widths that are not a multiple of a vector: one term at a time
+        for (int r = 0; r < kRows; ++r)
+            for (int64_t c = 0; c < N; ++c) {
+                T acc = 0;
+                for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[c * K + k];
+                C[r * ldc + c] = acc;
+            }
+        return;
+    }
+    auto sum = [](vec v) {
+        T total = 0;
+        for (int i = 0; i < W; ++i) total += v[i];
+        return total;
+    };
+    int64_t c = 0;
+    for (; c + 2 <= N; c += 2) {
+        vec acc[kRows][2] = {};
+        for (int64_t k = 0; k < K; k += W) {
+            const vec b0 = Vec::load(B + c * K + k), b1 = Vec::load(B + (c + 1) * K + k);
+            for (int r = 0; r < kRows; ++r) {
+                const vec a = Vec::load(A + r * lda + k);
+                acc[r][0] += a * b0;
+                acc[r][1] += a * b1;
+            }
+        }
+        for (int r = 0; r < kRows; ++r) C[r * ldc + c] = sum(acc[r][0]), C[r * ldc + c + 1] = sum(acc[r][1]);
+    }
+    for (; c < N; ++c) {
+        vec acc[kRows] = {};
+        for (int64_t k = 0; k < K; k += W) {
+            const vec b = Vec::load(B + c * K + k);
+            for (int r = 0; r < kRows; ++r) acc[r] += Vec::load(A + r * lda + k) * b;
+        }
+        for (int r = 0; r < kRows; ++r) C[r * ldc + c] = sum(acc[r]);
+    }
+}
+
+// In place: z → CELU(z); slope ← CELU'(z) = exp(min(z, 0)/α).
+template <typename T>
+void celu(int64_t n, T* __restrict z, T alpha, T* __restrict slope) {
+    const T inverse = T(1) / alpha;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const T zi = z[i];
+        const T negative = (zi < 0 ? zi : T(0)) * inverse;
+        z[i] = (zi > 0 ? zi : T(0)) + alpha * std::expm1(negative);
+        slope[i] = std::exp(negative);
+    }
+}
+
+template <typename T>
+struct Network {
+    int64_t members, layers;   // layers counts the output layer
+    const int64_t* sizes;      // (layers + 1,): input width, hidden widths, 1
+    const T* const* weights;   // per layer: (members, in, out)
+    const T* const* biases;    // per layer: (members, out)
+    T alpha;
+};
+
+// One task: member m, atoms [i0, i0 + rows).
+template <typename T>
+void task(const Network<T>& net, int64_t m, int64_t i0, int64_t rows, const T* features, T* energies,
+          T* gradients, int64_t n) {
+    const int64_t L = net.layers, in = net.sizes[0];
+    int64_t widest = 0;
+    for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, net.sizes[l]);
+    // Activations and CELU slopes of every hidden layer, kRows rows each (rows past the
+    // molecule's end are zero and ignored).
+    std::vector<T> x(kRows * in, T(0)), slopes(kRows * widest * L), acts(kRows * widest * L), g(kRows * widest),
+        h(kRows * widest);
+    std::memcpy(x.data(), features + i0 * in, sizeof(T) * rows * in);
+    const T* a = x.data();
+    int64_t lda = in;
+    for (int64_t l = 0; l + 1 < L; ++l) {
+        const int64_t K = net.sizes[l], N = net.sizes[l + 1];
+        T* z = acts.data() + l * kRows * widest;
+        product_any<T>(K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
+        for (int r = 0; r < kRows; ++r) celu(N, z + r * widest, net.alpha, slopes.data() + l * kRows * widest + r * widest);
+        a = z;
+        lda = widest;
+    }
+    // Output layer (one unit): E = a·w + b, and ∂E/∂a = w.
+    const int64_t K = net.sizes[L - 1];
+    const T* w = net.weights[L - 1] + m * K;
+    const T b = net.biases[L - 1][m];
+    for (int64_t r = 0; r < rows; ++r) {
+        T e = b;
+        for (int64_t k = 0; k < K; ++k) e += a[r * lda + k] * w[k];
+        energies[m * n + i0 + r] = e;
+    }
+    if (L == 1) {  // no hidden layer: ∂E/∂x = w
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(gradients + (m * n + i0 + r) * in, w, sizeof(T) * in);
+        return;
+    }
+    // Backward through the hidden layers: ∂E/∂a_(l−1) = (∂E/∂a_l ⊙ slope_l) W_lᵀ.
+    for (int r = 0; r < kRows; ++r)
+        for (int64_t k = 0; k < K; ++k) g[r * widest + k] = w[k];
+    for (int64_t l = L - 2; l >= 0; --l) {
+        const int64_t K_in = net.sizes[l], N_out = net.sizes[l + 1];
+        const T* s = slopes.data() + l * kRows * widest;
+        for (int r = 0; r < kRows; ++r)
+            for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
+        const T* Wl = net.weights[l] + m * K_in * N_out;  // (in, out)
+        if (l == 0) {
+            std::vector<T> out(kRows * K_in);
+            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, out.data(), K_in);
+            std::memcpy(gradients + (m * n + i0) * K_in, out.data(), sizeof(T) * rows * K_in);
+        } else {
+            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, h.data(), widest);
+            std::swap(g, h);
+        }
+    }
+}
+
+template <typename T>
+void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gradients, int threads) {
+    const int64_t blocks = (n + kRows - 1) / kRows, tasks = net.members * blocks;
+    // Threads pay off from a few tasks of a typical ANI network.
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks / 4)));
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t m = t / blocks, i0 = (t % blocks) * kRows;
+        task(net, m, i0, std::min<int64_t>(kRows, n - i0), features, energies, gradients, n);
+    }
+}
+
+}  // namespace
+
+// features (n, sizes[0]); energies (members, n); gradients (members, n, sizes[0]).
+extern "C" {
+
+void mlp_f32(int64_t members, int64_t layers, const int64_t* sizes, const float* const* weights,
+             const float* const* biases, float alpha, int64_t n, const float* features, float* energies,
+             float* gradients, int threads) {
+    run(Network<float>{members, layers, sizes, weights, biases, alpha}, n, features, energies, gradients, threads);
+}
+
+void mlp_f64(int64_t members, int64_t layers, const int64_t* sizes, const double* const* weights,
+             const double* const* biases, double alpha, int64_t n, const double* features, double* energies,
+             double* gradients, int threads) {
+    run(Network<double>{members, layers, sizes, weights, biases, alpha}, n, features, energies, gradients, threads);
+}
+
+}  // extern "C"
