@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from aniserve import kernels
+
 #: Below this many atoms a dense distance matrix beats a cell list.
 _DENSE_LIMIT = 256
 #: Queries per chunk of the cell-list search.
@@ -48,7 +50,7 @@ def find_pairs(positions: torch.Tensor, cutoff: float, cell: torch.Tensor | None
         if cell is None:
             if len(pos) <= _DENSE_LIMIT:
                 return _dense_pairs(pos, cutoff)
-            center, neighbor, _ = _cell_list(pos, pos, torch.arange(len(pos), device=pos.device), cutoff)
+            center, neighbor = _cell_list(pos, pos, torch.arange(len(pos), device=pos.device), cutoff)
             return Pairs(center, neighbor, None)
         return _periodic_pairs(pos, cell.detach().to(torch.float64), cutoff)
 
@@ -81,8 +83,8 @@ def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pai
     image_offset = offsets.repeat_interleave(len(pos), dim=0)
     keep = ((image_frac >= -reach) & (image_frac < 1 + reach)).all(dim=1)
     image_frac, image_atom, image_offset = image_frac[keep], image_atom[keep], image_offset[keep]
-    center, source, _ = _cell_list(frac @ cell, image_frac @ cell, image_atom, cutoff,
-                                   is_self=lambda q, s: (image_atom[s] == q) & (image_offset[s] == 0).all(1))
+    center, source = _cell_list(frac @ cell, image_frac @ cell, image_atom, cutoff,
+                                central=(image_offset == 0).all(1))
     neighbor = image_atom[source]
     # Back to the caller's (unwrapped) positions: r_j' = r_j + w_j·cell.
     shift = image_offset[source] + wrap[neighbor] - wrap[center]
@@ -90,12 +92,19 @@ def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pai
 
 
 def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.Tensor, cutoff: float,
-               is_self=None):
+               central: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (query q, source s) within cutoff, by binning sources into cubes of side cutoff.
 
-    Bins are hashed (sorted unique ids), so sparse or far-flung systems need no dense
-    grid.  Returns (query index, source index, distance²), sorted by query.
+    A source is query q's own atom where ``source_atom[s] == q`` and ``central[s]`` (the
+    periodic search's sources are images: only the unshifted one is the atom itself; all
+    are central when None); those pairs are left out.  Bins are hashed (sorted unique
+    ids), so sparse or far-flung systems need no dense grid.  Returns (query index,
+    source index), sorted by query.  On a CPU with the compiled kernels
+    (kernels/neighbors.cpp), the same search there.
     """
+    lib = kernels.library() if queries.device.type == "cpu" else None
+    if lib is not None:
+        return kernels.cell_list(lib, queries, sources, source_atom, central, cutoff)
     origin = sources.min(dim=0).values
     q_bin = torch.floor((queries - origin) / cutoff).long() + 1  # +1: offsets never go negative
     s_bin = torch.floor((sources - origin) / cutoff).long() + 1
@@ -121,11 +130,11 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
         source = order[start.repeat_interleave(count, output_size=total) + local]
         d2 = (sources[source] - queries[query]).pow(2).sum(-1)
         keep = d2 <= cutoff * cutoff
-        if is_self is None:
+        if central is None:
             keep &= source_atom[source] != query
         else:
-            keep &= ~is_self(query, source)
-        return query[keep], source[keep], d2[keep]
+            keep &= (source_atom[source] != query) | ~central[source]
+        return query[keep], source[keep]
 
     # Queries in chunks, so the candidate arrays (~400 per query) stay cache-sized and
     # the search linear in atoms.  Results come out sorted by query (stable for triplets).

@@ -207,3 +207,26 @@ def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.library() is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+
+
+def test_neighbour_search_kernel_finds_the_same_pairs(monkeypatch):
+    """The compiled cell list against the tensor one: the same (center, neighbour, image)
+    set, sorted by center, for a large molecule (cell list, no images), a triclinic box
+    and a cell shorter than the cutoff (an atom sees its own images)."""
+    rng = np.random.default_rng(3)
+    numbers, positions, cell = water_box(6)
+    skew = np.array([[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [-0.2, 0.25, 1.0]])
+    cases = [(rng.uniform(0, 22, (400, 3)), None),
+             (positions @ skew, cell @ skew),
+             (rng.uniform(0, 3, (5, 3)), np.array([[3.1, 0.0, 0.0], [0.7, 2.9, 0.0], [0.4, -0.6, 3.3]]))]
+    for positions, cell in cases:
+        pos = torch.tensor(positions, dtype=torch.float64)
+        cell_t = None if cell is None else torch.tensor(cell, dtype=torch.float64)
+        found = []
+        for compiled in ("on", "off"):
+            monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+            pairs = find_pairs(pos, 5.2, cell_t)
+            assert torch.all(pairs.center[1:] >= pairs.center[:-1])
+            shift = torch.zeros(len(pairs), 3) if pairs.shift is None else pairs.shift
+            found.append(sorted(zip(pairs.center.tolist(), pairs.neighbor.tolist(), map(tuple, shift.tolist()))))
+        assert found[0] == found[1] and len(found[0]) > 0

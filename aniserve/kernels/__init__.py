@@ -1,14 +1,16 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-The AEV featurizer's tensor version costs about a hundred small tensor operations per
-call, forward and backward, whatever the system's size; on a small molecule their fixed
-costs are most of the time, and on a large one the (triplets × 32) intermediate arrays
-are.  ``aev.cpp`` computes the same terms in one pass per center.  It is compiled once
-per source, compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
-``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through ctypes:
-no build step at install time and no dependency beyond a compiler.  Without one, or with
-``ANISERVE_KERNELS=off``, everything runs on the tensor version, which gives the same
-results (tested) and remains the one used for training (second derivatives) and on GPUs.
+On a small molecule the tensor versions of the AEVs and the networks cost a few hundred
+small operations, each with its fixed cost, and on a large system the AEVs' (triplets ×
+32) intermediate arrays.  Here, in C++: ``aev.cpp`` (the AEVs and their gradient, one
+pass per center), ``mlp.cpp`` (a frozen element ensemble's energies and input
+gradients, one call) and ``neighbors.cpp`` (the cell-list pair search).  The library is
+compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
+``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through
+ctypes: no build step at install time and no dependency beyond a compiler.  Without
+one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions, which give
+the same results (tested) and remain the ones used for training (second derivatives)
+and on GPUs.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def _build() -> ctypes.CDLL:
         mlp = getattr(lib, f"mlp_{suffix}")
         mlp.argtypes = [i64, i64, pointer, pointer, pointer, real, i64, pointer, pointer, pointer, ctypes.c_int]
         mlp.restype = None
+    lib.neighbors_cell_list.argtypes = [i64, pointer, i64, pointer, pointer, pointer, ctypes.c_double, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))]
+    lib.neighbors_cell_list.restype = i64
+    lib.neighbors_free.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.neighbors_free.restype = None
     return lib
 
 
@@ -199,3 +206,25 @@ def aev_backward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch
     if status:
         raise ValueError("AEV constant arrays longer than the compiled kernel allows")
     return out
+
+
+def cell_list(lib: ctypes.CDLL, queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.Tensor,
+              central: torch.Tensor | None, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, source) index pairs within ``cutoff``, sorted by query, without a query's
+    own atom (``source_atom[s] == q`` where ``central[s]``; all sources central when
+    None).  queries (Q, 3), sources (S, 3) Å, float64 on the CPU."""
+    queries, sources = queries.to(torch.float64).contiguous(), sources.to(torch.float64).contiguous()
+    source_atom = source_atom.long().contiguous()
+    central = (torch.ones(len(sources), dtype=torch.uint8) if central is None else central.to(torch.uint8).contiguous())
+    found = ctypes.POINTER(ctypes.c_int64)()
+    total = lib.neighbors_cell_list(len(queries), queries.data_ptr(), len(sources), sources.data_ptr(),
+                                    source_atom.data_ptr(), central.data_ptr(), cutoff, torch.get_num_threads(),
+                                    ctypes.byref(found))
+    if total < 0:
+        raise MemoryError("out of memory in the neighbour search")
+    try:
+        pairs = (torch.from_numpy(np.ctypeslib.as_array(found, shape=(2, total)).copy()) if total
+                 else torch.zeros(2, 0, dtype=torch.long))
+    finally:
+        lib.neighbors_free(found)
+    return pairs[0], pairs[1]
