@@ -98,7 +98,8 @@ class ANIPotential(nn.Module):
         sorted by center; vectors: (P, 3) Å; structure: (N,) structure index of each atom.
         centers: count only the first ``centers`` atoms (the rest are neighbours that a
         block of a large system needs for its pairs); default all.  present: the sorted
-        species indices occurring in ``species``, when the caller knows them already.
+        species indices occurring in ``species``, when the caller knows them already (a
+        superset is fine: it only keeps more feature columns).
         """
         features = self.featurizer(species, center, neighbor, vectors)
         # Features of species absent from the input (neighbours included) are zero: drop

@@ -230,3 +230,17 @@ def test_neighbour_search_kernel_finds_the_same_pairs(monkeypatch):
             shift = torch.zeros(len(pairs), 3) if pairs.shift is None else pairs.shift
             found.append(sorted(zip(pairs.center.tolist(), pairs.neighbor.tolist(), map(tuple, shift.tolist()))))
         assert found[0] == found[1] and len(found[0]) > 0
+
+
+def test_structures_without_pairs(monkeypatch):
+    """A lone atom, and a periodic box whose atoms are all beyond each other's cutoff:
+    the kernels see no pairs at all; energies equal the tensor path's, forces are zero."""
+    model = cached_model("ani-1ccx", "float64")
+    cases = [([8], [[0.0, 0.0, 0.0]], None), ([1, 6], [[0.0, 0.0, 0.0], [9.0, 9.0, 9.0]], np.eye(3) * 18.0)]
+    for numbers, positions, cell in cases:
+        results = []
+        for compiled in ("on", "off"):
+            monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+            results.append(model.evaluate(numbers, positions, cell))
+        assert abs(results[0].energy - results[1].energy) < 1e-12
+        assert np.all(results[0].forces == 0)
