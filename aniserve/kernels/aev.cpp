@@ -42,7 +42,7 @@ struct Constants {
 
 // Transcendental functions are evaluated over fixed-width lanes (the constant arrays
 // padded with harmless values), so that the compiler turns each loop into a few vector
-// calls of glibc's libmvec where it is declared below; a model's arrays must fit.
+// calls of glibc's libmvec where it is declared above; a model's arrays must fit.
 // ANI-1x, ANI-1ccx: 16 ShfR, 4 ShfA, 8 ShfZ; ANI-2x: 16, 8, 4.
 constexpr int kRadialLanes = 16;
 constexpr int kLanes = 8;  // ShfA and ShfZ
