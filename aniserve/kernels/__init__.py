@@ -124,7 +124,7 @@ def library() -> ctypes.CDLL | None:
                 _loaded["lib"] = _build()
             except (OSError, subprocess.SubprocessError, RuntimeError) as error:
                 warnings.warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations "
-                              f"(slower on CPU): {error}", RuntimeWarning, stacklevel=3)
+                              f"(slower on CPU): {error}", RuntimeWarning, stacklevel=2)
                 _loaded["lib"] = None
         return _loaded["lib"]
 
