@@ -244,3 +244,22 @@ def test_structures_without_pairs(monkeypatch):
             results.append(model.evaluate(numbers, positions, cell))
         assert abs(results[0].energy - results[1].energy) < 1e-12
         assert np.all(results[0].forces == 0)
+
+
+def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypatch, tmp_path):
+    """The plainest build (what a compiler without OpenMP, or a glibc without libmvec,
+    falls back to) compiles and computes the same numbers."""
+    model = cached_model("ani-1ccx", "float64")
+    _, numbers, positions, cell = structures()[1]
+    monkeypatch.setenv("ANISERVE_KERNELS", "off")
+    tensor = model.evaluate(numbers, positions, cell)
+    monkeypatch.setenv("ANISERVE_KERNELS", "on")
+    monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_OPTIONAL", [[]])
+    monkeypatch.setattr(kernels, "_loaded", {})
+    lib = kernels.library()
+    assert lib is not None and str(tmp_path) in lib._name
+    plain = model.evaluate(numbers, positions, cell)
+    assert abs(plain.energy - tensor.energy) < 1e-10
+    np.testing.assert_allclose(plain.forces, tensor.forces, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(plain.strain_derivative, tensor.strain_derivative, atol=1e-9, rtol=0)
