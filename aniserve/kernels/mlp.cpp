@@ -153,19 +153,34 @@ struct Network {
     T alpha;
 };
 
+// Per-thread buffers, kRows rows each: the task's inputs, every hidden layer's
+// activations and CELU slopes, and the backward pass's gradients.
+template <typename T>
+struct Workspace {
+    int64_t widest = 0;
+    std::vector<T> x, slopes, acts, g, h, out;
+
+    explicit Workspace(const Network<T>& net) {
+        for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
+        x.resize(kRows * net.sizes[0]);
+        slopes.resize(kRows * widest * net.layers);
+        acts.resize(kRows * widest * net.layers);
+        g.resize(kRows * widest);
+        h.resize(kRows * widest);
+        out.resize(kRows * net.sizes[0]);
+    }
+};
+
 // One task: member m, atoms [i0, i0 + rows).
 template <typename T>
-void task(const Network<T>& net, int64_t m, int64_t i0, int64_t rows, const T* features, T* energies,
-          T* gradients, int64_t n) {
-    const int64_t L = net.layers, in = net.sizes[0];
-    int64_t widest = 0;
-    for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, net.sizes[l]);
-    // Activations and CELU slopes of every hidden layer, kRows rows each (rows past the
-    // molecule's end are zero and ignored).
-    std::vector<T> x(kRows * in, T(0)), slopes(kRows * widest * L), acts(kRows * widest * L), g(kRows * widest),
-        h(kRows * widest);
-    std::memcpy(x.data(), features + i0 * in, sizeof(T) * rows * in);
-    const T* a = x.data();
+void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features,
+          T* energies, T* gradients, int64_t n) {
+    const int64_t L = net.layers, in = net.sizes[0], widest = work.widest;
+    // Rows past the molecule's end are zero and their results ignored.
+    std::memcpy(work.x.data(), features + i0 * in, sizeof(T) * rows * in);
+    std::fill(work.x.begin() + rows * in, work.x.end(), T(0));
+    std::vector<T>&slopes = work.slopes, &acts = work.acts, &g = work.g, &h = work.h;
+    const T* a = work.x.data();
     int64_t lda = in;
     for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t K = net.sizes[l], N = net.sizes[l + 1];
@@ -198,9 +213,8 @@ void task(const Network<T>& net, int64_t m, int64_t i0, int64_t rows, const T* f
             for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
         const T* Wl = net.weights[l] + m * K_in * N_out;  // (in, out)
         if (l == 0) {
-            std::vector<T> out(kRows * K_in);
-            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, out.data(), K_in);
-            std::memcpy(gradients + (m * n + i0) * K_in, out.data(), sizeof(T) * rows * K_in);
+            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, work.out.data(), K_in);
+            std::memcpy(gradients + (m * n + i0) * K_in, work.out.data(), sizeof(T) * rows * K_in);
         } else {
             product_transposed<T>(N_out, K_in, g.data(), widest, Wl, h.data(), widest);
             std::swap(g, h);
@@ -213,10 +227,14 @@ void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gr
     const int64_t blocks = (n + kRows - 1) / kRows, tasks = net.members * blocks;
     // Threads pay off from a few tasks of a typical ANI network.
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks / 4)));
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t m = t / blocks, i0 = (t % blocks) * kRows;
-        task(net, m, i0, std::min<int64_t>(kRows, n - i0), features, energies, gradients, n);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Workspace<T> work(net);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t m = t / blocks, i0 = (t % blocks) * kRows;
+            task(net, work, m, i0, std::min<int64_t>(kRows, n - i0), features, energies, gradients, n);
+        }
     }
 }
 
