@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 _SOURCES = sorted(pathlib.Path(__file__).parent.glob("*.cpp"))
+_HEADERS = sorted(pathlib.Path(__file__).parent.glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
 # Tried in turn until the compiler takes them: threads (OpenMP) and vector exp/pow from
-# glibc's libmvec (see aev.cpp), where those exist; threads alone; neither.
+# glibc's libmvec (see vector_math.h), where those exist; threads alone; neither.
 _LIBMVEC = ["-DANISERVE_LIBMVEC", "-lmvec"] if platform.system() == "Linux" and platform.machine() == "x86_64" else []
 _OPTIONAL = [["-fopenmp", *_LIBMVEC], ["-fopenmp"], []]
 #: The longest AEV constant arrays (ShfR; ShfA and ShfZ) the kernel takes; every ANI
@@ -71,7 +72,7 @@ def _cpu_signature() -> str:
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in _SOURCES), compiler, version,
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in (*_SOURCES, *_HEADERS)), compiler, version,
                                     repr((_FLAGS, _OPTIONAL)), platform.machine(), _cpu_signature()]).encode())
     target = cache_dir() / f"aniserve-kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -144,7 +145,8 @@ class AEVKernelConstants:
                                  *(a.ctypes.data_as(double_p) for a in self._arrays),
                                  self._pair_index.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
         self.width = num_species * len(self._arrays[0]) + num_pairs * len(self._arrays[1]) * len(shf_z)
-        self.fits = len(self._arrays[0]) <= MAX_RADIAL_SHIFTS and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS
+        self.fits = (len(self._arrays[0]) <= MAX_RADIAL_SHIFTS
+                     and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS)
 
 
 def _suffix(dtype: torch.dtype) -> str:

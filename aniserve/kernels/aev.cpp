@@ -15,18 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef ANISERVE_LIBMVEC
-// What glibc's <math.h> declares only under -ffast-math: these functions have vector
-// variants in libmvec (glibc ≥ 2.22, x86-64), accurate to a few ulp like the scalar
-// ones.  With -fno-math-errno this lets loops over them vectorize, without the rest of
-// -ffast-math (reassociation, no NaNs, flushed denormals).
-extern "C" {
-float expf(float) __attribute__((simd("notinbranch")));
-float powf(float, float) __attribute__((simd("notinbranch")));
-double exp(double) __attribute__((simd("notinbranch")));
-double pow(double, double) __attribute__((simd("notinbranch")));
-}
-#endif
+#include "vector_math.h"
 
 namespace {
 
@@ -42,7 +31,7 @@ struct Constants {
 
 // Transcendental functions are evaluated over fixed-width lanes (the constant arrays
 // padded with harmless values), so that the compiler turns each loop into a few vector
-// calls of glibc's libmvec where it is declared above; a model's arrays must fit.
+// calls of glibc's libmvec (vector_math.h); a model's arrays must fit.
 // ANI-1x, ANI-1ccx: 16 ShfR, 4 ShfA, 8 ShfZ; ANI-2x: 16, 8, 4.
 constexpr int kRadialLanes = 16;
 constexpr int kLanes = 8;  // ShfA and ShfZ

@@ -16,14 +16,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef ANISERVE_LIBMVEC
-extern "C" {  // vector variants in libmvec (see aev.cpp)
-float expf(float) __attribute__((simd("notinbranch")));
-float expm1f(float) __attribute__((simd("notinbranch")));
-double exp(double) __attribute__((simd("notinbranch")));
-double expm1(double) __attribute__((simd("notinbranch")));
-}
-#endif
+#include "vector_math.h"
 
 namespace {
 
