@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -254,13 +255,49 @@ def data():
     """Generate quantum-chemistry reference data (needs aniserve[qm])."""
 
 
+def _scheduling_options(f):
+    f = click.option("--retries", default=2, show_default=True,
+                     help="Retries of a failed calculation (SCF not converged, worker lost) before it is reported.")(f)
+    f = click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None,
+                     help="Join the Dask cluster described by this file (dask scheduler --scheduler-file).")(f)
+    f = click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                     help="Join an existing Dask scheduler instead of starting a local cluster.")(f)
+    f = click.option("--threads", default=1, show_default=True, help="PySCF threads per calculation.")(f)
+    f = click.option("--workers", default=1, show_default=True,
+                     help="Worker processes of the local Dask cluster (ignored with --scheduler).")(f)
+    return f
+
+
+def _run_tasks(tasks, out, workers, threads, scheduler, scheduler_file, retries, sampling_note=None):
+    from aniserve.qmdata import schedule
+    from aniserve.qmdata.records import Journal, build
+
+    out = pathlib.Path(out)
+    journal = Journal(out.with_suffix(".work"))
+    if not schedule.pending(tasks, journal, out):
+        build(journal, out, sampling_note)
+        click.echo(f"{len(tasks)} calculations to do, all already done; wrote {out}", err=True)
+        return
+    with schedule.connect(workers, scheduler, scheduler_file) as client:
+        summary = schedule.run(tasks, out, journal, client, threads=threads, retries=retries,
+                               sampling_note=sampling_note)
+    click.echo(summary.text(), err=True)
+    click.echo(f"wrote {out}", err=True)
+    if summary.failures:
+        raise SystemExit(1)
+
+
+def _need_qm():
+    missing = [m for m in ("pyscf", "rdkit", "dask.distributed") if importlib.util.find_spec(m.split(".")[0]) is None]
+    if missing:
+        raise click.ClickException(f"this command needs {', '.join(missing)}: pip install 'aniserve[qm]'")
+
+
 @data.command("generate")
 @click.option("--molecules", required=True, type=click.Path(exists=True, dir_okay=False),
               help="List of molecules: one SMILES or .xyz path per line, optional name after it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="ANI-format HDF5 file to write (records already in it are kept and not recomputed).")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Folder for claims and finished records; default OUT's name with '.work'.")
 @click.option("--conformations", default=32, show_default=True, help="Conformations per molecule.")
 @click.option("--low", "low_text", default="wb97x/6-31g*", show_default=True, help="Low level, METHOD/BASIS.")
 @click.option("--high", "high_text", default="ccsd(t)/cc-pvdz", show_default=True,
@@ -269,50 +306,59 @@ def data():
               help="Compute the high level on every Nth conformation (1 = all).")
 @click.option("--density-fit/--no-density-fit", default=True, show_default=True,
               help="Density fitting for the HF/DFT steps (recorded in the file).")
-@click.option("--workers", default=1, show_default=True, help="Worker processes on this machine.")
-@click.option("--threads", default=1, show_default=True, help="PySCF threads per worker.")
-def data_generate(molecules, out, workdir, conformations, low_text, high_text, high_every,
-                  density_fit, workers, threads):
-    """Sample conformations and compute them with PySCF, resumably.
+@_scheduling_options
+def data_generate(molecules, out, conformations, low_text, high_text, high_every, density_fit, workers, threads,
+                  scheduler, scheduler_file, retries):
+    """Sample conformations and compute them with PySCF on a Dask cluster, resumably.
 
     Example: aniserve data generate --molecules data/molecules/train.smi
     --out data/qm-train.h5 --conformations 32 --high-every 4 --workers 2
 
-    Kill it any time and run the same command again: finished records are kept,
-    and several commands may work on one output at once.
+    Kill it any time and run the same command again: finished records (the journal
+    OUT.work/ and OUT itself) are kept and not recomputed.
     """
-    import multiprocessing
-    import pathlib
-
+    _need_qm()
     from aniserve.qmdata import generate, sampling
     from aniserve.qmdata.levels import Level
+    from aniserve.qmdata.records import Journal, done_levels
 
     low = Level.parse(low_text, density_fit)
     high = None if high_text.lower() == "none" else Level.parse(high_text, density_fit)
     jobs = generate.plan(sampling.read_molecule_list(molecules), conformations, low, high, high_every)
     out = pathlib.Path(out)
-    folder = generate.WorkFolder(workdir or out.with_suffix(".work"))
-    click.echo(f"{len(jobs)} jobs; {len(folder.done_ids() | generate.existing_ids(out))} already done", err=True)
-    if workers == 1:
-        _worker(jobs, folder, out, threads)
-    else:
-        context = multiprocessing.get_context("spawn")
-        procs = [context.Process(target=_worker, args=(jobs, folder, out, threads)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        generate.build(folder, out)
-    click.echo(f"wrote {out}", err=True)
+    done = done_levels(Journal(out.with_suffix(".work")), out)
+    tasks = generate.tasks(jobs, skip=lambda rid, levels: {lv.key for lv in levels} <= done.get(rid, set()))
+    click.echo(f"{len(jobs)} calculations; {len(jobs) - len(tasks)} already done", err=True)
+    _run_tasks(tasks, out, workers, threads, scheduler, scheduler_file, retries, generate.SAMPLING_NOTE)
 
 
-def _worker(jobs, folder, out, threads):
-    from pyscf import lib
+@data.command("label")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--level", "level_text", required=True, help="METHOD/BASIS, e.g. wb97x/6-31g* or ccsd(t)/cc-pvdz.")
+@click.option("--forces/--no-forces", default=False, show_default=True, help="Also compute forces (HF and DFT).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="ANI-format HDF5 file to write or extend (its records and levels are kept).")
+@click.option("--density-fit/--no-density-fit", default=True, show_default=True,
+              help="Density fitting for HF/DFT (recorded in the file).")
+@_scheduling_options
+def data_label(inputs, level_text, forces, out, density_fit, workers, threads, scheduler, scheduler_file, retries):
+    """Compute given structures at one level: extended XYZ or any ASE-readable file, or ANI HDF5 (levels kept).
 
-    from aniserve.qmdata import generate
+    Example: aniserve data label collected.extxyz --level wb97x/6-31g* --forces --out labelled.h5
+    """
+    _need_qm()
+    from aniserve.qmdata import label
+    from aniserve.qmdata.levels import Level
+    from aniserve.qmdata.records import Journal
 
-    lib.num_threads(threads)
-    generate.work(jobs, folder, out)
+    level = Level.parse(level_text, density_fit)
+    structures, kept = label.read_inputs(inputs)
+    journal = Journal(pathlib.Path(out).with_suffix(".work"))
+    known = journal.records()
+    for record in kept:  # the inputs' own levels go into the output too
+        if not set(record["levels"]) <= set(known.get(record["id"], {}).get("levels", {})):
+            journal.write(record)
+    _run_tasks(label.tasks(structures, level, forces), out, workers, threads, scheduler, scheduler_file, retries)
 
 
 @main.group()
@@ -327,6 +373,9 @@ def bench():
               type=click.Path(exists=True, dir_okay=False), help="Training set (low level + high-level subset).")
 @click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Held-out test set with both levels.")
+@click.option("--base", default=None, metavar="NAME_OR_PATH",
+              help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
+                   "DFT pretraining on --train's low level.")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
 @click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
 @click.option("--budget", "budget_items", multiple=True, metavar="KEY=JSON",
@@ -340,17 +389,20 @@ def bench():
               help="Save the best strategy's seed-0 model here (how the embedded model is made).")
 @click.option("--export-name", default="aniserve-ccx-demo", show_default=True, help="Name given to the exported model.")
 @click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
-def bench_transfer(quick, strategies, train_path, test_path, seeds, options, budget_items, workdir, json_out,
+def bench_transfer(quick, strategies, train_path, test_path, base, seeds, options, budget_items, workdir, json_out,
                    plot_out, export_path, export_name, export_card):
-    """Pretrain on DFT, transfer to CCSD(T) with every strategy, score on larger held-out molecules.
+    """Transfer to CCSD(T) with every strategy from one base (own DFT pretraining or --base), score on larger held-out molecules.
 
-    Example: aniserve bench transfer --quick --json transfer.json --plot transfer.png
+    Example: aniserve bench transfer --base ani-1x --quick --json transfer.json --plot transfer.png
     """
     import dataclasses
 
     from aniserve.bench import transfer
 
-    budget = transfer.QUICK if quick else transfer.FULL
+    if base is None:
+        budget = transfer.QUICK if quick else transfer.FULL
+    else:
+        budget = transfer.BASE_QUICK if quick else transfer.BASE_FULL
     if seeds:
         budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
     overrides = dict(_parse_option(item) for item in budget_items)
@@ -364,7 +416,7 @@ def bench_transfer(quick, strategies, train_path, test_path, seeds, options, bud
     budget = dataclasses.replace(budget, **overrides)
     parsed = dict(_parse_option(item) for item in options)
     result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget,
-                          workdir or transfer.default_workdir(), parsed)
+                          workdir or transfer.default_workdir(), parsed, base=base)
     click.echo(transfer.table(result))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))

@@ -1,5 +1,6 @@
 """Reference-data generation: real PySCF numbers, safe to kill, resume and share."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,18 +73,141 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(records_dir.glob("*.json"))) < 5:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the submitting process and its local cluster
     proc.wait()
     first = {p.stem: p.read_text() for p in records_dir.glob("*.json")}
     assert 5 <= len(first) < 24
-    # Two workers at once, finishing the job the killed run left.
-    procs = [subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) for _ in range(2)]
-    logs = [p.communicate(timeout=300)[1].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    assert f"{len(first)} already done" in logs[0] or f"{len(first)} already done" in logs[1]
+    again = subprocess.run(args + ["--workers", "2"], cwd=ROOT, capture_output=True, timeout=300)
+    log = again.stderr.decode()
+    assert again.returncode == 0, log
+    assert f"{len(first)} already done" in log
     records = read_records(out, low="hf_321g")
     assert len(records) == 24
     for job_id, text in first.items():  # nothing finished before the kill was recomputed
         assert (records_dir / f"{job_id}.json").read_text() == text
-    computed = [line for log in logs for line in log.splitlines() if line.startswith("[")]
-    assert len(computed) == 24 - len(first)  # each remaining job done exactly once
+    computed = [line for line in log.splitlines() if line.startswith("[")]
+    assert len(computed) == 24 - len(first)  # each remaining calculation done exactly once
+    assert "0 failed" in log.splitlines()[-2]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_dask_cluster_survives_a_killed_worker(tmp_path):
+    """dask scheduler + two dask workers on 127.0.0.1; one is SIGKILLed mid-run: the job
+    still completes, every record once, values equal to a LocalCluster run."""
+    mols = molecules(tmp_path, ("O water", "C methane", "N ammonia"))
+    common = ["--molecules", str(mols), "--conformations", "8", "--low", "hf/6-31g", "--high", "none",
+              "--no-density-fit"]
+    local = subprocess.run(GENERATE + common + ["--out", str(tmp_path / "local.h5")], cwd=ROOT,
+                           capture_output=True, timeout=300)
+    assert local.returncode == 0, local.stderr.decode()
+    port = _free_port()
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler = subprocess.Popen(dask + ["--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                 "--nworkers", "1", "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) for _ in range(2)]
+    try:
+        out = tmp_path / "cluster.h5"
+        job = subprocess.Popen(GENERATE + common + ["--out", str(out), "--scheduler", address], cwd=ROOT,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        records_dir = tmp_path / "cluster.work" / "records"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(records_dir.glob("*.json"))) < 3:
+            time.sleep(0.05)
+        workers[0].kill()  # SIGKILL, mid-run
+        log = job.communicate(timeout=300)[1].decode()
+        assert job.returncode == 0, log
+        assert 3 <= len([line for line in log.splitlines() if line.startswith("[")]) <= 24
+        cluster, reference = read_records(out, low="hf_631g"), read_records(tmp_path / "local.h5", low="hf_631g")
+        assert sorted(cluster) == sorted(reference) and len(cluster) == 24
+        for rid, rec in reference.items():
+            np.testing.assert_array_equal(cluster[rid]["positions"], rec["positions"])
+            assert abs(cluster[rid]["low"] - rec["low"]) < 1e-8
+            np.testing.assert_allclose(cluster[rid]["forces"], rec["forces"], atol=1e-7)
+        with h5py.File(out) as f:
+            ids = [i for g in f.values() for i in g["record_id"][()]]
+        assert len(ids) == len(set(ids)) == 24
+    finally:
+        for p in (*workers, scheduler):
+            p.kill()
+            p.wait()
+
+
+def test_label_round_trip_matches_pyscf(tmp_path):
+    import ase
+    import ase.io
+    from pyscf import gto, scf
+
+    from aniserve.training import ANIData
+    from aniserve.units import BOHR_IN_ANGSTROM
+
+    frames = [ase.Atoms("HOH", positions=[[0.76, 0.59, 0.0], [0.0, 0.0, 0.0], [-0.76, 0.59 + d, 0.0]])
+              for d in (0.0, 0.05)]
+    frames.append(ase.Atoms("NH3", positions=[[0, 0, 0.1], [0.94, 0, -0.25], [-0.47, 0.81, -0.25],
+                                              [-0.47, -0.81, -0.25]]))
+    xyz = tmp_path / "collected.extxyz"
+    ase.io.write(xyz, frames)
+    out = tmp_path / "labelled.h5"
+    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
+                          "--forces", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()
+    data = ANIData(out, "hf_sto3g.energy", "hf_sto3g.forces")
+    assert len(data) == 3
+    batch = data.read([(gi, int(c)) for gi, g in enumerate(data.groups) for c in g.conformations])
+    for b in range(len(batch)):
+        real = batch.numbers[b] > 0
+        numbers, positions = batch.numbers[b][real].numpy(), batch.positions[b][real].numpy()
+        mf = scf.RHF(gto.M(atom=[(int(z), p) for z, p in zip(numbers, positions)], basis="sto-3g", verbose=0))
+        mf.run(conv_tol=1e-10)
+        assert abs(mf.e_tot - float(batch.energy[b])) < 1e-8
+        np.testing.assert_allclose(batch.forces[b][real].numpy(), -mf.nuc_grad_method().kernel() / BOHR_IN_ANGSTROM,
+                                   atol=1e-6)
+    # Labelling again at a second level keeps the first and computes nothing twice.
+    again = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(out), "--level", "hf/3-21g",
+                            "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr.decode()
+    assert len(ANIData(out, "hf_sto3g.energy", "hf_sto3g.forces")) == 3 and len(ANIData(out, "hf_321g.energy")) == 3
+    same = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
+                           "--forces", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    assert same.returncode == 0 and "all already done" in same.stderr.decode()
+
+
+def test_label_refuses_bad_input_with_one_line(tmp_path):
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("")
+    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(empty), "--level", "hf/sto-3g",
+                          "--out", str(tmp_path / "x.h5")], cwd=ROOT, capture_output=True, timeout=120)
+    assert run.returncode == 1 and "empty file" in run.stderr.decode()
+    assert "Traceback" not in run.stderr.decode()
+
+
+def test_failed_calculation_is_retried_then_reported(tmp_path):
+    """A hydrogen atom cannot be a closed shell: the calculation fails on every try, is
+    reported by record (exit 1), and the good record is written."""
+    import ase
+    import ase.io
+
+    xyz = tmp_path / "mixed.extxyz"
+    ase.io.write(xyz, [ase.Atoms("H"), ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])])
+    out = tmp_path / "mixed.h5"
+    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
+                          "--retries", "1", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         timeout=300)
+    log = run.stderr.decode()
+    assert run.returncode == 1, log
+    assert "1 computed, 0 already done, 1 failed of 2" in log and "failed: mixed~" in log
+    assert "Traceback" not in log
+    failures = json.loads((tmp_path / "mixed.work" / "failures.json").read_text())
+    assert len(failures) == 1 and "spin" in next(iter(failures.values())).lower()
+    with h5py.File(out) as f:
+        assert list(f) == ["H2"]

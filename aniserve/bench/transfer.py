@@ -57,6 +57,12 @@ class Budget:
 FULL = Budget(pretrain_epochs=400, transfer_epochs=400, seeds=(0, 1, 2), ensemble_size=4, batch_size=8,
               force_weight=1.0, patience=60)
 QUICK = Budget(pretrain_epochs=12, transfer_epochs=12, seeds=(0,), ensemble_size=2, hidden=(32, 16, 8))
+#: From a given base model (``--base``): no pretraining; ensemble size and networks are
+#: the base's own.  An 8-member ANI-1x ensemble costs ~25× our miniature per epoch, so
+#: fewer epochs; from a well-trained base the validation error settles within ~20.
+BASE_FULL = Budget(pretrain_epochs=0, transfer_epochs=60, seeds=(0, 1, 2), ensemble_size=0, batch_size=16,
+                   lr=1e-3, patience=15)
+BASE_QUICK = Budget(pretrain_epochs=0, transfer_epochs=4, seeds=(0,), ensemble_size=0, batch_size=32, patience=4)
 
 
 @dataclasses.dataclass
@@ -177,11 +183,20 @@ def official_baselines(train_path, test: TestSet) -> dict:
         try:
             model = load_model(name, dtype="float64")
         except ModelNotFoundError:
+            _say(f"official {name} not found (set ANISERVE_MODEL_DIR): its baseline row is left out")
             continue
-        energies, forces, std = predict_test(model, test)
-        offsets = element_offsets(train_path, test, lambda n, x: float(model.evaluate(n, x).energy))
-        out[name] = metrics(energies + offsets, test, forces, std)
+        out[name] = score_with_offsets(model, train_path, test)
     return out
+
+
+def score_with_offsets(model, train_path, test: TestSet) -> dict:
+    """A fixed model's test errors after per-element offsets to the high level (fitted on
+    the training set's high-level points), and its reaction-energy errors."""
+    from aniserve.bench import reactions
+
+    energies, forces, std = predict_test(model, test)
+    offsets = element_offsets(train_path, test, lambda n, x: float(model.evaluate(n, x).energy))
+    return {**metrics(energies + offsets, test, forces, std), "reactions": reactions.score(model)}
 
 
 def _file_hash(path) -> str:
@@ -217,7 +232,21 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
     return path
 
 
-def run(train_path, test_path, strategies: list[str] | None, budget: Budget, workdir, options=None) -> dict:
+def load_base(base: str) -> "torch.nn.Module":
+    """A fresh trainable float32 copy of the base model (name or path)."""
+    from aniserve.models import load_model
+
+    return load_model(base, dtype="float32")
+
+
+def run(train_path, test_path, strategies: list[str] | None, budget: Budget, workdir, options=None,
+        base: str | None = None) -> dict:
+    """Every strategy from the same starting point, scored on the test set.
+
+    base: None for our own DFT pretraining on the training set's low level (cached per
+    seed); otherwise a model name or path (``ani-1x``, a file) that every strategy starts
+    from, with the base itself (plus per-element offsets) as the baseline."""
+    from aniserve.bench import reactions
     from aniserve.modelfile import load_saved
     from aniserve.registry import registry
     from aniserve.training import ANIData, Settings, train, transfer_model
@@ -232,48 +261,61 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
          f"{len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules")
 
     offsets = element_offsets(train_path, test)
-    baselines = {"dft_method": metrics(test.low + offsets, test), **official_baselines(train_path, test)}
+    baselines = {"dft_method": {**metrics(test.low + offsets, test), "reactions": reactions.dft_scores()},
+                 **official_baselines(train_path, test)}
     per_strategy = {name: [] for name in strategies}
     dft_model_runs = []
+    if base is not None:
+        baselines["base_model"] = {**score_with_offsets(load_base(base).to(torch.float64), train_path, test),
+                                   "name": str(base)}
     for seed in budget.seeds:
-        pre_path = pretrain(train_path, budget, workdir, seed)
-        dft_model = load_saved(pre_path).to(torch.float64)
-        fit_self_energies(dft_model, high)
-        dft_model_runs.append(score(dft_model, test))
+        if base is None:
+            pre_path = pretrain(train_path, budget, workdir, seed)
+            dft_model = load_saved(pre_path).to(torch.float64)
+            fit_self_energies(dft_model, high)
+            dft_model_runs.append(score(dft_model, test))
+            start_from, origin = (lambda: load_saved(pre_path)), pre_path.name
+        else:
+            start_from, origin = (lambda: load_base(base)), str(base)
         for name in strategies:
             started = time.perf_counter()
-            model, penalty = transfer_model(load_saved(pre_path), name, dict(options or {}), seed)
+            model, penalty = transfer_model(start_from(), name, dict(options or {}), seed)
             out = workdir / f"{name}-seed{seed}.safetensors"
             settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size,
                                 lr=budget.transfer_lr or budget.lr, seed=seed, early_stop_patience=budget.patience,
                                 plateau_patience=max(1, budget.patience // 3))
             _say(f"transfer: {name}, seed {seed} …")
             summary = train(model, high, out, settings, penalty=penalty,
-                            extra={"transfer": {"from": pre_path.name, "strategy": name, "options": options or {}}})
+                            extra={"transfer": {"from": origin, "strategy": name, "options": options or {}}})
             trained = load_saved(out).to(torch.float64).eval()
             result = score(trained, test)
+            result["reactions"] = reactions.score(trained)
             result.update(seed=seed, seconds=round(time.perf_counter() - started, 1),
+                          validation_conformer_rmse_kcal=summary["validation_conformer_rmse_kcal"],
                           trainable_parameters=summary["trainable_parameters"], model=str(out))
             per_strategy[name].append(result)
-    baselines["dft_model"] = _aggregate(dft_model_runs)
-    return {"budget": dataclasses.asdict(budget), "train": str(train_path), "test": str(test_path),
+    if dft_model_runs:
+        baselines["dft_model"] = _aggregate(dft_model_runs)
+    return {"base": str(base) if base is not None else "own DFT pretraining",
+            "budget": dataclasses.asdict(budget), "train": str(train_path), "test": str(test_path),
             "strategies": [{"name": name, **_aggregate(runs), "runs": runs} for name, runs in per_strategy.items()],
             "baselines": baselines}
 
 
 def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
-    """Save the seed-0 model of the strategy with the lowest mean conformer RMSE (seed 0
-    is fixed in advance, so the pick among seeds sees no test results) as ``name``, with
-    its training record (less the per-epoch history) and its own test errors.  Returns
-    the chosen strategy's row."""
+    """Save the seed-0 model of the strategy with the lowest mean *validation* conformer
+    RMSE (held-out training molecules; the test set plays no part in the choice, and
+    seed 0 is fixed in advance) as ``name``, with its training record (less the per-epoch
+    history) and its own test errors.  Returns the chosen strategy's row."""
     from aniserve.modelfile import load_saved, read_description, save_model
 
-    best = min(result["strategies"], key=lambda s: s["conformer_rmse_kcal"])
+    best = min(result["strategies"], key=lambda s: np.nan_to_num(s["validation_conformer_rmse_kcal"], nan=np.inf))
     run = next(r for r in best["runs"] if r["seed"] == 0)
     training = {k: v for k, v in read_description(run["model"]).get("training", {}).items() if k != "history"}
-    errors = {k: v for k, v in run.items() if k.endswith(("_kcal", "_kcal_per_a", "_by_molecule"))}
+    errors = {k: v for k, v in run.items() if k.endswith(("_kcal", "_kcal_per_a", "_by_molecule")) or k == "reactions"}
     extra = {"training": training,
-             "benchmark": {"train": result["train"], "test": result["test"], "strategy": best["name"], **errors}}
+             "benchmark": {"base": result.get("base"), "train": result["train"], "test": result["test"],
+                           "strategy": best["name"], **errors}}
     if card:
         extra["card"] = card
     save_model(load_saved(run["model"]), path, name, extra)
@@ -286,29 +328,48 @@ def _aggregate(runs: list[dict]) -> dict:
     out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
     out["conformer_rmse_by_molecule"] = {m: float(np.mean([r["conformer_rmse_by_molecule"][m] for r in runs]))
                                          for m in runs[0]["conformer_rmse_by_molecule"]}
+    out["reactions"] = {}
+    for set_name in runs[0].get("reactions", {}):
+        maes = [r["reactions"][set_name]["mae_kcal"] for r in runs]
+        out["reactions"][set_name] = {"mae_kcal": float(np.mean(maes)), "mae_kcal_std": float(np.std(maes)),
+                                      "reactions": runs[0]["reactions"][set_name]["reactions"]}
     out["seeds"] = len(runs)
     return out
 
 
-def table(result: dict) -> str:
-    rows = [("DFT method (ωB97X/6-31G*)", result["baselines"]["dft_method"]),
-            ("DFT-trained model", result["baselines"]["dft_model"])]
-    rows += [(OFFICIAL[k], result["baselines"][k]) for k in OFFICIAL if k in result["baselines"]]
-    rows += [(f"transfer: {s['name']}", s) for s in result["strategies"]]
-    head = f"{'model':32s} {'conformer RMSE':>15s} {'conformer MAE':>14s} {'total RMSE':>11s} {'F RMSE vs DFT':>14s}"
-    lines = [head, "-" * len(head)]
-    for label, m in rows:
-        def cell(key, width):
-            if key not in m:
-                return f"{'–':>{width}s}"
-            spread = m.get(f"{key}_std")
-            text = f"{m[key]:.2f}" + (f"±{spread:.2f}" if spread else "")
-            return f"{text:>{width}s}"
+def _rows(result: dict) -> list[tuple[str, str, dict]]:
+    """(short label, long label, metrics) of every row, baselines first."""
+    baselines = result["baselines"]
+    rows = [("DFT method", "DFT method (ωB97X/6-31G*)", baselines["dft_method"])]
+    if "dft_model" in baselines:
+        rows.append(("DFT model", "DFT-trained model", baselines["dft_model"]))
+    if "base_model" in baselines:
+        name = baselines["base_model"]["name"]
+        rows.append((f"base {name}", f"base {name} (+ offsets)", baselines["base_model"]))
+    rows += [(k, OFFICIAL[k], baselines[k]) for k in OFFICIAL if k in baselines]
+    rows += [(s["name"], f"transfer: {s['name']}", s) for s in result["strategies"]]
+    return rows
 
-        lines.append(f"{label:32s} {cell('conformer_rmse_kcal', 15)} {cell('conformer_mae_kcal', 14)} "
-                     f"{cell('total_rmse_kcal', 11)} {cell('force_rmse_vs_dft_kcal_per_a', 14)}")
-    lines.append("kcal/mol (forces kcal/mol/Å) against CCSD(T)/cc-pVDZ on the held-out test molecules; "
-                 "± is the spread over seeds")
+
+def table(result: dict) -> str:
+    head = (f"{'model':32s} {'conformer RMSE':>15s} {'conformer MAE':>14s} {'total RMSE':>12s} "
+            f"{'F RMSE vs DFT':>14s} {'HC7/11 MAE':>12s} {'ISOL6 MAE':>11s}")
+    lines = [f"base: {result.get('base', 'own DFT pretraining')}", head, "-" * len(head)]
+
+    def cell(m, key, width):
+        if key not in m:
+            return f"{'–':>{width}s}"
+        spread = m.get(f"{key}_std")
+        text = f"{m[key]:.2f}" + (f"±{spread:.2f}" if spread else "")
+        return f"{text:>{width}s}"
+
+    for _, label, m in _rows(result):
+        sets = m.get("reactions", {})
+        lines.append(f"{label:32s} {cell(m, 'conformer_rmse_kcal', 15)} {cell(m, 'conformer_mae_kcal', 14)} "
+                     f"{cell(m, 'total_rmse_kcal', 12)} {cell(m, 'force_rmse_vs_dft_kcal_per_a', 14)} "
+                     f"{cell(sets.get('HC7-11', {}), 'mae_kcal', 12)} {cell(sets.get('ISOL6', {}), 'mae_kcal', 11)}")
+    lines.append("kcal/mol (forces kcal/mol/Å) against CCSD(T)/cc-pVDZ on the held-out test molecules (forces "
+                 "against DFT); reaction MAEs against the sets' coupled-cluster references; ± is the spread over seeds")
     return "\n".join(lines)
 
 
@@ -318,10 +379,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    official = [k for k in OFFICIAL if k in result["baselines"]]
-    labels = ["DFT method", "DFT model", *official] + [s["name"] for s in result["strategies"]]
-    rows = [result["baselines"]["dft_method"], result["baselines"]["dft_model"],
-            *[result["baselines"][k] for k in official], *result["strategies"]]
+    labels, _, rows = zip(*_rows(result))
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
     x = np.arange(len(labels))
     for offset, key, label in [(-0.2, "conformer_rmse_kcal", "conformer RMSE"),
@@ -330,7 +388,7 @@ def plot(result: dict, path) -> None:
                capsize=3, label=label)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("error vs CCSD(T), kcal/mol")
-    ax.set_title("Transfer learning DFT → CCSD(T), held-out larger molecules")
+    ax.set_title(f"Transfer to CCSD(T) from {result.get('base', 'own DFT pretraining')}, held-out larger molecules")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -53,8 +53,9 @@ class Level:
         }
 
 
-def compute(level: Level, numbers: np.ndarray, positions: np.ndarray) -> dict:
-    """Energy (Hartree), forces (Hartree/Å, or None) and wall time (s) of one structure."""
+def compute(level: Level, numbers: np.ndarray, positions: np.ndarray, forces: bool = True) -> dict:
+    """Energy (Hartree), forces (Hartree/Å; None for CCSD(T) or when not asked for) and
+    wall time (s) of one structure."""
     from pyscf import cc, gto, scf, dft
 
     start = time.perf_counter()
@@ -72,7 +73,7 @@ def compute(level: Level, numbers: np.ndarray, positions: np.ndarray) -> dict:
     mf.kernel()
     if not mf.converged:
         raise RuntimeError(f"{level.key}: SCF did not converge")
-    forces = None
+    gradient = None
     if level.method == "ccsd(t)":
         coupled = cc.CCSD(mf).set_frozen()
         coupled.kernel()
@@ -81,5 +82,6 @@ def compute(level: Level, numbers: np.ndarray, positions: np.ndarray) -> dict:
         energy = coupled.e_tot + coupled.ccsd_t()
     else:
         energy = mf.e_tot
-        forces = -mf.nuc_grad_method().kernel() / BOHR_IN_ANGSTROM
-    return {"energy": float(energy), "forces": forces, "wall_s": time.perf_counter() - start}
+        if forces:
+            gradient = -mf.nuc_grad_method().kernel() / BOHR_IN_ANGSTROM
+    return {"energy": float(energy), "forces": gradient, "wall_s": time.perf_counter() - start}

@@ -154,7 +154,7 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
     was_training = model.training
     model.eval()
     use_forces = force_weight > 0 and data.forces_key is not None
-    de, df, loss = [], [], []
+    de, df, loss, molecules = [], [], [], []
     for batch in data.batches(batch_size):
         with torch.enable_grad():
             energies, predicted_forces = predict(model, batch, use_forces)
@@ -162,6 +162,7 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
         keep = torch.isfinite(batch.energy)
         error = energies.mean(0).detach().cpu() - batch.energy
         de.append(error[keep])
+        molecules += [m for m, k in zip(batch.molecule, keep.tolist()) if k]
         per_structure = torch.where(keep, error.nan_to_num() ** 2 / n_atoms, 0.0)
         if use_forces and batch.forces is not None:
             mean_f = predicted_forces.mean(0).detach().cpu()
@@ -174,11 +175,21 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
     de = torch.cat(de) * HARTREE_IN_KCAL_PER_MOL if de else torch.zeros(0)
     out = {"energy_rmse_kcal": float(de.pow(2).mean().sqrt()) if len(de) else math.nan,
            "energy_mae_kcal": float(de.abs().mean()) if len(de) else math.nan,
+           "conformer_rmse_kcal": conformer_rmse(de.numpy(), molecules),
            "loss": float(torch.cat(loss).mean()) if loss else math.nan}
     if df:
         f = torch.cat(df) * HARTREE_IN_KCAL_PER_MOL
         out["force_rmse_kcal_per_a"] = float(f.pow(2).mean().sqrt())
     return out
+
+
+def conformer_rmse(errors: np.ndarray, molecules: list[str]) -> float:
+    """RMSE of errors relative to each molecule's mean error (molecules with at least two
+    conformations): the error of relative conformer energies, blind to energy zeros."""
+    molecules = np.asarray(molecules)
+    parts = [errors[molecules == m] - errors[molecules == m].mean() for m in np.unique(molecules)
+             if (molecules == m).sum() > 1]
+    return float(np.sqrt(np.mean(np.concatenate(parts) ** 2))) if parts else math.nan
 
 
 class _Step(nn.Module):
@@ -291,7 +302,8 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         scheduler.step(metrics["loss"])
         improved = metrics["loss"] < best["loss"]
         if improved:
-            best = {"loss": metrics["loss"], "rmse": metrics["energy_rmse_kcal"], "epoch": epoch}
+            best = {"loss": metrics["loss"], "rmse": metrics["energy_rmse_kcal"],
+                    "conformer_rmse": metrics["conformer_rmse_kcal"], "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **metrics,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
@@ -309,13 +321,14 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
 
     model.load_state_dict(best_state)
     summary = {"best_epoch": best["epoch"] + 1, "validation_loss": best["loss"],
-               "validation_energy_rmse_kcal": best["rmse"], "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
+               "validation_energy_rmse_kcal": best["rmse"],
+               "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan), "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
                "data": str(data.path), "energy_key": data.energy_key, "forces_key": data.forces_key,
                "history": history}
     if rank == 0:
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
-        _say(rank, f"wrote {out} (best validation energy RMSE {best['rmse']:.3f} kcal/mol at epoch "
-                   f"{best['epoch'] + 1})")
+        _say(rank, f"wrote {out} (the weights of epoch {best['epoch'] + 1}, the lowest validation loss: energy "
+                   f"RMSE {best['rmse']:.3f}, conformer RMSE {best.get('conformer_rmse', math.nan):.3f} kcal/mol)")
     if world > 1:
         dist.barrier()
     return summary

@@ -1,0 +1,77 @@
+"""``aniserve data label``: given structures (any ASE-readable file, or an ANI HDF5
+file whose levels are kept) as tasks at one level.
+
+Atoms are stored in decreasing atomic number (the layout's rule, so isomers share a
+formula group).  A record's id is its molecule name and a digest of its numbers and
+positions, so labelling the same structure twice, from any file, computes it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import numpy as np
+
+from aniserve.qmdata.levels import Level
+from aniserve.qmdata.records import read_h5
+from aniserve.qmdata.schedule import Task
+
+
+def structure_id(name: str, numbers, positions) -> str:
+    digest = hashlib.sha256(np.asarray(numbers, np.int64).tobytes()
+                            + np.round(np.asarray(positions, float), 8).tobytes()).hexdigest()[:12]
+    return f"{name}~{digest}"
+
+
+def read_inputs(paths) -> tuple[list[dict], list[dict]]:
+    """(structures, kept records): structures to label as {name, source, index, numbers,
+    positions}; the HDF5 inputs' own records (their existing levels), to merge."""
+    structures, kept = [], []
+    for path in map(pathlib.Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.suffix.lower() in (".h5", ".hdf5"):
+            records = read_h5(path)
+            if not records:
+                raise ValueError(f"{path}: no conformations in this HDF5 file")
+            kept += records
+            structures += [{"id": r["id"], "name": r["molecule"], "source": r["source"], "index": r["index"],
+                            "temperature_k": r["temperature_k"], "numbers": r["numbers"],
+                            "positions": r["positions"]} for r in records]
+            continue
+        structures += _ase_structures(path)
+    return structures, kept
+
+
+def _ase_structures(path: pathlib.Path) -> list[dict]:
+    import ase.io
+
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as error:  # ASE raises many types for unreadable files
+        raise ValueError(f"{path}: not a structure file ASE can read ({type(error).__name__}: {error})") from None
+    out = []
+    for i, atoms in enumerate(frames):
+        numbers = atoms.numbers
+        if not len(numbers):
+            raise ValueError(f"{path}, frame {i}: no atoms")
+        if not np.isfinite(atoms.positions).all():
+            raise ValueError(f"{path}, frame {i}: positions are not finite")
+        order = np.argsort(-numbers, kind="stable")
+        name = str(atoms.info.get("molecule") or path.stem)
+        out.append({"name": name, "source": str(path), "index": i, "temperature_k": float("nan"),
+                    "numbers": numbers[order].tolist(), "positions": atoms.positions[order].tolist()})
+    return out
+
+
+def tasks(structures: list[dict], level: Level, forces: bool) -> list[Task]:
+    out = []
+    for s in structures:
+        rid = s.get("id") or structure_id(s["name"], s["numbers"], s["positions"])
+        out.append(Task(rid, tuple(int(z) for z in s["numbers"]), tuple(tuple(map(float, p)) for p in s["positions"]),
+                        (level,), forces and level.has_forces, s["name"], s["source"], int(s["index"]),
+                        float(s["temperature_k"])))
+    return out
