@@ -162,8 +162,9 @@ def plugins(as_json):
 def _training_options(f):
     """Options shared by ``train`` and ``transfer``."""
     options = [
-        click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-                     help="ANI-format HDF5 file (ANI-1x/1ccx release or TorchANI layout)."),
+        click.option("--data", "data_path", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="ANI-format HDF5 file (ANI-1x/1ccx release or TorchANI layout); give it again to "
+                          "train on several files as one set."),
         click.option("--energy-key", required=True, help="Energy dataset, e.g. wb97x_631gd.energy (Hartree)."),
         click.option("--forces-key", default=None, help="Forces dataset, e.g. wb97x_631gd.forces (Hartree/Å)."),
         click.option("--out", required=True, type=click.Path(dir_okay=False),

@@ -99,3 +99,49 @@ def test_test_set_reads_only_high_level_conformations(tmp_path):
                                                    "wb97x_631gd.energy": -np.ones(3)}})
     with pytest.raises(ValueError, match=r"no conformation has ccsd\(t\)_ccpvdz.energy"):
         read_test_set(tmp_path / "dft-only.h5")
+
+
+def test_quick_bench_from_an_official_base(tmp_path):
+    """``--base ani-1x`` on a cut-down set: every strategy starts from the official
+    ANI-1x (8 members), the base itself is a baseline, reaction-energy errors are scored,
+    and the JSON says which base it used."""
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "transfer", "--base", "ani-1x", "--quick", "--strategies",
+                                       "delta,freeze", "--train", str(tmp_path / "train.h5"), "--test",
+                                       str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
+                                       "--json", str(out), "--export-best", str(tmp_path / "best.safetensors")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["base"] == "ani-1x" and "dft_model" not in data["baselines"]
+    base = data["baselines"]["base_model"]
+    # The base plus offsets is the official ANI-1x scored the same way, and its reaction
+    # errors are the published ones (shared/benchmarks/reactions/README: 19.65 and 4.63).
+    assert abs(base["conformer_rmse_kcal"] - data["baselines"]["ani-1x"]["conformer_rmse_kcal"]) < 1e-9
+    assert abs(base["reactions"]["HC7-11"]["mae_kcal"] - 19.65) < 0.01
+    assert abs(base["reactions"]["ISOL6"]["mae_kcal"] - 4.63) < 0.01
+    assert data["baselines"]["dft_method"]["reactions"]["HC7-11"]["reactions"] == 7
+    for strategy in data["strategies"]:
+        run = strategy["runs"][0]
+        assert load_saved(run["model"]).ensemble_size == 8
+        assert np.isfinite(run["validation_conformer_rmse_kcal"]) and set(run["reactions"]) == {"HC7-11", "ISOL6"}
+    assert "base: ani-1x" in result.output and "base ani-1x (+ offsets)" in result.output
+    chosen = min(data["strategies"], key=lambda s: s["validation_conformer_rmse_kcal"])
+    assert read_description(tmp_path / "best.safetensors")["benchmark"]["strategy"] == chosen["name"]
+
+
+def test_transfer_from_ani2x_trains_on_chno_data(tmp_path):
+    """ANI-2x has seven elements; data with four of them still trains (self energies of
+    the absent ones are kept), for every built-in strategy's preparation."""
+    write_levels(tmp_path / "train.h5", TRAIN[:6], conformations=4, high_every=1, seed=0)
+    out = tmp_path / "cc.safetensors"
+    result = CliRunner().invoke(main, ["transfer", "--from", "ani-2x", "--data", str(tmp_path / "train.h5"),
+                                       "--energy-key", "ccsd(t)_ccpvdz.energy", "--strategy", "freeze",
+                                       "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model = load_saved(out)
+    assert model.elements == ["H", "C", "N", "O", "S", "F", "Cl"] and model.ensemble_size == 8
+    official = cached_model("ani-2x", "float64")
+    assert float(model.self_energies[model.elements.index("S")]) == float(
+        official.self_energies[official.elements.index("S")])

@@ -234,3 +234,39 @@ def test_bad_data_is_named(dft_file, tmp_path):
     write_ani_h5(tmp_path / "s.h5", groups)
     with pytest.raises(DataError, match=r"does not cover: S \(2 atoms in 2 conformations\)"):
         train(small_model(), ANIData(tmp_path / "s.h5", "wb97x_dz.energy"), tmp_path / "x.safetensors", quick())
+
+
+def test_several_data_files_train_as_one_set(tmp_path):
+    """--data twice: the files read as one set (same batches' content as one merged
+    file), a formula in both files is one group for the split, and the CLI trains on it."""
+    from click.testing import CliRunner
+
+    from aniserve.cli import main
+
+    groups = teacher_groups(conformations=4)
+    names = sorted(groups)
+    write_ani_h5(tmp_path / "all.h5", groups)
+    write_ani_h5(tmp_path / "a.h5", {k: groups[k] for k in names[:7]})
+    # The second file repeats one formula of the first (new conformations of a molecule).
+    extra = {k: groups[k] for k in names[7:]}
+    extra[names[0]] = {k: (v + 0.01 if k == "coordinates" else v) for k, v in groups[names[0]].items()}
+    write_ani_h5(tmp_path / "b.h5", extra)
+    both = ANIData([tmp_path / "a.h5", tmp_path / "b.h5"], "wb97x_dz.energy", "wb97x_dz.forces")
+    assert len(both) == len(ANIData(tmp_path / "all.h5", "wb97x_dz.energy")) + 4
+    train, val = both.split(0.25, seed=0)
+    assert not {g.name for g in train.groups} & {g.name for g in val.groups}
+    assert len(train) + len(val) == len(both)
+    batch = both.read([(len(both.groups) - 1, 0)])
+    assert batch.group == [both.groups[-1].name] and torch.isfinite(batch.forces).all()
+    out = tmp_path / "m.safetensors"
+    config = tmp_path / "config.json"
+    import json
+
+    config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "a.h5"), "--data", str(tmp_path / "b.h5"),
+                                       "--energy-key", "wb97x_dz.energy", "--config", str(config), "--out", str(out),
+                                       "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    from aniserve.modelfile import read_description
+
+    assert read_description(out)["training"]["data"] == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]

@@ -50,6 +50,7 @@ class _Group:
     name: str
     numbers: np.ndarray
     conformations: np.ndarray  # indices with at least one finite target
+    file: int = 0  # which of the data's files
 
 
 class ANIData:
@@ -59,49 +60,55 @@ class ANIData:
     some is kept and that loss term is skipped for it.
     """
 
-    def __init__(self, path: str | pathlib.Path, energy_key: str, forces_key: str | None = None,
-                 _groups: list[_Group] | None = None):
+    def __init__(self, path, energy_key: str, forces_key: str | None = None, _groups: list[_Group] | None = None):
+        """path: one file, or several (``--data`` given more than once) read as one set:
+        a formula present in several files is one molecule group for splitting."""
         import h5py
 
-        self.path = pathlib.Path(path)
+        paths = [path] if isinstance(path, (str, pathlib.Path)) else list(path)
+        self.paths = [pathlib.Path(p) for p in paths]
+        self.path = self.paths[0] if len(self.paths) == 1 else ", ".join(map(str, self.paths))
         self.energy_key, self.forces_key = energy_key, forces_key
-        try:
-            self._file = h5py.File(self.path, "r")
-        except FileNotFoundError:
-            raise DataError(f"{self.path}: no such file") from None
-        except OSError as error:
-            raise DataError(f"{self.path}: not a readable HDF5 file ({error})") from None
-        self.groups = _groups if _groups is not None else self._index()
+        self._files = []
+        for p in self.paths:
+            try:
+                self._files.append(h5py.File(p, "r"))
+            except FileNotFoundError:
+                raise DataError(f"{p}: no such file") from None
+            except OSError as error:
+                raise DataError(f"{p}: not a readable HDF5 file ({error})") from None
+        self.groups = _groups if _groups is not None else [g for i in range(len(self.paths)) for g in self._index(i)]
 
-    def _index(self) -> list[_Group]:
+    def _index(self, file: int) -> list[_Group]:
         groups, keys = [], set()
-        for name, group in _conformer_groups(self._file):
+        path = self.paths[file]
+        for name, group in _conformer_groups(self._files[file]):
             keys.update(group.keys())
             if self.energy_key not in group and (self.forces_key is None or self.forces_key not in group):
                 continue
-            numbers = _numbers(group, self.path, name)
+            numbers = _numbers(group, path, name)
             count = group["coordinates"].shape[0]
             have = np.zeros(count, bool)
             for key in (self.energy_key, self.forces_key):
                 if key and key in group:
                     values = group[key][()].reshape(count, -1)
                     have |= np.isfinite(values).all(1)
-            groups.append(_Group(name, numbers, np.nonzero(have)[0]))
+            groups.append(_Group(name, numbers, np.nonzero(have)[0], file))
         missing = [k for k in (self.energy_key, self.forces_key) if k and k not in keys]
         if missing:
-            raise DataError(f"{self.path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
+            raise DataError(f"{path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
                             f"hold: {', '.join(sorted(keys)) or 'nothing (no group has coordinates)'}")
         return [g for g in groups if len(g.conformations)]
 
     # ------------------------------------------------------------------ views
     def subset(self, names) -> "ANIData":
         names = set(names)
-        return ANIData(self.path, self.energy_key, self.forces_key,
+        return ANIData(self.paths, self.energy_key, self.forces_key,
                        _groups=[g for g in self.groups if g.name in names])
 
     def split(self, validation: float, seed: int) -> tuple["ANIData", "ANIData"]:
         """(train, validation) by whole groups (molecular formulas), reproducibly."""
-        names = sorted(g.name for g in self.groups)
+        names = sorted({g.name for g in self.groups})
         rng = np.random.default_rng(seed)
         rng.shuffle(names)
         n_val = max(1, round(validation * len(names))) if len(names) > 1 else 0
@@ -164,7 +171,7 @@ class ANIData:
             by_group.setdefault(gi, []).append((c, row))
         for gi, entries in by_group.items():
             g = self.groups[gi]
-            h5 = self._file[g.name]
+            h5 = self._files[g.file][g.name]
             entries.sort()
             confs = [c for c, _ in entries]
             rows = [r for _, r in entries]

@@ -323,7 +323,7 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
     summary = {"best_epoch": best["epoch"] + 1, "validation_loss": best["loss"],
                "validation_energy_rmse_kcal": best["rmse"],
                "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan), "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
-               "data": str(data.path), "energy_key": data.energy_key, "forces_key": data.forces_key,
+               "data": [str(p) for p in data.paths], "energy_key": data.energy_key, "forces_key": data.forces_key,
                "history": history}
     if rank == 0:
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
