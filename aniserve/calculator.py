@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from aniserve.neighbors import NeighborList
+from aniserve.serving import Evaluator, Structure
 from aniserve.units import HARTREE_IN_EV
 
 
@@ -25,37 +24,44 @@ class ANICalculator(Calculator):
     """Energies (eV), forces (eV/Å) and stress (eV/Å³) of an ANI model.
 
     ``results['energy_std']`` holds the ensemble's standard deviation in eV, an
-    uncertainty estimate.  model: a name (``ani-1ccx``), a path, or a loaded potential.
-    skin: Å added to the neighbour-list cutoff; the list is reused between calls until
-    an atom moves skin/2 (as in molecular dynamics).
+    uncertainty estimate.  model: a name, a path, or a loaded potential (default: the
+    embedded model).  skin: Å added to the neighbour-list cutoff; the list is reused
+    between calls until an atom moves skin/2 (as in molecular dynamics).  collect: an
+    ``aniserve.collect.Collector`` (or a path, for one with the ANI-1x threshold) that
+    writes the structures whose ensemble spread is large.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model="ani-1ccx", device: str = "cpu", dtype: str = "float32", skin: float = 1.0,
-                 **kwargs):
+    def __init__(self, model=None, device: str = "cpu", dtype: str = "float32", skin: float = 1.0,
+                 collect=None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(model, str) or hasattr(model, "__fspath__"):
+        if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
+            from aniserve.embedded import DEFAULT_MODEL
             from aniserve.models import load_model
 
-            model = load_model(model, device=device, dtype=dtype)
+            model = load_model(model or DEFAULT_MODEL, device=device, dtype=dtype)
+        if collect is not None and not hasattr(collect, "consider"):
+            from aniserve.collect import Collector
+
+            collect = Collector(collect)
         self.model = model
-        self.neighbors = NeighborList(model.cutoff, skin)
+        self.evaluator = Evaluator(model, skin=skin, collector=collect)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         cell = periodic_cell(self.atoms)
         if "stress" in properties and cell is None:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
-        pairs = self.neighbors.pairs(torch.from_numpy(self.atoms.positions),
-                                     None if cell is None else torch.from_numpy(cell))
-        result = self.model.evaluate(self.atoms.numbers, self.atoms.positions, cell, pairs=[pairs])
-        energy = float(result.energy) * HARTREE_IN_EV
+        structure = Structure(self.atoms.numbers, np.array(self.atoms.positions), cell)
+        result, = self.evaluator.evaluate([("ase-calculator", structure)])
+        energy = result.energy * HARTREE_IN_EV
         self.results = {
             "energy": energy, "free_energy": energy,
             "forces": result.forces * HARTREE_IN_EV,
-            "energy_std": float(result.energy_std) * HARTREE_IN_EV,
+            "energy_std": result.energy_std * HARTREE_IN_EV,
         }
         if cell is not None:
-            strain = 0.5 * (result.strain_derivative + result.strain_derivative.T)
-            self.results["stress"] = full_3x3_to_voigt_6_stress(strain * HARTREE_IN_EV / self.atoms.get_volume())
+            # ASE's stress is dE/dε / V = −virial / V.
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-result.virial * HARTREE_IN_EV
+                                                                / self.atoms.get_volume())

@@ -100,9 +100,10 @@ def eval_(file, model, index, device, dtype):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--pbc", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Periodicity (never sent on the wire). auto: periodic when the server's cell is non-singular.")
-@click.option("--extras", type=click.Choice(["committee", "std"]), default="std", show_default=True,
+@click.option("--extras", type=click.Choice(["committee", "std", "none"]), default="std", show_default=True,
               help="std: the ensemble's energy_std as JSON with each reply (one gradient pass); committee: also "
-                   "per-member energies/forces/virials for i-PI's <ffcommittee parse_json> (k+1 passes).")
+                   "per-member energies/forces/virials for i-PI's <ffcommittee parse_json> (k+1 passes); none: an "
+                   "empty extras string, for clients that cannot take JSON (ASE <= 3.22).")
 @click.option("--skin", default=1.0, show_default=True,
               help="Å added to the cutoff of each neighbour list; a list is reused until an atom moves skin/2.")
 @click.option("--connect-timeout", default=60.0, show_default=True, help="Seconds to wait for a server to come up.")
@@ -110,8 +111,19 @@ def eval_(file, model, index, device, dtype):
               help="Seconds a half-received message may wait for the rest before the driver gives up.")
 @click.option("--reconnect-timeout", default=10.0, show_default=True,
               help="After a server closes the connection, seconds to wait for one to come back at the same address.")
+@click.option("--collect", "collect_path", default=None, type=click.Path(dir_okay=False),
+              help="Append structures whose ensemble spread exceeds a threshold to this extended XYZ file "
+                   "(active learning: label them with `aniserve data label`).")
+@click.option("--collect-energy-std", default=0.23, show_default=True,
+              help="Collect when the energy spread per √atoms exceeds this, kcal/mol (ANI-1x's 0.23); 0 turns it off.")
+@click.option("--collect-force-std", default=None, type=float,
+              help="Also collect when an atom's force spread over the members exceeds this, kcal/mol/Å. Costs k "
+                   "extra gradient passes per evaluation (k members), so off by default; --collect alone costs "
+                   "nothing extra.")
+@click.option("--collect-every", default=1, show_default=True,
+              help="At least this many steps between two collected structures of one trajectory (bead).")
 def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,
-          message_timeout, reconnect_timeout):
+          message_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std, collect_every):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
 
     \b
@@ -129,6 +141,7 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
 
     from aniserve.driver import Address, IPIDriver
     from aniserve.models import load_model
+    from aniserve.serving import Evaluator
 
     logging.basicConfig(level=logging.INFO, format="aniserve drive: %(message)s", stream=sys.stderr)
     addresses = ([Address.unix(n) for n in unix] + [Address.inet(t) for t in inet]
@@ -140,9 +153,24 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     numbers = [ase.io.read(s).numbers for s in structures]
     if len(numbers) == 1:
         numbers = numbers * len(addresses)
-    driver = IPIDriver(load_model(model, device=device, dtype=dtype), addresses, numbers, connections, pbc, extras,
-                       connect_timeout, message_timeout, reconnect_timeout, skin=skin)
-    sys.exit(driver.run())
+    collector = None
+    if collect_path:
+        from aniserve.collect import Collector
+
+        collector = Collector(collect_path, energy_std=collect_energy_std or None, force_std=collect_force_std,
+                              every=collect_every)
+    potential = load_model(model, device=device, dtype=dtype)
+    logging.getLogger("aniserve.driver").info("serving %s", potential.description.get("name") or model)
+    evaluator = Evaluator(potential, skin=skin, members=extras == "committee", collector=collector)
+    driver = IPIDriver(evaluator, addresses, numbers, connections=connections, pbc=pbc, extras=extras,
+                       connect_timeout=connect_timeout, message_timeout=message_timeout,
+                       reconnect_timeout=reconnect_timeout)
+    code = driver.run()
+    if collector is not None:
+        logging.getLogger("aniserve.driver").info(
+            "collected %d of %d structures (%.1f%%) into %s", collector.collected, collector.evaluated,
+            100 * collector.fraction, collector.path)
+    sys.exit(code)
 
 
 @main.command()

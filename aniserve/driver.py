@@ -1,10 +1,11 @@
-"""IPIDriver: serve a potential to i-PI or ASE servers over the i-PI socket protocol.
+"""IPIDriver: serve an ``Evaluator`` to i-PI or ASE servers over the i-PI socket protocol.
 
-One process holds any number of connections.  The loop reads whatever has arrived,
-decodes it with ``aniserve.protocol``, and when structures are waiting it evaluates all
-of them — across connections and batch slots — in one batched forward pass.  Units
-change here and nowhere else: Bohr ↔ Å on the way in, Hartree/Å → Hartree/Bohr and the
-virial W = −dE/dε on the way out.
+Transport only.  One process holds any number of connections; the loop reads whatever
+has arrived, decodes it with ``aniserve.protocol``, and when structures are waiting it
+hands all of them — across connections and batch slots — to the evaluator
+(``aniserve.serving``) at once, which batches them.  Units change here and nowhere else
+on this path: Bohr → Å and i-PI's cell columns → rows on the way in, Hartree/Å →
+Hartree/Bohr on the way out (energies and virials are Hartree on both sides).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import socket
 import time
 
 import numpy as np
-import torch
 
 from aniserve import protocol
-from aniserve.neighbors import NeighborList
+from aniserve.serving import Structure
 from aniserve.units import BOHR_IN_ANGSTROM
 
 log = logging.getLogger("aniserve.driver")
@@ -59,8 +59,11 @@ class Address:
 
 
 class Connection:
+    serials = iter(range(1 << 62))
+
     def __init__(self, address: Address, numbers: np.ndarray, sock: socket.socket):
         self.address, self.numbers, self.sock = address, numbers, sock
+        self.serial = next(Connection.serials)  # keys this connection's slots in the evaluator
         self.mode = protocol.Mode(shm=address.kind == "shm")
         self.buffer = bytearray()
         self.initialised = False
@@ -72,7 +75,6 @@ class Connection:
         self.views = {}
         self.partial_since = None
         self.exited = False
-        self.neighbor_lists: dict[int, NeighborList] = {}  # one per structure slot (bead) of this connection
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -123,33 +125,34 @@ def connect(address: Address, timeout: float) -> socket.socket:
 
 
 class IPIDriver:
-    """Serve ``potential`` to the servers at ``addresses``.
+    """Serve ``evaluator`` (an ``aniserve.serving.Evaluator``) to the servers at ``addresses``.
 
     numbers: atomic numbers of each connection's system (the protocol never sends
     them), one array per address.  pbc: 'auto' (periodic when the cell sent is
-    non-singular), 'yes' or 'no'.  extras: 'committee' (per-member energies, forces and
-    virials for i-PI's committee force field, plus the ensemble std: k+1 gradient
-    passes) or 'std' (only the std, one pass).  skin: Å added to the cutoff of each
-    structure's neighbour list, which is reused until an atom moves skin/2.
+    non-singular), 'yes' or 'no'.  extras: what FORCEREADY's extras string carries:
+    'std' (JSON with the ensemble's energy std), 'committee' (also per-member
+    energies, forces and virials for i-PI's committee force field; the evaluator must
+    have been made with members=True) or 'none' (an empty string, for clients that
+    cannot take JSON, such as ASE ≤ 3.22).
     """
 
-    def __init__(self, potential, addresses: list[Address], numbers: list[np.ndarray], connections: int = 1,
+    def __init__(self, evaluator, addresses: list[Address], numbers: list[np.ndarray], *, connections: int = 1,
                  pbc: str = "auto", extras: str = "std", connect_timeout: float = 60.0,
-                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002,
-                 skin: float = 1.0):
+                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002):
         if pbc not in ("auto", "yes", "no"):
             raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
-        if extras not in ("committee", "std"):
-            raise ValueError(f"extras must be committee or std, got {extras!r}")
-        self.potential = potential
+        if extras not in ("committee", "std", "none"):
+            raise ValueError(f"extras must be committee, std or none, got {extras!r}")
+        if extras == "committee" and not evaluator.members:
+            raise ValueError("extras='committee' needs an evaluator made with members=True")
+        self.evaluator = evaluator
         self.targets = [(a, np.asarray(n)) for a, n in zip(addresses, numbers) for _ in range(connections)]
         self.pbc, self.extras = pbc, extras
         self.connect_timeout, self.message_timeout = connect_timeout, message_timeout
         self.reconnect_timeout, self.gather_s = reconnect_timeout, gather_s
-        self.skin = skin
         self.connections: list[Connection] = []
-        for z in {int(z) for _, n in self.targets for z in n}:
-            potential.species_indices(np.array([z]))  # unsupported element: fail before connecting
+        for _, n in self.targets:
+            evaluator.check_elements(n)  # unsupported element: fail before connecting
 
     # ------------------------------------------------------------ connections
     def _open(self, address: Address, numbers: np.ndarray, timeout: float) -> Connection:
@@ -241,6 +244,7 @@ class IPIDriver:
                               EXIT_PROTOCOL)
         conn.close()
         self.connections.remove(conn)
+        self._forget(conn)
         log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
                  self.reconnect_timeout)
         try:
@@ -327,57 +331,43 @@ class IPIDriver:
             return self.pbc == "yes"
         return abs(np.linalg.det(cell_h)) > 1e-6
 
+    def _forget(self, conn: Connection) -> None:
+        for b in range(conn.mode.batch_size):
+            self.evaluator.forget((str(conn.address), conn.serial, b))
+
     def _compute(self, pending: list[Connection]) -> None:
-        """Evaluate every waiting structure in (at most) two batched passes."""
-        slots = [(conn, b) for conn in pending for b in range(len(conn.structures.positions))]
-        energies, forces, virials, extras = {}, {}, {}, {}
-        for periodic in (False, True):
-            group = [(c, b) for c, b in slots if self._periodic(c.structures.cells[b]) == periodic]
-            if not group:
-                continue
-            n_max = max(len(c.numbers) for c, _ in group)
-            numbers = np.zeros((len(group), n_max), dtype=np.int64)
-            positions = np.zeros((len(group), n_max, 3))
-            cells = np.zeros((len(group), 3, 3))
-            pairs = []
-            for i, (c, b) in enumerate(group):
-                n = len(c.numbers)
-                numbers[i, :n] = c.numbers
-                positions[i, :n] = c.structures.positions[b] * BOHR_IN_ANGSTROM
-                cells[i] = c.structures.cells[b].T * BOHR_IN_ANGSTROM  # h's columns → rows
-                if b not in c.neighbor_lists:
-                    c.neighbor_lists[b] = NeighborList(self.potential.cutoff, self.skin)
-                pairs.append(c.neighbor_lists[b].pairs(torch.from_numpy(positions[i, :n]),
-                                                       torch.from_numpy(cells[i]) if periodic else None))
-            try:
-                result = self.potential.evaluate(numbers, positions, cells if periodic else None,
-                                                 member_forces=self.extras == "committee", pairs=pairs)
-            except ValueError as error:
-                raise DriverError(f"cannot evaluate the structure sent by {group[0][0].address}: {error}",
-                                  EXIT_INPUT) from None
-            for i, (c, b) in enumerate(group):
-                n = len(c.numbers)
-                energies[c, b] = float(result.energy[i])
-                forces[c, b] = result.forces[i, :n] * BOHR_IN_ANGSTROM
-                virials[c, b] = (-_symmetric(result.strain_derivative[i]) if periodic else np.zeros((3, 3)))
-                extra = {"energy_std": float(result.energy_std[i])}
-                if self.extras == "committee":
-                    extra["committee_pot"] = result.member_energies[i].tolist()
-                    extra["committee_force"] = (result.member_forces[i, :, :n] * BOHR_IN_ANGSTROM).reshape(
-                        len(result.member_energies[i]), -1).tolist()
-                    extra["committee_virial"] = (
-                        [(-_symmetric(s)).ravel().tolist() for s in result.member_strain_derivatives[i]]
-                        if periodic else [[0.0] * 9] * len(result.member_energies[i]))
-                extras[c, b] = json.dumps(extra)
+        """Evaluate every waiting structure in one call to the evaluator."""
+        slots, owners = [], []
         for conn in pending:
-            count = len(conn.structures.positions)
-            e = np.array([energies[conn, b] for b in range(count)])
-            f = np.stack([forces[conn, b] for b in range(count)])
-            v = np.stack([virials[conn, b] for b in range(count)])
-            conn.reply = protocol.encode_forceready(e, f, v, [extras[conn, b] for b in range(count)], conn.mode)
+            for b, (h, positions) in enumerate(zip(conn.structures.cells, conn.structures.positions)):
+                cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h has the vectors as columns
+                slots.append(((str(conn.address), conn.serial, b),
+                              Structure(conn.numbers, positions * BOHR_IN_ANGSTROM, cell)))
+                owners.append(conn)
+        try:
+            results = self.evaluator.evaluate(slots)
+        except ValueError as error:
+            raise DriverError(f"cannot evaluate the structure sent by {pending[0].address}: {error}",
+                              EXIT_INPUT) from None
+        by_conn: dict[Connection, list] = {}
+        for conn, result in zip(owners, results):
+            by_conn.setdefault(conn, []).append(result)
+        for conn, done in by_conn.items():
+            e = np.array([r.energy for r in done])
+            f = np.stack([r.forces * BOHR_IN_ANGSTROM for r in done])
+            v = np.stack([r.virial for r in done])
+            conn.reply = protocol.encode_forceready(e, f, v, [self._extras(r) for r in done], conn.mode)
             conn.shm_results = (e, f, v) if conn.mode.shm else None
             conn.state, conn.structures = "computed", None
 
-
-def _symmetric(matrix: np.ndarray) -> np.ndarray:
-    return 0.5 * (matrix + matrix.T)
+    def _extras(self, result) -> str:
+        if self.extras == "none":
+            return ""
+        extra = {"energy_std": result.energy_std}
+        if self.extras == "committee":
+            k = len(result.member_energies)
+            extra["committee_pot"] = result.member_energies.tolist()
+            extra["committee_force"] = (result.member_forces * BOHR_IN_ANGSTROM).reshape(k, -1).tolist()
+            extra["committee_virial"] = (result.member_virials.reshape(k, 9).tolist()
+                                         if result.member_virials is not None else [[0.0] * 9] * k)
+        return json.dumps(extra)

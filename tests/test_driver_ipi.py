@@ -312,3 +312,24 @@ def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
     np.testing.assert_allclose(data[0, 3:9], expected, rtol=2e-6, atol=1e-14)
     assert np.ptp(data[:, 2]) > 1e-4 * volume_bohr3  # the barostat moved the cell
     assert np.all(np.isfinite(data))
+
+
+def test_extras_none_sends_an_empty_string():
+    """For clients that cannot take JSON extras (ASE <= 3.22 reads at most one byte)."""
+    server = FakeServer().start_driver("--extras", "none")
+    conn = server.accept()
+    conn.sendall(ethanol_posdata() + protocol.header("GETFORCE"))
+    buffer = b""
+    while (decoded := protocol.decode_forceready(buffer)) is None:
+        chunk = conn.recv(65536)
+        assert chunk, "driver closed the connection"
+        buffer += chunk
+    (energies, _forces, _virials, extras), _ = decoded
+    expected = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy
+    assert extras == [""] and abs(energies[0] - expected) < 1e-9
+    conn.sendall(protocol.header("STATUS"))
+    assert conn.recv(12) == protocol.header("READY")
+    conn.sendall(protocol.header("EXIT"))
+    code, log = server.finish()
+    conn.close()
+    assert code == 0, log

@@ -1,0 +1,92 @@
+"""Collecting uncertain structures while serving (query by committee, as ANI-1x was built).
+
+An ensemble's disagreement flags structures the model has not learnt: the energy spread
+per √atoms, ρ = σ_E/√N (ANI-1x: Smith et al., J. Chem. Phys. 148, 241733 (2018), which
+chose ρ > 0.23 kcal/mol), and/or the largest per-atom spread of the members' forces.
+Flagged structures are appended to an extended XYZ file, at most one per ``every``
+evaluations of the same trajectory (slot), so a long excursion does not flood it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Hashable
+
+import numpy as np
+
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+#: The ANI-1x paper's threshold on σ_E/√N, kcal/mol.
+ANI1X_ENERGY_STD = 0.23
+
+
+class Collector:
+    """Append structures whose uncertainty exceeds a threshold to ``path`` (extended XYZ).
+
+    energy_std: threshold on σ_E/√N, kcal/mol (None: not used).  force_std: threshold
+    on the largest per-atom force spread, kcal/mol/Å (None: not used; when set, every
+    evaluation also computes each member's forces, k extra gradient passes).  Either one
+    exceeded collects.  every: at least this many evaluations between two collected
+    structures of one trajectory.
+    """
+
+    def __init__(self, path: str | os.PathLike, energy_std: float | None = ANI1X_ENERGY_STD,
+                 force_std: float | None = None, every: int = 1):
+        if energy_std is None and force_std is None:
+            raise ValueError("collecting needs an energy-spread or a force-spread threshold (or both)")
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.path = pathlib.Path(path)
+        self.energy_std, self.force_std, self.every = energy_std, force_std, every
+        self.seen: dict[Hashable, int] = {}
+        self.last: dict[Hashable, int] = {}
+        self.collected = 0
+        self.evaluated = 0
+
+    @property
+    def needs_member_forces(self) -> bool:
+        return self.force_std is not None
+
+    @property
+    def fraction(self) -> float:
+        """Collected structures per evaluation so far."""
+        return self.collected / self.evaluated if self.evaluated else 0.0
+
+    def consider(self, key: Hashable, structure, result, model: str = "") -> bool:
+        """Write ``structure`` if ``result`` is uncertain enough; True if written."""
+        step = self.seen.get(key, 0)
+        self.seen[key] = step + 1
+        self.evaluated += 1
+        n = len(structure.numbers)
+        rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
+        force_spread = None
+        if result.member_forces is not None:
+            deviation = result.member_forces - result.member_forces.mean(0)
+            force_spread = float(np.sqrt((deviation ** 2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL
+        flagged = ((self.energy_std is not None and rho > self.energy_std)
+                   or (self.force_std is not None and force_spread is not None and force_spread > self.force_std))
+        if not flagged or (key in self.last and step - self.last[key] < self.every):
+            return False
+        self.last[key] = step
+        self._write(structure, result, model, key, step, rho, force_spread)
+        self.collected += 1
+        return True
+
+    def _write(self, structure, result, model, key, step, rho, force_spread) -> None:
+        import ase
+        import ase.io
+
+        atoms = ase.Atoms(numbers=structure.numbers, positions=structure.positions,
+                          cell=structure.cell if structure.cell is not None else None,
+                          pbc=structure.cell is not None)
+        atoms.info.update({
+            "energy_std_kcal": result.energy_std * HARTREE_IN_KCAL_PER_MOL,
+            "energy_std_per_sqrt_atom_kcal": rho, "model": model or "unnamed",
+            "source": str(key[0]) if isinstance(key, tuple) else str(key),
+            "slot": int(key[1]) if isinstance(key, tuple) and len(key) > 1 else 0, "step": step})
+        if force_spread is not None:
+            atoms.info["force_std_max_kcal_per_a"] = force_spread
+        # Appended and closed per structure: what was collected survives a killed run.
+        ase.io.write(self.path, atoms, format="extxyz", append=True)

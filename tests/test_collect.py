@@ -1,0 +1,109 @@
+"""Collecting uncertain structures while serving (active learning), through the i-PI
+driver and the ASE calculator, and the shared evaluator behind both."""
+
+import math
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+
+from aniserve import protocol
+from aniserve.calculator import ANICalculator
+from aniserve.collect import Collector
+from aniserve.units import BOHR_IN_ANGSTROM, HARTREE_IN_KCAL_PER_MOL
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
+from test_driver_ipi import FakeServer
+
+
+def displaced(step):
+    return np.array(ETHANOL_POSITIONS) + np.random.default_rng(step).normal(scale=0.08, size=(9, 3))
+
+
+def serve_steps(server, steps):
+    conn = server.accept()
+    for step in range(steps):
+        positions = displaced(step) / BOHR_IN_ANGSTROM
+        conn.sendall(protocol.encode_posdata(np.eye(3)[None] * 40, positions[None]) + protocol.header("GETFORCE"))
+        buffer = b""
+        while protocol.decode_forceready(buffer) is None:
+            chunk = conn.recv(65536)
+            assert chunk, "driver closed the connection"
+            buffer += chunk
+        conn.sendall(protocol.header("STATUS"))
+        assert conn.recv(12) == protocol.header("READY")
+    conn.sendall(protocol.header("EXIT"))
+    code, log = server.finish()
+    conn.close()
+    return code, log
+
+
+def test_drive_collects_above_a_low_threshold_with_the_evaluated_spreads(tmp_path):
+    out = tmp_path / "collected.extxyz"
+    server = FakeServer().start_driver("--collect", str(out), "--collect-energy-std", "1e-6",
+                                       "--collect-force-std", "1e-6", "--collect-every", "2")
+    code, log = serve_steps(server, 5)
+    assert code == 0, log
+    frames = ase.io.read(out, index=":")
+    assert len(frames) == 3  # steps 0, 2, 4: at least two steps apart
+    model = cached_model("ani-1ccx", "float64")
+    for frame, step in zip(frames, (0, 2, 4)):
+        np.testing.assert_allclose(frame.positions, displaced(step), atol=1e-8)
+        assert list(frame.numbers) == list(ETHANOL_NUMBERS) and frame.info["step"] == step
+        result = model.evaluate(frame.numbers, frame.positions, member_forces=True)
+        std = float(result.energy_std) * HARTREE_IN_KCAL_PER_MOL
+        assert abs(frame.info["energy_std_kcal"] - std) < 1e-5
+        assert abs(frame.info["energy_std_per_sqrt_atom_kcal"] - std / math.sqrt(9)) < 1e-5
+        spread = np.sqrt(((result.member_forces - result.member_forces.mean(0)) ** 2).sum(-1).mean(0)).max()
+        assert abs(frame.info["force_std_max_kcal_per_a"] - spread * HARTREE_IN_KCAL_PER_MOL) < 1e-4
+        assert frame.info["model"] == "ani-1ccx" and frame.info["source"].startswith("unix:/tmp/ipi_")
+    assert "collected 3 of 5 structures" in log
+
+
+def test_drive_collects_nothing_above_a_high_threshold(tmp_path):
+    out = tmp_path / "collected.extxyz"
+    server = FakeServer().start_driver("--collect", str(out), "--collect-energy-std", "1000")
+    code, log = serve_steps(server, 3)
+    assert code == 0, log
+    assert not out.exists() and "collected 0 of 3 structures" in log
+
+
+def test_calculator_collects_like_the_driver(tmp_path):
+    model = cached_model("ani-1ccx", "float64")
+    low = Collector(tmp_path / "low.extxyz", energy_std=1e-6)
+    high = Collector(tmp_path / "high.extxyz", energy_std=1000.0)
+    for collector in (low, high):
+        atoms = Atoms(numbers=ETHANOL_NUMBERS, positions=ETHANOL_POSITIONS)
+        atoms.calc = ANICalculator(model, collect=collector)
+        for step in range(3):
+            atoms.positions = displaced(step)
+            atoms.get_potential_energy()
+    frames = ase.io.read(tmp_path / "low.extxyz", index=":")
+    assert len(frames) == 3 and not (tmp_path / "high.extxyz").exists()
+    assert low.fraction == 1.0 and high.fraction == 0.0
+    std = float(model.evaluate(ETHANOL_NUMBERS, displaced(1)).energy_std) * HARTREE_IN_KCAL_PER_MOL
+    assert abs(frames[1].info["energy_std_kcal"] - std) < 1e-6 and frames[1].info["source"] == "ase-calculator"
+
+
+def test_collector_needs_a_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        Collector("x.extxyz", energy_std=None, force_std=None)
+
+
+def test_driver_and_calculator_share_one_evaluation(tmp_path):
+    """Energies, forces and stress of a periodic box from the in-process calculator equal
+    the driver's reply (the same evaluator, two edges with their own units)."""
+    from aniserve.serving import Evaluator, Structure
+    from aniserve.units import HARTREE_IN_EV
+    from conftest import reference
+
+    record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
+    model = cached_model("ani-1ccx", "float64")
+    atoms = Atoms(numbers=record["numbers"], positions=record["positions"], cell=record["cell"], pbc=True)
+    atoms.calc = ANICalculator(model)
+    result, = Evaluator(model).evaluate([("k", Structure(np.array(record["numbers"]),
+                                                         np.array(record["positions"]), np.array(record["cell"])))])
+    assert atoms.get_potential_energy() == result.energy * HARTREE_IN_EV
+    np.testing.assert_array_equal(atoms.get_forces(), result.forces * HARTREE_IN_EV)
+    stress = -result.virial * HARTREE_IN_EV / atoms.get_volume()
+    np.testing.assert_allclose(atoms.get_stress(voigt=False), stress, rtol=0, atol=1e-15)
