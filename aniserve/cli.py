@@ -47,10 +47,10 @@ def models():
         for name in source.names():
             found, looked = source.locate(name)
             if found is None:
-                click.echo(f"{name:12s} not available  (looked: {'; '.join(looked)})")
+                click.echo(f"{name:18s} not available  (looked: {'; '.join(looked)})")
                 continue
             model = load_model(found)
-            click.echo(f"{name:12s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
+            click.echo(f"{name:18s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
                        f"[{source_name}] {found}")
 
 
@@ -74,6 +74,8 @@ def eval_(file, model, index, device, dtype):
     from aniserve.units import HARTREE_IN_EV
 
     potential = load_model(model, device=device, dtype=dtype)
+    click.echo(f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
+               f"{potential.ensemble_size}-member ensemble, {dtype})")
     for n, atoms in enumerate(ase.io.read(file, index=index)):
         r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
         fmax = float(np.linalg.norm(r.forces, axis=1).max()) * HARTREE_IN_EV
@@ -203,6 +205,11 @@ def _training_options(f):
         click.option("--force-weight", default=0.1, show_default=True, help="Weight of the force loss."),
         click.option("--validation", default=0.15, show_default=True,
                      help="Fraction of molecules (formula groups) held out for validation."),
+        click.option("--select", "selection", type=click.Choice(["loss", "conformer"]), default="loss",
+                     show_default=True,
+                     help="What picks the saved epoch and drives early stopping: the validation loss, or the "
+                          "validation molecules' conformer RMSE (relative energies; better for transfer to a "
+                          "small high-level set, README)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
@@ -217,7 +224,8 @@ def _settings(kw):
     from aniserve.training import Settings
 
     return Settings(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], force_weight=kw["force_weight"],
-                    validation=kw["validation"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"])
+                    validation=kw["validation"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"],
+                    selection=kw["selection"])
 
 
 @main.command()
@@ -409,14 +417,14 @@ def bench():
 @click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
 @click.option("--budget", "budget_items", multiple=True, metavar="KEY=JSON",
               help="Override a budget field: pretrain_epochs, transfer_epochs, ensemble_size, hidden, batch_size, "
-                   "lr, transfer_lr, force_weight, patience (e.g. --budget transfer_lr=1e-4).")
+                   "lr, transfer_lr, force_weight, patience, selection (e.g. --budget transfer_lr=1e-4).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False), default=None,
               help="Save the best strategy's seed-0 model here (how the embedded model is made).")
-@click.option("--export-name", default="aniserve-ccx-demo", show_default=True, help="Name given to the exported model.")
+@click.option("--export-name", default="aniserve-1x-ccsdt", show_default=True, help="Name given to the exported model.")
 @click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
 def bench_transfer(quick, strategies, train_path, test_path, base, seeds, options, budget_items, workdir, json_out,
                    plot_out, export_path, export_name, export_card):
@@ -456,6 +464,46 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
         click.echo(f"exported {best['name']} (seed 0) as {export_name} to {export_path}")
 
 
+@bench.command("active")
+@click.option("--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run).")
+@click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
+@click.option("--strategy", default="delta", show_default=True,
+              help="Transfer strategy used for every selection (delta: the best in cross-validation, README).")
+@click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="The pool: its high-level conformations.")
+@click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="Held-out test set with the high level.")
+@click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
+@click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
+@click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the transferred models go (default $ANISERVE_CACHE/bench-active).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write the learning curves (PNG).")
+def bench_active(quick, base, strategy, train_path, test_path, ks, seeds, epochs, workdir, json_out, plot_out):
+    """Query by committee against random selection of K labels: learning curves on held-out molecules.
+
+    Example: aniserve bench active --json active.json --plot active.png
+    """
+    import dataclasses
+
+    from aniserve.bench import active
+
+    budget = active.QUICK if quick else active.FULL
+    if ks:
+        budget = dataclasses.replace(budget, ks=tuple(sorted(int(k) for k in ks.split(","))))
+    if seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
+    if epochs:
+        budget = dataclasses.replace(budget, epochs=epochs)
+    result = active.run(train_path, test_path, base, strategy, budget, workdir or active.default_workdir())
+    click.echo(active.table(result))
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
+    if plot_out:
+        active.plot(result, plot_out)
+
+
 def _parse_option(item: str) -> tuple[str, object]:
     key, _, value = item.partition("=")
     try:
@@ -465,7 +513,7 @@ def _parse_option(item: str) -> tuple[str, object]:
 
 
 @bench.command("speed")
-@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
@@ -522,7 +570,7 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
 
 
 @bench.command("ipi")
-@click.option("--model", default="ani-1ccx", show_default=True, help="Model name or path.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
 @click.option("--steps", default="20,220", show_default=True,
               help="Short and long run lengths; the per-step time is their difference over the extra steps.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)

@@ -16,12 +16,12 @@ class ModelNotFoundError(LookupError):
     pass
 
 
-def load_model(name_or_path: str | os.PathLike = "ani-1ccx", device: str = "cpu",
+def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu",
                dtype: str = "float32") -> ANIPotential:
     """Load an ANI model.
 
     name_or_path: a registered name (``ani-1x``, ``ani-1ccx``, ``ani-2x``, …; see
-    ``aniserve models``), a NeuroChem ``.info`` file or folder, or an aniserve model
+    ``aniserve models``; default the embedded model, which needs no download), a NeuroChem ``.info`` file or folder, or an aniserve model
     file (``.safetensors``).  device: ``cpu``, ``cuda``, ``cuda:1``…  dtype: ``float32``
     or ``float64``.  The model is in eval mode with its parameters frozen (a transfer
     strategy unfreezes what it trains).
@@ -30,6 +30,10 @@ def load_model(name_or_path: str | os.PathLike = "ani-1ccx", device: str = "cpu"
     from aniserve.neurochem import load_neurochem
     from aniserve.registry import registry
 
+    if name_or_path is None:
+        from aniserve.embedded import DEFAULT_MODEL
+
+        name_or_path = DEFAULT_MODEL
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = pathlib.Path(name_or_path)

@@ -98,6 +98,10 @@ class Evaluator:
                                           member_forces=need_members, pairs=pairs)
             for row, i in enumerate(group):
                 n = len(slots[i][1].numbers)
+                if not (np.isfinite(out.energy[row]) and np.isfinite(out.forces[row, :n]).all()
+                        and (not periodic or np.isfinite(out.strain_derivative[row]).all())):
+                    raise ValueError(f"structure {slots[i][0]!r}: the model gives a non-finite energy or forces"
+                                     f"{_closest_pair(slots[i][1])}; nothing is returned for it")
                 results[i] = Result(
                     energy=float(out.energy[row]), forces=out.forces[row, :n],
                     virial=-symmetric(out.strain_derivative[row]) if periodic else np.zeros((3, 3)),
@@ -109,6 +113,21 @@ class Evaluator:
             for (key, structure), result in zip(slots, results):
                 self.collector.consider(key, structure, result, self.model_name)
         return results
+
+
+def _closest_pair(structure: Structure) -> str:
+    """Where a non-finite result most likely comes from: the two closest atoms."""
+    x = np.asarray(structure.positions, float)
+    if len(x) < 2 or len(x) > 20_000:
+        return ""
+    best = (np.inf, 0, 0)
+    for i in range(len(x) - 1):  # a row at a time: memory stays linear in the atom count
+        d = np.linalg.norm(x[i + 1:] - x[i], axis=1)
+        j = int(np.argmin(d))
+        if d[j] < best[0]:
+            best = (float(d[j]), i, i + 1 + j)
+    distance, i, j = best
+    return f" (atoms {i} and {j} are {distance:.3g} Å apart)" if distance < 0.5 else ""
 
 
 def symmetric(matrix: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ from aniserve.modelfile import ModelFileError, load_saved, save_model
 from aniserve.neurochem import NeuroChemError, load_neurochem
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, SHARED
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def test_unsupported_element_is_named(ani1ccx):
     numbers = list(ETHANOL_NUMBERS)

@@ -15,6 +15,8 @@ from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
 from conftest import cached_model, perturbed_molecules
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]
 
@@ -145,3 +147,29 @@ def test_transfer_from_ani2x_trains_on_chno_data(tmp_path):
     official = cached_model("ani-2x", "float64")
     assert float(model.self_energies[model.elements.index("S")]) == float(
         official.self_energies[official.elements.index("S")])
+
+
+def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    out = tmp_path / "active.json"
+    result = CliRunner().invoke(main, ["bench", "active", "--quick", "--epochs", "2", "--train",
+                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
+                                       "--workdir", str(tmp_path / "work"), "--json", str(out),
+                                       "--plot", str(tmp_path / "active.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["base"] == "ani-1x" and data["pool_size"] == 48
+    for name in ("qbc", "random"):
+        rows = data["selections"][name]
+        assert [r["k"] for r in rows] == [8, 16]
+        assert all(np.isfinite(r["conformer_rmse_kcal"]) for r in rows)
+    # Query by committee's first round takes the base ensemble's most uncertain points.
+    from aniserve.bench.active import spreads
+    from aniserve.training import ANIData
+
+    pool = ANIData(tmp_path / "train.h5", "ccsd(t)_ccpvdz.energy")
+    spread = spreads(cached_model("ani-1x", "float64"), pool)
+    first = data["selections"]["qbc"][0]["runs"][0]["mean_spread_per_sqrt_atom_kcal"]
+    assert abs(first - np.sort(spread)[-8:].mean() * 627.5094740631) < 1e-3
+    assert (tmp_path / "active.png").stat().st_size > 1000

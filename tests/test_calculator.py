@@ -10,6 +10,8 @@ from aniserve import ANICalculator
 from aniserve.units import HARTREE_IN_EV
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def test_energy_forces_in_ev(ani1ccx):
     atoms = Atoms(numbers=ETHANOL_NUMBERS, positions=ETHANOL_POSITIONS)

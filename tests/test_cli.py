@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 from conftest import ROOT
+import pytest
+
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
 
 def run(*args):

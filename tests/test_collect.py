@@ -15,6 +15,8 @@ from aniserve.units import BOHR_IN_ANGSTROM, HARTREE_IN_KCAL_PER_MOL
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
 from test_driver_ipi import FakeServer
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def displaced(step):
     return np.array(ETHANOL_POSITIONS) + np.random.default_rng(step).normal(scale=0.08, size=(9, 3))
@@ -107,3 +109,12 @@ def test_driver_and_calculator_share_one_evaluation(tmp_path):
     np.testing.assert_array_equal(atoms.get_forces(), result.forces * HARTREE_IN_EV)
     stress = -result.virial * HARTREE_IN_EV / atoms.get_volume()
     np.testing.assert_allclose(atoms.get_stress(voigt=False), stress, rtol=0, atol=1e-15)
+
+
+def test_non_finite_results_are_never_returned():
+    """Two atoms at one point give NaN forces: the calculator raises, naming them."""
+    atoms = Atoms("CH4", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [0.63, -0.63, -0.63],
+                                    [0.63, -0.63, -0.63]])
+    atoms.calc = ANICalculator(cached_model("ani-1ccx", "float64"))
+    with pytest.raises(ValueError, match=r"non-finite .* \(atoms 3 and 4 are 0 Å apart\)"):
+        atoms.get_forces()

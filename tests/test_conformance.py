@@ -6,6 +6,8 @@ import pytest
 
 from conftest import cached_model, reference
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 MODELS = ["ani-1x", "ani-1ccx", "ani-2x"]
 
 

@@ -16,6 +16,8 @@ from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, reference
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
 DRIVE = [sys.executable, "-m", "aniserve", "drive", "--model", "ani-1ccx", "--dtype", "float64",
          "--reconnect-timeout", "1", "--connect-timeout", "60", "--timeout", "10"]

@@ -14,6 +14,8 @@ from aniserve.neighbors import find_pairs
 from aniserve.bench.speed import water_box
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def structures():
     """(label, numbers, positions (N, 3), cell or None): a molecule, a periodic box with

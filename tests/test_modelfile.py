@@ -5,6 +5,9 @@ import numpy as np
 import aniserve
 from aniserve.modelfile import read_description, save_model
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
+import pytest
+
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
 
 def test_round_trip_gives_identical_results(tmp_path, ani1ccx):

@@ -12,6 +12,8 @@ from aniserve.neighbors import NeighborList, find_pairs
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
 from test_physics import water_box
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def assert_same(a, b):
     assert abs(float(a.energy) - float(b.energy)) < 1e-10

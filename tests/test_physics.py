@@ -9,6 +9,8 @@ import torch
 from aniserve.neighbors import find_pairs
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 
 def water_box():
     record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")

@@ -15,6 +15,8 @@ from aniserve.training import ANIData, DataError, Settings, default_description,
 from aniserve.training.data import write_ani_h5
 from conftest import ROOT, cached_model, perturbed_molecules
 
+pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+
 MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 
 

@@ -106,12 +106,34 @@ class ANIData:
         return ANIData(self.paths, self.energy_key, self.forces_key,
                        _groups=[g for g in self.groups if g.name in names])
 
+    def items(self) -> list[tuple[int, int]]:
+        """Every (group index, conformation) of the set, in a fixed order."""
+        return [(gi, int(c)) for gi, g in enumerate(self.groups) for c in g.conformations]
+
+    def select(self, items) -> "ANIData":
+        """A view holding only these (group index, conformation) items."""
+        chosen: dict[int, list[int]] = {}
+        for gi, c in items:
+            chosen.setdefault(gi, []).append(int(c))
+        groups = [dataclasses.replace(self.groups[gi], conformations=np.array(sorted(cs)))
+                  for gi, cs in sorted(chosen.items())]
+        return ANIData(self.paths, self.energy_key, self.forces_key, _groups=groups)
+
     def split(self, validation: float, seed: int) -> tuple["ANIData", "ANIData"]:
-        """(train, validation) by whole groups (molecular formulas), reproducibly."""
+        """(train, validation) by whole groups (molecular formulas), reproducibly.
+
+        Data of a single formula (one molecule's trajectory, as active learning on one
+        molecule collects) is split by conformation instead: there is nothing else to
+        hold out."""
         names = sorted({g.name for g in self.groups})
         rng = np.random.default_rng(seed)
+        if len(names) == 1:
+            items = self.items()
+            order = rng.permutation(len(items))
+            n_val = max(1, round(validation * len(items))) if len(items) > 1 else 0
+            return self.select([items[i] for i in order[n_val:]]), self.select([items[i] for i in order[:n_val]])
         rng.shuffle(names)
-        n_val = max(1, round(validation * len(names))) if len(names) > 1 else 0
+        n_val = max(1, round(validation * len(names)))
         return self.subset(names[n_val:]), self.subset(names[:n_val])
 
     def __len__(self) -> int:
@@ -145,7 +167,7 @@ class ANIData:
 
     def plan(self, batch_size: int, seed: int | None = None) -> list[list[tuple[int, int]]]:
         """Batches as lists of (group index, conformation) — cheap, no file reads."""
-        items = [(gi, int(c)) for gi, g in enumerate(self.groups) for c in g.conformations]
+        items = self.items()
         sizes = np.array([len(self.groups[gi].numbers) for gi, _ in items])
         if seed is None:
             order = np.argsort(sizes, kind="stable")

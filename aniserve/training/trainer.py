@@ -49,6 +49,10 @@ class Settings:
     early_stop_patience: int = 15
     min_lr: float = 1e-6
     validation: float = 0.15
+    #: What picks the saved epoch and drives the schedule and early stopping: "loss" (the
+    #: training objective on the validation molecules) or "conformer" (their conformer
+    #: RMSE, energies relative to each molecule's mean: blind to energy zeros).
+    selection: str = "loss"
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -240,6 +244,8 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         train_data, val_data = data, validation_data
     if len(val_data) == 0:
         raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
+    if settings.selection not in ("loss", "conformer"):
+        raise ValueError(f"selection must be 'loss' or 'conformer', got {settings.selection!r}")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     history, start_epoch, best = [], 0, {"loss": math.inf, "rmse": math.inf, "epoch": -1}
     model.train()
@@ -299,11 +305,12 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                 count += 1
                 bar.update(1, f"loss {total / count:.3e}")
         metrics = validate(model, val_data, force_weight=step_force_weight)
-        scheduler.step(metrics["loss"])
-        improved = metrics["loss"] < best["loss"]
+        criterion = metrics["conformer_rmse_kcal" if settings.selection == "conformer" else "loss"]
+        scheduler.step(criterion)
+        improved = criterion < best.get("criterion", best["loss"])
         if improved:
             best = {"loss": metrics["loss"], "rmse": metrics["energy_rmse_kcal"],
-                    "conformer_rmse": metrics["conformer_rmse_kcal"], "epoch": epoch}
+                    "conformer_rmse": metrics["conformer_rmse_kcal"], "criterion": criterion, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **metrics,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
@@ -327,7 +334,7 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                "history": history}
     if rank == 0:
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
-        _say(rank, f"wrote {out} (the weights of epoch {best['epoch'] + 1}, the lowest validation loss: energy "
+        _say(rank, f"wrote {out} (the weights of epoch {best['epoch'] + 1}, the lowest validation {settings.selection}: energy "
                    f"RMSE {best['rmse']:.3f}, conformer RMSE {best.get('conformer_rmse', math.nan):.3f} kcal/mol)")
     if world > 1:
         dist.barrier()
