@@ -36,6 +36,11 @@ class DriverError(RuntimeError):
         self.code = code
 
 
+class ServerGone(ConnectionError):
+    """The server went away while we were replying (i-PI or ASE killed): the
+    connection is lost, not a protocol error."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Address:
     kind: str  # 'unix', 'inet' or 'shm' (a UNIX socket plus shared memory)
@@ -77,7 +82,22 @@ class Connection:
         self.exited = False
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise ServerGone(str(error)) from None
+
+    def received(self) -> bytes:
+        """Read what has arrived (b"" when the server closed the connection)."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except ConnectionError:
+            return b""
+        if data and self.address.kind == "inet" and hasattr(socket, "TCP_QUICKACK"):
+            # Linux re-enables delayed ACKs after each receive; ASE writes POSDATA in
+            # several small pieces, and a delayed ACK held them ~40 ms a step (measured).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
 
     def close(self, fatal: bool = False) -> None:
         """Close; after a fatal error read what is pending and half-close first, so
@@ -182,7 +202,11 @@ class IPIDriver:
                     raise DriverError(f"{address}: {error}", EXIT_CONNECT) from None
                 time.sleep(0.2)
         conn.sock.settimeout(None)
-        self._process(conn)
+        try:
+            self._process(conn)
+        except ServerGone:
+            conn.close()
+            raise DriverError(f"{address}: closed the connection during the handshake", EXIT_CONNECT) from None
         log.info("connected to %s", address)
         return conn
 
@@ -213,27 +237,32 @@ class IPIDriver:
                     self._compute(pending)
                     first_pending = None
                     for conn in pending:
-                        self._process(conn)
+                        self._handle(conn)
                     continue
                 timeout = self.gather_s - waited
             else:
                 timeout = 1.0
             readable, _, _ = select.select([c.sock for c in self.connections], [], [], timeout)
             for conn in [c for c in self.connections if c.sock in readable]:
-                try:
-                    data = conn.sock.recv(1 << 20)
-                except ConnectionError:
-                    data = b""
+                data = conn.received()
                 if not data:
                     self._lost(conn)
                     continue
                 conn.buffer += data
-                self._process(conn)
+                self._handle(conn)
             now = time.monotonic()
             for conn in self.connections:
                 if conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
                     raise DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, starting "
                                       f"{bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s", EXIT_PROTOCOL)
+
+    def _handle(self, conn: Connection) -> None:
+        """Process a connection's messages; a server gone mid-reply is a lost connection."""
+        try:
+            self._process(conn)
+        except ServerGone:
+            conn.buffer.clear()  # whatever it sent last will not be answered
+            self._lost(conn)
 
     def _lost(self, conn: Connection) -> None:
         """The server closed the connection: a half-sent message is an error; otherwise

@@ -162,6 +162,8 @@ class ANIPotential(nn.Module):
             flat_numbers, flat_pos64 = num.reshape(-1), pos64.reshape(-1, 3)
             starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
+        if cell64 is not None:
+            _check_images(cell64, self.cutoff)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
         if pairs is None:
             pairs = batch_pairs(num, pos64, cell64, self.cutoff)
@@ -286,6 +288,27 @@ def _first(result: Evaluation) -> Evaluation:
     return Evaluation(*(None if value is None else value[0] for value in values))
 
 
+#: Periodic images of the cell that one atom's cutoff sphere may reach, at most: a cell
+#: much thinner than the cutoff in some direction would need more (memory and time grow
+#: with them), and is refused with this explanation.  16³ allows cells down to ~0.7 Å
+#: wide in each direction for ANI-1x's 5.2 Å cutoff — far below any real crystal.
+MAX_IMAGES = 16 ** 3
+
+
+def _check_images(cell: torch.Tensor, cutoff: float) -> None:
+    """Refuse cells whose periodic image count per atom would exceed MAX_IMAGES."""
+    volume = torch.linalg.det(cell).abs()  # (B,)
+    faces = torch.stack([torch.linalg.norm(torch.linalg.cross(cell[:, (a + 1) % 3], cell[:, (a + 2) % 3]), dim=-1)
+                         for a in range(3)], dim=-1)  # (B, 3) areas of the faces spanned by the other two vectors
+    widths = volume[:, None] / faces  # distances between opposite faces, Å
+    images = (2 * torch.ceil(cutoff / widths) + 1).prod(-1)
+    if (images > MAX_IMAGES).any():
+        b = int(torch.argmax(images))
+        raise ValueError(f"cell too thin for the model's {cutoff:g} Å cutoff: its narrowest width is "
+                         f"{float(widths[b].min()):.3g} Å, so each atom would see {float(images[b]):.3g} periodic "
+                         f"images (limit {MAX_IMAGES})")
+
+
 def _as_tensor(value, dtype, device, name):
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype)
@@ -297,6 +320,13 @@ def _as_tensor(value, dtype, device, name):
 
 def _as_batch(numbers, positions, cell, device) -> dict:
     """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
+    raw = numbers.detach().cpu().numpy() if isinstance(numbers, torch.Tensor) else np.asarray(numbers)
+    if raw.size == 0:
+        raise ValueError("the structure has no atoms")
+    if raw.dtype.kind in "fc" and not np.array_equal(raw, np.round(raw.real)):
+        raise ValueError(f"atomic numbers must be integers, got {raw[raw != np.round(raw.real)][:5].tolist()}")
+    if raw.dtype.kind not in "iufcb":
+        raise ValueError(f"atomic numbers must be integers, got an array of {raw.dtype}")
     num = _as_tensor(numbers, torch.long, device, "numbers")
     pos = _as_tensor(positions, torch.float64, device, "positions")
     given = (tuple(num.shape), tuple(pos.shape))

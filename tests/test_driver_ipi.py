@@ -335,3 +335,18 @@ def test_extras_none_sends_an_empty_string():
     code, log = server.finish()
     conn.close()
     assert code == 0, log
+
+
+def test_server_killed_while_a_reply_is_pending_is_server_gone():
+    """The server sends positions and dies before reading the forces: the driver's reply
+    meets a closed socket — 'server gone' (exit 0 after the reconnect window), not a
+    broken-pipe error."""
+    server = FakeServer().start_driver("--reconnect-timeout", "1")
+    conn = server.accept()
+    conn.sendall(ethanol_posdata() + protocol.header("GETFORCE"))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    conn.close()
+    code, log = server.finish()
+    assert code == 0, log
+    assert "Broken pipe" not in log and "Traceback" not in log
+    assert "closed the connection" in log

@@ -1,4 +1,4 @@
-"""Collecting uncertain structures while serving (active learning), through the i-PI
+"""The serving path: collecting uncertain structures (active learning) through the i-PI
 driver and the ASE calculator, and the shared evaluator behind both."""
 
 import math
@@ -118,3 +118,14 @@ def test_non_finite_results_are_never_returned():
     atoms.calc = ANICalculator(cached_model("ani-1ccx", "float64"))
     with pytest.raises(ValueError, match=r"non-finite .* \(atoms 3 and 4 are 0 Å apart\)"):
         atoms.get_forces()
+
+
+@pytest.mark.parametrize("numbers,positions,cell,message", [
+    ([], np.zeros((0, 3)), None, "no atoms"),
+    ([6.7, 1, 1, 1, 1], ETHANOL_POSITIONS[:5], None, "must be integers"),
+    ([8, 1, 1] * 3, np.random.default_rng(0).uniform(0, 0.5, (9, 3)), np.eye(3) * 0.5, "cell too thin"),
+    ([8, 1, 1], ETHANOL_POSITIONS[:3], np.diag([12.0, 12.0, 0.001]), "cell too thin"),
+])
+def test_bad_structures_are_refused_before_any_work(numbers, positions, cell, message):
+    with pytest.raises(ValueError, match=message):
+        cached_model("ani-1ccx", "float64").evaluate(numbers, positions, cell)
