@@ -12,9 +12,7 @@ def aniserve_featurizers():
 
 @hookimpl
 def aniserve_element_networks():
-    from aniserve.networks import ElementNetworks
-
-    from aniserve.training.strategies import DeltaNetworks
+    from aniserve.networks import DeltaNetworks, ElementNetworks
 
     return {"ani-mlp": ElementNetworks, "delta": DeltaNetworks}
 

@@ -214,6 +214,7 @@ def _training_options(f):
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
         click.option("--resume", is_flag=True, help="Continue from OUT.ckpt after an interruption."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing OUT (otherwise refused)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -223,6 +224,9 @@ def _training_options(f):
 def _settings(kw):
     from aniserve.training import Settings
 
+    if pathlib.Path(kw["out"]).exists() and not (kw["resume"] or kw["overwrite"]):
+        raise click.ClickException(f"{kw['out']} exists; give --overwrite to replace it, or --resume to continue "
+                                   f"its interrupted training")
     return Settings(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], force_weight=kw["force_weight"],
                     validation=kw["validation"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"],
                     selection=kw["selection"])

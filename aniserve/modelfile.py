@@ -52,6 +52,11 @@ def save_model(model: ANIPotential, path: str | os.PathLike, name: str = "", ext
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"aniserve": json.dumps(description)})
+    # safetensors creates files readable by their owner only; a model is an output like
+    # any other, so it gets the permissions the user's umask gives new files.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
 
 

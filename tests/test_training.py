@@ -272,3 +272,28 @@ def test_several_data_files_train_as_one_set(tmp_path):
     from aniserve.modelfile import read_description
 
     assert read_description(out)["training"]["data"] == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
+
+
+def test_train_refuses_to_overwrite_and_writes_readable_files(dft_file, tmp_path):
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from aniserve.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--data", str(dft_file), "--energy-key", "wb97x_dz.energy", "--config", str(config),
+            "--out", str(out), "--epochs", "1"]
+    old = os.umask(0o022)
+    try:
+        assert CliRunner().invoke(main, args).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    before = out.read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "give --overwrite" in again.output and out.read_bytes() == before
+    assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0

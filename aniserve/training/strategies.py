@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aniserve.networks import ElementNetworks
+from aniserve.networks import DeltaNetworks, ElementNetworks
 from aniserve.potential import ANIPotential
 
 #: ANI-1ccx kept linear layers 1 and 3 of ANI-1x byte-identical and retrained 2 and 4
@@ -67,41 +67,6 @@ class Scratch:
         fresh = build(describe(model)).to(dtype=model.dtype, device=model.device)
         _all_trainable(fresh, True)
         return fresh
-
-
-class DeltaNetworks(nn.Module):
-    """A frozen base element network plus a trainable correction: E = E_base + E_corr.
-
-    Registered as the element network ``delta``, so a delta-learned model saves and
-    reloads like any other."""
-
-    def __init__(self, base: nn.Module, correction: nn.Module, base_name: str, correction_name: str):
-        super().__init__()
-        if correction.ensemble_size not in (1, base.ensemble_size) or list(correction.elements) != list(base.elements):
-            raise ValueError("the delta correction must cover the base's elements with 1 or the same number of members")
-        self.base, self.correction = base, correction
-        self.names = (base_name, correction_name)
-        self.elements = list(base.elements)
-
-    @property
-    def ensemble_size(self) -> int:
-        return self.base.ensemble_size
-
-    @classmethod
-    def from_config(cls, params: dict) -> "DeltaNetworks":
-        from aniserve.registry import registry
-
-        parts = [registry().get("element-network", params[k]["name"]).from_config(params[k]["params"])
-                 for k in ("base", "correction")]
-        return cls(*parts, params["base"]["name"], params["correction"]["name"])
-
-    def config(self) -> dict:
-        return {"base": {"name": self.names[0], "params": self.base.config()},
-                "correction": {"name": self.names[1], "params": self.correction.config()}}
-
-    def forward(self, species: torch.Tensor, features: torch.Tensor,
-                columns: torch.Tensor | None = None) -> torch.Tensor:
-        return self.base(species, features, columns) + self.correction(species, features, columns)
 
 
 class Delta:
