@@ -45,3 +45,40 @@ def test_shipped_set_meets_its_targets_and_readme(name, heavy_range, min_molecul
 
 def test_no_test_molecule_is_trained_on():
     assert not contents("qm-train.h5")[0] & contents("qm-test.h5")[0]
+
+
+def test_ring_extension_list_meets_issue_16():
+    """≥ 48 CHNO molecules of 3–6 heavy atoms, ≥ 24 with a 3- to 6-membered ring (aromatic
+    five- and six-membered ones among them), none in test.smi or train.smi."""
+    from rdkit import Chem
+
+    from aniserve.qmdata.sampling import read_molecule_list
+
+    def canonical(specs):
+        return {Chem.MolToSmiles(Chem.MolFromSmiles(s.source)): s.name for s in specs}
+
+    rings = canonical(read_molecule_list(ROOT / "data" / "molecules" / "train-rings.smi"))
+    others = {**canonical(read_molecule_list(ROOT / "data" / "molecules" / "train.smi")),
+              **canonical(read_molecule_list(ROOT / "data" / "molecules" / "test.smi"))}
+    assert len(rings) >= 48 and not set(rings) & set(others)
+    mols = [Chem.MolFromSmiles(s) for s in rings]
+    assert all(3 <= m.GetNumHeavyAtoms() <= 6 and {a.GetSymbol() for a in m.GetAtoms()} <= set("CNO") for m in mols)
+    ring_sizes = [{len(r) for r in m.GetRingInfo().AtomRings()} for m in mols]
+    assert sum(bool(s) and s <= {3, 4, 5, 6} for s in ring_sizes) >= 24
+    aromatic = [s for m, s in zip(mols, ring_sizes) if any(a.GetIsAromatic() for a in m.GetAtoms())]
+    assert {5, 6} <= set().union(*aromatic)
+
+
+def test_ring_extension_file_matches_the_readme():
+    """The partial extension: what it holds is what data/README.md's COUNTS row says,
+    and every molecule in it comes from its list, within 3–6 heavy atoms."""
+    from aniserve.qmdata.sampling import read_molecule_list
+
+    molecules, low, high, heavy = contents("qm-train-rings.h5")
+    listed = {s.name for s in read_molecule_list(ROOT / "data" / "molecules" / "train-rings.smi")}
+    assert molecules <= listed and all(3 <= n <= 6 for n in heavy.values())
+    readme = (ROOT / "data" / "README.md").read_text()
+    row = re.search(r"\| `qm-train-rings.h5` \| (\d+) of 56 \| ([\d,]+) of 896 \| ([\d,]+) of 224 \|", readme)
+    assert row, "data/README.md has no COUNTS row for qm-train-rings.h5"
+    assert [int(x.replace(",", "")) for x in row.groups()] == [len(molecules), low, high]
+    assert not molecules & contents("qm-test.h5")[0]

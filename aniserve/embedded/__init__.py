@@ -1,4 +1,5 @@
-"""Models shipped inside aniserve (small, demonstration scale; see MODEL_CARD.md)."""
+"""Models shipped inside aniserve (see MODEL_CARD.md; the weights derive from the official ANI-1x,
+MIT-licensed: LICENSE-ani-model-zoo)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import pathlib
 FOLDER = pathlib.Path(__file__).resolve().parent
 
 #: The model the CLI serves when none is named: works offline, no download.
-DEFAULT_MODEL = "aniserve-ccx-demo"
+DEFAULT_MODEL = "aniserve-1x-ccsdt"
 
 
 class EmbeddedModels:
-    description = "Models shipped inside aniserve (aniserve-ccx-demo: transfer-learned to CCSD(T), demo scale)"
+    description = "Models shipped inside aniserve (aniserve-1x-ccsdt: ANI-1x transfer-learned to CCSD(T)/cc-pVDZ)"
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in FOLDER.glob("*.safetensors"))

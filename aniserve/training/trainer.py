@@ -305,7 +305,10 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                 count += 1
                 bar.update(1, f"loss {total / count:.3e}")
         metrics = validate(model, val_data, force_weight=step_force_weight)
-        criterion = metrics["conformer_rmse_kcal" if settings.selection == "conformer" else "loss"]
+        criterion = metrics["loss"]
+        if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
+            # (NaN when no validation molecule has two conformations: the loss decides then.)
+            criterion = metrics["conformer_rmse_kcal"]
         scheduler.step(criterion)
         improved = criterion < best.get("criterion", best["loss"])
         if improved:
