@@ -120,8 +120,9 @@ def eval_(file, model, index, device, dtype):
               help="Collect when the energy spread per √atoms exceeds this, kcal/mol (ANI-1x's 0.23); 0 turns it off.")
 @click.option("--collect-force-std", default=None, type=float,
               help="Also collect when an atom's force spread over the members exceeds this, kcal/mol/Å. Costs k "
-                   "extra gradient passes per evaluation (k members), so off by default; --collect alone costs "
-                   "nothing extra.")
+                   "extra gradient passes per evaluation (k members), so off by default.  --collect alone costs "
+                   "nothing per step: the energy spread comes with every evaluation, and only a structure that is "
+                   "written is evaluated again for its force spread.")
 @click.option("--collect-every", default=1, show_default=True,
               help="At least this many steps between two collected structures of one trajectory (bead).")
 def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,

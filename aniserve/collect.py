@@ -54,21 +54,24 @@ class Collector:
         """Collected structures per evaluation so far."""
         return self.collected / self.evaluated if self.evaluated else 0.0
 
-    def consider(self, key: Hashable, structure, result, model: str = "") -> bool:
-        """Write ``structure`` if ``result`` is uncertain enough; True if written."""
+    def consider(self, key: Hashable, structure, result, model: str = "", member_forces=None) -> bool:
+        """Write ``structure`` if ``result`` is uncertain enough; True if written.
+
+        member_forces: a callable giving the members' forces (k, N, 3) for a result made
+        without them, so a structure flagged by its energy spread is written with its
+        force spread too, at the cost of one more evaluation of that structure only."""
         step = self.seen.get(key, 0)
         self.seen[key] = step + 1
         self.evaluated += 1
         n = len(structure.numbers)
         rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
-        force_spread = None
-        if result.member_forces is not None:
-            deviation = result.member_forces - result.member_forces.mean(0)
-            force_spread = float(np.sqrt((deviation ** 2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL
+        force_spread = None if result.member_forces is None else _force_spread(result.member_forces)
         flagged = ((self.energy_std is not None and rho > self.energy_std)
                    or (self.force_std is not None and force_spread is not None and force_spread > self.force_std))
         if not flagged or (key in self.last and step - self.last[key] < self.every):
             return False
+        if force_spread is None and member_forces is not None:
+            force_spread = _force_spread(member_forces())
         self.last[key] = step
         self._write(structure, result, model, key, step, rho, force_spread)
         self.collected += 1
@@ -90,3 +93,10 @@ class Collector:
             atoms.info["force_std_max_kcal_per_a"] = force_spread
         # Appended and closed per structure: what was collected survives a killed run.
         ase.io.write(self.path, atoms, format="extxyz", append=True)
+
+
+def _force_spread(member_forces: np.ndarray) -> float:
+    """The largest per-atom spread of the members' forces, kcal/mol/Å: for each atom the
+    root mean square over members of |F_m − F̄|."""
+    deviation = member_forces - member_forces.mean(0)
+    return float(np.sqrt((deviation ** 2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL

@@ -65,6 +65,10 @@ class Evaluator:
         for z in {int(z) for z in np.asarray(numbers).ravel()}:
             self.potential.species_indices(np.array([z]))
 
+    def _member_forces(self, structure: Structure) -> np.ndarray:
+        return self.potential.evaluate(structure.numbers, structure.positions, structure.cell,
+                                       member_forces=True).member_forces
+
     def forget(self, key: Hashable) -> None:
         """Drop a slot's neighbour list (its connection is gone)."""
         self._lists.pop(key, None)
@@ -111,7 +115,8 @@ class Evaluator:
                                     if need_members and periodic else None))
         if self.collector is not None:
             for (key, structure), result in zip(slots, results):
-                self.collector.consider(key, structure, result, self.model_name)
+                self.collector.consider(key, structure, result, self.model_name,
+                                        member_forces=lambda s=structure: self._member_forces(s))
         return results
 
 

@@ -133,13 +133,14 @@ def test_quick_bench_from_an_official_base(tmp_path):
     assert read_description(tmp_path / "best.safetensors")["benchmark"]["strategy"] == chosen["name"]
 
 
-def test_transfer_from_ani2x_trains_on_chno_data(tmp_path):
+@pytest.mark.parametrize("strategy", sorted(registry().names("transfer-strategy")))
+def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     """ANI-2x has seven elements; data with four of them still trains (self energies of
-    the absent ones are kept), for every built-in strategy's preparation."""
+    the absent ones are kept), with every registered strategy."""
     write_levels(tmp_path / "train.h5", TRAIN[:6], conformations=4, high_every=1, seed=0)
     out = tmp_path / "cc.safetensors"
     result = CliRunner().invoke(main, ["transfer", "--from", "ani-2x", "--data", str(tmp_path / "train.h5"),
-                                       "--energy-key", "ccsd(t)_ccpvdz.energy", "--strategy", "freeze",
+                                       "--energy-key", "ccsd(t)_ccpvdz.energy", "--strategy", strategy,
                                        "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     model = load_saved(out)

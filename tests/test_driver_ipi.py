@@ -194,6 +194,17 @@ def ethanol_posdata(positions=None):
     return protocol.encode_posdata(np.eye(3)[None] * 40, positions[None])
 
 
+def ask_forces(conn, posdata=None):
+    """Send POSDATA and GETFORCE; return the decoded reply (energies, forces, virials, extras)."""
+    conn.sendall((posdata or ethanol_posdata()) + protocol.header("GETFORCE"))
+    buffer = b""
+    while (decoded := protocol.decode_forceready(buffer)) is None:
+        chunk = conn.recv(65536)
+        assert chunk, "driver closed the connection"
+        buffer += chunk
+    return decoded[0]
+
+
 @pytest.mark.parametrize("payload,expected", [
     (b"GARBAGE!!!!!", "unknown message header"),
     (protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", -5), "atom count -5"),
@@ -247,13 +258,7 @@ def test_driver_serves_a_restarted_server_and_exits_on_exit():
         except TimeoutError:
             server.driver.kill()
             raise AssertionError(server.driver.stderr.read()) from None
-        conn.sendall(ethanol_posdata() + protocol.header("GETFORCE"))
-        buffer = b""
-        while (decoded := protocol.decode_forceready(buffer)) is None:
-            chunk = conn.recv(65536)
-            assert chunk, "driver closed the connection"
-            buffer += chunk
-        (energies, forces, _virials, extras), _used = decoded
+        energies, _forces, _virials, extras = ask_forces(conn)
         assert abs(energies[0] - expected) < 1e-9
         assert len(__import__("json").loads(extras[0])["committee_pot"]) == 8
         conn.sendall(protocol.header("STATUS"))
@@ -320,13 +325,7 @@ def test_extras_none_sends_an_empty_string():
     """For clients that cannot take JSON extras (ASE <= 3.22 reads at most one byte)."""
     server = FakeServer().start_driver("--extras", "none")
     conn = server.accept()
-    conn.sendall(ethanol_posdata() + protocol.header("GETFORCE"))
-    buffer = b""
-    while (decoded := protocol.decode_forceready(buffer)) is None:
-        chunk = conn.recv(65536)
-        assert chunk, "driver closed the connection"
-        buffer += chunk
-    (energies, _forces, _virials, extras), _ = decoded
+    energies, _forces, _virials, extras = ask_forces(conn)
     expected = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy
     assert extras == [""] and abs(energies[0] - expected) < 1e-9
     conn.sendall(protocol.header("STATUS"))

@@ -11,9 +11,9 @@ from ase import Atoms
 from aniserve import protocol
 from aniserve.calculator import ANICalculator
 from aniserve.collect import Collector
-from aniserve.units import BOHR_IN_ANGSTROM, HARTREE_IN_KCAL_PER_MOL
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
-from test_driver_ipi import FakeServer
+from test_driver_ipi import FakeServer, ask_forces, ethanol_posdata
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -25,13 +25,7 @@ def displaced(step):
 def serve_steps(server, steps):
     conn = server.accept()
     for step in range(steps):
-        positions = displaced(step) / BOHR_IN_ANGSTROM
-        conn.sendall(protocol.encode_posdata(np.eye(3)[None] * 40, positions[None]) + protocol.header("GETFORCE"))
-        buffer = b""
-        while protocol.decode_forceready(buffer) is None:
-            chunk = conn.recv(65536)
-            assert chunk, "driver closed the connection"
-            buffer += chunk
+        ask_forces(conn, ethanol_posdata(displaced(step)))
         conn.sendall(protocol.header("STATUS"))
         assert conn.recv(12) == protocol.header("READY")
     conn.sendall(protocol.header("EXIT"))
@@ -82,6 +76,10 @@ def test_calculator_collects_like_the_driver(tmp_path):
             atoms.get_potential_energy()
     frames = ase.io.read(tmp_path / "low.extxyz", index=":")
     assert len(frames) == 3 and not (tmp_path / "high.extxyz").exists()
+    # Flagged by the energy spread alone, a written frame still carries its force spread.
+    members = model.evaluate(ETHANOL_NUMBERS, displaced(2), member_forces=True).member_forces
+    spread = np.sqrt(((members - members.mean(0)) ** 2).sum(-1).mean(0)).max() * HARTREE_IN_KCAL_PER_MOL
+    assert abs(frames[2].info["force_std_max_kcal_per_a"] - spread) < 1e-8
     assert low.fraction == 1.0 and high.fraction == 0.0
     std = float(model.evaluate(ETHANOL_NUMBERS, displaced(1)).energy_std) * HARTREE_IN_KCAL_PER_MOL
     assert abs(frames[1].info["energy_std_kcal"] - std) < 1e-6 and frames[1].info["source"] == "ase-calculator"
