@@ -526,8 +526,10 @@ def _parse_option(item: str) -> tuple[str, object]:
 @click.option("--kernels", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Compiled CPU kernels, or tensor operations only (as ANISERVE_KERNELS=off).")
 @click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write every case's figures (and the machine, threads, kernels used) as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of time per call and atoms/s against system size.")
 def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani, json_out, plot_out):
     """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
 

@@ -21,6 +21,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -77,6 +78,9 @@ def _build() -> ctypes.CDLL:
     target = cache_dir() / f"aniserve-kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
+        # A first evaluation otherwise pauses for seconds (tens on a loaded machine) unexplained.
+        print(f"aniserve: compiling the CPU kernels once for this machine ({compiler}, into {target.parent}) …",
+              file=sys.stderr, flush=True)
         # Build beside the target and rename: concurrent processes never load half a file.
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = pathlib.Path(tmp) / target.name
