@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
 import pytest
+
+from conftest import ROOT
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 

@@ -3,9 +3,9 @@
 import numpy as np
 
 import aniserve
+import pytest
 from aniserve.modelfile import read_description, save_model
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
-import pytest
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 

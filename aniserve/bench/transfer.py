@@ -350,7 +350,9 @@ def _rows(result: dict) -> list[tuple[str, str, dict]]:
     if "base_model" in baselines:
         name = baselines["base_model"]["name"]
         rows.append((f"base {name}", f"base {name} (+ offsets)", baselines["base_model"]))
-    rows += [(k, OFFICIAL[k], baselines[k]) for k in OFFICIAL if k in baselines]
+    # (An official model that is also the base is shown once, as the base.)
+    rows += [(k, OFFICIAL[k], baselines[k]) for k in OFFICIAL if k in baselines
+             and baselines.get("base_model", {}).get("name") != k]
     rows += [(s["name"], f"transfer: {s['name']}", s) for s in result["strategies"]]
     return rows
 
