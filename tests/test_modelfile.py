@@ -1,9 +1,9 @@
 """aniserve's own model file round-trips exactly and never needs pickle."""
 
 import numpy as np
+import pytest
 
 import aniserve
-import pytest
 from aniserve.modelfile import read_description, save_model
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
 
