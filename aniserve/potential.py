@@ -170,7 +170,10 @@ class ANIPotential(nn.Module):
         else:
             pairs = concatenate(pairs, starts)
 
-        pos = flat_pos64.to(dtype).requires_grad_(True)
+        # Positions stay float64: displacements are formed before the cast to the model's
+        # dtype, so a molecule far from the origin loses no precision in float32 (a
+        # float32 position 1e4 Å out keeps only ~1e-3 Å).
+        pos = flat_pos64.clone().requires_grad_(True)
         inputs = [pos]
         strain = None
         if cell64 is not None:
@@ -183,7 +186,7 @@ class ANIPotential(nn.Module):
         # Large systems go in blocks of whole center atoms, each differentiated on its
         # own and accumulated: memory stays bounded and the cost linear in atoms.
         for block in _blocks(pairs, structure, species, self.block_pairs):
-            vectors = _displacements(pos, block, cell64, strain)
+            vectors = _displacements(pos, block, cell64, strain, dtype)
             part = self.forward(block.species, block.center, block.neighbor, vectors, block.structure, n_structures,
                                 centers=block.centers, present=present)
             members += part.detach()
@@ -251,24 +254,28 @@ def _blocks(pairs: Pairs, structure: torch.Tensor, species: torch.Tensor, block_
                      None if pairs.shift is None else pairs.shift[p0:p1])
 
 
-def _displacements(pos: torch.Tensor, block: _Block, cell64: torch.Tensor | None,
-                   strain: torch.Tensor | None) -> torch.Tensor:
-    """r_j − r_i (+ shift·cell), under the strain r → r(I+ε) when periodic; (P, 3) Å."""
+def _displacements(pos64: torch.Tensor, block: _Block, cell64: torch.Tensor | None,
+                   strain: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """r_j − r_i (+ shift·cell), formed in float64 and then cast to ``dtype``, under the
+    strain r → r(I+ε) when periodic; (P, 3) Å."""
     # index_select, not pos[neighbor]: its backward is an index_add, several times
     # cheaper than fancy indexing's accumulate.
-    vectors = pos.index_select(0, block.global_neighbor) - pos.index_select(0, block.global_center)
+    vectors = pos64.index_select(0, block.global_neighbor) - pos64.index_select(0, block.global_center)
     if cell64 is None:
-        return vectors
-    # Straining positions and cell together moves every displacement
-    # r_j − r_i + shift·cell to (r_j − r_i + shift·cell)(I+ε).
-    deform = torch.eye(3, dtype=pos.dtype, device=pos.device) + strain
+        return vectors.to(dtype)
     if len(cell64) == 1:
         if block.shift is not None:
-            vectors = vectors + (block.shift @ cell64[0]).to(pos.dtype)
+            vectors = vectors + block.shift @ cell64[0]
+    else:
+        pair_structure = block.structure.index_select(0, block.center)
+        if block.shift is not None:
+            vectors = vectors + torch.bmm(block.shift[:, None, :], cell64.index_select(0, pair_structure))[:, 0]
+    vectors = vectors.to(dtype)
+    # Straining positions and cell together moves every displacement
+    # r_j − r_i + shift·cell to (r_j − r_i + shift·cell)(I+ε).
+    deform = torch.eye(3, dtype=dtype, device=pos64.device) + strain
+    if len(cell64) == 1:
         return vectors @ deform[0]
-    pair_structure = block.structure.index_select(0, block.center)
-    if block.shift is not None:
-        vectors = vectors + torch.bmm(block.shift[:, None, :], cell64.index_select(0, pair_structure))[:, 0].to(pos.dtype)
     return torch.bmm(vectors[:, None, :], deform.index_select(0, pair_structure))[:, 0]
 
 

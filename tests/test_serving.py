@@ -127,3 +127,13 @@ def test_non_finite_results_are_never_returned():
 def test_bad_structures_are_refused_before_any_work(numbers, positions, cell, message):
     with pytest.raises(ValueError, match=message):
         cached_model("ani-1ccx", "float64").evaluate(numbers, positions, cell)
+
+
+def test_float32_keeps_its_precision_far_from_the_origin():
+    """Displacements are formed in float64 before the cast: a molecule 1e4 Å from the
+    origin gets the forces it gets at the origin, in float32 too."""
+    model = cached_model("ani-1ccx", "float32")
+    here = model.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    far = model.evaluate(ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS) + 1e4)
+    np.testing.assert_allclose(far.forces, here.forces, rtol=0, atol=1e-6)
+    assert abs(far.energy - here.energy) < 1e-6
