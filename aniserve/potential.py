@@ -327,13 +327,15 @@ def _as_tensor(value, dtype, device, name):
 
 def _as_batch(numbers, positions, cell, device) -> dict:
     """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
-    raw = numbers.detach().cpu().numpy() if isinstance(numbers, torch.Tensor) else np.asarray(numbers)
-    if raw.size == 0:
+    # An integer tensor (the driver's and the calculator's path) needs no copy to the host.
+    if not (isinstance(numbers, torch.Tensor) and not numbers.is_floating_point()):
+        raw = numbers.detach().cpu().numpy() if isinstance(numbers, torch.Tensor) else np.asarray(numbers)
+        if raw.dtype.kind in "fc" and not np.array_equal(raw, np.round(raw.real)):
+            raise ValueError(f"atomic numbers must be integers, got {raw[raw != np.round(raw.real)][:5].tolist()}")
+        if raw.dtype.kind not in "iufcb":
+            raise ValueError(f"atomic numbers must be integers, got an array of {raw.dtype}")
+    if numbers is not None and len(numbers) == 0:
         raise ValueError("the structure has no atoms")
-    if raw.dtype.kind in "fc" and not np.array_equal(raw, np.round(raw.real)):
-        raise ValueError(f"atomic numbers must be integers, got {raw[raw != np.round(raw.real)][:5].tolist()}")
-    if raw.dtype.kind not in "iufcb":
-        raise ValueError(f"atomic numbers must be integers, got an array of {raw.dtype}")
     num = _as_tensor(numbers, torch.long, device, "numbers")
     pos = _as_tensor(positions, torch.float64, device, "positions")
     given = (tuple(num.shape), tuple(pos.shape))
