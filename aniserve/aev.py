@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from aniserve import kernels
+from aniserve.hookspecs import hookimpl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +128,8 @@ class AEVFeaturizer(nn.Module):
         # Serving on a CPU: the compiled kernel (same terms, one pass, see
         # aniserve/kernels).  Training differentiates twice, which only the tensor
         # version below can.
-        if not self.training and vectors.device.type == "cpu" and vectors.dtype in (torch.float32, torch.float64):
-            lib = kernels.library()
+        if not self.training:
+            lib = kernels.library_for(vectors)
             if lib is not None and self.kernel_constants().fits:
                 return _AEVKernel.apply(vectors, species, center, neighbor, self, lib)
         return self.tensor_forward(species, center, neighbor, vectors)
@@ -326,3 +327,8 @@ def _triplets(center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     begin = torch.cumsum(after, 0) - after
     second = first + 1 + torch.arange(total, device=center.device) - begin.repeat_interleave(after, output_size=total)
     return first, second
+
+
+@hookimpl
+def aniserve_featurizers():
+    return {"ani-aev": AEVFeaturizer}

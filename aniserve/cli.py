@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import click
@@ -19,8 +18,31 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except ModuleNotFoundError as error:
+            extra = _EXTRAS.get((error.name or "").split(".")[0])
+            hint = f"pip install 'aniserve[{extra}]'" if extra else "it is not installed"
+            raise click.ClickException(f"this command needs {error.name}: {hint}") from None
         except (ValueError, LookupError, OSError) as error:
             raise click.ClickException(str(error)) from None
+
+
+#: Optional dependencies and the extra that installs each.
+_EXTRAS = {"pyscf": "qm", "rdkit": "qm", "dask": "qm", "distributed": "qm", "ipi": "ipi", "matplotlib": "bench"}
+
+
+def read_structures(path: str, index=":") -> list:
+    """Structures from any file ASE reads, or one clear error (ASE's readers raise
+    many kinds: an empty file, an unknown format, a malformed line)."""
+    import ase.io
+
+    try:
+        frames = ase.io.read(path, index=index)
+    except Exception as error:  # noqa: BLE001 - reported, with its kind, as one line
+        raise click.ClickException(f"cannot read structures from {path}: {error or type(error).__name__}") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise click.ClickException(f"{path} holds no structures (index {index!r})")
+    return frames
 
 
 @click.group(cls=_Group)
@@ -38,20 +60,17 @@ def main(plugins):
 @main.command()
 def models():
     """List the models that resolve by name, where each resolves from, and its elements."""
-    from aniserve.models import load_model
-    from aniserve.registry import registry
+    from aniserve.models import catalogue, load_model
 
-    reg = registry()
-    for source_name in reg.names("model-source"):
-        source = reg.get("model-source", source_name)
-        for name in source.names():
-            found, looked = source.locate(name)
-            if found is None:
-                click.echo(f"{name:18s} not available  (looked: {'; '.join(looked)})")
-                continue
-            model = load_model(found)
-            click.echo(f"{name:18s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
-                       f"[{source_name}] {found}")
+    entries = catalogue()
+    width = max(len(e["name"]) for e in entries) + 2
+    for e in entries:
+        if e["path"] is None:
+            click.echo(f"{e['name']:{width}s} not available  (looked: {'; '.join(e['looked'])})")
+            continue
+        model = load_model(e["path"])
+        click.echo(f"{e['name']:{width}s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
+                   f"[{e['source']}] {e['path']}")
 
 
 @main.command("eval")
@@ -66,17 +85,17 @@ def eval_(file, model, index, device, dtype):
 
     Example: aniserve eval examples/molecules/ethanol.xyz --model ani-1ccx
     """
-    import ase.io
     import numpy as np
 
     from aniserve.calculator import periodic_cell
     from aniserve.models import load_model
     from aniserve.units import HARTREE_IN_EV
 
+    frames = read_structures(file, index)
     potential = load_model(model, device=device, dtype=dtype)
     click.echo(f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
                f"{potential.ensemble_size}-member ensemble, {dtype})")
-    for n, atoms in enumerate(ase.io.read(file, index=index)):
+    for n, atoms in enumerate(frames):
         r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
         fmax = float(np.linalg.norm(r.forces, axis=1).max()) * HARTREE_IN_EV
         click.echo(f"{n:4d} {atoms.get_chemical_formula():12s} E = {float(r.energy):.8f} Ha = "
@@ -111,6 +130,10 @@ def eval_(file, model, index, device, dtype):
 @click.option("--connect-timeout", default=60.0, show_default=True, help="Seconds to wait for a server to come up.")
 @click.option("--timeout", "message_timeout", default=60.0, show_default=True,
               help="Seconds a half-received message may wait for the rest before the driver gives up.")
+@click.option("--idle-timeout", default=0.0, show_default=True,
+              help="Seconds a connected server may stay silent between messages before the driver gives up "
+                   "(exit 2); 0 waits for ever (ASE sends nothing between calculations; i-PI polls STATUS "
+                   "constantly, so on a cluster e.g. 600 frees a node whose i-PI is wedged).")
 @click.option("--reconnect-timeout", default=10.0, show_default=True,
               help="After a server closes the connection, seconds to wait for one to come back at the same address.")
 @click.option("--collect", "collect_path", default=None, type=click.Path(dir_okay=False),
@@ -126,7 +149,7 @@ def eval_(file, model, index, device, dtype):
 @click.option("--collect-every", default=1, show_default=True,
               help="At least this many steps between two collected structures of one trajectory (bead).")
 def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,
-          message_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std, collect_every):
+          message_timeout, idle_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std, collect_every):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
 
     \b
@@ -140,8 +163,6 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     import logging
     import sys
 
-    import ase.io
-
     from aniserve.driver import Address, IPIDriver
     from aniserve.models import load_model
     from aniserve.serving import Evaluator
@@ -153,7 +174,7 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
         raise click.UsageError("give at least one of --unix, --inet, --shm")
     if len(structures) not in (1, len(addresses)):
         raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
-    numbers = [ase.io.read(s).numbers for s in structures]
+    numbers = [read_structures(s, 0)[0].numbers for s in structures]
     if len(numbers) == 1:
         numbers = numbers * len(addresses)
     collector = None
@@ -165,9 +186,13 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     potential = load_model(model, device=device, dtype=dtype)
     logging.getLogger("aniserve.driver").info("serving %s", potential.description.get("name") or model)
     evaluator = Evaluator(potential, skin=skin, members=extras == "committee", collector=collector)
-    driver = IPIDriver(evaluator, addresses, numbers, connections=connections, pbc=pbc, extras=extras,
-                       connect_timeout=connect_timeout, message_timeout=message_timeout,
-                       reconnect_timeout=reconnect_timeout)
+    try:
+        driver = IPIDriver(evaluator, addresses, numbers, connections=connections, pbc=pbc, extras=extras,
+                           connect_timeout=connect_timeout, message_timeout=message_timeout,
+                           idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)
+    except ValueError as error:  # the structure file holds what the model cannot evaluate
+        logging.getLogger("aniserve.driver").error("%s", error)
+        sys.exit(3)
     code = driver.run()
     if collector is not None:
         logging.getLogger("aniserve.driver").info(
@@ -524,7 +549,7 @@ def _parse_option(item: str) -> tuple[str, object]:
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
 @click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
 @click.option("--kernels", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="Compiled CPU kernels, or tensor operations only (as ANISERVE_KERNELS=off).")
+              help="Compiled CPU kernels, or tensor operations only (kernels.use('tensor'), as ANISERVE_KERNELS=off).")
 @click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Write every case's figures (and the machine, threads, kernels used) as JSON.")
@@ -545,7 +570,7 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
 
     if threads:
         torch.set_num_threads(threads)
-    os.environ["ANISERVE_KERNELS"] = kernels
+    compiled.use("compiled" if kernels == "on" else "tensor")
     used = "compiled" if device == "cpu" and compiled.library() is not None else "tensor operations"
     click.echo(f"CPU kernels: {used}")
     potential = load_model(model, device=device, dtype=dtype)
@@ -576,6 +601,51 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
         speed.plot(rows, plot_out)
 
 
+@bench.command("serve")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
+@click.option("--connections", default="1,8,64,256", show_default=True,
+              help="Comma-separated numbers of connections, one driver process each time.")
+@click.option("--seconds", default=5.0, show_default=True, help="Measured seconds per case (after 2 s warm-up).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help='Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.')
+def bench_serve(model, connections, seconds, json_out):
+    """Atoms/s of one driver serving N connections of ethanol, against in-process batches of N.
+
+    Example: aniserve bench serve --json serve.json
+    """
+    from aniserve.bench import serve
+
+    counts = [int(c) for c in connections.split(",")]
+    cases = serve.run(model, counts, seconds)
+    click.echo(f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s}")
+    for c in cases:
+        click.echo(f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
+                   f"{c['driver_to_in_process']:6.2f}")
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps({"model": model, "cases": cases}, indent=1))
+
+
+@bench.command("ase")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
+@click.option("--calls", default=200, show_default=True, help="Timed calls per client (after 10 warm-up calls).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write each client's figures as JSON.")
+def bench_ase(model, calls, json_out):
+    """ms per ASE SocketIOCalculator call of ethanol, over UNIX and INET sockets, beside in-process.
+
+    Example: aniserve bench ase --json ase.json
+    """
+    from aniserve.bench import ase
+
+    rows = ase.run(model, calls)
+    click.echo(f"{'client':12s} {'median ms':>9s} {'mean ms':>8s} {'p90 ms':>7s} {'× UNIX':>7s}")
+    for r in rows:
+        click.echo(f"{r['client']:12s} {r['ms_per_call_median']:9.2f} {r['ms_per_call_mean']:8.2f} "
+                   f"{r['ms_per_call_p90']:7.2f} {r['ratio_to_unix']:7.2f}")
+    if json_out:
+        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+
+
 @bench.command("ipi")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
 @click.option("--steps", default="20,220", show_default=True,
@@ -592,8 +662,9 @@ def bench_ipi(model, steps, json_out):
     if not 0 < short < long:
         raise click.BadParameter("need 0 < short < long", param_hint="--steps")
     rows = ipi.run(model, short, long)
-    click.echo(f"{'client':24s} {'ms/step':>8s} {'× harmonic':>10s}")
+    click.echo(f"{'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}")
     for r in rows:
-        click.echo(f"{r['client']:24s} {r['ms_per_step']:8.2f} {r.get('ratio_to_harmonic', float('nan')):10.2f}")
+        click.echo(f"{r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
+                   f"{r.get('ratio_to_harmonic', float('nan')):10.2f}")
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))

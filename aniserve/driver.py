@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import select
 import socket
 import time
@@ -79,6 +78,7 @@ class Connection:
         self.segments = {}
         self.views = {}
         self.partial_since = None
+        self.last_heard = time.monotonic()
         self.exited = False
 
     def send(self, data: bytes) -> None:
@@ -93,6 +93,8 @@ class Connection:
             data = self.sock.recv(1 << 20)
         except ConnectionError:
             return b""
+        if data:
+            self.last_heard = time.monotonic()
         if data and self.address.kind == "inet" and hasattr(socket, "TCP_QUICKACK"):
             # Linux re-enables delayed ACKs after each receive; ASE writes POSDATA in
             # several small pieces, and a delayed ACK held them ~40 ms a step (measured).
@@ -139,7 +141,11 @@ def connect(address: Address, timeout: float) -> socket.socket:
                 raise DriverError(f"could not connect to {address} within {timeout:g} s ({error})",
                                   EXIT_CONNECT) from None
             if not announced:
-                log.info("waiting for a server at %s …", address)
+                stale = isinstance(error, ConnectionRefusedError) and address.kind != "inet"
+                log.info("waiting for a server at %s …%s", address,
+                         f" ({address.target} exists but nothing listens on it: a server that was killed leaves "
+                         f"its socket file, and the next one must remove it first: rm {address.target})"
+                         if stale else "")
                 announced = True
             time.sleep(0.2)
 
@@ -158,7 +164,8 @@ class IPIDriver:
 
     def __init__(self, evaluator, addresses: list[Address], numbers: list[np.ndarray], *, connections: int = 1,
                  pbc: str = "auto", extras: str = "std", connect_timeout: float = 60.0,
-                 message_timeout: float = 60.0, reconnect_timeout: float = 10.0, gather_s: float = 0.002):
+                 message_timeout: float = 60.0, idle_timeout: float = 0.0, reconnect_timeout: float = 10.0,
+                 gather_s: float = 0.002):
         if pbc not in ("auto", "yes", "no"):
             raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
         if extras not in ("committee", "std", "none"):
@@ -169,7 +176,7 @@ class IPIDriver:
         self.targets = [(a, np.asarray(n)) for a, n in zip(addresses, numbers) for _ in range(connections)]
         self.pbc, self.extras = pbc, extras
         self.connect_timeout, self.message_timeout = connect_timeout, message_timeout
-        self.reconnect_timeout, self.gather_s = reconnect_timeout, gather_s
+        self.idle_timeout, self.reconnect_timeout, self.gather_s = idle_timeout, reconnect_timeout, gather_s
         self.connections: list[Connection] = []
         for _, n in self.targets:
             evaluator.check_elements(n)  # unsupported element: fail before connecting
@@ -213,7 +220,7 @@ class IPIDriver:
     def run(self) -> int:
         try:
             for address, numbers in self.targets:
-                self.connections.append(self._open(address, numbers, self.connect_timeout))
+                self._add(self._open(address, numbers, self.connect_timeout))
             self._loop()
             return EXIT_OK
         except DriverError as error:
@@ -225,6 +232,12 @@ class IPIDriver:
             for conn in self.connections:
                 if conn.sock.fileno() >= 0:
                     conn.close()
+
+    def _add(self, conn: Connection) -> None:
+        if conn.exited:  # EXIT came with the handshake
+            conn.close()
+        else:
+            self.connections.append(conn)
 
     def _loop(self) -> None:
         first_pending = None
@@ -241,7 +254,7 @@ class IPIDriver:
                     continue
                 timeout = self.gather_s - waited
             else:
-                timeout = 1.0
+                timeout = min(1.0, self.idle_timeout or 1.0, self.message_timeout)
             readable, _, _ = select.select([c.sock for c in self.connections], [], [], timeout)
             for conn in [c for c in self.connections if c.sock in readable]:
                 data = conn.received()
@@ -255,6 +268,10 @@ class IPIDriver:
                 if conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
                     raise DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, starting "
                                       f"{bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s", EXIT_PROTOCOL)
+                if (self.idle_timeout and conn.state != "pending"
+                        and now - conn.last_heard > self.idle_timeout):
+                    raise DriverError(f"{conn.address}: silent for {self.idle_timeout:g} s (--idle-timeout); "
+                                      f"giving up on it", EXIT_PROTOCOL)
 
     def _handle(self, conn: Connection) -> None:
         """Process a connection's messages; a server gone mid-reply is a lost connection."""
@@ -263,6 +280,14 @@ class IPIDriver:
         except ServerGone:
             conn.buffer.clear()  # whatever it sent last will not be answered
             self._lost(conn)
+            return
+        if conn.exited:
+            self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        conn.close()
+        self.connections.remove(conn)
+        self._forget(conn)
 
     def _lost(self, conn: Connection) -> None:
         """The server closed the connection: a half-sent message is an error; otherwise
@@ -271,13 +296,11 @@ class IPIDriver:
             raise DriverError(f"{conn.address} closed the connection in the middle of a message "
                               f"({len(conn.buffer)} bytes of {bytes(conn.buffer[:12]).strip()!r} received)",
                               EXIT_PROTOCOL)
-        conn.close()
-        self.connections.remove(conn)
-        self._forget(conn)
+        self._drop(conn)
         log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
                  self.reconnect_timeout)
         try:
-            self.connections.append(self._open(conn.address, conn.numbers, self.reconnect_timeout))
+            self._add(self._open(conn.address, conn.numbers, self.reconnect_timeout))
         except DriverError:
             log.info("no server at %s; that connection is done", conn.address)
 
@@ -301,9 +324,13 @@ class IPIDriver:
                 state = {"computed": "HAVEDATA"}.get(conn.state, "READY" if conn.initialised else "NEEDINIT")
                 conn.send(protocol.encode_status(state))
             elif isinstance(message, protocol.Init):
+                if conn.state != "idle":
+                    raise DriverError(f"{conn.address}: INIT while a step is under way", EXIT_PROTOCOL)
                 conn.mode = dataclasses.replace(conn.mode, batch_size=message.batch_size)
                 conn.initialised = True
             elif isinstance(message, (protocol.PosData, protocol.ShmPosData)):
+                if not conn.initialised:
+                    raise DriverError(f"{conn.address}: POSDATA before INIT", EXIT_PROTOCOL)
                 if conn.state != "idle":
                     raise DriverError(f"{conn.address}: POSDATA before the previous forces were collected",
                                       EXIT_PROTOCOL)
@@ -317,30 +344,27 @@ class IPIDriver:
                 if conn.state != "computed":
                     raise DriverError(f"{conn.address}: GETFORCE without positions", EXIT_PROTOCOL)
                 if conn.mode.shm:
-                    energies, forces, virials = conn.shm_results
-                    conn.views["pot"][:len(energies)] = energies
-                    conn.views["force"][:len(energies)] = forces.reshape(len(energies), -1)
-                    conn.views["vir"][:len(energies)] = virials
+                    protocol.shm_write_forceready(conn.views, *conn.shm_results)
                 conn.send(conn.reply)
                 conn.state, conn.reply = "idle", b""
             elif isinstance(message, protocol.Exit):
                 log.info("%s sent EXIT", conn.address)
-                conn.close()
-                self.connections.remove(conn)
+                conn.exited = True
                 return
 
     def _read_shm(self, conn: Connection, message: protocol.ShmPosData) -> protocol.PosData:
         from multiprocessing import resource_tracker, shared_memory
 
-        b, n = conn.mode.batch_size, message.natoms
         if message.segment_names is not None:
-            shapes = {"pos": (b, 3 * n), "h": (b, 3, 3), "ih": (b, 3, 3), "pot": (b,), "force": (b, 3 * n),
-                      "vir": (b, 3, 3)}
+            shapes = protocol.shm_shapes(conn.mode.batch_size, message.natoms)
             for kind, name in message.segment_names.items():
                 try:
                     segment = shared_memory.SharedMemory(name=name)
                 except FileNotFoundError:
                     raise DriverError(f"{conn.address}: shared-memory segment {name!r} does not exist",
+                                      EXIT_PROTOCOL) from None
+                except (OSError, ValueError) as error:  # no permission, an empty segment, …
+                    raise DriverError(f"{conn.address}: cannot open shared-memory segment {name!r} ({error})",
                                       EXIT_PROTOCOL) from None
                 # i-PI owns the segments: stop our resource tracker from unlinking them.
                 resource_tracker.unregister(segment._name, "shared_memory")
@@ -352,10 +376,15 @@ class IPIDriver:
             conn.mode = dataclasses.replace(conn.mode, shm_attached=True)
         if not conn.views:
             raise DriverError(f"{conn.address}: shared-memory POSDATA before the segments were named", EXIT_PROTOCOL)
-        return protocol.PosData(conn.views["h"].copy(), conn.views["pos"].reshape(b, n, 3).copy())
+        if conn.views["pos"].shape[1] != 3 * message.natoms:
+            raise DriverError(f"{conn.address}: shared-memory POSDATA of {message.natoms} atoms, the segments "
+                              f"hold {conn.views['pos'].shape[1] // 3}", EXIT_PROTOCOL)
+        return protocol.shm_read_posdata(conn.views, message.natoms)
 
     # ---------------------------------------------------------------- compute
     def _periodic(self, cell_h: np.ndarray) -> bool:
+        if not np.isfinite(cell_h).all():  # whatever --pbc says: never read as "no cell"
+            raise ValueError("the cell contains NaN or infinite values")
         if self.pbc != "auto":
             return self.pbc == "yes"
         return abs(np.linalg.det(cell_h)) > 1e-6
@@ -367,13 +396,13 @@ class IPIDriver:
     def _compute(self, pending: list[Connection]) -> None:
         """Evaluate every waiting structure in one call to the evaluator."""
         slots, owners = [], []
-        for conn in pending:
-            for b, (h, positions) in enumerate(zip(conn.structures.cells, conn.structures.positions)):
-                cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h has the vectors as columns
-                slots.append(((str(conn.address), conn.serial, b),
-                              Structure(conn.numbers, positions * BOHR_IN_ANGSTROM, cell)))
-                owners.append(conn)
         try:
+            for conn in pending:
+                for b, (h, positions) in enumerate(zip(conn.structures.cells, conn.structures.positions)):
+                    cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h: vectors as columns
+                    slots.append(((str(conn.address), conn.serial, b),
+                                  Structure(conn.numbers, positions * BOHR_IN_ANGSTROM, cell)))
+                    owners.append(conn)
             results = self.evaluator.evaluate(slots)
         except ValueError as error:
             raise DriverError(f"cannot evaluate the structure sent by {pending[0].address}: {error}",

@@ -7,19 +7,24 @@ like the specs below; install it with an entry point in the ``aniserve`` group::
     myplugin = "my_package.plugin"
 
 or pass ``--plugin my_package.plugin`` on the command line while developing.
-aniserve's own components register through these same hooks (``aniserve.builtins``).
+aniserve's own components register through these same hooks, each from the module
+that defines it (``aniserve.registry.DEFAULT_PLUGINS``).
 Each hook is called once, when the plugin manager is first built, and returns a
-mapping from component name to the component.
+mapping from component name to the component.  What each component must offer is
+written as a typed protocol in ``aniserve.contracts`` (``Featurizer``,
+``ElementNetwork``, ``TransferStrategy``, ``ModelSource``); the registry checks it.
 """
 
 import pluggy
 
 hookspec = pluggy.HookspecMarker("aniserve")
+#: Marks a plugin's hook implementations (also exported as ``aniserve.hookimpl``).
+hookimpl = pluggy.HookimplMarker("aniserve")
 
 
 @hookspec
 def aniserve_featurizers() -> dict:
-    """Featurizers: name → class.
+    """Featurizers: name → class.  Contract: ``aniserve.contracts.Featurizer``.
 
     The class is an ``nn.Module`` with ``from_config(params: dict, elements: list[str])``,
     ``config() -> dict`` (JSON-serialisable), an ``output_width`` int, a ``cutoff`` float
@@ -34,7 +39,7 @@ def aniserve_featurizers() -> dict:
 
 @hookspec
 def aniserve_element_networks() -> dict:
-    """Element networks: name → class.
+    """Element networks: name → class.  Contract: ``aniserve.contracts.ElementNetwork``.
 
     The class is an ``nn.Module`` with ``from_config(params: dict)``, ``config() -> dict``,
     ``elements`` (list of symbols), ``ensemble_size`` and
@@ -46,7 +51,7 @@ def aniserve_element_networks() -> dict:
 
 @hookspec
 def aniserve_transfer_strategies() -> dict:
-    """Transfer-learning strategies: name → class.
+    """Transfer-learning strategies: name → class.  Contract: ``aniserve.contracts.TransferStrategy``.
 
     The class has ``description`` (one line) and
     ``prepare(model, options: dict) -> model``: it returns the model to train on the
@@ -59,7 +64,7 @@ def aniserve_transfer_strategies() -> dict:
 
 @hookspec
 def aniserve_model_sources() -> dict:
-    """Model sources: name → object resolving model names.
+    """Model sources: name → object resolving model names.  Contract: ``aniserve.contracts.ModelSource``.
 
     The object has ``description``, ``names() -> list[str]`` (what it offers) and
     ``locate(name) -> (path | None, list[str])``: a path aniserve can load (NeuroChem

@@ -9,12 +9,14 @@ unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 
 import torch
 
 from aniserve import __version__
+from aniserve.elements import NUMBERS
 from aniserve.potential import ANIPotential
 from aniserve.registry import RegistryError, registry
 
@@ -70,10 +72,48 @@ def read_description(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: not a readable safetensors file ({error})") from None
     if "aniserve" not in metadata:
         raise ModelFileError(f"{path}: safetensors file without an aniserve model description")
-    description = json.loads(metadata["aniserve"])
-    if description.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: unsupported model format {description.get('format')!r} (expected {FORMAT})")
+    try:
+        description = json.loads(metadata["aniserve"])
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path}: the model description is not JSON ({error})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        found = description.get("format") if isinstance(description, dict) else type(description).__name__
+        raise ModelFileError(f"{path}: unsupported model format {found!r} (expected {FORMAT})")
+    check_description(description, path)
     return description
+
+
+#: Bounds on a description read from a file (untrusted until checked).
+MAX_ENSEMBLE = 1024
+
+
+def check_description(description: dict, where="model description") -> None:
+    """Types and bounds of every field ``build`` reads, with a message naming the field;
+    component parameters are bounded by comparing with the stored tensors (``load_saved``)."""
+    def fail(field: str, problem: str):
+        raise ModelFileError(f"{where}: field {field!r} {problem}")
+
+    for field in ("featurizer", "element_network"):
+        part = description.get(field)
+        if not isinstance(part, dict):
+            fail(field, "is missing or not an object")
+        if not isinstance(part.get("name"), str) or not isinstance(part.get("params"), dict):
+            fail(field, "needs a string 'name' and an object 'params'")
+    elements = description.get("elements")
+    if (not isinstance(elements, list) or not 1 <= len(elements) <= len(NUMBERS)
+            or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in elements) or len(set(elements)) != len(elements)):
+        fail("elements", f"must be a list of distinct element symbols, got {str(elements)[:80]}")
+    energies = description.get("self_energies")
+    if not isinstance(energies, dict) or set(energies) != set(elements):
+        fail("self_energies", f"must give one energy for each of {elements}")
+    for element, value in energies.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("self_energies", f"for {element} is not a finite number: {value!r}")
+    size = description.get("ensemble_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_ENSEMBLE:
+        fail("ensemble_size", f"must be an integer in 1..{MAX_ENSEMBLE}, got {size!r}")
+    if not isinstance(description.get("name", ""), str):
+        fail("name", "must be a string")
 
 
 def build(description: dict) -> ANIPotential:
@@ -89,17 +129,45 @@ def build(description: dict) -> ANIPotential:
         hint = f" It was saved with {' and '.join(needed)}; install that plugin." if needed else ""
         raise ModelFileError(f"model {description.get('name', '')!r} needs a component that is not installed: "
                              f"{error}.{hint}") from None
-    featurizer = featurizer_cls.from_config(description["featurizer"]["params"], description["elements"])
-    networks = network_cls.from_config(description["element_network"]["params"])
+    try:
+        featurizer = featurizer_cls.from_config(description["featurizer"]["params"], description["elements"])
+        networks = network_cls.from_config(description["element_network"]["params"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(f"model {description.get('name', '')!r}: component parameters do not make a model "
+                             f"({type(error).__name__}: {error})") from None
     return ANIPotential(featurizer, networks, description["self_energies"],
                         {"name": description.get("name", ""), "featurizer": description["featurizer"],
                          "element_network": description["element_network"]})
+
+
+def _check_network_shapes(description: dict, path) -> None:
+    """Build the element networks on the meta device (no memory) and compare their
+    shapes with the stored tensors, so a description asking for huge layers is refused
+    before anything is allocated: what is built is then bounded by the file's size."""
+    from safetensors import safe_open
+
+    try:
+        network_cls = registry().get("element-network", description["element_network"]["name"])
+        with torch.device("meta"):
+            wanted = network_cls.from_config(description["element_network"]["params"]).state_dict()
+    except RegistryError:
+        return  # build() names the missing plugin
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"{path}: element_network parameters do not make a network "
+                             f"({type(error).__name__}: {error})") from None
+    with safe_open(str(path), framework="pt") as f:
+        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, value in wanted.items():
+        if stored.get("networks." + key) != tuple(value.shape):
+            raise ModelFileError(f"{path}: element_network parameters ask for {key} of shape {tuple(value.shape)}, "
+                                 f"the file stores {stored.get('networks.' + key)}")
 
 
 def load_saved(path: str | os.PathLike) -> ANIPotential:
     from safetensors.torch import load_file
 
     description = read_description(path)
+    _check_network_shapes(description, path)
     model = build(description)
     try:
         state = load_file(str(path))
@@ -111,5 +179,8 @@ def load_saved(path: str | os.PathLike) -> ANIPotential:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as error:
         raise ModelFileError(f"{path}: weights do not match the description ({error})") from None
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ModelFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
     model.description["source"] = str(path)
     return model

@@ -16,6 +16,48 @@ class ModelNotFoundError(LookupError):
     pass
 
 
+def catalogue() -> list[dict]:
+    """Every model that resolves by name: {name, source, path (None if not found), looked}."""
+    from aniserve.registry import registry
+
+    reg = registry()
+    entries = []
+    for source_name in reg.names("model-source"):
+        source = reg.get("model-source", source_name)
+        for name in source.names():
+            found, looked = source.locate(name)
+            entries.append({"name": name, "source": source_name, "path": found, "looked": looked})
+    return entries
+
+
+def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """The file or folder a model name or path stands for; ModelNotFoundError (saying
+    where it looked, or the closest known name) when there is none."""
+    import difflib
+
+    from aniserve.registry import registry
+
+    path = pathlib.Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if os.sep in name or name.endswith((".safetensors", ".info")):
+        raise ModelNotFoundError(f"model file {name!r} does not exist")
+    reg = registry()
+    owners = {n: s for s in reg.names("model-source") for n in reg.get("model-source", s).names()}
+    if name not in owners:
+        close = difflib.get_close_matches(name, list(owners), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelNotFoundError(f"unknown model {name!r}.{hint} Known names: {', '.join(owners)}; or give the "
+                                 f"path of a NeuroChem .info file/folder or an aniserve .safetensors file.")
+    found, looked = reg.get("model-source", owners[name]).locate(name)
+    if found is None:
+        where = "".join(f"\n  - {place}" for place in looked)
+        raise ModelNotFoundError(f"model {name!r} not found. Looked in:{where}\nSet ANISERVE_MODEL_DIR to a folder "
+                                 f"holding the official model zoo (e.g. ani-1ccx_8x.info and ani-1ccx_8x/).")
+    return pathlib.Path(found)
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu",
                dtype: str = "float32") -> ANIPotential:
     """Load an ANI model.
@@ -28,7 +70,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     """
     from aniserve.modelfile import load_saved
     from aniserve.neurochem import load_neurochem
-    from aniserve.registry import registry
 
     if name_or_path is None:
         from aniserve.embedded import DEFAULT_MODEL
@@ -36,25 +77,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
         name_or_path = DEFAULT_MODEL
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    path = pathlib.Path(name_or_path)
+    path = resolve(name_or_path)
     name = str(name_or_path)
-    if not path.exists():
-        looked_all = []
-        for source_name in registry().names("model-source"):
-            found, looked = registry().get("model-source", source_name).locate(name)
-            looked_all += [f"{source_name}: {place}" for place in looked]
-            if found is not None:
-                path = pathlib.Path(found)
-                break
-        else:
-            known = ", ".join(m for s in registry().names("model-source")
-                              for m in registry().get("model-source", s).names())
-            where = "".join(f"\n  - {place}" for place in looked_all) or " (no source knows this name)"
-            raise ModelNotFoundError(
-                f"model {name!r} not found. Known names: {known}; or give a path to a NeuroChem .info "
-                f"file/folder or an aniserve .safetensors file. Looked in:{where}\n"
-                f"Set ANISERVE_MODEL_DIR to a folder holding the official model zoo "
-                f"(e.g. ani-1ccx_8x.info and ani-1ccx_8x/).")
     if path.is_file() and path.suffix != ".info":
         model = load_saved(path)
     else:

@@ -39,6 +39,36 @@ class Pairs:
         return len(self.center)
 
 
+#: Periodic images of the cell that one atom's cutoff sphere may reach, at most: a cell
+#: much thinner than the cutoff in some direction would need more (memory and time grow
+#: with them), and is refused with this explanation.  16³ allows cells down to ~0.7 Å
+#: wide in each direction for ANI-1x's 5.2 Å cutoff — far below any real crystal.
+MAX_IMAGES = 16 ** 3
+
+
+def check_cell(cell: torch.Tensor, cutoff: float) -> None:
+    """Refuse, before anything is allocated from it, a cell ((3, 3) or (B, 3, 3) Å, rows
+    are lattice vectors) that is not finite, is singular, or is so thin that an atom
+    would see more than MAX_IMAGES periodic images within ``cutoff``."""
+    cell = cell.detach().to(torch.float64).reshape(-1, 3, 3)
+    if not torch.isfinite(cell).all():
+        raise ValueError("cell contains NaN or infinite values")
+    volume = torch.linalg.det(cell).abs()  # (B,)
+    lengths = torch.linalg.norm(cell, dim=-1)
+    if (volume <= 1e-8 * lengths.prod(-1)).any() or (lengths == 0).any():
+        raise ValueError(f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors "
+                         f"must be linearly independent")
+    faces = torch.stack([torch.linalg.norm(torch.linalg.cross(cell[:, (a + 1) % 3], cell[:, (a + 2) % 3]), dim=-1)
+                         for a in range(3)], dim=-1)  # (B, 3) areas of the faces spanned by the other two vectors
+    widths = volume[:, None] / faces  # distances between opposite faces, Å
+    images = (2 * torch.ceil(cutoff / widths) + 1).prod(-1)
+    if (images > MAX_IMAGES).any():
+        b = int(torch.argmax(images))
+        raise ValueError(f"cell too thin for the model's {cutoff:g} Å cutoff: its narrowest width is "
+                         f"{float(widths[b].min()):.3g} Å, so each atom would see {float(images[b]):.3g} periodic "
+                         f"images (limit {MAX_IMAGES})")
+
+
 def find_pairs(positions: torch.Tensor, cutoff: float, cell: torch.Tensor | None = None) -> Pairs:
     """All directed pairs (i, j[, image]) with |r_j + shift·cell − r_i| ≤ cutoff.
 
@@ -47,11 +77,14 @@ def find_pairs(positions: torch.Tensor, cutoff: float, cell: torch.Tensor | None
     """
     with torch.no_grad():
         pos = positions.detach().to(torch.float64)
+        if not math.isfinite(float(pos.sum())) and not torch.isfinite(pos).all():
+            raise ValueError("positions contain NaN or infinite values")
         if cell is None:
             if len(pos) <= _DENSE_LIMIT:
                 return _dense_pairs(pos, cutoff)
             center, neighbor = _cell_list(pos, pos, torch.arange(len(pos), device=pos.device), cutoff)
             return Pairs(center, neighbor, None)
+        check_cell(cell, cutoff)
         return _periodic_pairs(pos, cell.detach().to(torch.float64), cutoff)
 
 
@@ -102,7 +135,7 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
     source index), sorted by query.  On a CPU with the compiled kernels
     (kernels/neighbors.cpp), the same search there.
     """
-    lib = kernels.library() if queries.device.type == "cpu" else None
+    lib = kernels.library_for(queries)
     if lib is not None:
         return kernels.cell_list(lib, queries, sources, source_atom, central, cutoff)
     origin = sources.min(dim=0).values

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from aniserve import kernels
+from aniserve.hookspecs import hookimpl
 
 
 class EnsembleMLP(nn.Module):
@@ -122,8 +123,7 @@ class _FrozenMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, layers, mlp, columns):
         ctx.mlp, ctx.columns = mlp, columns
-        lib = (kernels.library() if features.device.type == "cpu" and features.dtype in (torch.float32, torch.float64)
-               else None)
+        lib = kernels.library_for(features) if features.is_floating_point() else None
         if lib is not None:
             energies, gradients = kernels.mlp(lib, layers.kernel(), features, mlp.celu_alpha)
             ctx.save_for_backward(features, gradients)
@@ -243,3 +243,8 @@ class DeltaNetworks(nn.Module):
     def forward(self, species: torch.Tensor, features: torch.Tensor,
                 columns: torch.Tensor | None = None) -> torch.Tensor:
         return self.base(species, features, columns) + self.correction(species, features, columns)
+
+
+@hookimpl
+def aniserve_element_networks():
+    return {"ani-mlp": ElementNetworks, "delta": DeltaNetworks}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -109,25 +110,39 @@ def member_directories(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, 
         members = [pathlib.Path(f"{prefix}{k}") / "networks" for k in range(int(lines[3]))]
         return base / lines[0], base / lines[1], members
     if path.is_dir():
+        info = path.parent / f"{path.name}.info"
+        if info.is_file():  # the model zoo's layout: the .info file says how many members there are
+            return member_directories(info)
         params = sorted(path.glob("*.params"))
         sae = path / "sae_linfit.dat"
         if (path / "networks").is_dir():
             members = [path / "networks"]
         else:
-            members = sorted((p / "networks" for p in path.iterdir() if re.fullmatch(r"train\d+", p.name)),
-                             key=lambda p: int(p.parent.name[5:]))
+            found = sorted(int(p.name[5:]) for p in path.iterdir() if re.fullmatch(r"train\d+", p.name))
+            # A gap means a member folder went missing: list every expected one, so the
+            # loader reports it instead of quietly serving a smaller ensemble.
+            members = [path / f"train{k}" / "networks" for k in range(found[-1] + 1)] if found else []
         if params and sae.exists() and members:
             return params[0], sae, members
     raise NeuroChemError(f"{path}: not a NeuroChem model (.info file, or a folder with a .params file, "
                          f"sae_linfit.dat and networks/ or train<k>/networks/)")
 
 
-def load_neurochem(path: str | pathlib.Path, name: str = "") -> ANIPotential:
-    """An ANIPotential (float32 weights, CPU) from a NeuroChem .info file or folder."""
+def load_neurochem(path: str | pathlib.Path, name: str = "", allow_incomplete: bool = False) -> ANIPotential:
+    """An ANIPotential (float32 weights, CPU) from a NeuroChem .info file or folder.
+
+    A missing ensemble member is an error; ``allow_incomplete=True`` serves the members
+    that are there instead (with a warning)."""
     params_file, sae_file, members = member_directories(pathlib.Path(path))
-    for member in members:
-        if not member.is_dir():
-            raise NeuroChemError(f"{member}: ensemble member folder is missing")
+    missing = [m for m in members if not m.is_dir()]
+    if missing and (not allow_incomplete or len(missing) == len(members)):
+        raise NeuroChemError(f"{missing[0]}: ensemble member folder is missing ({len(members) - len(missing)} of "
+                             f"{len(members)} members present; load_neurochem(..., allow_incomplete=True) serves "
+                             f"those)")
+    if missing:
+        warnings.warn(f"{path}: serving {len(members) - len(missing)} of {len(members)} ensemble members "
+                      f"({', '.join(str(m.parent.name) for m in missing)} missing)", stacklevel=2)
+        members = [m for m in members if m.is_dir()]
     params = read_params(params_file)
     self_energies = read_self_energies(sae_file)
     featurizer = AEVFeaturizer(params)

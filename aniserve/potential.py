@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from aniserve.elements import NUMBERS, symbol
-from aniserve.neighbors import Pairs, batch_pairs, concatenate
+from aniserve.neighbors import Pairs, batch_pairs, check_cell, concatenate
 
 
 @dataclasses.dataclass
@@ -38,6 +38,17 @@ class Evaluation:
 
 
 class ANIPotential(nn.Module):
+    """An ANI potential: featurizer → element networks (k ensemble members) → energy.
+
+    E = Σ_atoms (mean over members of the atom's network output) + Σ_atoms self energy
+    of its element, in Hartree, from positions in Å.  ``forward`` is the differentiable
+    core (pairs and displacement vectors in, per-member energies out, used by training);
+    ``evaluate`` is the serving entry point: it checks the input, finds neighbours
+    (or reuses given ones), and returns an ``Evaluation`` with energies, forces and the
+    strain derivative, never a NaN.  Components come from the plugin registry by name
+    (``description`` records them); ``load_model`` builds one from a file or name.
+    """
+
     #: Pairs per block in ``evaluate``: large systems are featurized and differentiated
     #: a block of center atoms at a time, which keeps the working set near the CPU caches
     #: (per-atom cost at 12k atoms within a few % of that at 1.5k) and memory bounded.
@@ -163,7 +174,7 @@ class ANIPotential(nn.Module):
             starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
         if cell64 is not None:
-            _check_images(cell64, self.cutoff)
+            check_cell(cell64, self.cutoff)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
         if pairs is None:
             pairs = batch_pairs(num, pos64, cell64, self.cutoff)
@@ -206,6 +217,7 @@ class ANIPotential(nn.Module):
             energy_std=std.cpu().numpy(),
             strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
         )
+        _check_finite(result, batch)
         if member_forces:
             result.member_forces = np.stack([_unflatten(-g[0], real, num.shape) for g in member_grads], axis=1)
             if cell64 is not None:
@@ -214,6 +226,44 @@ class ANIPotential(nn.Module):
         if batch["single"]:
             result = _first(result)
         return result
+
+
+def _check_finite(result: Evaluation, batch: dict) -> None:
+    """Never return a NaN or infinite energy, force or strain derivative: say which
+    structure, and the closest atoms when they are the likely reason."""
+    fields = [result.energy, result.forces, result.energy_std] + (
+        [result.strain_derivative] if result.strain_derivative is not None else [])
+    if all(math.isfinite(float(np.sum(f))) for f in fields):
+        return
+    bad = ~(np.isfinite(result.energy) & np.isfinite(result.forces).all((1, 2)) & np.isfinite(result.energy_std))
+    if result.strain_derivative is not None:
+        bad |= ~np.isfinite(result.strain_derivative).all((1, 2))
+    b = int(np.argmax(bad)) if bad.any() else 0
+    numbers = batch["numbers"][b]
+    positions = batch["positions"][b][numbers > 0].cpu().numpy()
+    where = "" if batch["single"] else f" of structure {b}"
+    raise ValueError(f"the model gives a non-finite energy or forces{where}{closest_pair(positions)}; "
+                     f"nothing is returned")
+
+
+#: Atoms closer than this (Å) are named when a result is not finite.
+CLOSE_ATOMS = 0.5
+
+
+def closest_pair(positions: np.ndarray) -> str:
+    """' (atoms i and j are d Å apart)' for the closest two atoms if closer than
+    CLOSE_ATOMS, else ''.  A row at a time: memory stays linear in the atom count."""
+    x = np.asarray(positions, float)
+    if len(x) < 2 or len(x) > 20_000:
+        return ""
+    best = (np.inf, 0, 0)
+    for i in range(len(x) - 1):
+        d = np.linalg.norm(x[i + 1:] - x[i], axis=1)
+        j = int(np.argmin(d))
+        if d[j] < best[0]:
+            best = (float(d[j]), i, i + 1 + j)
+    distance, i, j = best
+    return f" (atoms {i} and {j} are {distance:.3g} Å apart)" if distance < CLOSE_ATOMS else ""
 
 
 @dataclasses.dataclass
@@ -295,27 +345,6 @@ def _first(result: Evaluation) -> Evaluation:
     return Evaluation(*(None if value is None else value[0] for value in values))
 
 
-#: Periodic images of the cell that one atom's cutoff sphere may reach, at most: a cell
-#: much thinner than the cutoff in some direction would need more (memory and time grow
-#: with them), and is refused with this explanation.  16³ allows cells down to ~0.7 Å
-#: wide in each direction for ANI-1x's 5.2 Å cutoff — far below any real crystal.
-MAX_IMAGES = 16 ** 3
-
-
-def _check_images(cell: torch.Tensor, cutoff: float) -> None:
-    """Refuse cells whose periodic image count per atom would exceed MAX_IMAGES."""
-    volume = torch.linalg.det(cell).abs()  # (B,)
-    faces = torch.stack([torch.linalg.norm(torch.linalg.cross(cell[:, (a + 1) % 3], cell[:, (a + 2) % 3]), dim=-1)
-                         for a in range(3)], dim=-1)  # (B, 3) areas of the faces spanned by the other two vectors
-    widths = volume[:, None] / faces  # distances between opposite faces, Å
-    images = (2 * torch.ceil(cutoff / widths) + 1).prod(-1)
-    if (images > MAX_IMAGES).any():
-        b = int(torch.argmax(images))
-        raise ValueError(f"cell too thin for the model's {cutoff:g} Å cutoff: its narrowest width is "
-                         f"{float(widths[b].min()):.3g} Å, so each atom would see {float(images[b]):.3g} periodic "
-                         f"images (limit {MAX_IMAGES})")
-
-
 def _as_tensor(value, dtype, device, name):
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype)
@@ -364,12 +393,5 @@ def _as_batch(numbers, positions, cell, device) -> dict:
             c = c.expand(len(num), 3, 3)
         if c.shape != (len(num), 3, 3):
             raise ValueError(f"cell must be (3, 3) or (B, 3, 3), got {tuple(c.shape)}")
-        if not torch.isfinite(c).all():
-            raise ValueError("cell contains NaN or infinite values")
-        volume = torch.linalg.det(c).abs()
-        scale = torch.linalg.norm(c, dim=-1).prod(-1)
-        if (volume <= 1e-8 * scale).any() or (scale == 0).any():
-            raise ValueError(f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors "
-                             f"must be linearly independent")
         c = c.contiguous()
     return {"numbers": num, "positions": pos, "cell": c, "single": single, "padded": padded}

@@ -114,7 +114,8 @@ def parse_batch_size(parameters: str) -> int:
 
 
 class _Reader:
-    """Reads fixed-size fields from a buffer; ``None`` from ``take`` = need more bytes."""
+    """Reads fixed-size fields from a buffer; ``take`` raises ``_Incomplete`` when the
+    buffer ends before the field does (``decode`` then answers None: need more bytes)."""
 
     def __init__(self, buffer, start: int):
         self.buffer, self.offset = buffer, start
@@ -143,6 +144,24 @@ def _bounded(value: int, low: int, high: int, what: str) -> int:
     return value
 
 
+def _text(raw, what: str) -> str:
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8 text: {bytes(raw[:40])!r}") from None
+
+
+def _segment_name(raw) -> str:
+    """A POSIX shared-memory name: an optional leading '/', then letters, digits, '_',
+    '-' and '.' only, and not '.' or '..' (no path may be smuggled in)."""
+    name = _text(raw, "shared-memory segment name")
+    bare = name[1:] if name.startswith("/") else name
+    if not bare or bare in (".", "..") or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in bare):
+        raise ProtocolError(f"shared-memory segment name {name!r} is not a plain name "
+                            f"(letters, digits, '_', '-', '.')")
+    return name
+
+
 def decode(buffer, mode: Mode):
     """One message from the start of ``buffer``: ``(message, bytes used)`` or ``None``."""
     if len(buffer) < HEADER_LENGTH:
@@ -162,7 +181,7 @@ def decode(buffer, mode: Mode):
         elif name == "INIT":
             bead = reader.int32()
             length = _bounded(reader.int32(), 0, MAX_STRING, "INIT string length")
-            parameters = bytes(reader.take(length)).decode("utf-8", errors="replace").rstrip("\x00")
+            parameters = _text(reader.take(length), "INIT string").rstrip("\x00")
             message = Init(bead, parameters, parse_batch_size(parameters))
         elif name == "POSDATA":
             message = _decode_posdata(reader, mode)
@@ -181,8 +200,8 @@ def _decode_posdata(reader: _Reader, mode: Mode):
         if not mode.shm_attached:
             names = {}
             for kind in SHM_KINDS:
-                length = _bounded(reader.int32(), 1, 4096, "shared-memory segment name length")
-                names[kind] = bytes(reader.take(length)).decode()
+                length = _bounded(reader.int32(), 1, 255, "shared-memory segment name length")
+                names[kind] = _segment_name(reader.take(length))
         return ShmPosData(natoms, names)
     if b == 1:
         cell = reader.float64s(9).reshape(1, 3, 3)
@@ -194,6 +213,29 @@ def _decode_posdata(reader: _Reader, mode: Mode):
     cells = reader.float64s(18 * b).reshape(b, 2, 3, 3)[:, 0]
     positions = reader.float64s(3 * natoms * b).reshape(b, natoms, 3)
     return PosData(cells, positions)
+
+
+def shm_shapes(batch_size: int, natoms: int) -> dict[str, tuple[int, ...]]:
+    """The float64 array each shared-memory segment holds, by kind (i-PI's layout:
+    positions and forces flat per structure, cells and virials 3×3, i-PI's h with the
+    lattice vectors as columns, Bohr and Hartree)."""
+    b, n = batch_size, natoms
+    return {"pos": (b, 3 * n), "h": (b, 3, 3), "ih": (b, 3, 3), "pot": (b,), "force": (b, 3 * n), "vir": (b, 3, 3)}
+
+
+def shm_read_posdata(views: dict[str, np.ndarray], natoms: int) -> PosData:
+    """The structures a shared-memory POSDATA announced, copied out of the segments."""
+    b = views["h"].shape[0]
+    return PosData(views["h"].copy(), views["pos"].reshape(b, natoms, 3).copy())
+
+
+def shm_write_forceready(views: dict[str, np.ndarray], energies, forces, virials) -> None:
+    """Results into the segments before the FORCEREADY message (which then carries only
+    the extras): energies (B,), forces (B, N, 3) Hartree/Bohr, virials (B, 3, 3)."""
+    b = len(energies)
+    views["pot"][:b] = energies
+    views["force"][:b] = np.asarray(forces).reshape(b, -1)
+    views["vir"][:b] = virials
 
 
 def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) -> bytes:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import warnings
 
 import pluggy
 
 from aniserve import hookspecs
+from aniserve.contracts import CONTRACTS, missing_members
 
-hookimpl = pluggy.HookimplMarker("aniserve")
+from aniserve.hookspecs import hookimpl  # noqa: E402,F401  (the marker, re-exported)
 
-#: aniserve's own components, registered through the same hooks as any plugin.
-DEFAULT_PLUGINS = ("aniserve.builtins",)
+#: aniserve's own components, each registered by the module that defines it, through
+#: the same hooks as any plugin.  Imported when the registry is first built, not before.
+DEFAULT_PLUGINS = ("aniserve.aev", "aniserve.networks", "aniserve.training.strategies", "aniserve.zoo",
+                   "aniserve.embedded")
 
 #: Registry kinds, as ``aniserve plugins`` names them, and the hook that fills each.
 KINDS = {
@@ -55,6 +59,19 @@ class Registry:
             # e.g. to check that a model does not silently depend on one.
             for blocked in filter(None, os.environ.get("ANISERVE_BLOCK_PLUGINS", "").split(",")):
                 self.manager.set_blocked(blocked.strip())
+            # An installed plugin that cannot be imported (a half-removed package, a missing
+            # dependency of its own) costs only its components, with a warning that says why.
+            from importlib import metadata
+
+            for entry in metadata.entry_points(group="aniserve"):
+                if self.manager.is_blocked(entry.name):
+                    continue
+                try:
+                    entry.load()
+                except Exception as error:  # noqa: BLE001 - any import failure of foreign code
+                    warnings.warn(f"aniserve plugin {entry.name!r} ({entry.value}) could not be loaded and is "
+                                  f"skipped: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
+                    self.manager.set_blocked(entry.name)
             self.manager.load_setuptools_entrypoints("aniserve")
         self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         distributions = {id(plugin): f"{dist.project_name}" if hasattr(dist, "project_name") else dist.metadata["name"]
@@ -72,6 +89,11 @@ class Registry:
                     if existing is not None:
                         raise RegistryError(f"{kind} {name!r} is registered twice: by {existing.plugin} "
                                             f"({existing.obj!r}) and by {plugin_name} ({obj!r})")
+                    missing = missing_members(kind, obj)
+                    if missing:
+                        raise RegistryError(f"{kind} {name!r} from {plugin_name} does not meet the contract "
+                                            f"aniserve.contracts.{CONTRACTS[kind][0].__name__}: it lacks "
+                                            f"{', '.join(missing)}")
                     self.components[kind][name] = Component(kind, name, obj, plugin_name, version)
 
     def get(self, kind: str, name: str):

@@ -82,6 +82,9 @@ class Evaluator:
             group = [i for i, (_, s) in enumerate(slots) if (s.cell is not None) == periodic]
             if not group:
                 continue
+            for i in group:
+                if len(slots[i][1].numbers) == 0:
+                    raise ValueError(f"structure {slots[i][0]!r} has no atoms")
             n_max = max(len(slots[i][1].numbers) for i in group)
             numbers = np.zeros((len(group), n_max), dtype=np.int64)
             positions = np.zeros((len(group), n_max, 3))
@@ -102,10 +105,6 @@ class Evaluator:
                                           member_forces=need_members, pairs=pairs)
             for row, i in enumerate(group):
                 n = len(slots[i][1].numbers)
-                if not (np.isfinite(out.energy[row]) and np.isfinite(out.forces[row, :n]).all()
-                        and (not periodic or np.isfinite(out.strain_derivative[row]).all())):
-                    raise ValueError(f"structure {slots[i][0]!r}: the model gives a non-finite energy or forces"
-                                     f"{_closest_pair(slots[i][1])}; nothing is returned for it")
                 results[i] = Result(
                     energy=float(out.energy[row]), forces=out.forces[row, :n],
                     virial=-symmetric(out.strain_derivative[row]) if periodic else np.zeros((3, 3)),
@@ -118,21 +117,6 @@ class Evaluator:
                 self.collector.consider(key, structure, result, self.model_name,
                                         member_forces=lambda s=structure: self._member_forces(s))
         return results
-
-
-def _closest_pair(structure: Structure) -> str:
-    """Where a non-finite result most likely comes from: the two closest atoms."""
-    x = np.asarray(structure.positions, float)
-    if len(x) < 2 or len(x) > 20_000:
-        return ""
-    best = (np.inf, 0, 0)
-    for i in range(len(x) - 1):  # a row at a time: memory stays linear in the atom count
-        d = np.linalg.norm(x[i + 1:] - x[i], axis=1)
-        j = int(np.argmin(d))
-        if d[j] < best[0]:
-            best = (float(d[j]), i, i + 1 + j)
-    distance, i, j = best
-    return f" (atoms {i} and {j} are {distance:.3g} Å apart)" if distance < 0.5 else ""
 
 
 def symmetric(matrix: np.ndarray) -> np.ndarray:

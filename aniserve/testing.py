@@ -1,4 +1,10 @@
-"""Helpers for testing models and plugins end to end (used by aniserve's and plugins' tests)."""
+"""Helpers for testing models and plugins end to end, and a pytest plugin offering them.
+
+Installed with aniserve as the pytest plugin ``aniserve`` (entry point ``pytest11``), so a
+plugin's own tests get the fixtures ``aniserve_model`` (the embedded default model,
+float64, offline) and ``aniserve_drive_with_ase`` (``drive_with_ase`` below) without
+importing anything; the functions can also be imported directly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import tempfile
 import uuid
 
 import numpy as np
+import pytest
 
 
 def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str = "float64") -> list[tuple]:
@@ -55,3 +62,17 @@ def assert_drive_matches_in_process(model: str, atoms, tolerance_ev: float = 1e-
         if abs(probe.get_potential_energy() - energy) > tolerance_ev:
             raise AssertionError(f"served energy {energy} eV differs from in-process {probe.get_potential_energy()} eV")
         np.testing.assert_allclose(probe.get_forces(), forces, atol=tolerance_ev)
+
+
+@pytest.fixture(scope="session")
+def aniserve_model():
+    """The embedded default model in float64 (needs no download)."""
+    from aniserve import load_model
+
+    return load_model(dtype="float64")
+
+
+@pytest.fixture
+def aniserve_drive_with_ase():
+    """``drive_with_ase(model, atoms, moves=2)``: results served by ``aniserve drive``."""
+    return drive_with_ase

@@ -16,13 +16,16 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from aniserve.cache import cache_root
+from aniserve.hookspecs import hookimpl
+
 OFFICIAL = {"ani-1x": "ani-1x_8x.info", "ani-1ccx": "ani-1ccx_8x.info", "ani-2x": "ani-2x_8x.info"}
 ARCHIVE_URL = os.environ.get("ANISERVE_MODEL_ZOO_URL",
                              "https://github.com/aiqm/ani-model-zoo/archive/refs/heads/master.zip")
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("ANISERVE_CACHE", pathlib.Path.home() / ".cache" / "aniserve")) / "models"
+    return cache_root() / "models"
 
 
 def _find_info(folder: pathlib.Path, info: str) -> pathlib.Path | None:
@@ -78,3 +81,8 @@ def _download(cache: pathlib.Path) -> None:
             z.extractall(pathlib.Path(tmp) / "unpacked")
         # Publish atomically so a concurrent or interrupted download never leaves half a zoo.
         os.replace(pathlib.Path(tmp) / "unpacked", cache / "ani-model-zoo")
+
+
+@hookimpl
+def aniserve_model_sources():
+    return {"official-zoo": OfficialZoo()}

@@ -22,19 +22,45 @@ MISSING_WEIGHTS = (f"official ANI weights not found ({SHARED / 'ani-model-zoo'})
                    f"beside the checkout as ../shared, or set ANISERVE_SHARED=/path/to/shared")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-sequences", type=int, default=1000,
+                     help="sequences the driver fuzz test plays (a longer campaign: e.g. 20000)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "weights: needs the official ANI weights and TorchANI references")
+    config.addinivalue_line("markers", "slow: training, real i-PI/ASE processes, fuzzing; left out by -m 'not slow'")
+    config.addinivalue_line("markers", "old_clients: needs the old ASE/i-PI environment that .ci/run builds")
     if not HAVE_WEIGHTS and os.environ.get("ANISERVE_REQUIRE_WEIGHTS") == "1":
         raise pytest.UsageError(f"{MISSING_WEIGHTS} (ANISERVE_REQUIRE_WEIGHTS=1: CI must not skip these tests)")
+    if not os.path.exists(OLD_CLIENTS) and os.environ.get("ANISERVE_REQUIRE_OLD_CLIENTS") == "1":
+        raise pytest.UsageError(f"{MISSING_OLD_CLIENTS} (ANISERVE_REQUIRE_OLD_CLIENTS=1: CI must not skip them)")
+
+
+OLD_CLIENTS = os.environ.get("ANISERVE_OLD_CLIENTS", "")
+MISSING_OLD_CLIENTS = ("no environment with the old clients (ASE 3.22.1, i-PI 3.0, numpy < 2): .ci/run builds one; "
+                       "or make a venv with them and set ANISERVE_OLD_CLIENTS=/path/to/its/bin/python")
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAVE_WEIGHTS:
-        return
-    skip = pytest.mark.skip(reason=MISSING_WEIGHTS)
-    for item in items:
-        if "weights" in item.keywords:
-            item.add_marker(skip)
+    for marker, present, reason in (("weights", HAVE_WEIGHTS, MISSING_WEIGHTS),
+                                    ("old_clients", os.path.exists(OLD_CLIENTS), MISSING_OLD_CLIENTS)):
+        if present:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_backend():
+    """Tests switch the kernel backend (kernels.use); each starts from the default."""
+    from aniserve import kernels
+
+    previous = kernels.backend()
+    yield
+    kernels.use(previous)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,6 +84,15 @@ ETHANOL_NUMBERS = [6, 6, 8, 1, 1, 1, 1, 1, 1]
 ETHANOL_POSITIONS = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
                      [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
                      [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
+
+
+def ethanol_xyz(box: float | None = 30.0) -> str:
+    """Ethanol as xyz text; with ``box``, the comment line i-PI reads its cell from."""
+    symbols = {1: "H", 6: "C", 8: "O"}
+    comment = (f"# CELL(abcABC): {box} {box} {box} 90.0 90.0 90.0 positions{{angstrom}} cell{{angstrom}}"
+               if box else "")
+    return f"9\n{comment}\n" + "".join(f"{symbols[z]} {x} {y} {w}\n"
+                                      for z, (x, y, w) in zip(ETHANOL_NUMBERS, ETHANOL_POSITIONS))
 
 
 def perturbed_molecules(names, conformations, rng, noise):

@@ -12,7 +12,7 @@ from aniserve.training import ANIData
 from aniserve.training.data import write_ani_h5
 from conftest import ROOT
 
-pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 
 def test_example_loop_runs_shortened(tmp_path):

@@ -1,6 +1,5 @@
 """Bad input gets an error that names the problem."""
 
-import bz2
 import shutil
 
 import numpy as np
@@ -87,3 +86,26 @@ def test_corrupt_and_foreign_model_files(tmp_path, ani1ccx):
     truncated.write_bytes(good.read_bytes()[:-1000])
     with pytest.raises(ModelFileError):
         load_saved(truncated)
+
+
+def _zoo_copy(tmp_path, without):
+    """The ANI-1x folder as symlinks, one member left out."""
+    zoo = SHARED / "ani-model-zoo"
+    folder = tmp_path / "ani-1x_8x"
+    folder.mkdir()
+    for item in (zoo / "ani-1x_8x").iterdir():
+        if item.name != without:
+            (folder / item.name).symlink_to(item)
+    return folder
+
+
+@pytest.mark.parametrize("missing", ["train3", "train7"])
+def test_an_incomplete_neurochem_ensemble_is_an_error_unless_asked_for(tmp_path, missing):
+    folder = _zoo_copy(tmp_path, missing)
+    if missing == "train7":  # the last member: only the .info file can tell it is gone
+        (tmp_path / "ani-1x_8x.info").write_text((SHARED / "ani-model-zoo" / "ani-1x_8x.info").read_text())
+    with pytest.raises(NeuroChemError, match=rf"{missing}/networks: ensemble member folder is missing \(7 of 8"):
+        load_neurochem(folder)
+    with pytest.warns(UserWarning, match=rf"serving 7 of 8 ensemble members \({missing} missing\)"):
+        model = load_neurochem(folder, allow_incomplete=True)
+    assert model.ensemble_size == 7

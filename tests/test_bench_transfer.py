@@ -15,7 +15,7 @@ from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
 from conftest import cached_model, perturbed_molecules
 
-pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]

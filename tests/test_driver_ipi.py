@@ -16,7 +16,7 @@ from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, reference
 
-pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
 DRIVE = [sys.executable, "-m", "aniserve", "drive", "--model", "ani-1ccx", "--dtype", "float64",

@@ -158,7 +158,7 @@ def test_mlp_kernel_equals_the_tensor_versions(sizes, dtype, monkeypatch):
         grad_out = torch.rand(3, n, dtype=dtype)
         results = []
         for compiled in ("on", "off"):
-            monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+            kernels.use("compiled" if compiled == "on" else "tensor")
             f = features.clone().requires_grad_(True)
             energies = mlp(f, columns)
             results.append((energies, *torch.autograd.grad(energies, f, grad_out)))
@@ -177,7 +177,7 @@ def test_evaluation_is_the_same_with_kernels_off(monkeypatch):
     model = cached_model("ani-1ccx", "float64")
     _, numbers, positions, cell = structures()[1]
     compiled = model.evaluate(numbers, positions, cell)
-    monkeypatch.setenv("ANISERVE_KERNELS", "off")
+    kernels.use("tensor")
     assert kernels.library() is None
     tensor = model.evaluate(numbers, positions, cell)
     assert abs(compiled.energy - tensor.energy) < 1e-10
@@ -226,7 +226,7 @@ def test_neighbour_search_kernel_finds_the_same_pairs(monkeypatch):
         cell_t = None if cell is None else torch.tensor(cell, dtype=torch.float64)
         found = []
         for compiled in ("on", "off"):
-            monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+            kernels.use("compiled" if compiled == "on" else "tensor")
             pairs = find_pairs(pos, 5.2, cell_t)
             assert torch.all(pairs.center[1:] >= pairs.center[:-1])
             shift = torch.zeros(len(pairs), 3) if pairs.shift is None else pairs.shift
@@ -242,7 +242,7 @@ def test_structures_without_pairs(monkeypatch):
     for numbers, positions, cell in cases:
         results = []
         for compiled in ("on", "off"):
-            monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+            kernels.use("compiled" if compiled == "on" else "tensor")
             results.append(model.evaluate(numbers, positions, cell))
         assert abs(results[0].energy - results[1].energy) < 1e-12
         assert np.all(results[0].forces == 0)
@@ -253,9 +253,9 @@ def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypat
     falls back to) compiles and computes the same numbers."""
     model = cached_model("ani-1ccx", "float64")
     _, numbers, positions, cell = structures()[1]
-    monkeypatch.setenv("ANISERVE_KERNELS", "off")
+    kernels.use("tensor")
     tensor = model.evaluate(numbers, positions, cell)
-    monkeypatch.setenv("ANISERVE_KERNELS", "on")
+    kernels.use("compiled")
     monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "_OPTIONAL", [[]])
     monkeypatch.setattr(kernels, "_loaded", {})
@@ -265,3 +265,16 @@ def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypat
     assert abs(plain.energy - tensor.energy) < 1e-10
     np.testing.assert_allclose(plain.forces, tensor.forces, atol=1e-10, rtol=0)
     np.testing.assert_allclose(plain.strain_derivative, tensor.strain_derivative, atol=1e-9, rtol=0)
+
+
+def test_constants_struct_matches_the_c_side():
+    """kernels._Constants mirrors aev.cpp's Constants by hand: same size, same offsets."""
+    import ctypes
+
+    lib = kernels.library()
+    out = (ctypes.c_int64 * 16)()
+    lib.aev_constants_layout(out)
+    fields = [name for name, _ in kernels._Constants._fields_]
+    assert len(fields) == 15
+    assert out[0] == ctypes.sizeof(kernels._Constants)
+    assert list(out[1:]) == [getattr(kernels._Constants, name).offset for name in fields]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from aniserve import kernels
+
 from aniserve.neighbors import find_pairs
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
@@ -174,7 +176,7 @@ def test_featurizer_modes_agree(monkeypatch):
     pairs = find_pairs(x, model.cutoff)
     results = []
     for training, compiled in ((False, "on"), (False, "off"), (True, "on")):
-        monkeypatch.setenv("ANISERVE_KERNELS", compiled)
+        kernels.use("compiled" if compiled == "on" else "tensor")
         model.featurizer.train(training)
         try:
             features = model.featurizer(species, pairs.center, pairs.neighbor, x[pairs.neighbor] - x[pairs.center])

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
+
 GENERATE = [sys.executable, "-m", "aniserve", "data", "generate"]
 
 

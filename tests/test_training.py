@@ -15,7 +15,7 @@ from aniserve.training import ANIData, DataError, Settings, default_description,
 from aniserve.training.data import write_ani_h5
 from conftest import ROOT, cached_model, perturbed_molecules
 
-pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
+pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 
@@ -231,7 +231,7 @@ def test_bad_data_is_named(dft_file, tmp_path):
     with pytest.raises(DataError, match="not a readable HDF5 file"):
         ANIData(broken, "wb97x_dz.energy")
     groups = teacher_groups(conformations=2)
-    groups["SH2"] = {"atomic_numbers": np.array([16, 1, 1]), "coordinates": np.zeros((2, 3, 3)),
+    groups["SH2"] = {"atomic_numbers": np.array([16, 1, 1]), "coordinates": np.array([[[0.0, 0, 0], [1.34, 0, 0], [0, 1.34, 0]]] * 2),
                      "wb97x_dz.energy": np.zeros(2)}
     write_ani_h5(tmp_path / "s.h5", groups)
     with pytest.raises(DataError, match=r"does not cover: S \(2 atoms in 2 conformations\)"):

@@ -17,13 +17,14 @@ and total-energy errors).  Seeds change the random draws and the training.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 
 import numpy as np
 import torch
 
-from aniserve.bench.transfer import HIGH_ENERGY, _say, read_test_set, score
+from aniserve.bench.progress import Runs
+from aniserve.bench.progress import say as _say
+from aniserve.bench.transfer import HIGH_ENERGY, read_test_set, score
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 
@@ -85,11 +86,13 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
     base_model = load_base(base).to(torch.float64).eval()
     base_spread = spreads(base_model, pool)
     runs = {"qbc": {k: [] for k in budget.ks}, "random": {k: [] for k in budget.ks}}
+    progress = Runs(2 * len(budget.seeds) * len(budget.ks))
     for seed in budget.seeds:
         # Random: one permutation per seed, so the selections are nested.
         order = np.random.default_rng(seed).permutation(len(items))
         for k in budget.ks:
             chosen = [items[i] for i in order[:k]]
+            progress.start(f"random  K={k}, seed {seed}")
             model = _transfer(lambda: load_base(base), pool.select(chosen), strategy, options, budget, seed,
                               workdir / f"random-k{k}-seed{seed}.safetensors")
             runs["random"][k].append({"seed": seed, **score(model, test)})
@@ -101,6 +104,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
             taken = set(chosen_idx)
             ranked = [i for i in np.argsort(-current, kind="stable") if i not in taken]
             chosen_idx += ranked[:k - len(chosen_idx)]
+            progress.start(f"qbc     K={k}, seed {seed}")
             model = _transfer(lambda: load_base(base), pool.select([items[i] for i in chosen_idx]), strategy, options,
                               budget, seed, workdir / f"qbc-k{k}-seed{seed}.safetensors")
             result = score(model, test)

@@ -20,15 +20,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import sys
 import time
 
 import numpy as np
 import torch
 
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+from aniserve.bench.progress import Runs, say
 
 LOW_ENERGY, LOW_FORCES, HIGH_ENERGY = "wb97x_631gd.energy", "wb97x_631gd.forces", "ccsd(t)_ccpvdz.energy"
 
@@ -211,8 +210,7 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+_say = say
 
 
 def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
@@ -272,6 +270,7 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
     if base is not None:
         baselines["base_model"] = {**score_with_offsets(load_base(base).to(torch.float64), train_path, test),
                                    "name": str(base)}
+    runs = Runs(len(budget.seeds) * len(strategies))
     for seed in budget.seeds:
         if base is None:
             pre_path = pretrain(train_path, budget, workdir, seed)
@@ -288,7 +287,7 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
             settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size,
                                 lr=budget.transfer_lr or budget.lr, seed=seed, early_stop_patience=budget.patience,
                                 plateau_patience=max(1, budget.patience // 3), selection=budget.selection)
-            _say(f"transfer: {name}, seed {seed} …")
+            runs.start(f"transfer: {name}, seed {seed} …")
             summary = train(model, high, out, settings, penalty=penalty,
                             extra={"transfer": {"from": origin, "strategy": name, "options": options or {}}})
             trained = load_saved(out).to(torch.float64).eval()
@@ -402,5 +401,6 @@ def plot(result: dict, path) -> None:
 
 
 def default_workdir() -> pathlib.Path:
-    base = os.environ.get("ANISERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aniserve")
-    return pathlib.Path(base) / "bench-transfer"
+    from aniserve.cache import cache_root
+
+    return cache_root() / "bench-transfer"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 
+from aniserve.hookspecs import hookimpl
+
 FOLDER = pathlib.Path(__file__).resolve().parent
 
 #: The model the CLI serves when none is named: works offline, no download.
@@ -20,3 +22,8 @@ class EmbeddedModels:
     def locate(self, name: str):
         path = FOLDER / f"{name}.safetensors"
         return (path if path.is_file() else None), [str(path)]
+
+
+@hookimpl
+def aniserve_model_sources():
+    return {"embedded": EmbeddedModels()}

@@ -15,6 +15,7 @@ and on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,6 +29,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from aniserve.cache import cache_root
 
 _SOURCES = sorted(pathlib.Path(__file__).parent.glob("*.cpp"))
 _HEADERS = sorted(pathlib.Path(__file__).parent.glob("*.h"))
@@ -52,12 +55,61 @@ class _Constants(ctypes.Structure):
                [("pair_index", ctypes.POINTER(ctypes.c_int64))]
 
 
+#: Kernel backends: ``compiled`` (this folder's C++, on CPU tensors), ``tensor`` (torch
+#: operations only, any device) and ``cuda``, a named slot for a GPU kernel backend that
+#: does not exist yet (CUDA tensors run the tensor operations meanwhile).
+BACKENDS = ("compiled", "tensor", "cuda")
+_backend: list[str] = []
+
+
+def backend() -> str:
+    """The kernel backend in use; initially from ANISERVE_KERNELS (read once: on or
+    compiled → compiled; off or tensor → tensor), default compiled."""
+    if not _backend:
+        setting = os.environ.get("ANISERVE_KERNELS", "compiled").lower()
+        _backend.append("tensor" if setting in ("off", "0", "no", "false", "tensor") else "compiled")
+        if _backend[0] == "tensor":
+            warnings.warn("aniserve: compiled CPU kernels switched off (ANISERVE_KERNELS); using tensor "
+                          "operations, slower on CPU", RuntimeWarning, stacklevel=3)
+    return _backend[0]
+
+
+def use(name: str) -> None:
+    """Select the kernel backend for this process (``bench speed --kernels`` calls it)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "cuda":
+        raise NotImplementedError("no CUDA kernel backend yet: on CUDA devices the tensor backend runs, "
+                                  "use('tensor') or leave the default")
+    _backend[:] = [name]
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Run a block with another kernel backend (tests compare the two)."""
+    previous = backend()
+    use(name)
+    try:
+        yield
+    finally:
+        use(previous)
+
+
 def enabled() -> bool:
-    return os.environ.get("ANISERVE_KERNELS", "on").lower() not in ("off", "0", "no", "false")
+    return backend() == "compiled"
+
+
+def library_for(tensor: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled kernels when they may run on ``tensor`` (the backend is
+    ``compiled``, the tensor is a float32/float64 or integer CPU tensor), else None:
+    the one place that decides whether a kernel runs."""
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64, torch.int64):
+        return None
+    return library()
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("ANISERVE_CACHE", pathlib.Path.home() / ".cache" / "aniserve")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_signature() -> str:

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -275,6 +276,19 @@ int aev_backward_f64(const Constants* c, int64_t n_atoms, int64_t n_pairs, const
                      double* grad_vectors, int threads) {
     return run<double, true>(*c, n_atoms, n_pairs, species, center, neighbor, vectors, nullptr, grad, grad_vectors,
                              threads);
+}
+
+// The layout of Constants, for the test that holds kernels._Constants (its ctypes
+// mirror) to it: out[0] = sizeof, then the offset of each field in declaration order.
+void aev_constants_layout(int64_t* out) {
+    const int64_t offsets[] = {
+        offsetof(Constants, num_species), offsetof(Constants, num_shf_r), offsetof(Constants, num_shf_a),
+        offsetof(Constants, num_shf_z), offsetof(Constants, num_pairs), offsetof(Constants, Rcr),
+        offsetof(Constants, Rca), offsetof(Constants, EtaR), offsetof(Constants, EtaA), offsetof(Constants, Zeta),
+        offsetof(Constants, ShfR), offsetof(Constants, ShfA), offsetof(Constants, cos_z), offsetof(Constants, sin_z),
+        offsetof(Constants, pair_index)};
+    out[0] = sizeof(Constants);
+    for (int i = 0; i < 15; ++i) out[i + 1] = offsets[i];
 }
 
 }  // extern "C"

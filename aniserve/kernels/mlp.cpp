@@ -131,7 +131,9 @@ void celu(int64_t n, T* __restrict z, T alpha, T* __restrict slope) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
         const T zi = z[i];
-        const T negative = (zi < 0 ? zi : T(0)) * inverse;
+        // Written so that a NaN stays NaN (as in the tensor path): it takes the
+        // negative branch, and expm1/exp of NaN are NaN.
+        const T negative = (zi > 0 ? T(0) : zi) * inverse;
         z[i] = (zi > 0 ? zi : T(0)) + alpha * std::expm1(negative);
         slope[i] = std::exp(negative);
     }

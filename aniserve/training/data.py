@@ -88,10 +88,15 @@ class ANIData:
                 continue
             numbers = _numbers(group, path, name)
             count = group["coordinates"].shape[0]
+            _check_coordinates(group["coordinates"], path, name)
             have = np.zeros(count, bool)
             for key in (self.energy_key, self.forces_key):
                 if key and key in group:
                     values = group[key][()].reshape(count, -1)
+                    if np.isinf(values).any():
+                        c = int(np.nonzero(np.isinf(values).any(1))[0][0])
+                        raise DataError(f"{path}: {name}/{key} is infinite for conformation {c} (NaN marks a missing "
+                                        f"value; infinity is an error)")
                     have |= np.isfinite(values).all(1)
             groups.append(_Group(name, numbers, np.nonzero(have)[0], file))
         missing = [k for k in (self.energy_key, self.forces_key) if k and k not in keys]
@@ -210,6 +215,31 @@ class ANIData:
         return Batch(torch.from_numpy(numbers), torch.from_numpy(positions), torch.from_numpy(energy),
                      None if forces is None else torch.from_numpy(forces),
                      [self.groups[gi].name for gi, _ in items], [c for _, c in items], molecule)
+
+
+#: Atoms closer than this (Å) in a training conformation are an error: no real molecule
+#: has them (H₂'s bond is 0.74 Å), and coincident atoms make the features NaN.
+MIN_DISTANCE = 0.1
+
+
+def _check_coordinates(dataset, path, name: str, chunk: int = 4096) -> None:
+    """Finite coordinates, no two atoms of a conformation closer than MIN_DISTANCE."""
+    for start in range(0, dataset.shape[0], chunk):
+        x = np.asarray(dataset[start:start + chunk], dtype=np.float64)
+        bad = ~np.isfinite(x).all(axis=(1, 2))
+        if bad.any():
+            raise DataError(f"{path}: {name}/coordinates of conformation {start + int(np.argmax(bad))} hold NaN or "
+                            f"infinite values")
+        if x.shape[1] < 2:
+            continue
+        d = np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)
+        d[:, np.arange(x.shape[1]), np.arange(x.shape[1])] = np.inf
+        closest = d.min(axis=(1, 2))
+        if (closest < MIN_DISTANCE).any():
+            c = int(np.argmin(closest))
+            i, j = np.unravel_index(int(np.argmin(d[c])), d[c].shape)
+            raise DataError(f"{path}: {name} conformation {start + c}: atoms {i} and {j} are {closest[c]:.3g} Å apart "
+                            f"(closer than {MIN_DISTANCE} Å)")
 
 
 def _conformer_groups(root, prefix=""):

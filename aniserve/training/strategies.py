@@ -8,9 +8,9 @@ new data, as ANI-1ccx did (its ``sae_linfit.dat`` differs from ANI-1x's).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from aniserve.hookspecs import hookimpl
 from aniserve.networks import DeltaNetworks, ElementNetworks
 from aniserve.potential import ANIPotential
 
@@ -89,3 +89,8 @@ class Delta:
         _all_trainable(delta, False)
         _all_trainable(delta.networks.correction, True)
         return delta
+
+
+@hookimpl
+def aniserve_transfer_strategies():
+    return {"full": FullFineTune, "freeze": FreezeLayers, "scratch": Scratch, "delta": Delta}

@@ -22,16 +22,18 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from torch import nn
 
 from aniserve.elements import NUMBERS
-from aniserve.modelfile import build, describe, save_model
+from aniserve.modelfile import build, check_description, describe, save_model
 from aniserve.neighbors import molecule_pairs
 from aniserve.potential import ANIPotential
 from aniserve.training.data import ANIData, Batch
@@ -143,6 +145,8 @@ def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256)
     present = A.any(0)
     solution = np.zeros(len(model.elements))
     solution[present] = np.linalg.lstsq(A[:, present], y, rcond=None)[0]
+    if not np.isfinite(solution).all():
+        raise ValueError("the self-energy fit is not finite; check the data's energies")
     fitted = {e: float(solution[i]) if present[i] else float(model.self_energies[i])
               for i, e in enumerate(model.elements)}
     model.self_energies.copy_(torch.tensor([fitted[e] for e in model.elements], dtype=torch.float64))
@@ -252,14 +256,18 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
 
     state = None
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
-        description = json.loads(state["description"])
-        model = build(description).to(device=settings.device, dtype=model.dtype)
-        model.load_state_dict(state["model"])
-        trainable = set(state["trainable"])
+        try:  # a checkpoint is a file like any other: damaged or foreign ones get a clear error
+            state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+            description = json.loads(state["description"])
+            check_description(description, checkpoint_path)
+            model = build(description).to(device=settings.device, dtype=model.dtype)
+            model.load_state_dict(state["model"])
+            trainable = set(state["trainable"])
+            history, start_epoch, best = json.loads(state["history"]), state["epoch"] + 1, json.loads(state["best"])
+        except _CHECKPOINT_ERRORS as error:
+            raise _bad_checkpoint(checkpoint_path, error) from None
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable)
-        history, start_epoch, best = json.loads(state["history"]), state["epoch"] + 1, json.loads(state["best"])
         model.train()
         _say(rank, f"resuming from {checkpoint_path} after epoch {state['epoch'] + 1}")
     elif settings.refit_self_energies:
@@ -273,9 +281,14 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=settings.plateau_patience)
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(json.loads(state["scheduler"]))
-        best_state = state["best_model"]
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(json.loads(state["scheduler"]))
+            best_state = state["best_model"]
+            model.load_state_dict(best_state)  # checks it fits, before any epoch runs
+            model.load_state_dict(state["model"])
+        except _CHECKPOINT_ERRORS as error:
+            raise _bad_checkpoint(checkpoint_path, error) from None
 
     step_force_weight = settings.force_weight if data.forces_key else 0.0
     step = _Step(model, step_force_weight, penalty)
@@ -294,16 +307,21 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         plan = train_data.plan(settings.batch_size, seed=settings.seed * 100_003 + epoch)
         plan = plan[: len(plan) // world * world][rank::world] if world > 1 else plan
         total, count = 0.0, 0
-        with _progress(rank, len(plan), f"epoch {epoch + 1}/{settings.epochs}") as bar:
+        with tqdm(total=len(plan), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False,
+                  disable=rank != 0 or not sys.stderr.isatty()) as bar:
             for items in plan:
                 batch = train_data.read(items)
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = step(batch)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"the training loss is {float(loss)} at epoch {epoch + 1} (molecules "
+                                     f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model")
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) / model.ensemble_size
                 count += 1
-                bar.update(1, f"loss {total / count:.3e}")
+                bar.set_postfix_str(f"loss {total / count:.3e}", refresh=False)
+                bar.update(1)
         metrics = validate(model, val_data, force_weight=step_force_weight)
         criterion = metrics["loss"]
         if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
@@ -319,10 +337,12 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
         force_text = (f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å"
                       if "force_rmse_kcal_per_a" in metrics else "")
-        _say(rank, f"epoch {epoch + 1}: train loss {total / max(count, 1):.3e}, validation loss "
+        spent = time.perf_counter() - started
+        left = (settings.epochs - epoch - 1) * sum(h["seconds"] for h in history[-3:]) / len(history[-3:])
+        _say(rank, f"epoch {epoch + 1}/{settings.epochs}: train loss {total / max(count, 1):.3e}, validation loss "
                    f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
-                   f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, "
-                   f"{time.perf_counter() - started:.1f} s")
+                   f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, {spent:.1f} s, "
+                   f"at most {tqdm.format_interval(left)} left")
         if rank == 0:
             _atomic_save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
                           "scheduler": json.dumps(scheduler.state_dict()), "epoch": epoch,
@@ -344,30 +364,16 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
     return summary
 
 
+_CHECKPOINT_ERRORS = (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+                      pickle.UnpicklingError)
+
+
+def _bad_checkpoint(path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: not a usable aniserve checkpoint ({type(error).__name__}: {str(error)[:200]}); "
+                      f"delete it to start afresh")
+
+
 def _atomic_save(obj: dict, path: pathlib.Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-class _progress:
-    """A one-line progress bar with live loss on stderr (only on a terminal, rank 0)."""
-
-    def __init__(self, rank: int, total: int, label: str):
-        self.show = rank == 0 and sys.stderr.isatty()
-        self.total, self.label, self.done = total, label, 0
-
-    def __enter__(self):
-        return self
-
-    def update(self, n: int, text: str) -> None:
-        self.done += n
-        if self.show:
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {text}",
-                  end="", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self.show:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)

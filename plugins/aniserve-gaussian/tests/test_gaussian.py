@@ -15,6 +15,8 @@ from aniserve.neighbors import find_pairs
 from aniserve.registry import Registry
 from aniserve_gaussian import GaussianEmbeddingFeaturizer
 
+pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
+
 REPO = pathlib.Path(__file__).resolve().parents[3]
 ELEMENTS = ["H", "C", "N", "O"]
 

@@ -14,6 +14,8 @@ from aniserve.training import ANIData, Settings, new_model, train, transfer_mode
 from aniserve.training.model import ani1x_aev
 from aniserve_resmlp import ResidualElementNetworks
 
+pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
+
 REPO = pathlib.Path(__file__).resolve().parents[3]
 ELEMENTS = ["H", "C", "N", "O"]
 DATA = REPO / "data" / "qm-train.h5"

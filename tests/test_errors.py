@@ -1,0 +1,67 @@
+"""What a new user meets first: each mistake gives one clear line and the documented
+exit status, not a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from aniserve.cli import main
+from conftest import ROOT
+
+ETHANOL = str(ROOT / "examples" / "molecules" / "ethanol.xyz")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result, text):
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.output
+
+
+def test_empty_structure_file(tmp_path):
+    (tmp_path / "empty.xyz").write_text("")
+    one_line_error(cli("eval", str(tmp_path / "empty.xyz")), "cannot read structures from")
+
+
+def test_missing_model_file_is_named_as_missing():
+    one_line_error(cli("eval", ETHANOL, "--model", "./missing.safetensors"),
+                   "model file './missing.safetensors' does not exist")
+
+
+def test_a_typo_in_a_model_name_gets_the_closest_name():
+    one_line_error(cli("eval", ETHANOL, "--model", "ani-1xx"), "unknown model 'ani-1xx'. Did you mean 'ani-1x'?")
+
+
+def test_coincident_atoms_are_an_error_not_nan(tmp_path):
+    (tmp_path / "h2.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0\n")
+    result = cli("eval", str(tmp_path / "h2.xyz"))
+    assert result.exit_code == 1 and "non-finite" in result.output and "atoms 0 and 1 are 0 Å apart" in result.output
+    assert "nan" not in result.output.lower().replace("non-finite", "")
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pyscf", None)  # as if the qm extra were not installed
+    (tmp_path / "m.smi").write_text("CCO ethanol\n")
+    result = cli("data", "generate", "--molecules", str(tmp_path / "m.smi"), "--out", str(tmp_path / "o.h5"))
+    one_line_error(result, "this command needs pyscf: pip install 'aniserve[qm]'")
+
+
+def test_drive_with_an_element_the_model_lacks_exits_3(tmp_path):
+    (tmp_path / "au.xyz").write_text("2\n\nAu 0 0 0\nH 0 0 1.5\n")
+    run = subprocess.run([sys.executable, "-m", "aniserve", "drive", "--structure", str(tmp_path / "au.xyz"),
+                          "--unix", "never-used"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert "does not support element(s) Au" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("setting", ["off", "tensor"])
+def test_kernels_switched_off_by_environment_say_so(setting):
+    run = subprocess.run([sys.executable, "-W", "always", "-c", "from aniserve import kernels; print(kernels.backend())"],
+                         capture_output=True, text=True, env={"ANISERVE_KERNELS": setting, "PATH": "/usr/bin:/bin"})
+    assert run.stdout.strip() == "tensor" and "compiled CPU kernels switched off" in run.stderr
