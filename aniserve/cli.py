@@ -617,10 +617,7 @@ def bench_serve(model, connections, seconds, json_out):
 
     counts = [int(c) for c in connections.split(",")]
     cases = serve.run(model, counts, seconds)
-    click.echo(f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s}")
-    for c in cases:
-        click.echo(f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
-                   f"{c['driver_to_in_process']:6.2f}")
+    click.echo(serve.table(cases))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps({"model": model, "cases": cases}, indent=1))
 
@@ -638,10 +635,7 @@ def bench_ase(model, calls, json_out):
     from aniserve.bench import ase
 
     rows = ase.run(model, calls)
-    click.echo(f"{'client':12s} {'median ms':>9s} {'mean ms':>8s} {'p90 ms':>7s} {'× UNIX':>7s}")
-    for r in rows:
-        click.echo(f"{r['client']:12s} {r['ms_per_call_median']:9.2f} {r['ms_per_call_mean']:8.2f} "
-                   f"{r['ms_per_call_p90']:7.2f} {r['ratio_to_unix']:7.2f}")
+    click.echo(ase.table(rows))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
 
@@ -662,9 +656,6 @@ def bench_ipi(model, steps, json_out):
     if not 0 < short < long:
         raise click.BadParameter("need 0 < short < long", param_hint="--steps")
     rows = ipi.run(model, short, long)
-    click.echo(f"{'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}")
-    for r in rows:
-        click.echo(f"{r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
-                   f"{r.get('ratio_to_harmonic', float('nan')):10.2f}")
+    click.echo(ipi.table(rows))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))

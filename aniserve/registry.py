@@ -89,12 +89,15 @@ class Registry:
                     if existing is not None:
                         raise RegistryError(f"{kind} {name!r} is registered twice: by {existing.plugin} "
                                             f"({existing.obj!r}) and by {plugin_name} ({obj!r})")
-                    missing = missing_members(kind, obj)
-                    if missing:
-                        raise RegistryError(f"{kind} {name!r} from {plugin_name} does not meet the contract "
-                                            f"aniserve.contracts.{CONTRACTS[kind][0].__name__}: it lacks "
-                                            f"{', '.join(missing)}")
                     self.components[kind][name] = Component(kind, name, obj, plugin_name, version)
+        # Contracts after names: a clash of two plugins is the more useful message.
+        for kind, components in self.components.items():
+            for c in components.values():
+                missing = missing_members(kind, c.obj)
+                if missing:
+                    raise RegistryError(f"{kind} {c.name!r} from {c.plugin} does not meet the contract "
+                                        f"aniserve.contracts.{CONTRACTS[kind][0].__name__}: it lacks "
+                                        f"{', '.join(missing)}")
 
     def get(self, kind: str, name: str):
         try:

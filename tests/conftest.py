@@ -95,6 +95,28 @@ def ethanol_xyz(box: float | None = 30.0) -> str:
                                       for z, (x, y, w) in zip(ETHANOL_NUMBERS, ETHANOL_POSITIONS))
 
 
+IPI_INPUT = """<simulation verbosity='low'>
+  <output prefix='sim'><properties stride='1' filename='out'> [step, potential] </properties></output>
+  <total_steps>{steps}</total_steps>
+  <prng><seed>{seed}</seed></prng>
+  <ffsocket name='ani' mode='unix' pbc='false'><address>{name}</address><latency>1e-3</latency></ffsocket>
+  <system>
+    <initialize nbeads='2'><file mode='xyz' units='angstrom'>{xyz}</file>
+      <cell mode='abc' units='angstrom'> [30.0, 30.0, 30.0] </cell>
+      <velocities mode='thermal' units='kelvin'>300</velocities></initialize>
+    <forces><force forcefield='ani'/></forces>
+    <ensemble><temperature units='kelvin'>300</temperature></ensemble>
+    <motion mode='dynamics'><dynamics mode='nve'><timestep units='femtosecond'>0.25</timestep></dynamics></motion>
+  </system>
+</simulation>
+"""
+
+
+def ipi_input(name: str, xyz: str, steps: int = 1_000_000, seed: int = 31415) -> str:
+    """A 2-bead NVE i-PI input on UNIX socket ``name``, readable by i-PI 3.0 and 3.3."""
+    return IPI_INPUT.format(name=name, xyz=xyz, steps=steps, seed=seed)
+
+
 def perturbed_molecules(names, conformations, rng, noise):
     """(formula, name, numbers, positions (C, N, 3)) for ASE's g2 molecules, atoms in
     decreasing atomic number (the shipped data's order), Gaussian noise in Å."""

@@ -14,25 +14,11 @@ import uuid
 import pytest
 
 from aniserve.embedded import DEFAULT_MODEL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, ethanol_xyz
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, ethanol_xyz, ipi_input
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
 
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
-INPUT = """<simulation verbosity='low'>
-  <output prefix='sim'><properties stride='1' filename='out'> [step, potential] </properties></output>
-  <total_steps>1000000</total_steps>
-  <prng><seed>{seed}</seed></prng>
-  <ffsocket name='ani' mode='unix' pbc='false'><address>{name}</address><latency>1e-3</latency></ffsocket>
-  <system>
-    <initialize nbeads='2'><file mode='xyz'>init.xyz</file>
-      <velocities mode='thermal' units='kelvin'>300</velocities></initialize>
-    <forces><force forcefield='ani'/></forces>
-    <ensemble><temperature units='kelvin'>300</temperature></ensemble>
-    <motion mode='dynamics'><dynamics mode='nve'><timestep units='femtosecond'>0.25</timestep></dynamics></motion>
-  </system>
-</simulation>
-"""
 ASE_SERVER = """
 import sys
 from ase import Atoms
@@ -78,7 +64,7 @@ def test_ipi_killed_ten_times_mid_run(tmp_path):
         folder = tmp_path / f"run{run}"
         folder.mkdir()
         (folder / "init.xyz").write_text(ethanol_xyz())
-        (folder / "input.xml").write_text(INPUT.format(name=name, seed=run + 1))
+        (folder / "input.xml").write_text(ipi_input(name, "init.xyz", seed=run + 1))
         # A SIGKILLed i-PI leaves its socket file behind; a restart must remove it first.
         pathlib.Path(f"/tmp/ipi_{name}").unlink(missing_ok=True)
         server = subprocess.Popen(IPI + ["input.xml"], cwd=folder, stdout=subprocess.DEVNULL,

@@ -275,3 +275,10 @@ def test_a_damaged_checkpoint_is_refused_clearly(content, tmp_path):
     with pytest.raises(ValueError, match="not a usable aniserve checkpoint"):
         train(small_model(), data, out, Settings(epochs=2, batch_size=8, validation=0.25), resume=True)
     assert not out.exists()
+
+
+def test_training_reports_totals_and_time_left(tmp_path, capfd):
+    train(small_model(), ANIData(data_file(tmp_path), "e"), tmp_path / "m.safetensors",
+          Settings(epochs=2, batch_size=8, validation=0.25))
+    err = capfd.readouterr().err
+    assert "epoch 1/2:" in err and "epoch 2/2:" in err and "left" in err

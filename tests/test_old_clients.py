@@ -16,7 +16,7 @@ import pytest
 
 from aniserve import ANICalculator
 from aniserve.embedded import DEFAULT_MODEL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, ethanol_xyz
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, ethanol_xyz, ipi_input
 
 OLD = os.environ.get("ANISERVE_OLD_CLIENTS", "")
 pytestmark = [pytest.mark.old_clients, pytest.mark.slow]
@@ -65,26 +65,9 @@ def test_ase_3_22_with_extras_none_matches_in_process(tmp_path):
         np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-8, rtol=0)
 
 
-IPI_INPUT = """<simulation verbosity='low'>
-  <output prefix='sim'><properties stride='1' filename='out'> [step, potential] </properties></output>
-  <total_steps>5</total_steps>
-  <prng><seed>31415</seed></prng>
-  <ffsocket name='ani' mode='unix' pbc='false'><address>{name}</address><latency>1e-3</latency></ffsocket>
-  <system>
-    <initialize nbeads='2'><file mode='xyz' units='angstrom'>ethanol.xyz</file>
-      <cell mode='abc' units='angstrom'> [30.0, 30.0, 30.0] </cell>
-      <velocities mode='thermal' units='kelvin'>300</velocities></initialize>
-    <forces><force forcefield='ani'/></forces>
-    <ensemble><temperature units='kelvin'>300</temperature></ensemble>
-    <motion mode='dynamics'><dynamics mode='nve'><timestep units='femtosecond'>0.25</timestep></dynamics></motion>
-  </system>
-</simulation>
-"""
-
-
 def test_ipi_3_0_with_numpy_1_runs_a_pimd(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
-    (tmp_path / "input.xml").write_text(IPI_INPUT.format(name=name))
+    (tmp_path / "input.xml").write_text(ipi_input(name, "ethanol.xyz", steps=5))
     (tmp_path / "ethanol.xyz").write_text(ethanol_xyz())
     version = subprocess.run([OLD, "-c", "import importlib.metadata as m, numpy; "
                                          "print(m.version('ipi'), numpy.__version__)"],

@@ -84,3 +84,10 @@ def run(model: str, calls: int = 200, warmup: int = 10) -> list[dict]:
     for r in rows:
         r["ratio_to_unix"] = r["ms_per_call_median"] / unix["ms_per_call_median"]
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'client':12s} {'median ms':>9s} {'mean ms':>8s} {'p90 ms':>7s} {'× UNIX':>7s}"]
+    lines += [f"{r['client']:12s} {r['ms_per_call_median']:9.2f} {r['ms_per_call_mean']:8.2f} "
+              f"{r['ms_per_call_p90']:7.2f} {r['ratio_to_unix']:7.2f}" for r in rows]
+    return "\n".join(lines)

@@ -111,3 +111,10 @@ def run(model: str, short: int = 20, long: int = 120,
         if base:
             r["ratio_to_harmonic"] = r["ms_per_step"] / base
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}"]
+    lines += [f"{r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
+              f"{r.get('ratio_to_harmonic', float('nan')):10.2f}" for r in rows]
+    return "\n".join(lines)

@@ -179,3 +179,10 @@ def run(model: str, connections=(1, 8, 64, 256), seconds: float = 5.0) -> list[d
             print(f"{n:4d} connections: driver {driver_rate * atoms:10.0f} atoms/s, in-process "
                   f"{local_rate * atoms:10.0f} atoms/s ({driver_rate / local_rate:.0%})", file=sys.stderr, flush=True)
     return cases
+
+
+def table(cases: list[dict]) -> str:
+    lines = [f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s}"]
+    lines += [f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
+              f"{c['driver_to_in_process']:6.2f}" for c in cases]
+    return "\n".join(lines)
