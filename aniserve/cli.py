@@ -272,20 +272,13 @@ def train(config, ensemble_size, **kw):
 
     Distributed: torchrun --nproc_per_node 2 -m aniserve train ...
     """
-    from aniserve.elements import NUMBERS
     from aniserve.models import DTYPES
-    from aniserve.training import ANIData, default_description, new_model, train as run
+    from aniserve.training import ANIData, description_for, new_model, train as run
 
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
-    if config:
-        description = json.loads(open(config).read())
-        if ensemble_size:
-            description["element_network"]["params"]["ensemble_size"] = ensemble_size
-    else:
-        elements = sorted(data.element_counts(), key=NUMBERS.get)
-        description = default_description(elements, ensemble_size=ensemble_size or 4)
-    description.setdefault("name", pathlib.Path(kw["out"]).stem)
-    model = new_model(description, kw["seed"], DTYPES[kw["dtype"]], kw["device"])
+    description = description_for(data, json.loads(pathlib.Path(config).read_text()) if config else None,
+                                  ensemble_size=ensemble_size, name=pathlib.Path(kw["out"]).stem)
+    model = new_model(description, seed=kw["seed"], dtype=DTYPES[kw["dtype"]], device=kw["device"])
     run(model, data, kw["out"], _settings(kw), resume=kw["resume"])
 
 
@@ -337,17 +330,12 @@ def _scheduling_options(f):
 
 def _run_tasks(tasks, out, workers, threads, scheduler, scheduler_file, retries, sampling_note=None):
     from aniserve.qmdata import schedule
-    from aniserve.qmdata.records import Journal, build
 
-    out = pathlib.Path(out)
-    journal = Journal(out.with_suffix(".work"))
-    if not schedule.pending(tasks, journal, out):
-        build(journal, out, sampling_note)
+    summary = schedule.run_job(tasks, out, workers=workers, threads=threads, scheduler=scheduler,
+                               scheduler_file=scheduler_file, retries=retries, sampling_note=sampling_note)
+    if summary is None:
         click.echo(f"{len(tasks)} calculations to do, all already done; wrote {out}", err=True)
         return
-    with schedule.connect(workers, scheduler, scheduler_file) as client:
-        summary = schedule.run(tasks, out, journal, client, threads=threads, retries=retries,
-                               sampling_note=sampling_note)
     click.echo(summary.text(), err=True)
     click.echo(f"wrote {out}", err=True)
     if summary.failures:

@@ -69,6 +69,10 @@ class Evaluator:
         return self.potential.evaluate(structure.numbers, structure.positions, structure.cell,
                                        member_forces=True).member_forces
 
+    def neighbor_list(self, key: Hashable) -> NeighborList | None:
+        """The neighbour list a slot keeps (None before its first evaluation)."""
+        return self._lists.get(key)
+
     def forget(self, key: Hashable) -> None:
         """Drop a slot's neighbour list (its connection is gone)."""
         self._lists.pop(key, None)

@@ -110,7 +110,7 @@ def test_calculator_md_matches_fresh_search(ani1ccx):
     dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     dynamics.attach(lambda: energies.append((atoms.get_potential_energy(), atoms.positions.copy())))
     dynamics.run(25)
-    builds = atoms.calc.evaluator._lists["ase-calculator"].builds
+    builds = atoms.calc.evaluator.neighbor_list("ase-calculator").builds
     assert 1 < builds < 25, builds  # reused most steps, rebuilt at least once at 600 K
     fresh = ANICalculator(ani1ccx, skin=0.0)
     for energy, x in energies[::6]:

@@ -24,7 +24,7 @@ import torch
 
 from aniserve.bench.progress import Runs
 from aniserve.bench.progress import say as _say
-from aniserve.bench.transfer import HIGH_ENERGY, read_test_set, score
+from aniserve.bench.transfer import HIGH_ENERGY, read_test_set, score, seed_mean
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 
@@ -112,17 +112,9 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
             runs["qbc"][k].append({"seed": seed, **result})
             _say(f"qbc     K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}")
             current = spreads(model, pool)
-    selections = {name: [{"k": k, **_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()}
+    selections = {name: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()}
     return {"base": str(base), "strategy": strategy, "budget": dataclasses.asdict(budget), "pool": str(train_path),
             "test": str(test_path), "pool_size": len(items), "selections": selections}
-
-
-def _mean(rs: list[dict]) -> dict:
-    keys = [k for k in rs[0] if k.endswith(("_kcal", "_kcal_per_a")) and isinstance(rs[0][k], float)]
-    out = {k: float(np.mean([r[k] for r in rs])) for k in keys}
-    out.update({f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys})
-    out["seeds"] = len(rs)
-    return out
 
 
 def table(result: dict) -> str:

@@ -325,10 +325,18 @@ def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
     return best
 
 
-def _aggregate(runs: list[dict]) -> dict:
-    keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a"))]
+def seed_mean(runs: list[dict]) -> dict:
+    """Mean and spread (population std, ``*_std``) over seeds of every scalar figure
+    (``*_kcal``, ``*_kcal_per_a``), and how many seeds."""
+    keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a")) and isinstance(runs[0][k], float)]
     out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
+    out["seeds"] = len(runs)
+    return out
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    out = seed_mean(runs)
     out["conformer_rmse_by_molecule"] = {m: float(np.mean([r["conformer_rmse_by_molecule"][m] for r in runs]))
                                          for m in runs[0]["conformer_rmse_by_molecule"]}
     out["reactions"] = {}
@@ -336,7 +344,6 @@ def _aggregate(runs: list[dict]) -> dict:
         maes = [r["reactions"][set_name]["mae_kcal"] for r in runs]
         out["reactions"][set_name] = {"mae_kcal": float(np.mean(maes)), "mae_kcal_std": float(np.std(maes)),
                                       "reactions": runs[0]["reactions"][set_name]["reactions"]}
-    out["seeds"] = len(runs)
     return out
 
 

@@ -138,6 +138,20 @@ def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, th
     return summary
 
 
+def run_job(tasks: list[Task], out: str | pathlib.Path, *, workers: int = 1, threads: int = 1,
+            scheduler: str | None = None, scheduler_file: str | None = None, retries: int = 2,
+            sampling_note: str | None = None) -> Summary | None:
+    """Compute ``tasks`` into ``out`` on a local cluster of ``workers`` processes or on
+    the given scheduler; None when nothing was left to compute (``out`` rebuilt)."""
+    out = pathlib.Path(out)
+    journal = Journal(out.with_suffix(".work"))
+    if not pending(tasks, journal, out):
+        build(journal, out, sampling_note)
+        return None
+    with connect(workers, scheduler, scheduler_file) as client:
+        return run(tasks, out, journal, client, threads=threads, retries=retries, sampling_note=sampling_note)
+
+
 def _reason(future) -> str:
     error = future.exception()
     return f"{type(error).__name__}: {error}".splitlines()[0]

@@ -49,3 +49,21 @@ def transfer_model(pretrained: ANIPotential, strategy: str, options: dict, seed:
     chosen = registry().get("transfer-strategy", strategy)()
     prepared = chosen.prepare(pretrained, options)
     return prepared.train(), getattr(chosen, "penalty", None)
+
+
+def description_for(data, config: dict | None = None, ensemble_size: int | None = None, name: str = "") -> dict:
+    """The description ``aniserve train`` builds a model from: ``config`` (a description,
+    e.g. from --config) with its ensemble size overridden when given, or the default
+    architecture for the elements ``data`` (an ANIData) holds."""
+    from aniserve.elements import NUMBERS
+
+    if config is not None:
+        description = dict(config)
+        if ensemble_size:
+            description["element_network"]["params"]["ensemble_size"] = ensemble_size
+    else:
+        elements = sorted(data.element_counts(), key=NUMBERS.get)
+        description = default_description(elements, ensemble_size=ensemble_size or 4)
+    if name and not description.get("name"):
+        description["name"] = name
+    return description
