@@ -157,8 +157,9 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
       aniserve drive --model ani-1ccx --structure init.xyz --unix water --connections 8
       aniserve drive --model ani-2x --structure mol.xyz --inet localhost:31415
 
-    Exit status: 0 after EXIT or when every server has gone; 2 protocol error;
-    3 a structure the model cannot evaluate (unknown element, NaN); 4 no server.
+    Exit status: 0 after EXIT or when every server has gone; 2 protocol error (or a
+    server silent past --timeout / --idle-timeout); 3 a structure the model cannot
+    evaluate (unknown element, NaN, too thin a cell, a non-finite result); 4 no server.
     """
     import logging
     import sys

@@ -65,3 +65,4 @@ def test_kernels_switched_off_by_environment_say_so(setting):
     run = subprocess.run([sys.executable, "-W", "always", "-c", "from aniserve import kernels; print(kernels.backend())"],
                          capture_output=True, text=True, env={"ANISERVE_KERNELS": setting, "PATH": "/usr/bin:/bin"})
     assert run.stdout.strip() == "tensor" and "compiled CPU kernels switched off" in run.stderr
+    assert run.stderr.startswith("<string>:1: RuntimeWarning")  # the user's line, not one inside aniserve

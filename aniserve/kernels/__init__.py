@@ -62,6 +62,16 @@ BACKENDS = ("compiled", "tensor", "cuda")
 _backend: list[str] = []
 
 
+def _warn(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside aniserve and torch: the
+    user's line that led here, not a line deep inside the packages."""
+    inside = (str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(torch.__file__).resolve().parent))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and str(pathlib.Path(frame.f_code.co_filename).resolve()).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
 def backend() -> str:
     """The kernel backend in use; initially from ANISERVE_KERNELS (read once: on or
     compiled → compiled; off or tensor → tensor), default compiled."""
@@ -69,8 +79,8 @@ def backend() -> str:
         setting = os.environ.get("ANISERVE_KERNELS", "compiled").lower()
         _backend.append("tensor" if setting in ("off", "0", "no", "false", "tensor") else "compiled")
         if _backend[0] == "tensor":
-            warnings.warn("aniserve: compiled CPU kernels switched off (ANISERVE_KERNELS); using tensor "
-                          "operations, slower on CPU", RuntimeWarning, stacklevel=3)
+            _warn("aniserve: compiled CPU kernels switched off (ANISERVE_KERNELS); using tensor "
+                  "operations, slower on CPU")
     return _backend[0]
 
 
@@ -180,8 +190,8 @@ def library() -> ctypes.CDLL | None:
             try:
                 _loaded["lib"] = _build()
             except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-                warnings.warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations "
-                              f"(slower on CPU): {error}", RuntimeWarning, stacklevel=2)
+                _warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations "
+                      f"(slower on CPU): {error}")
                 _loaded["lib"] = None
         return _loaded["lib"]
 
