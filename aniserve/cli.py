@@ -451,25 +451,13 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
 
     Example: aniserve bench transfer --base ani-1x --quick --json transfer.json --plot transfer.png
     """
-    import dataclasses
-
     from aniserve.bench import transfer
 
-    if base is None:
-        budget = transfer.QUICK if quick else transfer.FULL
-    else:
-        budget = transfer.BASE_QUICK if quick else transfer.BASE_FULL
-    if seeds:
-        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
-    overrides = dict(_parse_option(item) for item in budget_items)
-    fields = {f.name for f in dataclasses.fields(budget)} - {"seeds"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise click.BadParameter(f"unknown budget field(s) {sorted(unknown)}; known: {sorted(fields)}",
-                                 param_hint="--budget")
-    if "hidden" in overrides:
-        overrides["hidden"] = tuple(overrides["hidden"])
-    budget = dataclasses.replace(budget, **overrides)
+    try:
+        budget = transfer.budget_for(base is not None, quick, seeds,
+                                     dict(_parse_option(item) for item in budget_items))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--budget") from None
     parsed = dict(_parse_option(item) for item in options)
     result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget,
                           workdir or transfer.default_workdir(), parsed, base=base)
@@ -504,17 +492,9 @@ def bench_active(quick, base, strategy, train_path, test_path, ks, seeds, epochs
 
     Example: aniserve bench active --json active.json --plot active.png
     """
-    import dataclasses
-
     from aniserve.bench import active
 
-    budget = active.QUICK if quick else active.FULL
-    if ks:
-        budget = dataclasses.replace(budget, ks=tuple(sorted(int(k) for k in ks.split(","))))
-    if seeds:
-        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
-    if epochs:
-        budget = dataclasses.replace(budget, epochs=epochs)
+    budget = active.budget_for(quick, ks=[int(k) for k in ks.split(",")] if ks else None, seeds=seeds, epochs=epochs)
     result = active.run(train_path, test_path, base, strategy, budget, workdir or active.default_workdir())
     click.echo(active.table(result))
     if json_out:
@@ -571,19 +551,7 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
     result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "kernels": used,
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cases": rows, "scaling": speed.scaling(rows)}
-    click.echo(f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
-               f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else ""))
-    for r in rows:
-        md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
-              else f"{'':10s} {'':9s}")
-        click.echo(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
-                   f"{r['peak_rss_mb']:11.0f}"
-                   + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
-                      f"{r['torchani_float64_energy_diff_hartree']:.1e}" if compare_torchani else ""))
-    if result["scaling"]:
-        s = result["scaling"]
-        click.echo(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
-                   f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)")
+    click.echo(speed.table(result, compare_torchani))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:

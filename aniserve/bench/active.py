@@ -43,6 +43,18 @@ FULL = Budget(ks=(32, 64, 128), seeds=(0, 1, 2), epochs=60)
 QUICK = Budget(ks=(8, 16), seeds=(0,), epochs=3, batch_size=8, patience=3)
 
 
+def budget_for(quick: bool, ks=None, seeds: int | None = None, epochs: int | None = None) -> Budget:
+    """The full or quick budget with the selection sizes, seed count and epochs given."""
+    budget = QUICK if quick else FULL
+    if ks:
+        budget = dataclasses.replace(budget, ks=tuple(sorted(ks)))
+    if seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
+    if epochs:
+        budget = dataclasses.replace(budget, epochs=epochs)
+    return budget
+
+
 def spreads(model, data) -> np.ndarray:
     """σ_E/√N (Hartree) of every conformation of ``data``, in ``data.items()`` order."""
     out = []

@@ -209,3 +209,21 @@ def plot(rows: list[dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def table(result: dict, compare_torchani: bool = False) -> str:
+    """The printed table of ``aniserve bench speed``."""
+    lines = [f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
+             f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")]
+    for r in result["cases"]:
+        md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
+              else f"{'':10s} {'':9s}")
+        lines.append(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
+                     f"{r['peak_rss_mb']:11.0f}"
+                     + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
+                        f"{r['torchani_float64_energy_diff_hartree']:.1e}" if compare_torchani else ""))
+    if result["scaling"]:
+        s = result["scaling"]
+        lines.append(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
+                     f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)")
+    return "\n".join(lines)

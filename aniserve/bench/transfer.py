@@ -325,6 +325,22 @@ def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
     return best
 
 
+def budget_for(from_base: bool, quick: bool, seeds: int | None = None, overrides: dict | None = None) -> Budget:
+    """The budget a run uses: full or quick, from an official base or own pretraining,
+    with ``seeds`` seeds and any fields overridden (ValueError naming unknown ones)."""
+    budget = (BASE_QUICK if quick else BASE_FULL) if from_base else (QUICK if quick else FULL)
+    if seeds:
+        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(budget)} - {"seeds"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown budget field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    if "hidden" in overrides:
+        overrides["hidden"] = tuple(overrides["hidden"])
+    return dataclasses.replace(budget, **overrides)
+
+
 def seed_mean(runs: list[dict]) -> dict:
     """Mean and spread (population std, ``*_std``) over seeds of every scalar figure
     (``*_kcal``, ``*_kcal_per_a``), and how many seeds."""
