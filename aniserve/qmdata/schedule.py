@@ -22,6 +22,8 @@ import pathlib
 import sys
 import time
 
+from tqdm import tqdm
+
 from aniserve.qmdata.levels import Level
 from aniserve.qmdata.records import Journal, build, done_levels
 
@@ -114,6 +116,8 @@ def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, th
         futures = {client.submit(compute_task, task, threads, key=f"aniserve-qm-{task.id}", pure=False,
                                  retries=retries): task for task in todo}
         since_build = 0
+        # On a terminal a progress bar; in a log file (a cluster job) one line per record.
+        bar = tqdm(total=len(todo), unit="calc", file=log, disable=not getattr(log, "isatty", lambda: False)())
         for future in as_completed(futures):
             task = futures[future]
             if future.status == "error":
@@ -126,11 +130,15 @@ def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, th
                 since_build += 1
                 walls = {k: v["wall_s"] for k, v in record["levels"].items()}
                 summary.wall_s += sum(walls.values())
-                _progress(summary, task.id, walls, len(todo), _slots(client), log)
+                if bar.disable:
+                    _progress(summary, task.id, walls, len(todo), _slots(client), log)
             future.release()
+            bar.update(1)
+            bar.set_postfix_str(f"{len(summary.failures)} failed", refresh=False)
             if since_build >= build_every:
                 build(journal, out, sampling_note)
                 since_build = 0
+        bar.close()
         summary.seconds = time.perf_counter() - started
         build(journal, out, sampling_note)
         if summary.failures:
