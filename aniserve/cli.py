@@ -173,6 +173,12 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
                  + [Address.unix(n, shm=True) for n in shm])
     if not addresses:
         raise click.UsageError("give at least one of --unix, --inet, --shm")
+    from aniserve.protocol import is_plain_name
+
+    for name in shm:  # i-PI names its shared-memory segments after it
+        if not is_plain_name(name):
+            raise click.BadParameter(f"{name!r} is not a plain name (letters, digits, '_', '-', '.')",
+                                     param_hint="--shm")
     if len(structures) not in (1, len(addresses)):
         raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
     numbers = [read_structures(s, 0)[0].numbers for s in structures]

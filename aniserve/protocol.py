@@ -151,12 +151,16 @@ def _text(raw, what: str) -> str:
         raise ProtocolError(f"{what} is not UTF-8 text: {bytes(raw[:40])!r}") from None
 
 
-def _segment_name(raw) -> str:
+def is_plain_name(name: str) -> bool:
     """A POSIX shared-memory name: an optional leading '/', then letters, digits, '_',
     '-' and '.' only, and not '.' or '..' (no path may be smuggled in)."""
-    name = _text(raw, "shared-memory segment name")
     bare = name[1:] if name.startswith("/") else name
-    if not bare or bare in (".", "..") or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in bare):
+    return bool(bare) and bare not in (".", "..") and all(c.isascii() and (c.isalnum() or c in "_-.") for c in bare)
+
+
+def _segment_name(raw) -> str:
+    name = _text(raw, "shared-memory segment name")
+    if not is_plain_name(name):
         raise ProtocolError(f"shared-memory segment name {name!r} is not a plain name "
                             f"(letters, digits, '_', '-', '.')")
     return name

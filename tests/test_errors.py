@@ -66,3 +66,9 @@ def test_kernels_switched_off_by_environment_say_so(setting):
                          capture_output=True, text=True, env={"ANISERVE_KERNELS": setting, "PATH": "/usr/bin:/bin"})
     assert run.stdout.strip() == "tensor" and "compiled CPU kernels switched off" in run.stderr
     assert run.stderr.startswith("<string>:1: RuntimeWarning")  # the user's line, not one inside aniserve
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "ok name"])
+def test_shm_names_must_be_plain(name):
+    result = cli("drive", "--structure", ETHANOL, "--shm", name)
+    assert result.exit_code == 2 and "is not a plain name" in result.output
