@@ -175,10 +175,13 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
         raise click.UsageError("give at least one of --unix, --inet, --shm")
     from aniserve.protocol import is_plain_name
 
-    for name in shm:  # i-PI names its shared-memory segments after it
-        if not is_plain_name(name):
-            raise click.BadParameter(f"{name!r} is not a plain name (letters, digits, '_', '-', '.')",
-                                     param_hint="--shm")
+    # A socket is /tmp/ipi_NAME (i-PI's naming) or an absolute path; nothing in between,
+    # so a name cannot walk out of /tmp ("../x").
+    for option, names in (("--unix", unix), ("--shm", shm)):
+        for name in names:
+            if not (name.startswith("/") or is_plain_name(name)):
+                raise click.BadParameter(f"{name!r} is neither a plain name (letters, digits, '_', '-', '.') "
+                                         f"nor an absolute path", param_hint=option)
     if len(structures) not in (1, len(addresses)):
         raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
     numbers = [read_structures(s, 0)[0].numbers for s in structures]

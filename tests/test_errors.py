@@ -68,7 +68,8 @@ def test_kernels_switched_off_by_environment_say_so(setting):
     assert run.stderr.startswith("<string>:1: RuntimeWarning")  # the user's line, not one inside aniserve
 
 
+@pytest.mark.parametrize("option", ["--shm", "--unix"])
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "ok name"])
-def test_shm_names_must_be_plain(name):
-    result = cli("drive", "--structure", ETHANOL, "--shm", name)
-    assert result.exit_code == 2 and "is not a plain name" in result.output
+def test_socket_names_are_plain_names_or_absolute_paths(option, name):
+    result = cli("drive", "--structure", ETHANOL, option, name)
+    assert result.exit_code == 2 and "neither a plain name" in result.output

@@ -24,6 +24,7 @@ def test_driver_survives_a_fuzz_campaign(tmp_path, request):
     failures = [o for o in report["outcomes"] if o["traceback"] or o["hung"] or o["exit"] not in (0, 2, 3, 4)]
     assert not failures, json.dumps(failures[:3], indent=1)
     assert report["baseline"]["exit"] == 0
+    assert not any("Usage:" in o["stderr"] for o in report["outcomes"])  # every driver got past its options
     assert report["max_extra_rss_mb"] < 100
     # The campaign reached every kind of ending: served-and-gone, protocol errors, bad structures.
     assert {0, 2, 3} <= set(o["exit"] for o in report["outcomes"])
