@@ -173,8 +173,8 @@ class ANIPotential(nn.Module):
             flat_numbers, flat_pos64 = num.reshape(-1), pos64.reshape(-1, 3)
             starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
-        if cell64 is not None:
-            check_cell(cell64, self.cutoff)
+        if cell64 is not None and pairs is not None:
+            check_cell(cell64, self.cutoff)  # (without given pairs, the neighbour search checks it)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
         if pairs is None:
             pairs = batch_pairs(num, pos64, cell64, self.cutoff)
