@@ -145,15 +145,16 @@ def test_frozen_networks_written_out_gradient_equals_autograd():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sizes", [[240, 160, 128, 96, 1], [40, 24, 16, 1], [12, 10, 7, 1], [5, 1]])
 def test_mlp_kernel_equals_the_tensor_versions(sizes, dtype, monkeypatch):
-    """The compiled network (register blocks of 6 atoms, vector widths 8/16 or scalar
-    remainders) against the tensor written-out path and autograd's plain one, for atom
-    counts that fill blocks exactly, leave remainders, or fill many blocks."""
+    """The compiled network (register blocks of 1 to 6 atoms, vector widths 8/16 or
+    scalar remainders) against the tensor written-out path and autograd's plain one, for
+    atom counts that fill blocks exactly, leave every remainder (50 leaves 2), or fill
+    many blocks."""
     torch.manual_seed(1)
     mlp = EnsembleMLP(sizes, ensemble_size=3).to(dtype).requires_grad_(False).eval()
     columns = torch.arange(0, sizes[0], 2)[: max(1, sizes[0] // 2)] if sizes[0] > 8 else None
     width = sizes[0] if columns is None else len(columns)
     tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    for n in (1, 6, 7, 50):
+    for n in (1, 3, 4, 5, 6, 7, 50):
         features = torch.randn(n, width, dtype=dtype) * 2
         grad_out = torch.rand(3, n, dtype=dtype)
         results = []

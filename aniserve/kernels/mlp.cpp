@@ -7,8 +7,10 @@
 // whole network evaluation run here, as a few register-blocked matrix products per
 // layer, without the fixed cost of a library call per product.
 //
-// Work is split into (member, block of kRows atoms) tasks across torch's OpenMP threads
-// (see aev.cpp); each task owns its rows of E and J.
+// Work is split into (member, block of up to kRows atoms) tasks across torch's OpenMP
+// threads (see aev.cpp); each task owns its rows of E and J.  The row count is a template
+// parameter, so a block of fewer atoms (an element with one or two atoms in a small
+// molecule, the last block of any element) does only its own rows' arithmetic.
 
 #include <algorithm>
 #include <cmath>
@@ -20,7 +22,7 @@
 
 namespace {
 
-constexpr int kRows = 6;  // atoms per task: the rows of a register block
+constexpr int kRows = 6;  // atoms per task at most: the rows of a register block
 
 // Explicit vectors (GCC/Clang extension): 32 bytes, one AVX register where there is AVX.
 template <typename T>
@@ -32,37 +34,37 @@ struct Vector {
     static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
 };
 
-// C[r, :] = bias + A[r, :] B for r < kRows; A (kRows, K) with row stride lda, B (K, N)
-// row-major, C (kRows, N) with row stride ldc.  A register block of kRows × (V vectors)
-// accumulates over all of K; N must be a multiple of V vectors.
-template <typename T, int V>
+// C[r, :] = bias + A[r, :] B for r < R; A (R, K) with row stride lda, B (K, N) row-major,
+// C (R, N) with row stride ldc.  A register block of R × (V vectors) accumulates over
+// all of K; N must be a multiple of V vectors.
+template <typename T, int R, int V>
 void product(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
     typedef Vector<T> Vec;
     typedef typename Vec::type vec;
     constexpr int W = Vec::width;
     for (int64_t c0 = 0; c0 < N; c0 += V * W) {
-        vec acc[kRows][V];
+        vec acc[R][V];
         for (int j = 0; j < V; ++j) {
             const vec start = bias ? Vec::load(bias + c0 + j * W) : vec{};
-            for (int r = 0; r < kRows; ++r) acc[r][j] = start;
+            for (int r = 0; r < R; ++r) acc[r][j] = start;
         }
         for (int64_t k = 0; k < K; ++k) {
             vec b[V];
             for (int j = 0; j < V; ++j) b[j] = Vec::load(B + k * N + c0 + j * W);
-            for (int r = 0; r < kRows; ++r) {
+            for (int r = 0; r < R; ++r) {
                 const T a = A[r * lda + k];
                 for (int j = 0; j < V; ++j) acc[r][j] += a * b[j];
             }
         }
-        for (int r = 0; r < kRows; ++r)
+        for (int r = 0; r < R; ++r)
             for (int j = 0; j < V; ++j) Vec::store(C + r * ldc + c0 + j * W, acc[r][j]);
     }
 }
 
 // The same, one column at a time, for widths that are not a multiple of a vector.
-template <typename T>
+template <typename T, int R>
 void product_scalar(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < R; ++r)
         for (int64_t c = 0; c < N; ++c) {
             T acc = bias ? bias[c] : T(0);
             for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[k * N + c];
@@ -70,25 +72,25 @@ void product_scalar(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, c
         }
 }
 
-template <typename T>
+template <typename T, int R>
 void product_any(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
     constexpr int W = Vector<T>::width;
-    if (N % (2 * W) == 0) return product<T, 2>(K, N, A, lda, B, bias, C, ldc);
-    if (N % W == 0) return product<T, 1>(K, N, A, lda, B, bias, C, ldc);
-    return product_scalar<T>(K, N, A, lda, B, bias, C, ldc);
+    if (N % (2 * W) == 0) return product<T, R, 2>(K, N, A, lda, B, bias, C, ldc);
+    if (N % W == 0) return product<T, R, 1>(K, N, A, lda, B, bias, C, ldc);
+    return product_scalar<T, R>(K, N, A, lda, B, bias, C, ldc);
 }
 
-// C[r, c] = Σ_k A[r, k] B[c, k] for r < kRows: A (kRows, K) with row stride lda, B (N, K)
-// row-major, C (kRows, N) with row stride ldc.  The backward pass's product with a
+// C[r, c] = Σ_k A[r, k] B[c, k] for r < R: A (R, K) with row stride lda, B (N, K)
+// row-major, C (R, N) with row stride ldc.  The backward pass's product with a
 // layer's transpose, reading the weights as stored, along their rows: the forward pass
 // has just brought them into cache, and no transposed copy need exist.
-template <typename T>
+template <typename T, int R>
 void product_transposed(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, T* C, int64_t ldc) {
     typedef Vector<T> Vec;
     typedef typename Vec::type vec;
     constexpr int W = Vec::width;
     if (K % W != 0) {  // widths that are not a multiple of a vector: one term at a time
-        for (int r = 0; r < kRows; ++r)
+        for (int r = 0; r < R; ++r)
             for (int64_t c = 0; c < N; ++c) {
                 T acc = 0;
                 for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[c * K + k];
@@ -103,24 +105,24 @@ void product_transposed(int64_t K, int64_t N, const T* A, int64_t lda, const T* 
     };
     int64_t c = 0;
     for (; c + 2 <= N; c += 2) {
-        vec acc[kRows][2] = {};
+        vec acc[R][2] = {};
         for (int64_t k = 0; k < K; k += W) {
             const vec b0 = Vec::load(B + c * K + k), b1 = Vec::load(B + (c + 1) * K + k);
-            for (int r = 0; r < kRows; ++r) {
+            for (int r = 0; r < R; ++r) {
                 const vec a = Vec::load(A + r * lda + k);
                 acc[r][0] += a * b0;
                 acc[r][1] += a * b1;
             }
         }
-        for (int r = 0; r < kRows; ++r) C[r * ldc + c] = sum(acc[r][0]), C[r * ldc + c + 1] = sum(acc[r][1]);
+        for (int r = 0; r < R; ++r) C[r * ldc + c] = sum(acc[r][0]), C[r * ldc + c + 1] = sum(acc[r][1]);
     }
     for (; c < N; ++c) {
-        vec acc[kRows] = {};
+        vec acc[R] = {};
         for (int64_t k = 0; k < K; k += W) {
             const vec b = Vec::load(B + c * K + k);
-            for (int r = 0; r < kRows; ++r) acc[r] += Vec::load(A + r * lda + k) * b;
+            for (int r = 0; r < R; ++r) acc[r] += Vec::load(A + r * lda + k) * b;
         }
-        for (int r = 0; r < kRows; ++r) C[r * ldc + c] = sum(acc[r]);
+        for (int r = 0; r < R; ++r) C[r * ldc + c] = sum(acc[r]);
     }
 }
 
@@ -150,40 +152,36 @@ struct Network {
     T alpha;
 };
 
-// Per-thread buffers, kRows rows each: the task's inputs, every hidden layer's
-// activations and CELU slopes, and the backward pass's gradients.
+// Per-thread buffers, kRows rows each: every hidden layer's activations and CELU
+// slopes, and the backward pass's gradients.
 template <typename T>
 struct Workspace {
     int64_t widest = 0;
-    std::vector<T> x, slopes, acts, g, h, out;
+    std::vector<T> slopes, acts, g, h;
 
     explicit Workspace(const Network<T>& net) {
         for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
-        x.resize(kRows * net.sizes[0]);
         slopes.resize(kRows * widest * net.layers);
         acts.resize(kRows * widest * net.layers);
         g.resize(kRows * widest);
         h.resize(kRows * widest);
-        out.resize(kRows * net.sizes[0]);
     }
 };
 
-// One task: member m, atoms [i0, i0 + rows).
-template <typename T>
-void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features,
-          T* energies, T* gradients, int64_t n) {
+// One task: member m, atoms [i0, i0 + R).  Reads its features and writes its rows of
+// the energies and gradients in place.
+template <typename T, int R>
+void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, const T* features, T* energies,
+          T* gradients, int64_t n) {
     const int64_t L = net.layers, in = net.sizes[0], widest = work.widest;
-    // Rows past the molecule's end are zero and their results ignored.
-    std::memcpy(work.x.data(), features + i0 * in, sizeof(T) * rows * in);
-    std::fill(work.x.begin() + rows * in, work.x.end(), T(0));
     std::vector<T>&slopes = work.slopes, &acts = work.acts, &g = work.g, &h = work.h;
-    const T* a = work.x.data();
+    const T* a = features + i0 * in;
     int64_t lda = in;
     for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t K = net.sizes[l], N = net.sizes[l + 1];
         T* z = acts.data() + l * kRows * widest;
-        product_any<T>(K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
-        for (int r = 0; r < kRows; ++r) celu(N, z + r * widest, net.alpha, slopes.data() + l * kRows * widest + r * widest);
+        product_any<T, R>(K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
+        for (int r = 0; r < R; ++r) celu(N, z + r * widest, net.alpha, slopes.data() + l * kRows * widest + r * widest);
         a = z;
         lda = widest;
     }
@@ -191,29 +189,29 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
     const int64_t K = net.sizes[L - 1];
     const T* w = net.weights[L - 1] + m * K;
     const T b = net.biases[L - 1][m];
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int r = 0; r < R; ++r) {
         T e = b;
         for (int64_t k = 0; k < K; ++k) e += a[r * lda + k] * w[k];
         energies[m * n + i0 + r] = e;
     }
+    T* out = gradients + (m * n + i0) * in;  // this task's rows of J
     if (L == 1) {  // no hidden layer: ∂E/∂x = w
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(gradients + (m * n + i0 + r) * in, w, sizeof(T) * in);
+        for (int r = 0; r < R; ++r) std::memcpy(out + r * in, w, sizeof(T) * in);
         return;
     }
     // Backward through the hidden layers: ∂E/∂a_(l−1) = (∂E/∂a_l ⊙ slope_l) W_lᵀ.
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < R; ++r)
         for (int64_t k = 0; k < K; ++k) g[r * widest + k] = w[k];
     for (int64_t l = L - 2; l >= 0; --l) {
         const int64_t K_in = net.sizes[l], N_out = net.sizes[l + 1];
         const T* s = slopes.data() + l * kRows * widest;
-        for (int r = 0; r < kRows; ++r)
+        for (int r = 0; r < R; ++r)
             for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
         const T* Wl = net.weights[l] + m * K_in * N_out;  // (in, out)
         if (l == 0) {
-            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, work.out.data(), K_in);
-            std::memcpy(gradients + (m * n + i0) * K_in, work.out.data(), sizeof(T) * rows * K_in);
+            product_transposed<T, R>(N_out, K_in, g.data(), widest, Wl, out, in);
         } else {
-            product_transposed<T>(N_out, K_in, g.data(), widest, Wl, h.data(), widest);
+            product_transposed<T, R>(N_out, K_in, g.data(), widest, Wl, h.data(), widest);
             std::swap(g, h);
         }
     }
@@ -221,6 +219,7 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
 
 template <typename T>
 void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gradients, int threads) {
+    static_assert(kRows == 6, "the dispatch below lists the row counts 1..kRows");
     const int64_t blocks = (n + kRows - 1) / kRows, tasks = net.members * blocks;
     // Threads pay off from a few tasks of a typical ANI network.
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks / 4)));
@@ -230,7 +229,14 @@ void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gr
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t m = t / blocks, i0 = (t % blocks) * kRows;
-            task(net, work, m, i0, std::min<int64_t>(kRows, n - i0), features, energies, gradients, n);
+            switch (std::min<int64_t>(kRows, n - i0)) {
+                case 1: task<T, 1>(net, work, m, i0, features, energies, gradients, n); break;
+                case 2: task<T, 2>(net, work, m, i0, features, energies, gradients, n); break;
+                case 3: task<T, 3>(net, work, m, i0, features, energies, gradients, n); break;
+                case 4: task<T, 4>(net, work, m, i0, features, energies, gradients, n); break;
+                case 5: task<T, 5>(net, work, m, i0, features, energies, gradients, n); break;
+                default: task<T, 6>(net, work, m, i0, features, energies, gradients, n); break;
+            }
         }
     }
 }
