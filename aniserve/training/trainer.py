@@ -314,7 +314,7 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = step(batch)
                 if not torch.isfinite(loss):
-                    raise ValueError(f"the training loss is {float(loss)} at epoch {epoch + 1} (molecules "
+                    raise ValueError(f"the training loss is {loss.item()} at epoch {epoch + 1} (molecules "
                                      f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model")
                 loss.backward()
                 optimizer.step()
