@@ -290,18 +290,21 @@ class IPIDriver:
         self._forget(conn)
 
     def _lost(self, conn: Connection) -> None:
-        """The server closed the connection: a half-sent message is an error; otherwise
-        wait for a server to come back at the same address (i-PI restarted), or stop."""
-        if conn.buffer:
-            raise DriverError(f"{conn.address} closed the connection in the middle of a message "
-                              f"({len(conn.buffer)} bytes of {bytes(conn.buffer[:12]).strip()!r} received)",
-                              EXIT_PROTOCOL)
+        """The server closed the connection: wait for a server to come back at the same
+        address (i-PI restarted), or stop.  A server killed while sending leaves half a
+        message: it is named and dropped, and is an error only if no server comes back."""
+        truncated = (f"{conn.address} closed the connection in the middle of a message ({len(conn.buffer)} "
+                     f"bytes of {bytes(conn.buffer[:12]).strip()!r} received)") if conn.buffer else None
+        if truncated:
+            log.warning("%s; dropped", truncated)
         self._drop(conn)
         log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
                  self.reconnect_timeout)
         try:
             self._add(self._open(conn.address, conn.numbers, self.reconnect_timeout))
-        except DriverError:
+        except DriverError as error:
+            if truncated:
+                raise DriverError(f"{truncated}, and no server came back ({error})", EXIT_PROTOCOL) from None
             log.info("no server at %s; that connection is done", conn.address)
 
     # --------------------------------------------------------------- messages

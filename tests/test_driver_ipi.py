@@ -229,13 +229,32 @@ def test_truncated_message_then_silence_times_out():
     assert code == 2 and "incomplete message" in log and time.monotonic() - start < 20
 
 
-def test_server_closing_mid_message_is_reported():
-    server = FakeServer().start_driver()
+def test_server_closing_mid_message_and_not_coming_back_is_an_error():
+    server = FakeServer().start_driver("--reconnect-timeout", "1")
+    conn = server.accept()
+    server.listener.close()  # nothing listens any more: no server will come back
+    os.unlink(server.path)
+    conn.sendall(ethanol_posdata()[:50])
+    conn.close()
+    code, log = server.driver.wait(timeout=30), server.driver.stderr.read()
+    assert code == 2 and "in the middle of a message (50 bytes of b'POSDATA' received)" in log
+    assert "no server came back" in log and "Traceback" not in log
+
+
+def test_server_killed_mid_message_is_named_and_the_next_one_served():
+    """A server killed while sending (SIGKILL between two writes of POSDATA) is a server
+    gone: the half message is named in a warning and dropped, the restarted one is served."""
+    server = FakeServer().start_driver("--reconnect-timeout", "20")
     conn = server.accept()
     conn.sendall(ethanol_posdata()[:50])
     conn.close()
+    conn = server.accept()
+    energies, _forces, _virials, _extras = ask_forces(conn)
+    assert np.isfinite(energies[0])
+    conn.sendall(protocol.header("EXIT"))
     code, log = server.finish()
-    assert code == 2 and "in the middle of a message" in log
+    conn.close()
+    assert code == 0 and "in the middle of a message (50 bytes of b'POSDATA' received); dropped" in log
 
 
 def test_nan_positions_are_reported_not_evaluated():

@@ -33,13 +33,14 @@ with SocketIOCalculator(unixsocket=sys.argv[1]) as calc:
 """
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, driver):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    driver.kill()  # its log says why it did not serve
+    raise AssertionError(f"timed out waiting for {what}; the driver's log:\n{driver.stderr.read()}")
 
 
 def start_driver(tmp_path, name):
@@ -72,7 +73,7 @@ def test_ipi_killed_ten_times_mid_run(tmp_path):
         out = folder / "sim.out"
         steps = lambda: sum(1 for line in out.read_text().splitlines() if not line.startswith("#")) \
             if out.exists() else 0  # noqa: E731
-        wait_for(lambda: steps() >= 5 + run, 120, f"i-PI run {run} to be served")
+        wait_for(lambda: steps() >= 5 + run, 120, f"i-PI run {run} to be served", driver)
         server.send_signal(signal.SIGKILL)
         server.wait()
         assert driver.poll() is None, f"the driver exited after i-PI run {run} was killed: {driver.stderr.read()}"
@@ -91,7 +92,7 @@ def test_ase_server_killed_five_times_mid_run(tmp_path):
         log = tmp_path / f"ase{run}.log"
         with open(log, "w") as stdout:
             server = subprocess.Popen([sys.executable, str(script), name], stdout=stdout, stderr=subprocess.STDOUT)
-            wait_for(lambda: len(log.read_text().splitlines()) >= 20, 120, f"ASE run {run} to be served")
+            wait_for(lambda: len(log.read_text().splitlines()) >= 20, 120, f"ASE run {run} to be served", driver)
             server.send_signal(signal.SIGKILL)
             server.wait()
         assert driver.poll() is None, f"the driver exited after ASE run {run} was killed: {driver.stderr.read()}"
