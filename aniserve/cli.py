@@ -434,8 +434,10 @@ def bench():
 @bench.command("transfer")
 @click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
 @click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
-@click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
-              type=click.Path(exists=True, dir_okay=False), help="Training set (low level + high-level subset).")
+@click.option("--train", "train_path", multiple=True, default=["data/qm-train.h5"], show_default=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Training set (low level + high-level subset); give it more than once to train on several "
+                   "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).")
 @click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Held-out test set with both levels.")
 @click.option("--base", default=None, metavar="NAME_OR_PATH",

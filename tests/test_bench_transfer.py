@@ -85,6 +85,25 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in load_saved(pretrained).state_dict().items())
 
 
+def test_element_offsets_of_two_files_are_those_of_their_union(tmp_path):
+    import h5py
+
+    from aniserve.bench.transfer import element_offsets, read_test_set
+
+    write_levels(tmp_path / "a.h5", TRAIN[:5], conformations=4, high_every=2, seed=0)
+    write_levels(tmp_path / "b.h5", TRAIN[5:], conformations=4, high_every=2, seed=2)
+    write_levels(tmp_path / "test.h5", TEST[:2], conformations=2, high_every=1, seed=1)
+    union = {}
+    for part in ("a.h5", "b.h5"):
+        with h5py.File(tmp_path / part, "r") as f:
+            union.update({name: {k: v[()] for k, v in g.items()} for name, g in f.items()})
+    write_ani_h5(tmp_path / "union.h5", union)
+    test = read_test_set(tmp_path / "test.h5")
+    two = element_offsets([tmp_path / "a.h5", tmp_path / "b.h5"], test)
+    assert np.allclose(two, element_offsets(tmp_path / "union.h5", test), rtol=0, atol=1e-9)
+    assert not np.allclose(two, element_offsets(tmp_path / "a.h5", test), rtol=0, atol=1e-6)  # b.h5 counted
+
+
 def test_test_set_reads_only_high_level_conformations(tmp_path):
     from aniserve.bench.transfer import read_test_set
 
@@ -106,17 +125,22 @@ def test_test_set_reads_only_high_level_conformations(tmp_path):
 def test_quick_bench_from_an_official_base(tmp_path):
     """``--base ani-1x`` on a cut-down set: every strategy starts from the official
     ANI-1x (8 members), the base itself is a baseline, reaction-energy errors are scored,
-    and the JSON says which base it used."""
-    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    and the JSON says which base it used.  The training data come as two files (``--train``
+    twice), read as one set."""
+    write_levels(tmp_path / "train.h5", TRAIN[:8], conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "more.h5", TRAIN[8:], conformations=8, high_every=2, seed=2)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "transfer", "--base", "ani-1x", "--quick", "--strategies",
-                                       "delta,freeze", "--train", str(tmp_path / "train.h5"), "--test",
+                                       "delta,freeze", "--train", str(tmp_path / "train.h5"), "--train",
+                                       str(tmp_path / "more.h5"), "--test",
                                        str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
                                        "--json", str(out), "--export-best", str(tmp_path / "best.safetensors")])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["base"] == "ani-1x" and "dft_model" not in data["baselines"]
+    assert data["train"] == f"{tmp_path / 'train.h5'}, {tmp_path / 'more.h5'}"
+    assert "data: 96 low-level and 48 high-level training conformations" in result.output
     base = data["baselines"]["base_model"]
     # The base plus offsets is the official ANI-1x scored the same way, and its reaction
     # errors are the published ones (shared/benchmarks/reactions/README: 19.65 and 4.63).
