@@ -145,20 +145,16 @@ def score(model, test: TestSet) -> dict:
     return metrics(energies, test, forces, std)
 
 
-def _paths(train_path) -> list[pathlib.Path]:
-    """The training files: one path, or several (``--train`` given more than once)."""
-    return [pathlib.Path(train_path)] if isinstance(train_path, (str, pathlib.Path)) else \
-        [pathlib.Path(p) for p in train_path]
-
-
 def element_offsets(train_path, test: TestSet, base=None) -> np.ndarray:
     """Per-element offsets (E_high − E_base ≈ Σ n_e c_e) fitted on the training files'
     high-level conformations, evaluated for each test conformation.  E_base is the low
     level, or ``base(numbers, positions)`` (Hartree) when given."""
     import h5py
 
+    from aniserve.training.data import data_paths
+
     rows, y, elements = [], [], sorted({int(z) for n in test.numbers for z in n})
-    files = [h5py.File(path, "r") for path in _paths(train_path)]
+    files = [h5py.File(path, "r") for path in data_paths(train_path)]
     try:
         groups = [g for f in files for g in f.values()]
         elements = sorted(set(elements) | {int(z) for g in groups for z in g["atomic_numbers"][()]})
@@ -227,15 +223,17 @@ _say = say
 def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
     """The DFT model (cached by data hash, budget and seed; resumed if interrupted)."""
     from aniserve.training import ANIData, Settings, default_description, new_model, train
+    from aniserve.training.data import data_paths
 
-    hashes = [_file_hash(path) for path in _paths(train_path)]
+    hashes = [_file_hash(path) for path in data_paths(train_path)]
+    # One file keeps the key it had before several were allowed, so cached models stay valid.
     key = hashlib.sha256(json.dumps([hashes[0] if len(hashes) == 1 else hashes, budget.pretraining(), seed])
                          .encode()).hexdigest()
     path = workdir / f"pretrained-{key[:16]}.safetensors"
     if path.exists():
         _say(f"pretrained model from cache: {path}")
         return path
-    data = ANIData(_paths(train_path), LOW_ENERGY, LOW_FORCES)
+    data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
     description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
     settings = Settings(epochs=budget.pretrain_epochs, batch_size=budget.batch_size, lr=budget.lr, seed=seed,
                         force_weight=budget.force_weight, early_stop_patience=budget.patience,
@@ -271,9 +269,9 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
     workdir.mkdir(parents=True, exist_ok=True)
     strategies = strategies or registry().names("transfer-strategy")
     test = read_test_set(test_path)
-    high = ANIData(_paths(train_path), HIGH_ENERGY)
-    _say(f"data: {len(ANIData(_paths(train_path), LOW_ENERGY))} low-level and {len(high)} high-level training conformations; "
-         f"{len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules")
+    high = ANIData(train_path, HIGH_ENERGY)
+    _say(f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training "
+         f"conformations; {len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules")
 
     offsets = element_offsets(train_path, test)
     baselines = {"dft_method": {**metrics(test.low + offsets, test), "reactions": reactions.dft_scores()},
@@ -313,7 +311,7 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
     if dft_model_runs:
         baselines["dft_model"] = _aggregate(dft_model_runs)
     return {"base": str(base) if base is not None else "own DFT pretraining",
-            "budget": dataclasses.asdict(budget), "train": ", ".join(map(str, _paths(train_path))), "test": str(test_path),
+            "budget": dataclasses.asdict(budget), "train": str(high.path), "test": str(test_path),
             "strategies": [{"name": name, **_aggregate(runs), "runs": runs} for name, runs in per_strategy.items()],
             "baselines": baselines}
 

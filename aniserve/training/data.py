@@ -53,6 +53,11 @@ class _Group:
     file: int = 0  # which of the data's files
 
 
+def data_paths(path) -> list[pathlib.Path]:
+    """One data file, or several (``--data``/``--train`` given more than once), as a list."""
+    return [pathlib.Path(path)] if isinstance(path, (str, pathlib.Path)) else [pathlib.Path(p) for p in path]
+
+
 class ANIData:
     """Conformations of an ANI HDF5 file with an energy target and optional forces.
 
@@ -65,8 +70,7 @@ class ANIData:
         a formula present in several files is one molecule group for splitting."""
         import h5py
 
-        paths = [path] if isinstance(path, (str, pathlib.Path)) else list(path)
-        self.paths = [pathlib.Path(p) for p in paths]
+        self.paths = data_paths(path)
         self.path = self.paths[0] if len(self.paths) == 1 else ", ".join(map(str, self.paths))
         self.energy_key, self.forces_key = energy_key, forces_key
         self._files = []
