@@ -127,7 +127,7 @@ class _FrozenMLP(torch.autograd.Function):
         if lib is not None:
             energies, gradients = kernels.mlp(lib, layers.kernel(), features, mlp.celu_alpha)
             ctx.save_for_backward(features, gradients)
-            ctx.compiled = True
+            ctx.lib = lib
             return energies
         weights, biases, alpha = layers.weights, layers.biases, mlp.celu_alpha
         x = torch.baddbmm(biases[0], features.expand(weights[0].shape[0], *features.shape), weights[0])
@@ -136,7 +136,7 @@ class _FrozenMLP(torch.autograd.Function):
             slopes.append(x.clamp(max=0).mul_(1 / alpha).exp_())
             x = torch.baddbmm(b, F.celu(x, alpha=alpha), w)
         ctx.save_for_backward(features, *slopes)
-        ctx.compiled, ctx.weights = False, weights
+        ctx.lib, ctx.weights = None, weights
         return x.squeeze(-1)
 
     @staticmethod
@@ -147,8 +147,8 @@ class _FrozenMLP(torch.autograd.Function):
             with torch.enable_grad():
                 energies = ctx.mlp.plain_forward(features, ctx.columns)
                 return torch.autograd.grad(energies, features, grad, create_graph=True)[0], *nothing
-        if ctx.compiled:
-            return (grad[:, :, None] * saved[0]).sum(0), *nothing
+        if ctx.lib is not None:
+            return kernels.mlp_backward(ctx.lib, grad, saved[0]), *nothing
         weights = ctx.weights
         g = grad[:, :, None] * weights[-1].transpose(1, 2)  # ∂E/∂a of the last hidden layer, (k, n, width)
         for w, slope in zip(reversed(weights[:-1]), reversed(saved)):

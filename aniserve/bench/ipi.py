@@ -65,7 +65,14 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
     start = time.perf_counter()
     server = subprocess.Popen([ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
-    time.sleep(1.0)  # let i-PI open its socket; the difference of two runs cancels this
+    # Start the client once i-PI's socket exists (i-PI's own driver gives up at once if
+    # it does not); the difference of two runs cancels the wait.
+    socket_path = pathlib.Path(f"/tmp/ipi_{address}")
+    deadline = time.monotonic() + 120
+    while not socket_path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"i-PI did not open its socket ({kind}): {server.stderr.read()[-2000:]}")
+        time.sleep(0.05)
     client = subprocess.Popen(_client(kind, address, model, folder / "ethanol.xyz"), cwd=folder,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

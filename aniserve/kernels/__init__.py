@@ -166,8 +166,12 @@ def _build() -> ctypes.CDLL:
         forward.restype = backward.restype = ctypes.c_int
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [i64, i64, pointer, pointer, pointer, real, i64, pointer, pointer, pointer, ctypes.c_int]
+        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, real, i64, pointer, pointer, pointer,
+                        ctypes.c_int]
         mlp.restype = None
+        backward = getattr(lib, f"mlp_backward_{suffix}")
+        backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
+        backward.restype = None
     lib.neighbors_cell_list.argtypes = [i64, pointer, i64, pointer, pointer, pointer, ctypes.c_double, ctypes.c_int,
                                         ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))]
     lib.neighbors_cell_list.restype = i64
@@ -235,18 +239,34 @@ def aev_forward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.
     return out
 
 
+def pack_panels(weights: torch.Tensor) -> torch.Tensor:
+    """(k, K, N) → (k, K·N) in mlp.cpp's column panels: panels of two vectors' width,
+    then at most one of one vector, then single columns (a vector: 8 float32 or 4
+    float64), each panel's K rows stored one after another."""
+    width = 32 // weights.element_size()
+    N = weights.shape[2]
+    wide, narrow = N - N % (2 * width), N - N % width
+    edges = [*range(0, wide, 2 * width), *range(wide, narrow, width), *range(narrow, N + 1)]
+    return torch.cat([weights[:, :, a:b].reshape(weights.shape[0], -1) for a, b in zip(edges, edges[1:])], dim=1)
+
+
 class MLPKernelLayers:
-    """A frozen ensemble's layers as the MLP kernel reads them: contiguous weights (k, in,
-    out) and biases (k, 1, out), and arrays of their addresses (the tensors are kept
-    alive here)."""
+    """A frozen ensemble's layers as the MLP kernel reads them: each hidden layer's
+    weights (k, in, out) and their transpose, packed in column panels
+    (``pack_panels``), the output layer's (k, in, 1) and the biases (k, 1, out) as they
+    are, and arrays of their addresses (the tensors are kept alive here)."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]):
-        self.tensors = [t.contiguous() for t in (*weights, *biases)]
+        hidden = weights[:-1]
+        packed = [pack_panels(w) for w in hidden] + [weights[-1].contiguous()]
+        transposed = [pack_panels(w.transpose(1, 2)) for w in hidden]
+        self.tensors = [*packed, *transposed, *(b.contiguous() for b in biases)]
         layers = len(weights)
-        array = ctypes.c_void_p * layers
-        self.weights = array(*(t.data_ptr() for t in self.tensors[:layers]))
-        self.biases = array(*(t.data_ptr() for t in self.tensors[layers:]))
+        self.weights = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in packed))
+        self.transposed = (ctypes.c_void_p * max(1, len(transposed)))(*(t.data_ptr() for t in transposed))
+        self.biases = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in self.tensors[-layers:]))
         self.sizes = np.array([weights[0].shape[1], *(w.shape[2] for w in weights)], dtype=np.int64)
+        self.sizes_address = self.sizes.ctypes.data  # (numpy's .ctypes costs ~50 µs a call)
         self.layers, self.members, self.dtype = layers, weights[0].shape[0], weights[0].dtype
 
 
@@ -258,9 +278,20 @@ def mlp(lib: ctypes.CDLL, layers: MLPKernelLayers, features: torch.Tensor, alpha
     energies = features.new_empty(layers.members, n)
     gradients = features.new_empty(layers.members, n, features.shape[1])
     getattr(lib, f"mlp_{_suffix(layers.dtype)}")(
-        layers.members, layers.layers, layers.sizes.ctypes.data, layers.weights, layers.biases,
+        layers.members, layers.layers, layers.sizes_address, layers.weights, layers.transposed, layers.biases,
         alpha, n, features.data_ptr(), energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
     return energies, gradients
+
+
+def mlp_backward(lib: ctypes.CDLL, grad: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Σ_m grad[m, i] gradients[m, i, :]: the features' gradient (n, in), given that of
+    the member energies (k, n) and ``mlp``'s input gradients (k, n, in)."""
+    grad = grad.to(gradients.dtype).contiguous()
+    k, n, width = gradients.shape
+    out = gradients.new_empty(n, width)
+    getattr(lib, f"mlp_backward_{_suffix(gradients.dtype)}")(k, n, width, grad.data_ptr(), gradients.data_ptr(),
+                                                            out.data_ptr())
+    return out
 
 
 def aev_backward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,

@@ -221,8 +221,8 @@ void centers(const Terms<T>& t, int64_t c0, int64_t c1, const int64_t* first, co
     }
 }
 
-// Splits the centers into `threads` runs of about equal pair counts and runs them in
-// parallel.  Built with -fopenmp, the library shares torch's OpenMP runtime (the same
+// Splits the centers into runs of about equal pair counts and runs them in parallel.
+// Built with -fopenmp, the library shares torch's OpenMP runtime (the same
 // libgomp.so.1, already loaded), so its threads are torch's: a second pool would contend
 // with torch's threads, which spin for a while after each parallel operation.
 template <typename T, bool Backward>
@@ -234,14 +234,19 @@ int run(const Constants& c, int64_t n_atoms, int64_t n_pairs, const int64_t* spe
     std::vector<int64_t> first(n_atoms + 1);
     for (int64_t i = 0; i <= n_atoms; ++i)
         first[i] = std::lower_bound(center, center + n_pairs, i) - center;
-    // Threads pay off only on large inputs: waking them costs microseconds.
-    threads = std::max(1, std::min<int>(threads, static_cast<int>(n_pairs / 4096)));
-    std::vector<int64_t> bounds(threads + 1, n_atoms);
+    // Threads pay off from a few hundred pairs each (a pair and its triplets take about
+    // a microsecond; waking a thread, tens).  The centers go in runs of about equal pair
+    // counts, four per thread, handed out as threads come free, so a thread that shares
+    // its core with another process takes fewer.  Each center's results are the same
+    // whichever thread computes them.
+    threads = std::max(1, std::min<int>(threads, static_cast<int>(n_pairs / 256)));
+    const int runs = threads > 1 ? 4 * threads : 1;
+    std::vector<int64_t> bounds(runs + 1, n_atoms);
     bounds[0] = 0;
-    for (int k = 1; k < threads; ++k)
-        bounds[k] = std::lower_bound(first.begin(), first.end(), n_pairs * k / threads) - first.begin();
-#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
-    for (int k = 0; k < threads; ++k)
+    for (int k = 1; k < runs; ++k)
+        bounds[k] = std::lower_bound(first.begin(), first.end(), n_pairs * k / runs) - first.begin();
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+    for (int k = 0; k < runs; ++k)
         centers<T, Backward>(t, bounds[k], bounds[k + 1], first.data(), species, neighbor, vectors, out, grad,
                              grad_vectors);
     return 0;

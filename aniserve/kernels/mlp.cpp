@@ -7,10 +7,14 @@
 // whole network evaluation run here, as a few register-blocked matrix products per
 // layer, without the fixed cost of a library call per product.
 //
-// Work is split into (member, block of up to kRows atoms) tasks across torch's OpenMP
-// threads (see aev.cpp); each task owns its rows of E and J.  The row count is a template
-// parameter, so a block of fewer atoms (an element with one or two atoms in a small
-// molecule, the last block of any element) does only its own rows' arithmetic.
+// Work is split into (member, block of up to kTaskRows atoms) tasks across torch's
+// OpenMP threads (see aev.cpp); each task owns its rows of E and J.  Every product,
+// forward and backward, is C = A B with B packed in column panels (as BLAS libraries
+// pack): the panel starting at column c0, of width w, holds B[k, c0 + j] at
+// c0 K + k w + j, so a register block reads it front to back, and it stays in L1 while
+// every block of rows passes over it.  The backward pass reads each hidden layer's
+// transpose, packed the same way beside it (kernels.MLPKernelLayers), so it runs the
+// same register blocks as the forward pass.
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +26,8 @@
 
 namespace {
 
-constexpr int kRows = 6;  // atoms per task at most: the rows of a register block
+constexpr int kRows = 6;           // rows of a register block
+constexpr int64_t kTaskRows = 48;  // atoms per task at most: its activations stay in L2
 
 // Explicit vectors (GCC/Clang extension): 32 bytes, one AVX register where there is AVX.
 template <typename T>
@@ -34,96 +39,66 @@ struct Vector {
     static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
 };
 
-// C[r, :] = bias + A[r, :] B for r < R; A (R, K) with row stride lda, B (K, N) row-major,
-// C (R, N) with row stride ldc.  A register block of R × (V vectors) accumulates over
-// all of K; N must be a multiple of V vectors.
+// C[r, c0 : c0 + V W] = bias + A[r, :] B for r < R: one register block of R × V
+// vectors, accumulated over all of K.  A (R, K) with row stride lda, B packed (see
+// above), C with row stride ldc.
 template <typename T, int R, int V>
-void product(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+inline void block(int64_t K, int64_t c0, const T* A, int64_t lda, const T* B, const T* bias, T* C,
+                  int64_t ldc) {
     typedef Vector<T> Vec;
     typedef typename Vec::type vec;
     constexpr int W = Vec::width;
-    for (int64_t c0 = 0; c0 < N; c0 += V * W) {
-        vec acc[R][V];
-        for (int j = 0; j < V; ++j) {
-            const vec start = bias ? Vec::load(bias + c0 + j * W) : vec{};
-            for (int r = 0; r < R; ++r) acc[r][j] = start;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-            vec b[V];
-            for (int j = 0; j < V; ++j) b[j] = Vec::load(B + k * N + c0 + j * W);
-            for (int r = 0; r < R; ++r) {
-                const T a = A[r * lda + k];
-                for (int j = 0; j < V; ++j) acc[r][j] += a * b[j];
-            }
-        }
-        for (int r = 0; r < R; ++r)
-            for (int j = 0; j < V; ++j) Vec::store(C + r * ldc + c0 + j * W, acc[r][j]);
+    vec acc[R][V];
+    for (int j = 0; j < V; ++j) {
+        const vec start = bias ? Vec::load(bias + c0 + j * W) : vec{};
+        for (int r = 0; r < R; ++r) acc[r][j] = start;
     }
-}
-
-// The same, one column at a time, for widths that are not a multiple of a vector.
-template <typename T, int R>
-void product_scalar(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+    for (int64_t k = 0; k < K; ++k) {
+        vec b[V];
+        for (int j = 0; j < V; ++j) b[j] = Vec::load(B + c0 * K + k * (V * W) + j * W);
+        for (int r = 0; r < R; ++r) {
+            const T a = A[r * lda + k];
+            for (int j = 0; j < V; ++j) acc[r][j] += a * b[j];
+        }
+    }
     for (int r = 0; r < R; ++r)
-        for (int64_t c = 0; c < N; ++c) {
-            T acc = bias ? bias[c] : T(0);
-            for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[k * N + c];
-            C[r * ldc + c] = acc;
-        }
+        for (int j = 0; j < V; ++j) Vec::store(C + r * ldc + c0 + j * W, acc[r][j]);
 }
 
-template <typename T, int R>
-void product_any(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C, int64_t ldc) {
+// One column panel for all rows: the panel (K × V vectors) comes from L2 for the first
+// block of rows and from L1 for the others.
+template <typename T, int V>
+void panel(int64_t rows, int64_t K, int64_t c0, const T* A, int64_t lda, const T* B, const T* bias,
+           T* C, int64_t ldc) {
+    static_assert(kRows == 6, "the dispatch below lists the row counts 1..kRows");
+    int64_t r0 = 0;
+    for (; r0 + kRows <= rows; r0 += kRows) block<T, kRows, V>(K, c0, A + r0 * lda, lda, B, bias, C + r0 * ldc, ldc);
+    A += r0 * lda, C += r0 * ldc;
+    switch (rows - r0) {  // the last block does only its own rows' arithmetic
+        case 1: block<T, 1, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        case 2: block<T, 2, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        case 3: block<T, 3, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        case 4: block<T, 4, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        case 5: block<T, 5, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        default: break;
+    }
+}
+
+// C = bias + A B (bias may be null): A (rows, K) with row stride lda, B (K, N) packed
+// in panels of 2W, then W, then 1 column, C (rows, N) with row stride ldc.
+template <typename T>
+void product(int64_t rows, int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C,
+             int64_t ldc) {
     constexpr int W = Vector<T>::width;
-    if (N % (2 * W) == 0) return product<T, R, 2>(K, N, A, lda, B, bias, C, ldc);
-    if (N % W == 0) return product<T, R, 1>(K, N, A, lda, B, bias, C, ldc);
-    return product_scalar<T, R>(K, N, A, lda, B, bias, C, ldc);
-}
-
-// C[r, c] = Σ_k A[r, k] B[c, k] for r < R: A (R, K) with row stride lda, B (N, K)
-// row-major, C (R, N) with row stride ldc.  The backward pass's product with a
-// layer's transpose, reading the weights as stored, along their rows: the forward pass
-// has just brought them into cache, and no transposed copy need exist.
-template <typename T, int R>
-void product_transposed(int64_t K, int64_t N, const T* A, int64_t lda, const T* B, T* C, int64_t ldc) {
-    typedef Vector<T> Vec;
-    typedef typename Vec::type vec;
-    constexpr int W = Vec::width;
-    if (K % W != 0) {  // widths that are not a multiple of a vector: one term at a time
-        for (int r = 0; r < R; ++r)
-            for (int64_t c = 0; c < N; ++c) {
-                T acc = 0;
-                for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[c * K + k];
-                C[r * ldc + c] = acc;
-            }
-        return;
-    }
-    auto sum = [](vec v) {
-        T total = 0;
-        for (int i = 0; i < W; ++i) total += v[i];
-        return total;
-    };
-    int64_t c = 0;
-    for (; c + 2 <= N; c += 2) {
-        vec acc[R][2] = {};
-        for (int64_t k = 0; k < K; k += W) {
-            const vec b0 = Vec::load(B + c * K + k), b1 = Vec::load(B + (c + 1) * K + k);
-            for (int r = 0; r < R; ++r) {
-                const vec a = Vec::load(A + r * lda + k);
-                acc[r][0] += a * b0;
-                acc[r][1] += a * b1;
-            }
+    int64_t c0 = 0;
+    for (; c0 + 2 * W <= N; c0 += 2 * W) panel<T, 2>(rows, K, c0, A, lda, B, bias, C, ldc);
+    for (; c0 + W <= N; c0 += W) panel<T, 1>(rows, K, c0, A, lda, B, bias, C, ldc);
+    for (; c0 < N; ++c0)  // widths that are not a multiple of a vector: one column at a time
+        for (int64_t r = 0; r < rows; ++r) {
+            T acc = bias ? bias[c0] : T(0);
+            for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[c0 * K + k];
+            C[r * ldc + c0] = acc;
         }
-        for (int r = 0; r < R; ++r) C[r * ldc + c] = sum(acc[r][0]), C[r * ldc + c + 1] = sum(acc[r][1]);
-    }
-    for (; c < N; ++c) {
-        vec acc[R] = {};
-        for (int64_t k = 0; k < K; k += W) {
-            const vec b = Vec::load(B + c * K + k);
-            for (int r = 0; r < R; ++r) acc[r] += Vec::load(A + r * lda + k) * b;
-        }
-        for (int r = 0; r < R; ++r) C[r * ldc + c] = sum(acc[r]);
-    }
 }
 
 // In place: z → CELU(z); slope ← CELU'(z) = exp(min(z, 0)/α).
@@ -135,24 +110,26 @@ void celu(int64_t n, T* __restrict z, T alpha, T* __restrict slope) {
         const T zi = z[i];
         // std::min/max return their first argument when comparing a NaN, so a NaN stays
         // NaN (as in the tensor path); as min/max rather than branches the loop
-        // vectorizes, with libmvec's expm1 and exp (scalar calls cost as much as the
-        // layer's products on a small molecule).
-        const T negative = std::min(zi, T(0)) * inverse;
-        z[i] = std::max(zi, T(0)) + alpha * std::expm1(negative);
-        slope[i] = std::exp(negative);
+        // vectorizes, with libmvec's expm1 (scalar calls cost as much as the layer's
+        // products on a small molecule).  One transcendental per element: the slope is
+        // 1 + expm1, which rounds to within an ulp of exp.
+        const T e = std::expm1(std::min(zi, T(0)) * inverse);
+        z[i] = std::max(zi, T(0)) + alpha * e;
+        slope[i] = T(1) + e;
     }
 }
 
 template <typename T>
 struct Network {
-    int64_t members, layers;   // layers counts the output layer
-    const int64_t* sizes;      // (layers + 1,): input width, hidden widths, 1
-    const T* const* weights;   // per layer: (members, in, out)
-    const T* const* biases;    // per layer: (members, out)
+    int64_t members, layers;       // layers counts the output layer
+    const int64_t* sizes;          // (layers + 1,): input width, hidden widths, 1
+    const T* const* weights;       // per layer: (members, in, out), hidden layers packed
+    const T* const* transposed;    // per hidden layer: its transpose (members, out, in), packed
+    const T* const* biases;        // per layer: (members, out)
     T alpha;
 };
 
-// Per-thread buffers, kRows rows each: every hidden layer's activations and CELU
+// Per-thread buffers, kTaskRows rows each: every hidden layer's activations and CELU
 // slopes, and the backward pass's gradients.
 template <typename T>
 struct Workspace {
@@ -161,27 +138,27 @@ struct Workspace {
 
     explicit Workspace(const Network<T>& net) {
         for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
-        slopes.resize(kRows * widest * net.layers);
-        acts.resize(kRows * widest * net.layers);
-        g.resize(kRows * widest);
-        h.resize(kRows * widest);
+        slopes.resize(kTaskRows * widest * net.layers);
+        acts.resize(kTaskRows * widest * net.layers);
+        g.resize(kTaskRows * widest);
+        h.resize(kTaskRows * widest);
     }
 };
 
-// One task: member m, atoms [i0, i0 + R).  Reads its features and writes its rows of
-// the energies and gradients in place.
-template <typename T, int R>
-void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, const T* features, T* energies,
-          T* gradients, int64_t n) {
-    const int64_t L = net.layers, in = net.sizes[0], widest = work.widest;
-    std::vector<T>&slopes = work.slopes, &acts = work.acts, &g = work.g, &h = work.h;
+// One task: member m, atoms [i0, i0 + rows).  Reads its features and writes its rows
+// of the energies and gradients in place.
+template <typename T>
+void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features,
+          T* energies, T* gradients, int64_t n) {
+    const int64_t L = net.layers, in = net.sizes[0], widest = work.widest, stride = kTaskRows * widest;
+    T *slopes = work.slopes.data(), *acts = work.acts.data(), *g = work.g.data(), *h = work.h.data();
     const T* a = features + i0 * in;
     int64_t lda = in;
     for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t K = net.sizes[l], N = net.sizes[l + 1];
-        T* z = acts.data() + l * kRows * widest;
-        product_any<T, R>(K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
-        for (int r = 0; r < R; ++r) celu(N, z + r * widest, net.alpha, slopes.data() + l * kRows * widest + r * widest);
+        T* z = acts + l * stride;
+        product<T>(rows, K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
+        for (int64_t r = 0; r < rows; ++r) celu(N, z + r * widest, net.alpha, slopes + l * stride + r * widest);
         a = z;
         lda = widest;
     }
@@ -189,29 +166,29 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, cons
     const int64_t K = net.sizes[L - 1];
     const T* w = net.weights[L - 1] + m * K;
     const T b = net.biases[L - 1][m];
-    for (int r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
         T e = b;
         for (int64_t k = 0; k < K; ++k) e += a[r * lda + k] * w[k];
         energies[m * n + i0 + r] = e;
     }
     T* out = gradients + (m * n + i0) * in;  // this task's rows of J
     if (L == 1) {  // no hidden layer: ∂E/∂x = w
-        for (int r = 0; r < R; ++r) std::memcpy(out + r * in, w, sizeof(T) * in);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * in, w, sizeof(T) * in);
         return;
     }
     // Backward through the hidden layers: ∂E/∂a_(l−1) = (∂E/∂a_l ⊙ slope_l) W_lᵀ.
-    for (int r = 0; r < R; ++r)
+    for (int64_t r = 0; r < rows; ++r)
         for (int64_t k = 0; k < K; ++k) g[r * widest + k] = w[k];
     for (int64_t l = L - 2; l >= 0; --l) {
         const int64_t K_in = net.sizes[l], N_out = net.sizes[l + 1];
-        const T* s = slopes.data() + l * kRows * widest;
-        for (int r = 0; r < R; ++r)
+        const T* s = slopes + l * stride;
+        for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
-        const T* Wl = net.weights[l] + m * K_in * N_out;  // (in, out)
+        const T* Wt = net.transposed[l] + m * N_out * K_in;  // (out, in)
         if (l == 0) {
-            product_transposed<T, R>(N_out, K_in, g.data(), widest, Wl, out, in);
+            product<T>(rows, N_out, K_in, g, widest, Wt, nullptr, out, in);
         } else {
-            product_transposed<T, R>(N_out, K_in, g.data(), widest, Wl, h.data(), widest);
+            product<T>(rows, N_out, K_in, g, widest, Wt, nullptr, h, widest);
             std::swap(g, h);
         }
     }
@@ -219,43 +196,68 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, cons
 
 template <typename T>
 void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gradients, int threads) {
-    static_assert(kRows == 6, "the dispatch below lists the row counts 1..kRows");
-    const int64_t blocks = (n + kRows - 1) / kRows, tasks = net.members * blocks;
-    // Threads pay off from a few tasks of a typical ANI network.
-    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks / 4)));
+    const int64_t blocks = (n + kTaskRows - 1) / kTaskRows, tasks = net.members * blocks;
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Workspace<T> work(net);
-#pragma omp for schedule(static)
+        // Tasks are handed out as threads come free: a thread that shares its core (with
+        // i-PI's socket thread, say) takes fewer, rather than holding up the rest.
+#pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; ++t) {
-            const int64_t m = t / blocks, i0 = (t % blocks) * kRows;
-            switch (std::min<int64_t>(kRows, n - i0)) {
-                case 1: task<T, 1>(net, work, m, i0, features, energies, gradients, n); break;
-                case 2: task<T, 2>(net, work, m, i0, features, energies, gradients, n); break;
-                case 3: task<T, 3>(net, work, m, i0, features, energies, gradients, n); break;
-                case 4: task<T, 4>(net, work, m, i0, features, energies, gradients, n); break;
-                case 5: task<T, 5>(net, work, m, i0, features, energies, gradients, n); break;
-                default: task<T, 6>(net, work, m, i0, features, energies, gradients, n); break;
-            }
+            const int64_t m = t / blocks, i0 = (t % blocks) * kTaskRows;
+            task<T>(net, work, m, i0, std::min(kTaskRows, n - i0), features, energies, gradients, n);
+        }
+    }
+}
+
+// The backward pass: out[i, :] = Σ_m grad[m, i] J[m, i, :] (one pass over J, where
+// tensor operations would write a product as large as J and then sum it).
+template <typename T>
+void contract(int64_t members, int64_t n, int64_t width, const T* grad, const T* J, T* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) {
+        T* o = out + i * width;
+        const T g0 = grad[i];
+        const T* j0 = J + i * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) o[c] = g0 * j0[c];
+        for (int64_t m = 1; m < members; ++m) {
+            const T g = grad[m * n + i];
+            const T* jm = J + (m * n + i) * width;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) o[c] += g * jm[c];
         }
     }
 }
 
 }  // namespace
 
-// features (n, sizes[0]); energies (members, n); gradients (members, n, sizes[0]).
+// features (n, sizes[0]); energies (members, n); gradients (members, n, sizes[0]);
+// grad (members, n); out (n, sizes[0]).
 extern "C" {
 
 void mlp_f32(int64_t members, int64_t layers, const int64_t* sizes, const float* const* weights,
-             const float* const* biases, float alpha, int64_t n, const float* features, float* energies,
-             float* gradients, int threads) {
-    run(Network<float>{members, layers, sizes, weights, biases, alpha}, n, features, energies, gradients, threads);
+             const float* const* transposed, const float* const* biases, float alpha, int64_t n,
+             const float* features, float* energies, float* gradients, int threads) {
+    run(Network<float>{members, layers, sizes, weights, transposed, biases, alpha}, n, features, energies,
+        gradients, threads);
 }
 
 void mlp_f64(int64_t members, int64_t layers, const int64_t* sizes, const double* const* weights,
-             const double* const* biases, double alpha, int64_t n, const double* features, double* energies,
-             double* gradients, int threads) {
-    run(Network<double>{members, layers, sizes, weights, biases, alpha}, n, features, energies, gradients, threads);
+             const double* const* transposed, const double* const* biases, double alpha, int64_t n,
+             const double* features, double* energies, double* gradients, int threads) {
+    run(Network<double>{members, layers, sizes, weights, transposed, biases, alpha}, n, features, energies,
+        gradients, threads);
+}
+
+void mlp_backward_f32(int64_t members, int64_t n, int64_t width, const float* grad, const float* gradients,
+                      float* out) {
+    contract(members, n, width, grad, gradients, out);
+}
+
+void mlp_backward_f64(int64_t members, int64_t n, int64_t width, const double* grad, const double* gradients,
+                      double* out) {
+    contract(members, n, width, grad, gradients, out);
 }
 
 }  // extern "C"
