@@ -148,8 +148,13 @@ def eval_(file, model, index, device, dtype):
                    "written is evaluated again for its force spread.")
 @click.option("--collect-every", default=1, show_default=True,
               help="At least this many steps between two collected structures of one trajectory (bead).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for the model (default: torch's choice, one per core).  With several drivers "
+                   "or other jobs on a node, keep threads × processes ≤ cores: threads that share a core "
+                   "wait for each other.")
 def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,
-          message_timeout, idle_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std, collect_every):
+          message_timeout, idle_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std,
+          collect_every, threads):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
 
     \b
@@ -193,8 +198,13 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
 
         collector = Collector(collect_path, energy_std=collect_energy_std or None, force_std=collect_force_std,
                               every=collect_every)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     potential = load_model(model, device=device, dtype=dtype)
-    logging.getLogger("aniserve.driver").info("serving %s", potential.description.get("name") or model)
+    logging.getLogger("aniserve.driver").info("serving %s on %s", potential.description.get("name") or model,
+                                              _threads_in_words())
     evaluator = Evaluator(potential, skin=skin, members=extras == "committee", collector=collector)
     try:
         driver = IPIDriver(evaluator, addresses, numbers, connections=connections, pbc=pbc, extras=extras,
@@ -209,6 +219,13 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
             "collected %d of %d structures (%.1f%%) into %s", collector.collected, collector.evaluated,
             100 * collector.fraction, collector.path)
     sys.exit(code)
+
+
+def _threads_in_words() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' * (n != 1)}"
 
 
 @main.command()
@@ -574,17 +591,19 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
 @click.option("--connections", default="1,8,64,256", show_default=True,
               help="Comma-separated numbers of connections, one driver process each time.")
 @click.option("--seconds", default=5.0, show_default=True, help="Measured seconds per case (after 2 s warm-up).")
+@click.option("--repeat", "repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measure every case this many times (driver and in-process back to back) and report medians.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help='Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.')
-def bench_serve(model, connections, seconds, json_out):
+def bench_serve(model, connections, seconds, repeats, json_out):
     """Atoms/s of one driver serving N connections of ethanol, against in-process batches of N.
 
-    Example: aniserve bench serve --json serve.json
+    Example: aniserve bench serve --repeat 5 --json serve.json
     """
     from aniserve.bench import serve
 
     counts = [int(c) for c in connections.split(",")]
-    cases = serve.run(model, counts, seconds)
+    cases = serve.run(model, counts, seconds, repeats)
     click.echo(serve.table(cases))
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps({"model": model, "cases": cases}, indent=1))
@@ -612,18 +631,22 @@ def bench_ase(model, calls, json_out):
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
 @click.option("--steps", default="20,220", show_default=True,
               help="Short and long run lengths; the per-step time is their difference over the extra steps.")
+@click.option("--repeat", "repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run every setting this many times (each time the harmonic driver first) and summarise "
+                   "medians and ranges: on a shared machine one run is one sample.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def bench_ipi(model, steps, json_out):
+def bench_ipi(model, steps, repeats, json_out):
     """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
 
-    Example: aniserve bench ipi --model ani-1ccx --json ipi.json
+    Example: aniserve bench ipi --model ani-1ccx --repeat 4 --json ipi.json
     """
     from aniserve.bench import ipi
 
     short, long = (int(s) for s in steps.split(","))
     if not 0 < short < long:
         raise click.BadParameter("need 0 < short < long", param_hint="--steps")
-    rows = ipi.run(model, short, long)
+    rows = ipi.run(model, short, long, repeats=repeats)
     click.echo(ipi.table(rows))
     if json_out:
-        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows, "summary": ipi.summary(rows)},
+                                                     indent=1))

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from aniserve import kernels
@@ -224,8 +225,10 @@ class NeighborList:
             if allowed < 0:
                 return True
             unstrained = torch.linalg.solve(deform.T, positions.T).T
-        moved = (unstrained - self._positions).pow(2).sum(-1).max()
-        return bool(moved > allowed ** 2)
+        if unstrained.is_cpu:  # numpy: ~15 µs for a molecule, where four tensor operations take ~45
+            d = unstrained.numpy() - self._positions.numpy()
+            return bool((d * d).sum(1).max() > allowed ** 2)
+        return bool((unstrained - self._positions).pow(2).sum(-1).max() > allowed ** 2)
 
 
 def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor | None,
@@ -248,8 +251,13 @@ def concatenate(pairs: list[Pairs], starts: list[int]) -> Pairs:
     """One pair list for a batch: structure b's atom indices offset by ``starts[b]``."""
     if len(pairs) == 1 and starts[0] == 0:
         return pairs[0]
-    center = torch.cat([p.center + s for p, s in zip(pairs, starts)])
-    neighbor = torch.cat([p.neighbor + s for p, s in zip(pairs, starts)])
+    # One offset tensor for all: two additions, not two per structure (a 64-structure
+    # batch would spend half a millisecond on them).
+    device = pairs[0].center.device
+    offset = torch.repeat_interleave(torch.tensor(starts, dtype=torch.long, device=device),
+                                     torch.tensor([len(p) for p in pairs], dtype=torch.long, device=device))
+    center = torch.cat([p.center for p in pairs]) + offset
+    neighbor = torch.cat([p.neighbor for p in pairs]) + offset
     shift = None
     if any(p.shift is not None for p in pairs):
         shift = torch.cat([p.shift if p.shift is not None else torch.zeros(len(p), 3, dtype=torch.float64,

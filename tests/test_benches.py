@@ -19,10 +19,16 @@ def run(tmp_path, *args):
 
 
 def test_bench_serve_reports_both_rates(tmp_path):
-    output, report = run(tmp_path, "serve", "--connections", "1,4", "--seconds", "0.5")
+    output, report = run(tmp_path, "serve", "--connections", "1,4", "--seconds", "0.5", "--repeat", "2")
     assert [c["connections"] for c in report["cases"]] == [1, 4]
     assert all(c["driver_atoms_per_s"] > 0 and c["in_process_atoms_per_s"] > 0 for c in report["cases"])
-    assert "driver atoms/s" in output
+    for case in report["cases"]:  # medians of the repeats, each repeat's ratio its own pair's
+        samples = case["samples"]
+        assert len(samples) == 2 and all(s["driver_to_in_process"] == s["driver_atoms_per_s"] / s["in_process_atoms_per_s"]
+                                         for s in samples)
+        assert case["driver_to_in_process_range"] == sorted(s["driver_to_in_process"] for s in samples)
+        assert case["driver_atoms_per_s"] == sum(s["driver_atoms_per_s"] for s in samples) / 2
+    assert "driver atoms/s" in output and "medians over repeats" in output
 
 
 def test_bench_ase_compares_unix_and_inet(tmp_path):
@@ -34,3 +40,21 @@ def test_bench_ase_compares_unix_and_inet(tmp_path):
 def test_bench_speed_quick(tmp_path):
     output, report = run(tmp_path, "speed", "--quick")
     assert report["cases"] and all(c["ms_per_call"] > 0 for c in report["cases"]) and "ms/call" in output
+
+
+def test_bench_ipi_repeats_and_summarises():
+    """Real i-PI runs (2 and 4 steps), the harmonic driver and aniserve batched, twice:
+    each ratio is taken against the harmonic run of its own repeat."""
+    from aniserve.bench import ipi
+
+    rows = ipi.run("aniserve-1x-ccsdt", 2, 4, kinds=("harmonic", "aniserve-batched"), latencies=(1e-3,), repeats=2)
+    assert [(r["repeat"], r["client"]) for r in rows] == [(0, "harmonic"), (0, "aniserve-batched"),
+                                                          (1, "harmonic"), (1, "aniserve-batched")]
+    for r in rows:
+        harmonic = next(h for h in rows if h["client"] == "harmonic" and h["repeat"] == r["repeat"])
+        assert r["ratio_to_harmonic"] == pytest.approx(r["ms_per_step"] / harmonic["ms_per_step"])
+    batched = next(s for s in ipi.summary(rows) if s["client"] == "aniserve-batched")
+    ratios = sorted(r["ratio_to_harmonic"] for r in rows if r["client"] == "aniserve-batched")
+    assert batched["repeats"] == 2 and batched["ratio_range"] == ratios
+    assert batched["ratio_median"] == pytest.approx(sum(ratios) / 2)
+    assert "× harmonic median (range)" in ipi.table(rows)

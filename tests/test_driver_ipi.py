@@ -116,10 +116,14 @@ def test_two_driver_processes_give_the_same_trajectory_as_one(tmp_path):
     (b / "input.xml").write_text(INPUT.format(steps=5, mode="unix", address=f"<address>{name}</address>",
                                               beads=4, batch=""))
     server = subprocess.Popen(IPI + ["input.xml"], cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Two drivers on one node: one thread each (threads × processes ≤ cores).
     drivers = [subprocess.Popen(DRIVE + ["--structure", str(b / "init.xyz"), "--pbc", "no", "--unix", name,
-                                         "--connections", "2"], cwd=ROOT, stderr=subprocess.PIPE)
+                                         "--connections", "2", "--threads", "1"], cwd=ROOT, stderr=subprocess.PIPE,
+                                text=True)
                for _ in range(2)]
-    assert all(d.wait(timeout=240) == 0 for d in drivers)
+    logs = [d.communicate(timeout=240)[1] for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], logs
+    assert all("serving ani-1ccx on 1 thread" in log for log in logs), logs
     server.wait(timeout=60)
     two = np.loadtxt(b / "sim.out", ndmin=2)[:, 1]
     np.testing.assert_allclose(two, one, atol=1e-9)

@@ -6,7 +6,8 @@ connection (i-PI sends the 8 beads one by one), aniserve with one batched connec
 (``<batch_size>8``: all beads in one message and one forward pass) and aniserve holding
 8 connections (beads in flight together, gathered into one forward pass).
 Each setting runs twice, for ``short`` and ``long`` steps; the per-step time is
-(t_long − t_short) / (long − short), which removes start-up and connection time.
+(t_long − t_short) / (long − short), which removes start-up and connection time.  With
+``repeats``, the whole set runs again, and the summary gives medians and ranges.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from statistics import median
 
 from aniserve.bench.speed import ETHANOL
 
@@ -94,8 +96,13 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
 
 def run(model: str, short: int = 20, long: int = 120,
         kinds=("harmonic", "aniserve-1-connection", "aniserve-batched", "aniserve-8-connections"),
-        latencies=(1e-3, 1e-4)) -> list[dict]:
-    """Rows per (socket latency, client); i-PI's default <latency> is 1e-3 s."""
+        latencies=(1e-3, 1e-4), repeats: int = 1) -> list[dict]:
+    """Rows per (repeat, socket latency, client); i-PI's default <latency> is 1e-3 s.
+
+    Each repeat measures every client once, the harmonic driver first, so a ratio
+    compares runs minutes apart rather than the whole benchmark apart: on a shared
+    machine the harmonic driver's own figure moves by half between repeats.
+    """
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
@@ -103,25 +110,51 @@ def run(model: str, short: int = 20, long: int = 120,
         symbols = {1: "H", 6: "C", 8: "O"}
         (folder / "ethanol.xyz").write_text(f"{len(numbers)}\n# CELL(abcABC): 30 30 30 90 90 90 positions{{angstrom}} cell{{angstrom}}\n" + "".join(
             f"{symbols[z]} {x:.6f} {y:.6f} {w:.6f}\n" for z, (x, y, w) in zip(numbers, positions)))
-        for latency in latencies:
-            for kind in kinds:
-                t_short = _run_once(kind, short, model, folder, latency)
-                t_long = _run_once(kind, long, model, folder, latency)
-                per_step = (t_long - t_short) / (long - short)
-                rows.append({"client": kind, "latency_s": latency, "ms_per_step": per_step * 1e3, "beads": 8,
-                             "steps": [short, long], "wall_s": [t_short, t_long]})
-                print(f"latency {latency:g} s {kind:24s} {per_step * 1e3:8.2f} ms per step", file=sys.stderr,
-                      flush=True)
+        for repeat in range(repeats):
+            for latency in latencies:
+                for kind in kinds:
+                    t_short = _run_once(kind, short, model, folder, latency)
+                    t_long = _run_once(kind, long, model, folder, latency)
+                    per_step = (t_long - t_short) / (long - short)
+                    rows.append({"client": kind, "latency_s": latency, "repeat": repeat,
+                                 "ms_per_step": per_step * 1e3, "beads": 8, "steps": [short, long],
+                                 "wall_s": [t_short, t_long]})
+                    print(f"repeat {repeat + 1}/{repeats} latency {latency:g} s {kind:24s} "
+                          f"{per_step * 1e3:8.2f} ms per step", file=sys.stderr, flush=True)
     for r in rows:
-        base = next((b["ms_per_step"] for b in rows if b["client"] == "harmonic" and b["latency_s"] == r["latency_s"]),
-                    None)
+        base = next((b["ms_per_step"] for b in rows if b["client"] == "harmonic" and b["latency_s"] == r["latency_s"]
+                     and b["repeat"] == r["repeat"]), None)
         if base:
             r["ratio_to_harmonic"] = r["ms_per_step"] / base
     return rows
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (latency, client): the median and range over repeats of ms per step and of the
+    ratio to the harmonic driver of the same repeat."""
+    out = []
+    for key in dict.fromkeys((r["latency_s"], r["client"]) for r in rows):
+        group = [r for r in rows if (r["latency_s"], r["client"]) == key]
+        ms = [r["ms_per_step"] for r in group]
+        ratios = [r["ratio_to_harmonic"] for r in group if "ratio_to_harmonic" in r]
+        entry = {"latency_s": key[0], "client": key[1], "repeats": len(group), "ms_per_step_median": median(ms),
+                 "ms_per_step_range": [min(ms), max(ms)]}
+        if ratios:
+            entry.update(ratio_median=median(ratios), ratio_range=[min(ratios), max(ratios)])
+        out.append(entry)
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}"]
-    lines += [f"{r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
+    lines = [f"{'repeat':>6s} {'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}"]
+    lines += [f"{r['repeat'] + 1:6d} {r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
               f"{r.get('ratio_to_harmonic', float('nan')):10.2f}" for r in rows]
+    if len({r["repeat"] for r in rows}) > 1:
+        lines += ["", f"{'latency s':>9s} {'client':24s} {'ms/step median (range)':>24s} {'× harmonic median (range)':>28s}"]
+        for s in summary(rows):
+            ratio = (f"{s['ratio_median']:.2f} ({s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f})"
+                     if "ratio_median" in s else "")
+            lines.append(f"{s['latency_s']:9g} {s['client']:24s} "
+                         f"{s['ms_per_step_median']:7.2f} ({s['ms_per_step_range'][0]:.2f}–"
+                         f"{s['ms_per_step_range'][1]:.2f}) {ratio:>28s}")
     return "\n".join(lines)

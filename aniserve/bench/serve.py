@@ -6,7 +6,8 @@ fast as the replies come back (POSDATA + STATUS, then GETFORCE, as i-PI does).  
 driver gathers whatever is waiting into one batched evaluation.  Beside it, the same N
 structures evaluated in-process by one ``Evaluator`` call: the share of time outside
 the model is 1 − driver/in-process.  The server is Python too and runs on the same
-cores, so at large N part of that share is the benchmark's own server.
+cores, so at large N part of that share is the benchmark's own server.  With repeats,
+each figure is a median over back-to-back pairs of runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 
 import numpy as np
 
@@ -162,27 +164,43 @@ def _in_process_rate(model: str, connections: int, seconds: float) -> dict:
             return {"evaluations": calls * connections, "seconds": now - start}
 
 
-def run(model: str, connections=(1, 8, 64, 256), seconds: float = 5.0) -> list[dict]:
+def run(model: str, connections=(1, 8, 64, 256), seconds: float = 5.0, repeats: int = 1) -> list[dict]:
+    """One case per N: medians over ``repeats`` of the driver's and the in-process rates
+    and of their ratio, each repeat measuring the two back to back (on a shared machine
+    either alone moves by a third from one minute to the next); ``samples`` keeps every
+    repeat's figures."""
     atoms = len(ETHANOL[0])
-    cases = []
+    samples: dict[int, list[dict]] = {n: [] for n in connections}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in connections:
-            served = _driver_rate(model, n, seconds, pathlib.Path(tmp))
-            local = _in_process_rate(model, n, seconds)
-            driver_rate = served["evaluations"] / served["seconds"]
-            local_rate = local["evaluations"] / local["seconds"]
-            cases.append({"connections": n, "driver_evaluations_per_s": driver_rate,
-                          "driver_atoms_per_s": driver_rate * atoms,
-                          "in_process_evaluations_per_s": local_rate, "in_process_atoms_per_s": local_rate * atoms,
-                          "driver_to_in_process": driver_rate / local_rate,
-                          "share_outside_model": 1 - driver_rate / local_rate, "seconds": seconds})
-            print(f"{n:4d} connections: driver {driver_rate * atoms:10.0f} atoms/s, in-process "
-                  f"{local_rate * atoms:10.0f} atoms/s ({driver_rate / local_rate:.0%})", file=sys.stderr, flush=True)
+        for repeat in range(repeats):
+            for n in connections:
+                served = _driver_rate(model, n, seconds, pathlib.Path(tmp))
+                local = _in_process_rate(model, n, seconds)
+                driver_rate = served["evaluations"] / served["seconds"] * atoms
+                local_rate = local["evaluations"] / local["seconds"] * atoms
+                samples[n].append({"driver_atoms_per_s": driver_rate, "in_process_atoms_per_s": local_rate,
+                                   "driver_to_in_process": driver_rate / local_rate})
+                print(f"repeat {repeat + 1}/{repeats} {n:4d} connections: driver {driver_rate:10.0f} atoms/s, "
+                      f"in-process {local_rate:10.0f} atoms/s ({driver_rate / local_rate:.0%})", file=sys.stderr,
+                      flush=True)
+    cases = []
+    for n in connections:
+        ratios = [s["driver_to_in_process"] for s in samples[n]]
+        driver = median(s["driver_atoms_per_s"] for s in samples[n])
+        local = median(s["in_process_atoms_per_s"] for s in samples[n])
+        cases.append({"connections": n, "driver_atoms_per_s": driver, "driver_evaluations_per_s": driver / atoms,
+                      "in_process_atoms_per_s": local, "in_process_evaluations_per_s": local / atoms,
+                      "driver_to_in_process": median(ratios), "driver_to_in_process_range": [min(ratios), max(ratios)],
+                      "share_outside_model": 1 - median(ratios), "seconds": seconds, "repeats": repeats,
+                      "samples": samples[n]})
     return cases
 
 
 def table(cases: list[dict]) -> str:
-    lines = [f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s}"]
+    lines = [f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s} {'range':>11s}"]
     lines += [f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
-              f"{c['driver_to_in_process']:6.2f}" for c in cases]
+              f"{c['driver_to_in_process']:6.2f} {c['driver_to_in_process_range'][0]:5.2f}–"
+              f"{c['driver_to_in_process_range'][1]:.2f}" for c in cases]
+    if any(c["repeats"] > 1 for c in cases):
+        lines.append("(medians over repeats; the ratio is the median of each repeat's ratio)")
     return "\n".join(lines)
