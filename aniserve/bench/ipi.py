@@ -22,6 +22,7 @@ import uuid
 from statistics import median
 
 from aniserve.bench.speed import ETHANOL
+from aniserve.driver import Address
 
 INPUT = """<simulation verbosity='low'>
   <output prefix='bench'><properties stride='1000' filename='out'> [step, potential] </properties></output>
@@ -69,7 +70,7 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
                               text=True)
     # Start the client once i-PI's socket exists (i-PI's own driver gives up at once if
     # it does not); the difference of two runs cancels the wait.
-    socket_path = pathlib.Path(f"/tmp/ipi_{address}")
+    socket_path = pathlib.Path(Address.unix(address).target)  # i-PI's naming, as the driver knows it
     deadline = time.monotonic() + 120
     while not socket_path.exists():
         if server.poll() is not None or time.monotonic() > deadline:
