@@ -1,7 +1,7 @@
 """Servers that die: i-PI and an ASE SocketIOCalculator killed with SIGKILL mid-run,
 again and again.  The driver must treat each as "server gone": serve the restarted
 server within its reconnect window, and exit 0 (never a traceback or a broken pipe)
-when none comes back."""
+when none comes back, or 2 when the last one died half way through a message."""
 
 import pathlib
 import signal
@@ -51,9 +51,15 @@ def start_driver(tmp_path, name):
 
 
 def finish(driver) -> str:
+    """No server comes back: exit 0 after the reconnect window.  The one exception is a
+    last server killed between two writes of one message (ASE writes POSDATA in pieces):
+    the half message is named, and with no server back to answer it that is exit 2, as
+    test_driver_ipi's truncation tests pin down with a fake server."""
     code = driver.wait(timeout=90)
     log = driver.stderr.read()
-    assert code == 0, log
+    last = log.strip().splitlines()[-1]
+    truncated = "in the middle of a message" in last and "no server came back" in last
+    assert code == (2 if truncated else 0), log
     assert "Traceback" not in log and "Broken pipe" not in log, log
     return log
 

@@ -108,7 +108,7 @@ def test_aev_kernel_splits_work_across_threads_without_changing_a_bit():
 
 
 def test_frozen_networks_written_out_gradient_equals_autograd():
-    """Frozen networks in eval mode run _FrozenMLP (the compiled kernel here); trainable
+    """Frozen networks in eval mode run _FrozenNetworks (the compiled kernel here); trainable
     ones autograd's plain composition: same energies, same gradients, and a second
     derivative through the frozen path is autograd's."""
     torch.manual_seed(0)
@@ -126,10 +126,10 @@ def test_frozen_networks_written_out_gradient_equals_autograd():
         return energies, gradient, hessian
 
     mlp.requires_grad_(False).eval()
-    assert mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenMLPBackward")
+    assert mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenNetworksBackward")
     frozen = energies_gradient_hessian_diagonal()
     mlp.requires_grad_(True)
-    assert not mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenMLPBackward")
+    assert not mlp(features.clone().requires_grad_(True), columns).grad_fn.name().endswith("_FrozenNetworksBackward")
     plain = energies_gradient_hessian_diagonal()
 
     torch.testing.assert_close(frozen[0], plain[0], rtol=1e-13, atol=1e-14)

@@ -3,8 +3,8 @@
 On a small molecule the tensor versions of the AEVs and the networks cost a few hundred
 small operations, each with its fixed cost, and on a large system the AEVs' (triplets ×
 32) intermediate arrays.  Here, in C++: ``aev.cpp`` (the AEVs and their gradient, one
-pass per center), ``mlp.cpp`` (a frozen element ensemble's energies and input
-gradients, one call) and ``neighbors.cpp`` (the cell-list pair search).  The library is
+pass per center), ``mlp.cpp`` (frozen element ensembles' energies and input
+gradients, every element in one call) and ``neighbors.cpp`` (the cell-list pair search).  The library is
 compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
 ``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through
 ctypes: no build step at install time and no dependency beyond a compiler.  Without
@@ -166,8 +166,8 @@ def _build() -> ctypes.CDLL:
         forward.restype = backward.restype = ctypes.c_int
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, real, i64, pointer, pointer, pointer,
-                        ctypes.c_int]
+        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64,
+                        pointer, pointer, pointer, ctypes.c_int]
         mlp.restype = None
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
@@ -256,7 +256,7 @@ class MLPKernelLayers:
     (``pack_panels``), the output layer's (k, in, 1) and the biases (k, 1, out) as they
     are, and arrays of their addresses (the tensors are kept alive here)."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]):
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], alpha: float):
         hidden = weights[:-1]
         packed = [pack_panels(w) for w in hidden] + [weights[-1].contiguous()]
         transposed = [pack_panels(w.transpose(1, 2)) for w in hidden]
@@ -266,20 +266,51 @@ class MLPKernelLayers:
         self.transposed = (ctypes.c_void_p * max(1, len(transposed)))(*(t.data_ptr() for t in transposed))
         self.biases = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in self.tensors[-layers:]))
         self.sizes = np.array([weights[0].shape[1], *(w.shape[2] for w in weights)], dtype=np.int64)
-        self.sizes_address = self.sizes.ctypes.data  # (numpy's .ctypes costs ~50 µs a call)
-        self.layers, self.members, self.dtype = layers, weights[0].shape[0], weights[0].dtype
+        self.layers, self.members, self.dtype, self.alpha = layers, weights[0].shape[0], weights[0].dtype, alpha
 
 
-def mlp(lib: ctypes.CDLL, layers: MLPKernelLayers, features: torch.Tensor, alpha: float
+class MLPKernelNetworks:
+    """Several frozen ensembles as one MLP kernel call reads them: ``groups[g]`` lists
+    the networks (``MLPKernelLayers``, the same member count, dtype and input width)
+    whose outputs add up to the energies of the g-th group of rows."""
+
+    def __init__(self, groups: list[list[MLPKernelLayers]]):
+        networks = [net for group in groups for net in group]
+        if len({(net.members, net.dtype, int(net.sizes[0])) for net in networks}) != 1:
+            raise ValueError("the networks of one kernel call differ in members, dtype or input width")
+        self.groups, self.networks = groups, networks
+        self.members, self.dtype, self.width = networks[0].members, networks[0].dtype, int(networks[0].sizes[0])
+        self.group_of = [g for g, group in enumerate(groups) for _ in group]
+        count, array = len(networks), ctypes.c_void_p * len(networks)
+        self.layers = np.array([net.layers for net in networks], dtype=np.int64)
+        self.alphas = torch.tensor([net.alpha for net in networks], dtype=self.dtype)
+        self.arrays = [array(*(net.sizes.ctypes.data for net in networks)),
+                       array(*(ctypes.addressof(net.weights) for net in networks)),
+                       array(*(ctypes.addressof(net.transposed) for net in networks)),
+                       array(*(ctypes.addressof(net.biases) for net in networks))]
+        # (numpy's .ctypes costs ~50 µs a call: the addresses are taken once)
+        self.arguments = (count, self.members, self.layers.ctypes.data, *(ctypes.addressof(a) for a in self.arrays),
+                          self.alphas.data_ptr())
+
+
+def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, counts: list[int]
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features (n, in)."""
-    features = features.to(layers.dtype).contiguous()
+    """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features
+    (n, in) whose rows come in groups of ``counts[g]``, each through ``networks.groups[g]``."""
+    features = features.to(networks.dtype).contiguous()
     n = features.shape[0]
-    energies = features.new_empty(layers.members, n)
-    gradients = features.new_empty(layers.members, n, features.shape[1])
-    getattr(lib, f"mlp_{_suffix(layers.dtype)}")(
-        layers.members, layers.layers, layers.sizes_address, layers.weights, layers.transposed, layers.biases,
-        alpha, n, features.data_ptr(), energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
+    if sum(counts) != n or len(counts) != len(networks.groups):
+        raise ValueError(f"{len(counts)} groups of {sum(counts)} rows for {len(networks.groups)} groups of {n} rows")
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    # Each network's first row and row count, as one int64 array (a tensor: its address is cheap).
+    rows = torch.tensor([starts[g] for g in networks.group_of] + [counts[g] for g in networks.group_of])
+    energies = features.new_empty(networks.members, n)
+    gradients = features.new_empty(networks.members, n, features.shape[1])
+    getattr(lib, f"mlp_{_suffix(networks.dtype)}")(
+        *networks.arguments, rows.data_ptr(), rows.data_ptr() + 8 * len(networks.group_of), n, features.data_ptr(),
+        energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
     return energies, gradients
 
 

@@ -1,14 +1,17 @@
-// A frozen element network's ensemble, forward and input gradient in one call.
+// Frozen element networks' ensembles, forward and input gradient in one call.
 //
-// For each member m and atom i: the energy E_mi of the MLP (CELU hidden layers, linear
-// output) and J_mi = ∂E_mi/∂x_i, the gradient with respect to that atom's features.
-// aniserve/networks.py (_FrozenMLP) turns J into the backward pass: ∂L/∂x_i =
+// For each member m and atom i: the energy E_mi of the atom's element network (CELU
+// hidden layers, linear output), or the sum of several (a base and its Δ correction),
+// and J_mi = ∂E_mi/∂x_i, the gradient with respect to that atom's features.
+// aniserve/networks.py (_FrozenNetworks) turns J into the backward pass: ∂L/∂x_i =
 // Σ_m (∂L/∂E_mi) J_mi.  Computing J during the forward pass lets a small molecule's
-// whole network evaluation run here, as a few register-blocked matrix products per
-// layer, without the fixed cost of a library call per product.
+// whole network evaluation, every element at once, run here as a few register-blocked
+// matrix products per layer, without the fixed cost of a library call per product.
 //
-// Work is split into (member, block of up to kTaskRows atoms) tasks across torch's
-// OpenMP threads (see aev.cpp); each task owns its rows of E and J.  Every product,
+// The atoms come grouped by element; each group's rows go through its networks.  Work
+// is split into (group, member, block of up to kTaskRows atoms) tasks across torch's
+// OpenMP threads (see aev.cpp); each task owns its rows of E and J, and runs all of
+// its group's networks on them, the first writing, the others adding.  Every product,
 // forward and backward, is C = A B with B packed in column panels (as BLAS libraries
 // pack): the panel starting at column c0, of width w, holds B[k, c0 + j] at
 // c0 K + k w + j, so a register block reads it front to back, and it stays in L1 while
@@ -19,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "vector_math.h"
@@ -39,19 +41,19 @@ struct Vector {
     static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
 };
 
-// C[r, c0 : c0 + V W] = bias + A[r, :] B for r < R: one register block of R × V
-// vectors, accumulated over all of K.  A (R, K) with row stride lda, B packed (see
-// above), C with row stride ldc.
+// C[r, c0 : c0 + V W] = bias + A[r, :] B for r < R (with add, C += A B): one register
+// block of R × V vectors, accumulated over all of K.  A (R, K) with row stride lda, B
+// packed (see above), C with row stride ldc.
 template <typename T, int R, int V>
 inline void block(int64_t K, int64_t c0, const T* A, int64_t lda, const T* B, const T* bias, T* C,
-                  int64_t ldc) {
+                  int64_t ldc, bool add) {
     typedef Vector<T> Vec;
     typedef typename Vec::type vec;
     constexpr int W = Vec::width;
     vec acc[R][V];
     for (int j = 0; j < V; ++j) {
         const vec start = bias ? Vec::load(bias + c0 + j * W) : vec{};
-        for (int r = 0; r < R; ++r) acc[r][j] = start;
+        for (int r = 0; r < R; ++r) acc[r][j] = add ? Vec::load(C + r * ldc + c0 + j * W) : start;
     }
     for (int64_t k = 0; k < K; ++k) {
         vec b[V];
@@ -69,33 +71,35 @@ inline void block(int64_t K, int64_t c0, const T* A, int64_t lda, const T* B, co
 // block of rows and from L1 for the others.
 template <typename T, int V>
 void panel(int64_t rows, int64_t K, int64_t c0, const T* A, int64_t lda, const T* B, const T* bias,
-           T* C, int64_t ldc) {
+           T* C, int64_t ldc, bool add) {
     static_assert(kRows == 6, "the dispatch below lists the row counts 1..kRows");
     int64_t r0 = 0;
-    for (; r0 + kRows <= rows; r0 += kRows) block<T, kRows, V>(K, c0, A + r0 * lda, lda, B, bias, C + r0 * ldc, ldc);
+    for (; r0 + kRows <= rows; r0 += kRows)
+        block<T, kRows, V>(K, c0, A + r0 * lda, lda, B, bias, C + r0 * ldc, ldc, add);
     A += r0 * lda, C += r0 * ldc;
     switch (rows - r0) {  // the last block does only its own rows' arithmetic
-        case 1: block<T, 1, V>(K, c0, A, lda, B, bias, C, ldc); break;
-        case 2: block<T, 2, V>(K, c0, A, lda, B, bias, C, ldc); break;
-        case 3: block<T, 3, V>(K, c0, A, lda, B, bias, C, ldc); break;
-        case 4: block<T, 4, V>(K, c0, A, lda, B, bias, C, ldc); break;
-        case 5: block<T, 5, V>(K, c0, A, lda, B, bias, C, ldc); break;
+        case 1: block<T, 1, V>(K, c0, A, lda, B, bias, C, ldc, add); break;
+        case 2: block<T, 2, V>(K, c0, A, lda, B, bias, C, ldc, add); break;
+        case 3: block<T, 3, V>(K, c0, A, lda, B, bias, C, ldc, add); break;
+        case 4: block<T, 4, V>(K, c0, A, lda, B, bias, C, ldc, add); break;
+        case 5: block<T, 5, V>(K, c0, A, lda, B, bias, C, ldc, add); break;
         default: break;
     }
 }
 
-// C = bias + A B (bias may be null): A (rows, K) with row stride lda, B (K, N) packed
-// in panels of 2W, then W, then 1 column, C (rows, N) with row stride ldc.
+// C = bias + A B (bias may be null), or with add C += A B (bias null): A (rows, K)
+// with row stride lda, B (K, N) packed in panels of 2W, then W, then 1 column, C
+// (rows, N) with row stride ldc.
 template <typename T>
 void product(int64_t rows, int64_t K, int64_t N, const T* A, int64_t lda, const T* B, const T* bias, T* C,
-             int64_t ldc) {
+             int64_t ldc, bool add = false) {
     constexpr int W = Vector<T>::width;
     int64_t c0 = 0;
-    for (; c0 + 2 * W <= N; c0 += 2 * W) panel<T, 2>(rows, K, c0, A, lda, B, bias, C, ldc);
-    for (; c0 + W <= N; c0 += W) panel<T, 1>(rows, K, c0, A, lda, B, bias, C, ldc);
+    for (; c0 + 2 * W <= N; c0 += 2 * W) panel<T, 2>(rows, K, c0, A, lda, B, bias, C, ldc, add);
+    for (; c0 + W <= N; c0 += W) panel<T, 1>(rows, K, c0, A, lda, B, bias, C, ldc, add);
     for (; c0 < N; ++c0)  // widths that are not a multiple of a vector: one column at a time
         for (int64_t r = 0; r < rows; ++r) {
-            T acc = bias ? bias[c0] : T(0);
+            T acc = add ? C[r * ldc + c0] : bias ? bias[c0] : T(0);
             for (int64_t k = 0; k < K; ++k) acc += A[r * lda + k] * B[c0 * K + k];
             C[r * ldc + c0] = acc;
         }
@@ -129,27 +133,30 @@ struct Network {
     T alpha;
 };
 
-// Per-thread buffers, kTaskRows rows each: every hidden layer's activations and CELU
-// slopes, and the backward pass's gradients.
+// Per-thread buffers, kTaskRows rows each, large enough for any of the networks: every
+// hidden layer's activations and CELU slopes, and the backward pass's gradients.
 template <typename T>
 struct Workspace {
-    int64_t widest = 0;
+    int64_t widest = 0, layers = 0;
     std::vector<T> slopes, acts, g, h;
 
-    explicit Workspace(const Network<T>& net) {
-        for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
-        slopes.resize(kTaskRows * widest * net.layers);
-        acts.resize(kTaskRows * widest * net.layers);
+    explicit Workspace(const std::vector<Network<T>>& nets) {
+        for (const Network<T>& net : nets) {
+            layers = std::max(layers, net.layers);
+            for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
+        }
+        slopes.resize(kTaskRows * widest * layers);
+        acts.resize(kTaskRows * widest * layers);
         g.resize(kTaskRows * widest);
         h.resize(kTaskRows * widest);
     }
 };
 
-// One task: member m, atoms [i0, i0 + rows).  Reads its features and writes its rows
-// of the energies and gradients in place.
+// One network's share of a task: member m, atoms [i0, i0 + rows).  Reads their
+// features and writes (with add, adds to) their rows of the energies and gradients.
 template <typename T>
 void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features,
-          T* energies, T* gradients, int64_t n) {
+          T* energies, T* gradients, int64_t n, bool add) {
     const int64_t L = net.layers, in = net.sizes[0], widest = work.widest, stride = kTaskRows * widest;
     T *slopes = work.slopes.data(), *acts = work.acts.data(), *g = work.g.data(), *h = work.h.data();
     const T* a = features + i0 * in;
@@ -169,11 +176,12 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
     for (int64_t r = 0; r < rows; ++r) {
         T e = b;
         for (int64_t k = 0; k < K; ++k) e += a[r * lda + k] * w[k];
-        energies[m * n + i0 + r] = e;
+        energies[m * n + i0 + r] = add ? energies[m * n + i0 + r] + e : e;
     }
     T* out = gradients + (m * n + i0) * in;  // this task's rows of J
     if (L == 1) {  // no hidden layer: ∂E/∂x = w
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * in, w, sizeof(T) * in);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t k = 0; k < in; ++k) out[r * in + k] = add ? out[r * in + k] + w[k] : w[k];
         return;
     }
     // Backward through the hidden layers: ∂E/∂a_(l−1) = (∂E/∂a_l ⊙ slope_l) W_lᵀ.
@@ -186,7 +194,7 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
             for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
         const T* Wt = net.transposed[l] + m * N_out * K_in;  // (out, in)
         if (l == 0) {
-            product<T>(rows, N_out, K_in, g, widest, Wt, nullptr, out, in);
+            product<T>(rows, N_out, K_in, g, widest, Wt, nullptr, out, in, add);
         } else {
             product<T>(rows, N_out, K_in, g, widest, Wt, nullptr, h, widest);
             std::swap(g, h);
@@ -194,21 +202,55 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
     }
 }
 
+// Atoms [start, start + rows) and the networks [first, last) that they go through.
+struct Group {
+    int64_t start, rows, first, last, blocks;
+};
+
 template <typename T>
-void run(const Network<T>& net, int64_t n, const T* features, T* energies, T* gradients, int threads) {
-    const int64_t blocks = (n + kTaskRows - 1) / kTaskRows, tasks = net.members * blocks;
+void run(const std::vector<Network<T>>& nets, const int64_t* starts, const int64_t* counts, int64_t n,
+         const T* features, T* energies, T* gradients, int threads) {
+    // Consecutive networks with the same rows form a group (two empty groups merging is
+    // harmless); tasks are numbered group by group, member by member, block by block.
+    std::vector<Group> groups;
+    const int64_t members = nets.empty() ? 0 : nets[0].members;
+    int64_t tasks = 0;
+    for (int64_t j = 0; j < static_cast<int64_t>(nets.size()); ++j) {
+        if (groups.empty() || groups.back().start != starts[j] || groups.back().rows != counts[j]) {
+            groups.push_back({starts[j], counts[j], j, j + 1, (counts[j] + kTaskRows - 1) / kTaskRows});
+            tasks += members * groups.back().blocks;
+        } else {
+            groups.back().last = j + 1;
+        }
+    }
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        Workspace<T> work(net);
+        Workspace<T> work(nets);
         // Tasks are handed out as threads come free: a thread that shares its core (with
         // i-PI's socket thread, say) takes fewer, rather than holding up the rest.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; ++t) {
-            const int64_t m = t / blocks, i0 = (t % blocks) * kTaskRows;
-            task<T>(net, work, m, i0, std::min(kTaskRows, n - i0), features, energies, gradients, n);
+            int64_t local = t;
+            const Group* group = groups.data();
+            while (local >= members * group->blocks) local -= members * (group++)->blocks;
+            const int64_t m = local / group->blocks, i0 = group->start + (local % group->blocks) * kTaskRows;
+            const int64_t rows = std::min(kTaskRows, group->start + group->rows - i0);
+            for (int64_t j = group->first; j < group->last; ++j)
+                task<T>(nets[j], work, m, i0, rows, features, energies, gradients, n, j > group->first);
         }
     }
+}
+
+template <typename T>
+void run_networks(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+                  const T* const* const* weights, const T* const* const* transposed, const T* const* const* biases,
+                  const T* alphas, const int64_t* starts, const int64_t* counts, int64_t n, const T* features,
+                  T* energies, T* gradients, int threads) {
+    std::vector<Network<T>> nets;
+    for (int64_t j = 0; j < count; ++j)
+        nets.push_back({members, layers[j], sizes[j], weights[j], transposed[j], biases[j], alphas[j]});
+    run(nets, starts, counts, n, features, energies, gradients, threads);
 }
 
 // The backward pass: out[i, :] = Σ_m grad[m, i] J[m, i, :] (one pass over J, where
@@ -232,22 +274,28 @@ void contract(int64_t members, int64_t n, int64_t width, const T* grad, const T*
 
 }  // namespace
 
-// features (n, sizes[0]); energies (members, n); gradients (members, n, sizes[0]);
-// grad (members, n); out (n, sizes[0]).
+// count networks, network j: layers[j] layers of widths sizes[j] (layers[j] + 1 of
+// them, the first the input width, the same for all), its weights[j], transposed[j],
+// biases[j] and CELU alphas[j] as in Network, applied to atoms [starts[j], starts[j] +
+// counts[j]).
+// features (n, in); energies (members, n); gradients (members, n, in); rows that no
+// network covers are left as they are.  grad (members, n); out (n, in).
 extern "C" {
 
-void mlp_f32(int64_t members, int64_t layers, const int64_t* sizes, const float* const* weights,
-             const float* const* transposed, const float* const* biases, float alpha, int64_t n,
-             const float* features, float* energies, float* gradients, int threads) {
-    run(Network<float>{members, layers, sizes, weights, transposed, biases, alpha}, n, features, energies,
-        gradients, threads);
+void mlp_f32(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+             const float* const* const* weights, const float* const* const* transposed,
+             const float* const* const* biases, const float* alphas, const int64_t* starts, const int64_t* counts,
+             int64_t n, const float* features, float* energies, float* gradients, int threads) {
+    run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n, features,
+                 energies, gradients, threads);
 }
 
-void mlp_f64(int64_t members, int64_t layers, const int64_t* sizes, const double* const* weights,
-             const double* const* transposed, const double* const* biases, double alpha, int64_t n,
-             const double* features, double* energies, double* gradients, int threads) {
-    run(Network<double>{members, layers, sizes, weights, transposed, biases, alpha}, n, features, energies,
-        gradients, threads);
+void mlp_f64(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+             const double* const* const* weights, const double* const* const* transposed,
+             const double* const* const* biases, const double* alphas, const int64_t* starts, const int64_t* counts,
+             int64_t n, const double* features, double* energies, double* gradients, int threads) {
+    run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n, features,
+                 energies, gradients, threads);
 }
 
 void mlp_backward_f32(int64_t members, int64_t n, int64_t width, const float* grad, const float* gradients,
