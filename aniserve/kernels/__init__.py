@@ -300,7 +300,7 @@ def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, c
     features = features.to(networks.dtype).contiguous()
     n = features.shape[0]
     if sum(counts) != n or len(counts) != len(networks.groups):
-        raise ValueError(f"{len(counts)} groups of {sum(counts)} rows for {len(networks.groups)} groups of {n} rows")
+        raise ValueError(f"row counts {counts} do not match {n} feature rows in {len(networks.groups)} groups")
     starts = [0]
     for count in counts[:-1]:
         starts.append(starts[-1] + count)
