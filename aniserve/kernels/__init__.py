@@ -3,14 +3,14 @@
 On a small molecule the tensor versions of the AEVs and the networks cost a few hundred
 small operations, each with its fixed cost, and on a large system the AEVs' (triplets ×
 32) intermediate arrays.  Here, in C++: ``aev.cpp`` (the AEVs and their gradient, one
-pass per center), ``mlp.cpp`` (frozen element ensembles' energies and input
-gradients, every element in one call) and ``neighbors.cpp`` (the cell-list pair search).  The library is
-compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
-``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through
-ctypes: no build step at install time and no dependency beyond a compiler.  Without
-one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions, which give
-the same results (tested) and remain the ones used for training (second derivatives)
-and on GPUs.
+pass per center), ``mlp.cpp`` (frozen element ensembles' energies and input gradients,
+every element in one call) and ``neighbors.cpp`` (the cell-list pair search).  The
+library is compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels``
+(default ``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called
+through ctypes: no build step at install time and no dependency beyond a compiler.
+Without one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions,
+which give the same results (tested) and remain the ones used for training (second
+derivatives) and on GPUs.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ class MLPKernelNetworks:
         if len({(net.members, net.dtype, int(net.sizes[0])) for net in networks}) != 1:
             raise ValueError("the networks of one kernel call differ in members, dtype or input width")
         self.groups, self.networks = groups, networks
-        self.members, self.dtype, self.width = networks[0].members, networks[0].dtype, int(networks[0].sizes[0])
+        self.members, self.dtype = networks[0].members, networks[0].dtype
         self.group_of = [g for g, group in enumerate(groups) for _ in group]
         count, array = len(networks), ctypes.c_void_p * len(networks)
         self.layers = np.array([net.layers for net in networks], dtype=np.int64)
