@@ -51,17 +51,17 @@ class Mode:
     shm_attached: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Status:
     pass
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GetForce:
     pass
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Exit:
     pass
 
@@ -86,6 +86,10 @@ class PosData:
 class ShmPosData:
     natoms: int
     segment_names: dict[str, str] | None  # only on the first POSDATA of a connection
+
+
+# The messages without a body, one shared instance each (they carry nothing to mutate).
+_BARE = {_HEADERS["STATUS"]: Status(), _HEADERS["GETFORCE"]: GetForce(), _HEADERS["EXIT"]: Exit()}
 
 
 def header(name: str) -> bytes:
@@ -114,24 +118,33 @@ def parse_batch_size(parameters: str) -> int:
 
 
 class _Reader:
-    """Reads fixed-size fields from a buffer; ``take`` raises ``_Incomplete`` when the
-    buffer ends before the field does (``decode`` then answers None: need more bytes)."""
+    """Reads fixed-size fields from a buffer in place; a field that runs past the end
+    of the buffer raises ``_Incomplete`` (``decode`` then answers None: need more
+    bytes).  Each array is copied out once, so the buffer may be trimmed afterwards."""
 
     def __init__(self, buffer, start: int):
         self.buffer, self.offset = buffer, start
 
-    def take(self, nbytes: int):
-        if self.offset + nbytes > len(self.buffer):
+    def skip(self, nbytes: int) -> int:
+        """Step over ``nbytes``; returns where they start."""
+        start = self.offset
+        if start + nbytes > len(self.buffer):
             raise _Incomplete
-        chunk = self.buffer[self.offset:self.offset + nbytes]
-        self.offset += nbytes
-        return chunk
+        self.offset = start + nbytes
+        return start
+
+    def take(self, nbytes: int) -> bytes:
+        start = self.skip(nbytes)
+        return bytes(self.buffer[start:start + nbytes])
 
     def int32(self) -> int:
-        return struct.unpack("<i", self.take(4))[0]
+        return _INT32.unpack_from(self.buffer, self.skip(4))[0]
 
     def float64s(self, count: int) -> np.ndarray:
-        return np.frombuffer(bytes(self.take(8 * count)), dtype="<f8").copy()
+        return np.frombuffer(self.buffer, dtype="<f8", count=count, offset=self.skip(8 * count)).copy()
+
+
+_INT32 = struct.Struct("<i")
 
 
 class _Incomplete(Exception):
@@ -171,24 +184,21 @@ def decode(buffer, mode: Mode):
     if len(buffer) < HEADER_LENGTH:
         return None
     raw = bytes(buffer[:HEADER_LENGTH])
+    bare = _BARE.get(raw)
+    if bare is not None:  # STATUS, GETFORCE, EXIT: the header is the whole message
+        return bare, HEADER_LENGTH
     name = _NAMES.get(raw)
     if name is None:
         raise ProtocolError(f"unknown message header {raw!r}")
     reader = _Reader(buffer, HEADER_LENGTH)
     try:
-        if name == "STATUS":
-            message = Status()
-        elif name == "GETFORCE":
-            message = GetForce()
-        elif name == "EXIT":
-            message = Exit()
+        if name == "POSDATA":
+            message = _decode_posdata(reader, mode)
         elif name == "INIT":
             bead = reader.int32()
             length = _bounded(reader.int32(), 0, MAX_STRING, "INIT string length")
             parameters = _text(reader.take(length), "INIT string").rstrip("\x00")
             message = Init(bead, parameters, parse_batch_size(parameters))
-        elif name == "POSDATA":
-            message = _decode_posdata(reader, mode)
         else:
             raise ProtocolError(f"a driver never receives {name}")
     except _Incomplete:
@@ -245,20 +255,17 @@ def shm_write_forceready(views: dict[str, np.ndarray], energies, forces, virials
 def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) -> bytes:
     """FORCEREADY for B structures: energies (B,) Hartree, forces (B, N, 3) Hartree/Bohr,
     virials (B, 3, 3) Hartree, one extras string each.  In shm mode the arrays go to
-    shared memory (the caller writes them) and only the extras travel here."""
+    shared memory (the caller writes them) and only the extras travel here.  (The
+    unbatched layout is the batched one with B = 1.)"""
     energies = np.asarray(energies, dtype="<f8").reshape(-1)
     b = len(energies)
-    tail = b"".join(struct.pack("<i", len(e.encode())) + e.encode() for e in extras)
+    tail = b"".join(_INT32.pack(len(e)) + e for e in (text.encode() for text in extras))
     if mode.shm:
         return _HEADERS["FORCEREADY"] + tail
     forces = np.asarray(forces, dtype="<f8").reshape(b, -1, 3)
     virials = np.asarray(virials, dtype="<f8").reshape(b, 3, 3)
-    natoms = struct.pack("<i", forces.shape[1])
-    if mode.batch_size == 1:
-        extra = extras[0].encode()
-        return (_HEADERS["FORCEREADY"] + energies.tobytes() + natoms + forces.tobytes() + virials.tobytes()
-                + struct.pack("<i", len(extra)) + extra)
-    return _HEADERS["FORCEREADY"] + energies.tobytes() + natoms + forces.tobytes() + virials.tobytes() + tail
+    return b"".join((_HEADERS["FORCEREADY"], energies.tobytes(), _INT32.pack(forces.shape[1]), forces.tobytes(),
+                     virials.tobytes(), tail))
 
 
 # ----------------------------------------------------------------- server side
@@ -296,7 +303,26 @@ def decode_forceready(buffer, batch_size: int = 1):
         extras = []
         for _ in range(batch_size):
             length = _bounded(reader.int32(), 0, MAX_STRING, "extras length")
-            extras.append(bytes(reader.take(length)).decode())
+            extras.append(reader.take(length).decode())
     except _Incomplete:
         return None
     return (energies, forces, virials, extras), reader.offset
+
+
+def forceready_length(buffer, batch_size: int = 1) -> int | None:
+    """How many bytes the FORCEREADY at the start of ``buffer`` takes, or None if it is
+    incomplete: for a server that only counts replies (``aniserve bench serve``)."""
+    if len(buffer) < HEADER_LENGTH:
+        return None
+    if bytes(buffer[:HEADER_LENGTH]) != _HEADERS["FORCEREADY"]:
+        raise ProtocolError(f"expected FORCEREADY, got {bytes(buffer[:HEADER_LENGTH])!r}")
+    reader = _Reader(buffer, HEADER_LENGTH)
+    try:
+        reader.skip(8 * batch_size)
+        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "FORCEREADY atom count")
+        reader.skip(8 * (3 * natoms + 9) * batch_size)
+        for _ in range(batch_size):
+            reader.skip(_bounded(reader.int32(), 0, MAX_STRING, "extras length"))
+    except _Incomplete:
+        return None
+    return reader.offset

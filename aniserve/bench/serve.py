@@ -82,7 +82,7 @@ def _driver_rate(model: str, connections: int, seconds: float, folder: pathlib.P
         while deadline is None or time.perf_counter() < deadline:
             for key, _ in selector.select(timeout=10):
                 client = key.data
-                data = client.sock.recv(1 << 20)
+                data = client.sock.recv(1 << 16)  # see driver._RECV_BYTES
                 if not data:
                     raise RuntimeError(f"the driver closed a connection: {driver.stderr.read()[-2000:]}")
                 client.buffer += data
@@ -131,10 +131,10 @@ def _step(client: _Client, messages: list[bytes]) -> bool:
         client.sock.sendall(protocol.header("GETFORCE"))
         client.state = "forces"
         return False
-    decoded = protocol.decode_forceready(client.buffer)
-    if decoded is None:
+    length = protocol.forceready_length(client.buffer)  # only counted: not decoded
+    if length is None:
         return False
-    del client.buffer[:decoded[1]]
+    del client.buffer[:length]
     client.sent += 1
     client.sock.sendall(messages[client.sent % len(messages)] + protocol.header("STATUS"))
     client.state = "havedata"
