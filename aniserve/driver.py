@@ -76,7 +76,7 @@ class Connection:
         self.address, self.numbers, self.sock = address, numbers, sock
         self.serial = next(Connection.serials)
         self.mode = protocol.Mode(shm=address.kind == "shm")
-        self.keys = self._keys()
+        self.set_batch_size(1)
         self.buffer = bytearray()
         self.initialised = False
         self.state = "idle"  # idle → pending (structures received) → computed (reply ready)
@@ -89,9 +89,11 @@ class Connection:
         self.last_heard = time.monotonic()
         self.exited = False
 
-    def _keys(self) -> list[tuple]:
-        """The evaluator's slot key for each structure of a batch (its neighbour list)."""
-        return [(str(self.address), self.serial, b) for b in range(self.mode.batch_size)]
+    def set_batch_size(self, batch_size: int) -> None:
+        """Structures per POSDATA (INIT's batch_size); each has its own evaluator slot,
+        keyed in ``keys`` (the slot keeps that structure's neighbour list)."""
+        self.mode = dataclasses.replace(self.mode, batch_size=batch_size)
+        self.keys = [(str(self.address), self.serial, b) for b in range(batch_size)]
 
     def send(self, data: bytes) -> None:
         try:
@@ -346,8 +348,8 @@ class IPIDriver:
             elif isinstance(message, protocol.Init):
                 if conn.state != "idle":
                     raise DriverError(f"{conn.address}: INIT while a step is under way", EXIT_PROTOCOL)
-                conn.mode = dataclasses.replace(conn.mode, batch_size=message.batch_size)
-                conn.keys = conn._keys()
+                self._forget(conn)  # a new INIT starts afresh: no neighbour list outlives it
+                conn.set_batch_size(message.batch_size)
                 conn.initialised = True
             elif isinstance(message, (protocol.PosData, protocol.ShmPosData)):
                 if not conn.initialised:

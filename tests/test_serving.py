@@ -137,3 +137,51 @@ def test_float32_keeps_its_precision_far_from_the_origin():
     far = model.evaluate(ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS) + 1e4)
     np.testing.assert_allclose(far.forces, here.forces, rtol=0, atol=1e-6)
     assert abs(far.energy - here.energy) < 1e-6
+
+
+class _SentBytes:
+    """A socket that keeps what the driver sends."""
+
+    def __init__(self):
+        self.sent = bytearray()
+
+    def sendall(self, data):
+        self.sent += data
+
+
+def test_driver_replies_go_to_their_own_connections_and_slots():
+    """Two connections, batched (2 structures) and single, computed in one evaluator call:
+    each FORCEREADY carries its own structures' results in order (Hartree/Bohr), each
+    structure keeps its own neighbour list, and a new INIT drops the old ones."""
+    from aniserve.driver import Address, Connection, IPIDriver
+    from aniserve.serving import Evaluator
+    from aniserve.units import BOHR_IN_ANGSTROM
+
+    model = cached_model("ani-1ccx", "float64")
+    evaluator = Evaluator(model)
+    numbers = np.array(ETHANOL_NUMBERS)
+    address = Address.unix("slots")
+    driver = IPIDriver(evaluator, [address], [numbers])
+    geometries = [displaced(step) for step in range(3)]
+    batched, single = Connection(address, numbers, _SentBytes()), Connection(address, numbers, _SentBytes())
+    for conn, size, first in ((batched, 2, 0), (single, 1, 2)):
+        conn.buffer += protocol.encode_init(0, f"batch_size:{size}")
+        conn.buffer += protocol.encode_posdata(np.zeros((size, 3, 3)), np.stack(geometries[first:first + size])
+                                               / BOHR_IN_ANGSTROM, batch_size=size)
+        driver._process(conn)
+        assert conn.state == "pending" and len(conn.keys) == size
+    driver._compute([batched, single])
+    for conn, size, first in ((batched, 2, 0), (single, 1, 2)):
+        conn.buffer += protocol.header("GETFORCE")
+        driver._process(conn)
+        (energies, forces, _virials, _extras), _ = protocol.decode_forceready(conn.sock.sent, size)
+        for b in range(size):
+            alone = model.evaluate(numbers, geometries[first + b])
+            assert abs(energies[b] - alone.energy) < 1e-9
+            np.testing.assert_allclose(forces[b], alone.forces * BOHR_IN_ANGSTROM, rtol=0, atol=1e-9)
+    keys = batched.keys + single.keys
+    assert len(set(keys)) == 3 and all(evaluator.neighbor_list(k) is not None for k in keys)
+    batched.buffer += protocol.encode_init(0, "")
+    driver._process(batched)
+    assert len(batched.keys) == 1 and all(evaluator.neighbor_list(k) is None for k in keys[:2])
+    assert evaluator.neighbor_list(single.keys[0]) is not None
