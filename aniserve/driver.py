@@ -33,7 +33,7 @@ EXIT_OK, EXIT_PROTOCOL, EXIT_INPUT, EXIT_CONNECT = 0, 2, 3, 4
 #: Bytes asked of each recv.  Python allocates the full size before every read, and a
 #: megabyte cost ~18 µs a call against ~3 µs for 64 KiB (measured); larger messages
 #: simply take several reads.
-_RECV_BYTES = 1 << 16
+RECV_BYTES = 1 << 16
 
 
 class DriverError(RuntimeError):
@@ -104,7 +104,7 @@ class Connection:
     def received(self) -> bytes:
         """Read what has arrived (b"" when the server closed the connection)."""
         try:
-            data = self.sock.recv(_RECV_BYTES)
+            data = self.sock.recv(RECV_BYTES)
         except ConnectionError:
             return b""
         if data:

@@ -290,28 +290,22 @@ def encode_posdata(cells, positions, batch_size: int = 1) -> bytes:
 
 def decode_forceready(buffer, batch_size: int = 1):
     """(energies (B,), forces (B, N, 3), virials (B, 3, 3), extras) or None if incomplete."""
-    if len(buffer) < HEADER_LENGTH:
+    length = forceready_length(buffer, batch_size)  # checks the header and every size
+    if length is None:
         return None
-    if bytes(buffer[:HEADER_LENGTH]) != _HEADERS["FORCEREADY"]:
-        raise ProtocolError(f"expected FORCEREADY, got {bytes(buffer[:HEADER_LENGTH])!r}")
     reader = _Reader(buffer, HEADER_LENGTH)
-    try:
-        energies = reader.float64s(batch_size)
-        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "FORCEREADY atom count")
-        forces = reader.float64s(3 * natoms * batch_size).reshape(batch_size, natoms, 3)
-        virials = reader.float64s(9 * batch_size).reshape(batch_size, 3, 3)
-        extras = []
-        for _ in range(batch_size):
-            length = _bounded(reader.int32(), 0, MAX_STRING, "extras length")
-            extras.append(reader.take(length).decode())
-    except _Incomplete:
-        return None
-    return (energies, forces, virials, extras), reader.offset
+    energies = reader.float64s(batch_size)
+    natoms = reader.int32()
+    forces = reader.float64s(3 * natoms * batch_size).reshape(batch_size, natoms, 3)
+    virials = reader.float64s(9 * batch_size).reshape(batch_size, 3, 3)
+    extras = [reader.take(reader.int32()).decode() for _ in range(batch_size)]
+    return (energies, forces, virials, extras), length
 
 
 def forceready_length(buffer, batch_size: int = 1) -> int | None:
     """How many bytes the FORCEREADY at the start of ``buffer`` takes, or None if it is
-    incomplete: for a server that only counts replies (``aniserve bench serve``)."""
+    incomplete; every size in it is bounded.  Enough for a server that only counts
+    replies (``aniserve bench serve``)."""
     if len(buffer) < HEADER_LENGTH:
         return None
     if bytes(buffer[:HEADER_LENGTH]) != _HEADERS["FORCEREADY"]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from aniserve import protocol
 from aniserve.bench.speed import ETHANOL
+from aniserve.driver import RECV_BYTES
 from aniserve.units import BOHR_IN_ANGSTROM
 
 
@@ -82,7 +83,7 @@ def _driver_rate(model: str, connections: int, seconds: float, folder: pathlib.P
         while deadline is None or time.perf_counter() < deadline:
             for key, _ in selector.select(timeout=10):
                 client = key.data
-                data = client.sock.recv(1 << 16)  # see driver._RECV_BYTES
+                data = client.sock.recv(RECV_BYTES)
                 if not data:
                     raise RuntimeError(f"the driver closed a connection: {driver.stderr.read()[-2000:]}")
                 client.buffer += data
