@@ -35,12 +35,61 @@ class AEVParameters:
     ShfA: tuple[float, ...]
     ShfZ: tuple[float, ...]
 
+    #: Bounds checked on construction (a model file is untrusted): lengths in Å.  Every
+    #: released ANI model is far inside them (cutoffs ≤ 5.2 Å, ≤ 16 shifts, 7 elements).
+    MAX_CUTOFF = 20.0
+    MAX_SHIFTS = 64
+    MAX_WIDTH = 1 << 16
+
+    def __post_init__(self):
+        def fail(field, problem):
+            raise ValueError(f"AEV parameter {field} {problem}")
+
+        from aniserve.elements import NUMBERS
+
+        if (not isinstance(self.elements, tuple) or not 1 <= len(self.elements) <= len(NUMBERS) - 1
+                or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in self.elements)
+                or len(set(self.elements)) != len(self.elements)):
+            fail("elements", f"must be distinct element symbols, got {str(self.elements)[:80]}")
+        for field in ("Rcr", "Rca"):
+            value = getattr(self, field)
+            if not _real(value) or not 0 < value <= self.MAX_CUTOFF:
+                fail(field, f"must be a cutoff in (0, {self.MAX_CUTOFF}] Å, got {value!r}")
+        for field in ("EtaR", "ShfR", "EtaA", "Zeta", "ShfA", "ShfZ"):
+            values = getattr(self, field)
+            if not isinstance(values, tuple) or not 1 <= len(values) <= self.MAX_SHIFTS:
+                fail(field, f"must list 1 to {self.MAX_SHIFTS} numbers, got {str(values)[:80]}")
+            if not all(_real(v) for v in values):
+                fail(field, f"must hold finite numbers, got {str(values)[:80]}")
+        for field in ("EtaR", "EtaA", "Zeta"):
+            if not all(v > 0 for v in getattr(self, field)):
+                fail(field, f"must be positive, got {getattr(self, field)}")
+        for field in ("ShfR", "ShfA"):
+            if not all(0 <= v <= self.MAX_CUTOFF for v in getattr(self, field)):
+                fail(field, f"must lie in [0, {self.MAX_CUTOFF}] Å, got {str(getattr(self, field))[:80]}")
+        if not all(abs(v) <= 2 * math.pi for v in self.ShfZ):
+            fail("ShfZ", f"must be angles within ±2π, got {str(self.ShfZ)[:80]}")
+        n = len(self.elements)
+        width = n * len(self.ShfR) + n * (n + 1) // 2 * len(self.ShfA) * len(self.ShfZ)
+        if width > self.MAX_WIDTH:
+            fail("lists", f"make an AEV {width} wide, more than {self.MAX_WIDTH}")
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "AEVParameters":
+        if not isinstance(data, dict):
+            raise ValueError(f"AEV parameters must be an object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(data) - fields, fields - set(data)
+        if unknown or missing:
+            raise ValueError(f"AEV parameters: unknown {sorted(unknown)}, missing {sorted(missing)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cosine_cutoff(distance: torch.Tensor, cutoff: float) -> torch.Tensor:

@@ -8,22 +8,58 @@ import pathlib
 
 import click
 
+from aniserve import exits
 from aniserve.embedded import DEFAULT_MODEL
+
+
+class _Failure(click.ClickException):
+    """One line on stderr and an exit status from ``aniserve.exits``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Group(click.Group):
     """Library errors (bad input, missing models, unreadable files) become one clean
-    line on stderr and exit status 1, not a traceback."""
+    line on stderr and an exit status from the table in ``aniserve.exits``, never a
+    traceback: a model that cannot be loaded 5, anything else 1; wrong options 64
+    (click's 2 would read as a protocol error), Ctrl-C 130."""
 
     def invoke(self, ctx):
+        from aniserve.modelfile import ModelFileError
+        from aniserve.models import ModelNotFoundError
+        from aniserve.neurochem import NeuroChemError
+
         try:
             return super().invoke(ctx)
         except ModuleNotFoundError as error:
             extra = _EXTRAS.get((error.name or "").split(".")[0])
             hint = f"pip install 'aniserve[{extra}]'" if extra else "it is not installed"
             raise click.ClickException(f"this command needs {error.name}: {hint}") from None
+        except (ModelFileError, NeuroChemError, ModelNotFoundError) as error:
+            raise _Failure(str(error), exits.BAD_MODEL) from None
         except (ValueError, LookupError, OSError) as error:
             raise click.ClickException(str(error)) from None
+        except RecursionError:  # checks bound what nests; this is the last line of defence
+            raise click.ClickException("input nested too deeply to read") from None
+
+    def main(self, *args, **kwargs):
+        import sys
+
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            error.show()
+            sys.exit(exits.USAGE)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("aniserve: interrupted", err=True)
+            sys.exit(exits.INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else exits.OK)
 
 
 #: Optional dependencies and the extra that installs each.
@@ -96,7 +132,10 @@ def eval_(file, model, index, device, dtype):
     click.echo(f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
                f"{potential.ensemble_size}-member ensemble, {dtype})")
     for n, atoms in enumerate(frames):
-        r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
+        try:
+            r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
+        except ValueError as error:
+            raise _Failure(f"{file}, frame {n}: {error}", exits.BAD_STRUCTURE) from None
         fmax = float(np.linalg.norm(r.forces, axis=1).max()) * HARTREE_IN_EV
         click.echo(f"{n:4d} {atoms.get_chemical_formula():12s} E = {float(r.energy):.8f} Ha = "
                    f"{float(r.energy) * HARTREE_IN_EV:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
@@ -114,7 +153,7 @@ def eval_(file, model, index, device, dtype):
 @click.option("--inet", "inet", multiple=True, metavar="HOST:PORT", help="TCP address. Example: --inet localhost:31415")
 @click.option("--shm", "shm", multiple=True, metavar="NAME",
               help="i-PI <ffsocket mode='shm'>: control on /tmp/ipi_NAME, arrays in shared memory.")
-@click.option("--connections", default=1, show_default=True,
+@click.option("--connections", default=1, show_default=True, type=click.IntRange(min=1),
               help="Connections to open to each address; all are evaluated together in one batched pass "
                    "(e.g. --connections 8 serves 8 i-PI beads from one model).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -163,10 +202,14 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
       aniserve drive --model ani-2x --structure mol.xyz --inet localhost:31415
 
     Exit status: 0 after EXIT or when every server has gone; 2 protocol error (or a
-    server silent past --timeout / --idle-timeout); 3 a structure the model cannot
-    evaluate (unknown element, NaN, too thin a cell, a non-finite result); 4 no server.
+    server silent past --timeout / --idle-timeout, or not reading our replies); 3 a
+    structure the model cannot evaluate (unknown element, NaN, too thin a cell, a
+    non-finite result); 4 no server; 5 a model that cannot be loaded; 64 wrong options;
+    130 Ctrl-C; 143 SIGTERM.  With several connections, an error ends only its own
+    connection; the status is then the first error's, once the others are done.
     """
     import logging
+    import signal
     import sys
 
     from aniserve.driver import Address, IPIDriver
@@ -174,8 +217,11 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     from aniserve.serving import Evaluator
 
     logging.basicConfig(level=logging.INFO, format="aniserve drive: %(message)s", stream=sys.stderr)
-    addresses = ([Address.unix(n) for n in unix] + [Address.inet(t) for t in inet]
-                 + [Address.unix(n, shm=True) for n in shm])
+    try:
+        inet_addresses = [Address.inet(t) for t in inet]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--inet") from None
+    addresses = [Address.unix(n) for n in unix] + inet_addresses + [Address.unix(n, shm=True) for n in shm]
     if not addresses:
         raise click.UsageError("give at least one of --unix, --inet, --shm")
     from aniserve.protocol import is_plain_name
@@ -212,7 +258,10 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
                            idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)
     except ValueError as error:  # the structure file holds what the model cannot evaluate
         logging.getLogger("aniserve.driver").error("%s", error)
-        sys.exit(3)
+        sys.exit(exits.BAD_STRUCTURE)
+    # A batch system stops a job with SIGTERM: leave through the driver's clean-up (sockets
+    # half-closed so that i-PI reassigns the beads), not by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(exits.TERMINATED))
     code = driver.run()
     if collector is not None:
         logging.getLogger("aniserve.driver").info(
@@ -274,9 +323,22 @@ def _training_options(f):
     return f
 
 
+def check_out(path) -> None:
+    """Refuse an output that cannot be written before any work is done (its folder
+    missing or not writable), not after hours of training or labelling."""
+    import os
+
+    folder = pathlib.Path(path).resolve().parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{path}: the folder {folder} does not exist", param_hint="--out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{path}: the folder {folder} is not writable", param_hint="--out")
+
+
 def _settings(kw):
     from aniserve.training import Settings
 
+    check_out(kw["out"])
     if pathlib.Path(kw["out"]).exists() and not (kw["resume"] or kw["overwrite"]):
         raise click.ClickException(f"{kw['out']} exists; give --overwrite to replace it, or --resume to continue "
                                    f"its interrupted training")
@@ -302,11 +364,12 @@ def train(config, ensemble_size, **kw):
     from aniserve.models import DTYPES
     from aniserve.training import ANIData, description_for, new_model, train as run
 
+    settings = _settings(kw)
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
     description = description_for(data, json.loads(pathlib.Path(config).read_text()) if config else None,
                                   ensemble_size=ensemble_size, name=pathlib.Path(kw["out"]).stem)
     model = new_model(description, seed=kw["seed"], dtype=DTYPES[kw["dtype"]], device=kw["device"])
-    run(model, data, kw["out"], _settings(kw), resume=kw["resume"])
+    run(model, data, kw["out"], settings, resume=kw["resume"])
 
 
 @main.command()
@@ -326,6 +389,7 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     from aniserve.models import load_model
     from aniserve.training import ANIData, train as run, transfer_model
 
+    settings = _settings(kw)
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
     parsed = dict(_parse_option(item) for item in options)
     if freeze_layers:
@@ -333,7 +397,7 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     model = load_model(pretrained, device=kw["device"], dtype=kw["dtype"])
     model, penalty = transfer_model(model, strategy, parsed, kw["seed"])
     model.description["name"] = pathlib.Path(kw["out"]).stem
-    run(model, data, kw["out"], _settings(kw), resume=kw["resume"], penalty=penalty,
+    run(model, data, kw["out"], settings, resume=kw["resume"], penalty=penalty,
         extra={"transfer": {"from": str(pretrained), "strategy": strategy, "options": parsed}})
 
 
@@ -386,11 +450,13 @@ def _need_qm():
               help="High level, METHOD/BASIS; 'none' for low level only.")
 @click.option("--high-every", default=4, show_default=True,
               help="Compute the high level on every Nth conformation (1 = all).")
+@click.option("--high-forces/--no-high-forces", default=False, show_default=True,
+              help="Forces at the high level too (CCSD(T): analytic gradients, ~3-5x the energy's cost).")
 @click.option("--density-fit/--no-density-fit", default=True, show_default=True,
               help="Density fitting for the HF/DFT steps (recorded in the file).")
 @_scheduling_options
-def data_generate(molecules, out, conformations, low_text, high_text, high_every, density_fit, workers, threads,
-                  scheduler, scheduler_file, retries):
+def data_generate(molecules, out, conformations, low_text, high_text, high_every, high_forces, density_fit, workers,
+                  threads, scheduler, scheduler_file, retries):
     """Sample conformations and compute them with PySCF on a Dask cluster, resumably.
 
     Example: aniserve data generate --molecules data/molecules/train.smi
@@ -404,12 +470,12 @@ def data_generate(molecules, out, conformations, low_text, high_text, high_every
     from aniserve.qmdata.levels import Level
     from aniserve.qmdata.records import Journal, done_levels
 
+    check_out(out)
     low = Level.parse(low_text, density_fit)
     high = None if high_text.lower() == "none" else Level.parse(high_text, density_fit)
-    jobs = generate.plan(sampling.read_molecule_list(molecules), conformations, low, high, high_every)
+    jobs = generate.plan(sampling.read_molecule_list(molecules), conformations, low, high, high_every, high_forces)
     out = pathlib.Path(out)
-    done = done_levels(Journal(out.with_suffix(".work")), out)
-    tasks = generate.tasks(jobs, skip=lambda rid, levels: {lv.key for lv in levels} <= done.get(rid, set()))
+    tasks = generate.tasks(jobs, done_levels(Journal(out.with_suffix(".work")), out))
     click.echo(f"{len(jobs)} calculations; {len(jobs) - len(tasks)} already done", err=True)
     _run_tasks(tasks, out, workers, threads, scheduler, scheduler_file, retries, generate.SAMPLING_NOTE)
 
@@ -417,24 +483,42 @@ def data_generate(molecules, out, conformations, low_text, high_text, high_every
 @data.command("label")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--level", "level_text", required=True, help="METHOD/BASIS, e.g. wb97x/6-31g* or ccsd(t)/cc-pvdz.")
-@click.option("--forces/--no-forces", default=False, show_default=True, help="Also compute forces (HF and DFT).")
+@click.option("--forces/--no-forces", default=False, show_default=True,
+              help="Also compute forces (analytic gradients at every level, CCSD(T) included).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="ANI-format HDF5 file to write or extend (its records and levels are kept).")
+@click.option("--having", "having_text", default=None, metavar="METHOD/BASIS",
+              help="Only the HDF5 input records that already have this level (e.g. CCSD(T) forces where CCSD(T) "
+                   "energies are).")
+@click.option("--per-molecule", type=click.IntRange(min=1), default=None,
+              help="At most this many structures of each molecule (lowest indices first).")
 @click.option("--density-fit/--no-density-fit", default=True, show_default=True,
               help="Density fitting for HF/DFT (recorded in the file).")
 @_scheduling_options
-def data_label(inputs, level_text, forces, out, density_fit, workers, threads, scheduler, scheduler_file, retries):
+def data_label(inputs, level_text, forces, out, having_text, per_molecule, density_fit, workers, threads, scheduler,
+               scheduler_file, retries):
     """Compute given structures at one level: extended XYZ or any ASE-readable file, or ANI HDF5 (levels kept).
 
+    Structures are submitted round-robin over molecules, so a partial run covers each.
+
     Example: aniserve data label collected.extxyz --level wb97x/6-31g* --forces --out labelled.h5
+
+    Example: aniserve data label data/qm-train.h5 --level 'ccsd(t)/cc-pvdz' --forces
+    --having 'ccsd(t)/cc-pvdz' --per-molecule 4 --out data/qm-train.h5
     """
     _need_qm()
     from aniserve.qmdata import label
     from aniserve.qmdata.levels import Level
     from aniserve.qmdata.records import Journal
 
+    check_out(out)
     level = Level.parse(level_text, density_fit)
     structures, kept = label.read_inputs(inputs)
+    having = None if having_text is None else Level.parse(having_text).key
+    try:
+        structures = label.select(structures, kept, having, per_molecule)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     journal = Journal(pathlib.Path(out).with_suffix(".work"))
     known = journal.records()
     for record in kept:  # the inputs' own levels go into the output too

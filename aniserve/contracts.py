@@ -31,7 +31,9 @@ class Featurizer(Protocol):
 
 
 class ElementNetwork(Protocol):
-    """An ``nn.Module`` class: per-element networks, k ensemble members."""
+    """An ``nn.Module`` class: per-element networks, k ensemble members.  Networks that
+    take a fixed feature width say so as ``input_width`` (``ANIPotential`` then refuses a
+    featurizer of another width)."""
 
     elements: list[str]
     ensemble_size: int

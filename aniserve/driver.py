@@ -20,14 +20,15 @@ import time
 
 import numpy as np
 
-from aniserve import protocol
+from aniserve import exits, protocol
 from aniserve.serving import Structure
+from aniserve.shm import Segment, SegmentError, peer_uid
 from aniserve.units import BOHR_IN_ANGSTROM
 
 log = logging.getLogger("aniserve.driver")
 
-#: Exit codes of ``aniserve drive``.
-EXIT_OK, EXIT_PROTOCOL, EXIT_INPUT, EXIT_CONNECT = 0, 2, 3, 4
+#: Exit codes of ``aniserve drive`` (the table of every command's is ``aniserve.exits``).
+EXIT_OK, EXIT_PROTOCOL, EXIT_INPUT, EXIT_CONNECT = exits.OK, exits.PROTOCOL, exits.BAD_STRUCTURE, exits.NO_SERVER
 
 
 #: Bytes asked of each recv.  Python allocates the full size before every read, and a
@@ -75,19 +76,25 @@ class Connection:
     def __init__(self, address: Address, numbers: np.ndarray, sock: socket.socket):
         self.address, self.numbers, self.sock = address, numbers, sock
         self.serial = next(Connection.serials)
-        self.mode = protocol.Mode(shm=address.kind == "shm")
+        self.mode = protocol.Mode(shm=address.kind == "shm", natoms=len(numbers))
         self.set_batch_size(1)
         self.buffer = bytearray()
+        self.outgoing = bytearray()  # reply bytes the server has not taken yet
+        self.send_since: float | None = None
         self.initialised = False
-        self.state = "idle"  # idle → pending (structures received) → computed (reply ready)
+        # idle → pending (structures received) → computed (reply ready); "handshake" before
+        # a reconnected server's first STATUS
+        self.state = "idle"
+        self.deadline = 0.0  # of the handshake, when it comes from a reconnection
+        self.reconnection: _Reconnect | None = None  # the one this connection came from
         self.structures: protocol.PosData | None = None
         self.reply = b""
-        self.shm_results = None
-        self.segments = {}
-        self.views = {}
+        self.shm_results: dict[str, np.ndarray] | None = None
+        self.segments: dict[str, Segment] = {}
         self.partial_since = None
         self.last_heard = time.monotonic()
         self.exited = False
+        self.events = 0  # what the driver's selector waits for on this socket
 
     def set_batch_size(self, batch_size: int) -> None:
         """Structures per POSDATA (INIT's batch_size); each has its own evaluator slot,
@@ -96,15 +103,40 @@ class Connection:
         self.keys = [(str(self.address), self.serial, b) for b in range(batch_size)]
 
     def send(self, data: bytes) -> None:
+        """Send without ever blocking: what the server does not take now waits in
+        ``outgoing`` (the loop flushes it, and gives up after --timeout)."""
+        if not self.outgoing:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError) as error:
+                raise ServerGone(str(error)) from None
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self.send_since = time.monotonic()
+        self.outgoing += data
+
+    def flush(self) -> None:
+        """Send what waits in ``outgoing``, as much as the server takes."""
         try:
-            self.sock.sendall(data)
+            sent = self.sock.send(self.outgoing)
+        except BlockingIOError:
+            return
         except (BrokenPipeError, ConnectionResetError) as error:
             raise ServerGone(str(error)) from None
+        del self.outgoing[:sent]
+        if not self.outgoing:
+            self.send_since = None
 
-    def received(self) -> bytes:
-        """Read what has arrived (b"" when the server closed the connection)."""
+    def received(self) -> bytes | None:
+        """Read what has arrived (b"" when the server closed the connection, None when
+        nothing had after all)."""
         try:
             data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return None
         except ConnectionError:
             return b""
         if data:
@@ -132,7 +164,44 @@ class Connection:
         self.sock.close()
         for segment in self.segments.values():
             segment.close()
-        self.segments, self.views = {}, {}
+        self.segments = {}
+
+
+@dataclasses.dataclass
+class _Reconnect:
+    """A connection whose server went away, waiting (without blocking the others) for
+    a server to come back at its address until ``deadline``."""
+
+    address: Address
+    numbers: np.ndarray
+    deadline: float
+    truncated: str | None  # the half message it left, if any
+    next_try: float = 0.0
+
+
+def _attempt(address: Address, timeout: float) -> socket.socket:
+    """One connection attempt (OSError when nothing listens there)."""
+    if address.kind == "inet":
+        sock = socket.create_connection(address.target, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~80 ms a step
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address.target)
+        except OSError:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    return sock
+
+
+def try_connect(address: Address) -> socket.socket | None:
+    """One short connection attempt; None when nothing listens there yet."""
+    try:
+        return _attempt(address, timeout=1)
+    except OSError:
+        return None
 
 
 def connect(address: Address, timeout: float) -> socket.socket:
@@ -141,16 +210,8 @@ def connect(address: Address, timeout: float) -> socket.socket:
     announced = False
     while True:
         try:
-            if address.kind == "inet":
-                sock = socket.create_connection(address.target, timeout=5)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~80 ms a step
-            else:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(5)
-                sock.connect(address.target)
-            sock.settimeout(None)
-            return sock
-        except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError) as error:
+            return _attempt(address, timeout=5)
+        except OSError as error:
             if time.monotonic() >= deadline:
                 raise DriverError(f"could not connect to {address} within {timeout:g} s ({error})",
                                   EXIT_CONNECT) from None
@@ -200,7 +261,8 @@ class IPIDriver:
     def _open(self, address: Address, numbers: np.ndarray, timeout: float) -> Connection:
         """Connect and finish the handshake (answer the first STATUS) before the next
         connection is opened: i-PI serves one pending client at a time.  A reset during
-        the handshake (a server shutting down) counts as no server yet."""
+        the handshake (a server shutting down) counts as no server yet.  Used at start,
+        before anything is served; reconnections go through the loop (``_reconnect``)."""
         deadline = time.monotonic() + timeout
         while True:
             conn = Connection(address, numbers, connect(address, max(deadline - time.monotonic(), 0)))
@@ -223,7 +285,7 @@ class IPIDriver:
                 if time.monotonic() >= deadline:
                     raise DriverError(f"{address}: {error}", EXIT_CONNECT) from None
                 time.sleep(0.2)
-        conn.sock.settimeout(None)
+        conn.sock.setblocking(False)
         try:
             self._process(conn)
         except ServerGone:
@@ -233,12 +295,17 @@ class IPIDriver:
         return conn
 
     def run(self) -> int:
+        """Serve until every connection has ended; the exit status (``EXIT_*``): the
+        first error, or EXIT_OK.  An error on one of several connections ends only that
+        one."""
         self._selector = selectors.DefaultSelector()
+        self.reconnecting: list[_Reconnect] = []
+        self.status = EXIT_OK
         try:
             for address, numbers in self.targets:
                 self._add(self._open(address, numbers, self.connect_timeout))
             self._loop()
-            return EXIT_OK
+            return self.status
         except DriverError as error:
             log.error("%s", error)
             for conn in self.connections:
@@ -253,13 +320,23 @@ class IPIDriver:
     def _add(self, conn: Connection) -> None:
         if conn.exited:  # EXIT came with the handshake
             conn.close()
-        else:
-            self.connections.append(conn)
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            return
+        self.connections.append(conn)
+        conn.events = selectors.EVENT_READ
+        self._selector.register(conn.sock, conn.events, conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Read from a connection, or, while a reply waits in ``outgoing``, only write to
+        it: a server that does not read is not read from either (bounded memory)."""
+        events = selectors.EVENT_WRITE if conn.outgoing else selectors.EVENT_READ
+        if events != conn.events and conn in self.connections:
+            conn.events = events
+            self._selector.modify(conn.sock, events, conn)
 
     def _loop(self) -> None:
         first_pending = None
-        while self.connections:
+        while self.connections or self.reconnecting:
+            self._reconnect()
             pending = [c for c in self.connections if c.state == "pending"]
             if pending:
                 first_pending = first_pending or time.monotonic()
@@ -273,65 +350,148 @@ class IPIDriver:
                 timeout = self.gather_s - waited
             else:
                 timeout = min(1.0, self.idle_timeout or 1.0, self.message_timeout)
-            for key, _ in self._selector.select(timeout):
+            if self.reconnecting:
+                timeout = min(timeout, 0.2)
+            for key, events in self._selector.select(timeout):
                 conn = key.data
+                if conn not in self.connections:
+                    continue  # dropped earlier in this round
+                if events & selectors.EVENT_WRITE:
+                    self._handle(conn, flush=True)
+                    continue
                 data = conn.received()
+                if data is None:
+                    continue
                 if not data:
                     self._lost(conn)
                     continue
                 conn.buffer += data
                 self._handle(conn)
-            now = time.monotonic()
-            for conn in self.connections:
-                if conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
-                    raise DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, starting "
-                                      f"{bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s", EXIT_PROTOCOL)
-                if (self.idle_timeout and conn.state != "pending"
-                        and now - conn.last_heard > self.idle_timeout):
-                    raise DriverError(f"{conn.address}: silent for {self.idle_timeout:g} s (--idle-timeout); "
-                                      f"giving up on it", EXIT_PROTOCOL)
+            self._check_timeouts()
 
-    def _handle(self, conn: Connection) -> None:
-        """Process a connection's messages; a server gone mid-reply is a lost connection."""
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.state == "handshake" and now > conn.deadline:
+                # connected, but no server greets: as if none had come back
+                log.info("%s: no STATUS within %g s", conn.address, self.message_timeout)
+                self._drop(conn, fatal=True)
+                self._give_up(conn.reconnection)
+            elif conn.outgoing and now - conn.send_since > self.message_timeout:
+                self._fail(conn, DriverError(f"{conn.address}: the server has not read our reply "
+                                             f"({len(conn.outgoing)} bytes waiting) for {self.message_timeout:g} s",
+                                             EXIT_PROTOCOL))
+            elif conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
+                self._fail(conn, DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, "
+                                             f"starting {bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s",
+                                             EXIT_PROTOCOL))
+            elif (self.idle_timeout and conn.state != "pending"
+                  and now - conn.last_heard > self.idle_timeout):
+                self._fail(conn, DriverError(f"{conn.address}: silent for {self.idle_timeout:g} s (--idle-timeout); "
+                                             f"giving up on it", EXIT_PROTOCOL))
+
+    def _handle(self, conn: Connection, flush: bool = False) -> None:
+        """Send what waits and process a connection's messages; a server gone mid-reply
+        is a lost connection, an error ends that connection."""
         try:
+            if flush:
+                conn.flush()
             self._process(conn)
         except ServerGone:
             conn.buffer.clear()  # whatever it sent last will not be answered
             self._lost(conn)
             return
+        except DriverError as error:
+            self._fail(conn, error)
+            return
         if conn.exited:
             self._drop(conn)
+        else:
+            self._watch(conn)
 
-    def _drop(self, conn: Connection) -> None:
+    def _fail(self, conn: Connection, error: DriverError) -> None:
+        """End one connection for an error; the driver serves the others and exits with
+        the first error's status when they are done."""
+        log.error("%s", error)
+        self._drop(conn, fatal=True)
+        if self.status == EXIT_OK:
+            self.status = error.code
+
+    def _drop(self, conn: Connection, fatal: bool = False) -> None:
         self._selector.unregister(conn.sock)
-        conn.close()
+        conn.close(fatal=fatal)
         self.connections.remove(conn)
         self._forget(conn)
 
     def _lost(self, conn: Connection) -> None:
         """The server closed the connection: wait for a server to come back at the same
-        address (i-PI restarted), or stop.  A server killed while sending leaves half a
-        message: it is named and dropped, and is an error only if no server comes back."""
+        address (i-PI restarted), or stop; the other connections are served meanwhile.
+        A server killed while sending leaves half a message: it is named and dropped,
+        and is an error only if no server comes back."""
         truncated = (f"{conn.address} closed the connection in the middle of a message ({len(conn.buffer)} "
                      f"bytes of {bytes(conn.buffer[:12]).strip()!r} received)") if conn.buffer else None
         if truncated:
             log.warning("%s; dropped", truncated)
         self._drop(conn)
+        if conn.reconnection is not None and conn.state == "handshake":
+            # A reset during a reconnection's handshake is still no server: the same deadline holds.
+            self.reconnecting.append(conn.reconnection)
+            return
         log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
                  self.reconnect_timeout)
-        try:
-            self._add(self._open(conn.address, conn.numbers, self.reconnect_timeout))
-        except DriverError as error:
-            if truncated:
-                raise DriverError(f"{truncated}, and no server came back ({error})", EXIT_PROTOCOL) from None
-            log.info("no server at %s; that connection is done", conn.address)
+        self.reconnecting.append(_Reconnect(conn.address, conn.numbers, time.monotonic() + self.reconnect_timeout,
+                                            truncated))
+
+    def _reconnect(self) -> None:
+        """One connection attempt for each address whose server went away (due now); a
+        connection made waits for its server's STATUS in the loop like any other."""
+        now = time.monotonic()
+        for waiting in list(self.reconnecting):
+            if now < waiting.next_try:
+                continue
+            sock = try_connect(waiting.address)
+            if sock is None:
+                waiting.next_try = time.monotonic() + 0.2
+                if waiting.next_try >= waiting.deadline:
+                    self.reconnecting.remove(waiting)
+                    self._give_up(waiting)
+                continue
+            self.reconnecting.remove(waiting)
+            sock.setblocking(False)
+            conn = Connection(waiting.address, waiting.numbers, sock)
+            conn.state, conn.deadline = "handshake", max(waiting.deadline, time.monotonic() + self.message_timeout)
+            conn.reconnection = waiting
+            self._add(conn)
+
+    def _give_up(self, waiting: _Reconnect | None) -> None:
+        """No server came back: that connection is done; an error only if its last
+        server left half a message."""
+        if waiting is None:
+            return
+        if waiting.truncated:
+            log.error("%s, and no server came back", waiting.truncated)
+            if self.status == EXIT_OK:
+                self.status = EXIT_PROTOCOL
+        else:
+            log.info("no server at %s; that connection is done", waiting.address)
 
     # --------------------------------------------------------------- messages
     def _process(self, conn: Connection) -> None:
-        """Handle buffered messages until the buffer runs dry or we wait on results."""
-        while True:
+        """Handle buffered messages until the buffer runs dry, we wait on results, or
+        a reply waits to be sent (the next one is read only when the server takes it)."""
+        while not conn.outgoing:
+            if conn.state == "handshake":
+                if len(conn.buffer) < protocol.HEADER_LENGTH:
+                    return
+                if not conn.buffer.startswith(protocol.header("STATUS")):
+                    raise DriverError(f"{conn.address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
+                                      EXIT_PROTOCOL)
+                conn.state = "idle"
+                log.info("connected to %s", conn.address)
             try:
                 decoded = protocol.decode(conn.buffer, conn.mode) if conn.buffer else None
+            except protocol.AtomCountMismatch as error:
+                raise DriverError(f"{conn.address}: {error}", EXIT_INPUT) from None
             except protocol.ProtocolError as error:
                 raise DriverError(f"{conn.address}: {error}", EXIT_PROTOCOL) from None
             if decoded is None:
@@ -359,50 +519,43 @@ class IPIDriver:
                                       EXIT_PROTOCOL)
                 if isinstance(message, protocol.ShmPosData):
                     message = self._read_shm(conn, message)
-                if len(message.positions[0]) != len(conn.numbers):
-                    raise DriverError(f"{conn.address}: the server sent {len(message.positions[0])} atoms, "
-                                      f"the structure file has {len(conn.numbers)}", EXIT_INPUT)
                 conn.structures, conn.state = message, "pending"
             elif isinstance(message, protocol.GetForce):
                 if conn.state != "computed":
                     raise DriverError(f"{conn.address}: GETFORCE without positions", EXIT_PROTOCOL)
-                if conn.mode.shm:
-                    protocol.shm_write_forceready(conn.views, *conn.shm_results)
+                if conn.shm_results is not None:
+                    try:
+                        for kind, values in conn.shm_results.items():
+                            conn.segments[kind].write(values)
+                    except SegmentError as error:
+                        raise DriverError(f"{conn.address}: {error}", EXIT_PROTOCOL) from None
                 conn.send(conn.reply)
-                conn.state, conn.reply = "idle", b""
+                conn.state, conn.reply, conn.shm_results = "idle", b"", None
             elif isinstance(message, protocol.Exit):
                 log.info("%s sent EXIT", conn.address)
                 conn.exited = True
                 return
 
     def _read_shm(self, conn: Connection, message: protocol.ShmPosData) -> protocol.PosData:
-        from multiprocessing import resource_tracker, shared_memory
-
+        """The structures from the segments the server named, sized for this step's
+        batch (a re-INIT with another batch size reads that many) and checked against
+        each segment's size as it is now."""
         if message.segment_names is not None:
-            shapes = protocol.shm_shapes(conn.mode.batch_size, message.natoms)
-            for kind, name in message.segment_names.items():
-                try:
-                    segment = shared_memory.SharedMemory(name=name)
-                except FileNotFoundError:
-                    raise DriverError(f"{conn.address}: shared-memory segment {name!r} does not exist",
-                                      EXIT_PROTOCOL) from None
-                except (OSError, ValueError) as error:  # no permission, an empty segment, …
-                    raise DriverError(f"{conn.address}: cannot open shared-memory segment {name!r} ({error})",
-                                      EXIT_PROTOCOL) from None
-                # i-PI owns the segments: stop our resource tracker from unlinking them.
-                resource_tracker.unregister(segment._name, "shared_memory")
-                if segment.size < 8 * int(np.prod(shapes[kind])):
-                    raise DriverError(f"{conn.address}: segment {name!r} holds {segment.size} bytes, too few "
-                                      f"for {shapes[kind]} float64", EXIT_PROTOCOL)
-                conn.segments[kind] = segment
-                conn.views[kind] = np.ndarray(shapes[kind], dtype=np.float64, buffer=segment.buf)
+            owner = peer_uid(conn.sock)
+            try:
+                for kind, name in message.segment_names.items():
+                    conn.segments[kind] = Segment(name, owner)
+            except SegmentError as error:
+                raise DriverError(f"{conn.address}: {error}", EXIT_PROTOCOL) from None
             conn.mode = dataclasses.replace(conn.mode, shm_attached=True)
-        if not conn.views:
+        if not conn.segments:
             raise DriverError(f"{conn.address}: shared-memory POSDATA before the segments were named", EXIT_PROTOCOL)
-        if conn.views["pos"].shape[1] != 3 * message.natoms:
-            raise DriverError(f"{conn.address}: shared-memory POSDATA of {message.natoms} atoms, the segments "
-                              f"hold {conn.views['pos'].shape[1] // 3}", EXIT_PROTOCOL)
-        return protocol.shm_read_posdata(conn.views, message.natoms)
+        shapes = protocol.shm_shapes(conn.mode.batch_size, message.natoms)
+        try:
+            arrays = {kind: conn.segments[kind].read(shapes[kind]) for kind in ("pos", "h")}
+        except SegmentError as error:
+            raise DriverError(f"{conn.address}: {error}", EXIT_PROTOCOL) from None
+        return protocol.shm_posdata(arrays, message.natoms)
 
     # ---------------------------------------------------------------- compute
     def _periodic(self, cell_h: np.ndarray) -> bool:
@@ -414,7 +567,13 @@ class IPIDriver:
         if self.pbc != "auto":
             return self.pbc == "yes"
         a0, a1, a2, b0, b1, b2, c0, c1, c2 = flat
-        return abs(a0 * (b1 * c2 - b2 * c1) - a1 * (b0 * c2 - b2 * c0) + a2 * (b0 * c1 - b1 * c0)) > 1e-6
+        volume = abs(a0 * (b1 * c2 - b2 * c1) - a1 * (b0 * c2 - b2 * c0) + a2 * (b0 * c1 - b1 * c0))
+        # Singular relative to the cell's own size, so that a tiny but well-formed box
+        # is a box (and refused as too thin), not silently an isolated molecule.  Rows
+        # and columns give the same product bound (Hadamard), either will do.
+        lengths = (math.sqrt(a0 * a0 + a1 * a1 + a2 * a2) * math.sqrt(b0 * b0 + b1 * b1 + b2 * b2)
+                   * math.sqrt(c0 * c0 + c1 * c1 + c2 * c2))
+        return lengths > 0 and volume > 1e-9 * lengths
 
     def _forget(self, conn: Connection) -> None:
         for key in conn.keys:
@@ -442,7 +601,7 @@ class IPIDriver:
             virials = np.array([r.virial for r in done])
             conn.reply = protocol.encode_forceready(energies, forces, virials, [self._extras(r) for r in done],
                                                     conn.mode)
-            conn.shm_results = (energies, forces, virials) if conn.mode.shm else None
+            conn.shm_results = protocol.shm_forceready(energies, forces, virials) if conn.mode.shm else None
             conn.state, conn.structures = "computed", None
 
     def _extras(self, result) -> str:

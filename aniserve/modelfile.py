@@ -72,8 +72,15 @@ def read_description(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: not a readable safetensors file ({error})") from None
     if "aniserve" not in metadata:
         raise ModelFileError(f"{path}: safetensors file without an aniserve model description")
+    text = metadata["aniserve"]
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise ModelFileError(f"{path}: the model description is {len(text)} characters long, more than "
+                             f"{MAX_DESCRIPTION_CHARS}")
+    depth = json_depth(text)
+    if depth > MAX_DESCRIPTION_DEPTH:
+        raise ModelFileError(f"{path}: the model description nests {depth} deep, more than {MAX_DESCRIPTION_DEPTH}")
     try:
-        description = json.loads(metadata["aniserve"])
+        description = json.loads(text)
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path}: the model description is not JSON ({error})") from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
@@ -83,8 +90,35 @@ def read_description(path: str | os.PathLike) -> dict:
     return description
 
 
-#: Bounds on a description read from a file (untrusted until checked).
+#: Bounds on a description read from a file (untrusted until checked).  The embedded
+#: model's is 2 KB and 7 deep; a delta chain adds 4 levels per link.
 MAX_ENSEMBLE = 1024
+MAX_DESCRIPTION_CHARS = 1 << 20
+MAX_DESCRIPTION_DEPTH = 64
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in JSON text, strings skipped: checked
+    before parsing, since every parser (and ``build``, which recurses through delta
+    networks) would otherwise recurse that deep."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def check_description(description: dict, where="model description") -> None:
@@ -132,12 +166,12 @@ def build(description: dict) -> ANIPotential:
     try:
         featurizer = featurizer_cls.from_config(description["featurizer"]["params"], description["elements"])
         networks = network_cls.from_config(description["element_network"]["params"])
-    except (KeyError, TypeError, ValueError) as error:
+        return ANIPotential(featurizer, networks, description["self_energies"],
+                            {"name": description.get("name", ""), "featurizer": description["featurizer"],
+                             "element_network": description["element_network"]})
+    except (KeyError, TypeError, ValueError, LookupError, ArithmeticError) as error:  # LookupError: a nested name
         raise ModelFileError(f"model {description.get('name', '')!r}: component parameters do not make a model "
                              f"({type(error).__name__}: {error})") from None
-    return ANIPotential(featurizer, networks, description["self_energies"],
-                        {"name": description.get("name", ""), "featurizer": description["featurizer"],
-                         "element_network": description["element_network"]})
 
 
 def _check_network_shapes(description: dict, path) -> None:
@@ -152,7 +186,7 @@ def _check_network_shapes(description: dict, path) -> None:
             wanted = network_cls.from_config(description["element_network"]["params"]).state_dict()
     except RegistryError:
         return  # build() names the missing plugin
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError, LookupError, ArithmeticError) as error:
         raise ModelFileError(f"{path}: element_network parameters do not make a network "
                              f"({type(error).__name__}: {error})") from None
     with safe_open(str(path), framework="pt") as f:

@@ -22,6 +22,12 @@ class EnsembleMLP(nn.Module):
 
     def __init__(self, sizes: list[int], ensemble_size: int = 1, celu_alpha: float = 0.1):
         super().__init__()
+        if (len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+                or isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1):
+            raise ValueError(f"layer widths must be positive integers and the ensemble size at least 1, got "
+                             f"{str(sizes)[:80]} and {ensemble_size!r}")
+        if isinstance(celu_alpha, bool) or not isinstance(celu_alpha, (int, float)) or not 0 < celu_alpha < 1e3:
+            raise ValueError(f"celu_alpha must be a positive number, got {celu_alpha!r}")
         self.sizes = list(sizes)
         self.celu_alpha = celu_alpha
         self.weights = nn.ParameterList()
@@ -294,9 +300,14 @@ class DeltaNetworks(nn.Module):
         super().__init__()
         if correction.ensemble_size not in (1, base.ensemble_size) or list(correction.elements) != list(base.elements):
             raise ValueError("the delta correction must cover the base's elements with 1 or the same number of members")
+        widths = {getattr(base, "input_width", None), getattr(correction, "input_width", None)} - {None}
+        if len(widths) > 1:
+            raise ValueError(f"the delta base and correction take different input widths {sorted(widths)}")
         self.base, self.correction = base, correction
         self.names = (base_name, correction_name)
         self.elements = list(base.elements)
+        if widths:
+            self.input_width = widths.pop()
 
     @property
     def ensemble_size(self) -> int:

@@ -57,6 +57,15 @@ class ANIPotential(nn.Module):
     def __init__(self, featurizer: nn.Module, networks: nn.Module, self_energies: dict[str, float],
                  description: dict | None = None):
         super().__init__()
+        # The compiled network kernel reads as many feature columns as the networks take:
+        # a featurizer of another width must never reach it.
+        width = getattr(networks, "input_width", None)
+        if width is not None and width != featurizer.output_width:
+            raise ValueError(f"the featurizer gives {featurizer.output_width} features per atom, the element networks "
+                             f"take {width}")
+        if list(getattr(featurizer, "elements", networks.elements)) != list(networks.elements):
+            raise ValueError(f"the featurizer's elements {list(featurizer.elements)} differ from the networks' "
+                             f"{list(networks.elements)}")
         self.featurizer = featurizer
         self.networks = networks
         self.elements = list(networks.elements)
@@ -346,23 +355,53 @@ def _first(result: Evaluation) -> Evaluation:
 
 
 def _as_tensor(value, dtype, device, name):
+    """``value`` as a dense tensor of ``dtype``: numbers of the right kind only (never a
+    boolean read as 0/1 or a complex number stripped of its imaginary part); numpy
+    views of any stride or byte order are fine."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta:
+            raise ValueError(f"{name} must be a dense tensor holding values, got a {value.layout} "
+                             f"{'meta ' if value.is_meta else ''}tensor")
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be real numbers, got a {value.dtype} tensor")
         return value.detach().to(device=device, dtype=dtype)
     try:
-        return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
+        raw = np.asarray(value)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name} must be a numeric array: {error}") from None
+    if raw.dtype.kind in "bc":
+        raise ValueError(f"{name} must be real numbers, got an array of {raw.dtype}")
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be a numeric array, got an array of {raw.dtype}")
+    # Reversed or strided views and big-endian arrays are valid input: one native copy.
+    raw = np.ascontiguousarray(raw, dtype=raw.dtype.newbyteorder("="))
+    return torch.as_tensor(raw, dtype=dtype, device=device)
+
+
+def _check_numbers(numbers) -> None:
+    """Atomic numbers are integers (or floats holding integers), one per atom."""
+    if isinstance(numbers, torch.Tensor):
+        if numbers.layout != torch.strided or numbers.is_meta or numbers.dtype == torch.bool or numbers.is_complex():
+            raise ValueError(f"atomic numbers must be a dense tensor of integers, got a {numbers.layout} "
+                             f"{'meta ' if numbers.is_meta else ''}{numbers.dtype} tensor")
+        if numbers.dim() == 0:
+            raise ValueError("atomic numbers must be an array, one per atom, not a single number")
+        if not numbers.is_floating_point():
+            return  # an integer tensor (the driver's and the calculator's path): no copy to the host
+        raw = numbers.detach().cpu().numpy()
+    else:
+        raw = np.asarray(numbers)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"atomic numbers must be integers, got an array of {raw.dtype}")
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+        raise ValueError(f"atomic numbers must be integers, got {raw[raw != np.round(raw)][:5].tolist()}")
+    if raw.ndim == 0:
+        raise ValueError("atomic numbers must be an array, one per atom, not a single number")
 
 
 def _as_batch(numbers, positions, cell, device) -> dict:
     """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
-    # An integer tensor (the driver's and the calculator's path) needs no copy to the host.
-    if not (isinstance(numbers, torch.Tensor) and not numbers.is_floating_point()):
-        raw = numbers.detach().cpu().numpy() if isinstance(numbers, torch.Tensor) else np.asarray(numbers)
-        if raw.dtype.kind in "fc" and not np.array_equal(raw, np.round(raw.real)):
-            raise ValueError(f"atomic numbers must be integers, got {raw[raw != np.round(raw.real)][:5].tolist()}")
-        if raw.dtype.kind not in "iufcb":
-            raise ValueError(f"atomic numbers must be integers, got an array of {raw.dtype}")
+    _check_numbers(numbers)
     if numbers is not None and len(numbers) == 0:
         raise ValueError("the structure has no atoms")
     num = _as_tensor(numbers, torch.long, device, "numbers")
@@ -384,6 +423,9 @@ def _as_batch(numbers, positions, cell, device) -> dict:
     if padded:
         if (num < 0).any():
             raise ValueError(f"atomic numbers must be 1..118 (0 marks padding), got {num[num < 0].unique().tolist()}")
+        if single:
+            raise ValueError(f"atomic number 0 at atom {int(torch.nonzero(num[0] == 0)[0])}: 0 marks padding, "
+                             f"which only a batch (B, N) may hold")
         if (num[:, 0] == 0).any():
             raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
     c = None

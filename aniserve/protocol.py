@@ -42,13 +42,24 @@ class ProtocolError(ValueError):
     """The peer sent something that is not valid i-PI protocol."""
 
 
+class AtomCountMismatch(ProtocolError):
+    """A POSDATA announced another atom count than the connection's system has: raised
+    as soon as the count is read, before its payload is waited for or buffered."""
+
+    def __init__(self, sent: int, expected: int):
+        super().__init__(f"the server sent {sent} atoms, the structure file has {expected}")
+        self.sent, self.expected = sent, expected
+
+
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """What this connection speaks: batch size (1 = unbatched) and shared memory."""
+    """What this connection speaks: batch size (1 = unbatched) and shared memory; and,
+    when known, the atom count every POSDATA must carry."""
 
     batch_size: int = 1
     shm: bool = False
     shm_attached: bool = False
+    natoms: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +217,17 @@ def decode(buffer, mode: Mode):
     return message, reader.offset
 
 
+def _atom_count(reader: _Reader, mode: Mode, high: int) -> int:
+    natoms = _bounded(reader.int32(), 1, high, "POSDATA atom count")
+    if mode.natoms is not None and natoms != mode.natoms:
+        raise AtomCountMismatch(natoms, mode.natoms)
+    return natoms
+
+
 def _decode_posdata(reader: _Reader, mode: Mode):
     b = mode.batch_size
     if mode.shm:
-        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "POSDATA atom count")
+        natoms = _atom_count(reader, mode, MAX_ATOMS)
         names = None
         if not mode.shm_attached:
             names = {}
@@ -220,10 +238,10 @@ def _decode_posdata(reader: _Reader, mode: Mode):
     if b == 1:
         cell = reader.float64s(9).reshape(1, 3, 3)
         reader.float64s(9)  # inverse cell: legacy, recomputed where needed
-        natoms = _bounded(reader.int32(), 1, MAX_ATOMS, "POSDATA atom count")
+        natoms = _atom_count(reader, mode, MAX_ATOMS)
         positions = reader.float64s(3 * natoms).reshape(1, natoms, 3)
         return PosData(cell, positions)
-    natoms = _bounded(reader.int32(), 1, MAX_ATOMS // b, "POSDATA atom count")
+    natoms = _atom_count(reader, mode, MAX_ATOMS // b)
     cells = reader.float64s(18 * b).reshape(b, 2, 3, 3)[:, 0]
     positions = reader.float64s(3 * natoms * b).reshape(b, natoms, 3)
     return PosData(cells, positions)
@@ -237,19 +255,20 @@ def shm_shapes(batch_size: int, natoms: int) -> dict[str, tuple[int, ...]]:
     return {"pos": (b, 3 * n), "h": (b, 3, 3), "ih": (b, 3, 3), "pot": (b,), "force": (b, 3 * n), "vir": (b, 3, 3)}
 
 
-def shm_read_posdata(views: dict[str, np.ndarray], natoms: int) -> PosData:
-    """The structures a shared-memory POSDATA announced, copied out of the segments."""
-    b = views["h"].shape[0]
-    return PosData(views["h"].copy(), views["pos"].reshape(b, natoms, 3).copy())
+def shm_posdata(arrays: dict[str, np.ndarray], natoms: int) -> PosData:
+    """The structures a shared-memory POSDATA announced, from the ``pos`` and ``h``
+    segments' arrays (``shm_shapes``)."""
+    b = arrays["h"].shape[0]
+    return PosData(arrays["h"], arrays["pos"].reshape(b, natoms, 3))
 
 
-def shm_write_forceready(views: dict[str, np.ndarray], energies, forces, virials) -> None:
-    """Results into the segments before the FORCEREADY message (which then carries only
-    the extras): energies (B,), forces (B, N, 3) Hartree/Bohr, virials (B, 3, 3)."""
+def shm_forceready(energies, forces, virials) -> dict[str, np.ndarray]:
+    """What goes to the segments, each from its start, before the FORCEREADY message
+    (which then carries only the extras): energies (B,), forces (B, N, 3)
+    Hartree/Bohr, virials (B, 3, 3), in i-PI's layout."""
     b = len(energies)
-    views["pot"][:b] = energies
-    views["force"][:b] = np.asarray(forces).reshape(b, -1)
-    views["vir"][:b] = virials
+    return {"pot": np.asarray(energies, dtype="<f8"), "force": np.asarray(forces, dtype="<f8").reshape(b, -1),
+            "vir": np.asarray(virials, dtype="<f8").reshape(b, 3, 3)}
 
 
 def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) -> bytes:

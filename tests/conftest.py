@@ -25,6 +25,8 @@ MISSING_WEIGHTS = (f"official ANI weights not found ({SHARED / 'ani-model-zoo'})
 def pytest_addoption(parser):
     parser.addoption("--fuzz-sequences", type=int, default=1000,
                      help="sequences the driver fuzz test plays (a longer campaign: e.g. 20000)")
+    parser.addoption("--fuzz-files", type=int, default=300,
+                     help="crafted files the file-reader fuzz test loads (a longer campaign: e.g. 5000)")
 
 
 def pytest_configure(config):

@@ -35,7 +35,7 @@ ETHANOL = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.650
            [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
 #: Driver options: short timeouts keep every sequence bounded.
 TIMEOUT, IDLE, RECONNECT = 0.3, 0.4, 0.1
-#: Documented exit statuses of ``aniserve drive`` (README, "Exit status").
+#: Exit statuses ``aniserve drive`` can meet here (README, "Exit status"; aniserve.exits).
 DOCUMENTED = {0, 2, 3, 4}
 
 
@@ -149,6 +149,32 @@ def sequence(rng: random.Random, shm: bool) -> list[tuple]:
     return steps
 
 
+def shm_segment_sequence(rng: random.Random) -> list[tuple]:
+    """Steps against real shared-memory segments (sized for two structures of 9 atoms)
+    that the server damages between steps: shrunk, made writable by others, unlinked,
+    or left alone; INIT may change the batch size.  ('shm-posdata',) sends a POSDATA
+    naming them the first time; ('shm-damage', how) damages one."""
+    init = [HEADER["INIT"] + struct.pack("<ii", 0, 0), HEADER["INIT"] + struct.pack("<ii", 0, 12) + b"batch_size:2"]
+    steps = [("send", HEADER["STATUS"]), ("send", rng.choice(init)), ("send", HEADER["STATUS"])]
+    for _ in range(rng.randrange(1, 5)):
+        steps += [("shm-posdata",), ("send", HEADER["GETFORCE"]), ("read",)]
+        what = rng.choice(["shrink", "shrink", "chmod", "unlink", "none", "none", "reinit"])
+        steps.append(("send", rng.choice(init)) if what == "reinit" else ("shm-damage", what))
+    steps.append(rng.choice([("send", HEADER["EXIT"]), ("pause", 0.01)]))
+    steps.append(("close",))
+    return steps
+
+
+def backpressure_sequence(rng: random.Random) -> list[tuple]:
+    """A server that never reads: ('noread',) stops the harness draining our replies."""
+    steps = [("noread",), ("send", HEADER["STATUS"])]
+    if rng.random() < 0.5:
+        steps += [("send", HEADER["INIT"] + struct.pack("<ii", 0, 0)), ("send", HEADER["STATUS"])]
+    steps += [("send", HEADER["STATUS"] * 4096)] * rng.randrange(1, 40)
+    steps.append(rng.choice([("quiet",), ("close",)]))
+    return steps
+
+
 def normal_sequence() -> list[tuple]:
     valid = [("send", HEADER["STATUS"]), ("send", HEADER["INIT"] + struct.pack("<ii", 0, 0)), ("send", HEADER["STATUS"]),
              ("send", HEADER["POSDATA"] + _f64([0.0] * 18) + struct.pack("<i", 9)
@@ -177,6 +203,14 @@ class Harness:
             f.write("9\n\n" + "".join(f"{e} {x} {y} {z}\n" for e, (x, y, z) in zip("CCOHHHHHH", ETHANOL)))
 
     def run(self, steps: list[tuple], shm: bool, case: int) -> dict:
+        segments = _Segments(case) if any(step[0] == "shm-posdata" for step in steps) else None
+        try:
+            return self._run(steps, shm, case, segments)
+        finally:
+            if segments is not None:
+                segments.remove()
+
+    def _run(self, steps: list[tuple], shm: bool, case: int, segments) -> dict:
         path = os.path.join(self.folder, f"s{case}")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
@@ -215,19 +249,27 @@ class Harness:
         listener.close()
         os.unlink(path)  # a reconnect finds no server
         ending = "close"
+        reads = ("noread",) not in steps
         if conn is not None:
             conn.setblocking(False)
             for step in steps:
                 if step[0] == "send":
-                    if not _send(conn, step[1]):
+                    if not _send(conn, step[1], reads):
                         break
+                elif step[0] == "shm-posdata":
+                    if not _send(conn, segments.posdata(), reads):
+                        break
+                elif step[0] == "shm-damage":
+                    segments.damage(step[1], random.Random(case))
                 elif step[0] == "pause":
                     time.sleep(step[1])
                 elif step[0] == "read":
-                    _drain(conn, 0.05)
-                else:
+                    if reads:
+                        _drain(conn, 0.05)
+                elif step[0] != "noread":
                     ending = step[0]
-            _drain(conn, 0.0)
+            if reads:
+                _drain(conn, 0.0)
             if ending == "half-close":
                 try:
                     conn.shutdown(socket.SHUT_WR)
@@ -241,7 +283,7 @@ class Harness:
             done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:
                 break
-            if conn is not None and conn.fileno() >= 0:
+            if reads and conn is not None and conn.fileno() >= 0:
                 _drain(conn, 0.0)
             _read_pipe(read_end, stderr)
             time.sleep(0.002)
@@ -259,17 +301,69 @@ class Harness:
                 "traceback": "Traceback" in text, "stderr": text[-400:]}
 
 
-def _send(conn: socket.socket, data: bytes) -> bool:
+def _send(conn: socket.socket, data: bytes, reads: bool = True) -> bool:
+    """Send (reading replies meanwhile unless ``reads`` is False); False when the
+    driver stopped taking bytes for 2 s or went away."""
     view, deadline = memoryview(data), time.monotonic() + 2
     while view and time.monotonic() < deadline:
         try:
             sent = conn.send(view)
             view = view[sent:]
         except BlockingIOError:
-            _drain(conn, 0.01)
+            if reads:
+                _drain(conn, 0.01)
+            else:
+                time.sleep(0.01)
         except OSError:
             return False
     return not view
+
+
+class _Segments:
+    """Six shared-memory segments laid out as i-PI's for 2 structures of ethanol."""
+
+    KINDS = ("pos", "h", "ih", "pot", "force", "vir")
+
+    def __init__(self, case: int):
+        from multiprocessing import shared_memory
+
+        sizes = {"pos": 2 * 27, "h": 18, "ih": 18, "pot": 2, "force": 2 * 27, "vir": 18}
+        prefix = f"anifuzz_{os.getpid()}_{case}_"
+        self.shm = {k: shared_memory.SharedMemory(create=True, name=prefix + k, size=8 * sizes[k]) for k in self.KINDS}
+        positions = [c * BOHR for atom in ETHANOL for c in atom]
+        self.shm["pos"].buf[:8 * 54] = _f64(positions * 2)
+        self.shm["h"].buf[:8 * 18] = _f64([40.0, 0, 0, 0, 40.0, 0, 0, 0, 40.0] * 2)
+        self.named = False
+
+    def posdata(self) -> bytes:
+        message = HEADER["POSDATA"] + struct.pack("<i", 9)
+        if not self.named:
+            self.named = True
+            for k in self.KINDS:
+                name = self.shm[k].name.encode()
+                message += struct.pack("<i", len(name)) + name
+        return message
+
+    def damage(self, how: str, rng: random.Random) -> None:
+        kind = rng.choice(self.KINDS)
+        path = f"/dev/shm/{self.shm[kind].name.lstrip('/')}"
+        try:
+            if how == "shrink":
+                os.truncate(path, rng.choice([0, 8, 100]))
+            elif how == "chmod":
+                os.chmod(path, 0o666)
+            elif how == "unlink":
+                self.shm[kind].unlink()
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        for segment in self.shm.values():
+            segment.close()
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _drain(conn: socket.socket, wait: float) -> None:
@@ -292,6 +386,20 @@ def _read_pipe(fd: int, into: io.BytesIO, until_eof: bool = False) -> None:
         into.write(chunk)
 
 
+#: Kinds of sequence: random hostile messages, hostile shared-memory names, real
+#: segments damaged between steps, and a server that never reads.
+FAMILIES = ("messages", "shm-names", "shm-segments", "backpressure")
+
+
+def _family_summary(outcomes: list[dict], baseline: dict) -> dict:
+    return {"tries": len(outcomes), "tracebacks": sum(o["traceback"] for o in outcomes),
+            "signals": sum(o["exit"] < 0 for o in outcomes), "hung": sum(o["hung"] for o in outcomes),
+            "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),
+            "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
+            "max_extra_rss_mb": round(max((o["maxrss_mb"] for o in outcomes), default=baseline["maxrss_mb"])
+                                      - baseline["maxrss_mb"], 1)}
+
+
 def campaign(sequences: int, seed: int, model: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="aniserve-fuzz-") as folder:
         harness = Harness(model, folder)
@@ -299,11 +407,17 @@ def campaign(sequences: int, seed: int, model: str) -> dict:
         outcomes = []
         for case in range(sequences):
             rng = random.Random(seed * 1_000_003 + case)
-            shm = rng.random() < 0.15
-            outcome = harness.run(sequence(rng, shm), shm, case)
-            outcome["shm"] = shm
+            family = rng.choices(FAMILIES, weights=[70, 10, 12, 8])[0]
+            shm = family in ("shm-names", "shm-segments")
+            steps = {"messages": lambda: sequence(rng, False), "shm-names": lambda: sequence(rng, True),
+                     "shm-segments": lambda: shm_segment_sequence(rng),
+                     "backpressure": lambda: backpressure_sequence(rng)}[family]()
+            outcome = harness.run(steps, shm, case)
+            outcome["shm"], outcome["family"] = shm, family
             outcomes.append(outcome)
     return {"seed": seed, "sequences": sequences, "baseline": baseline, "outcomes": outcomes,
+            "families": {f: _family_summary([o for o in outcomes if o["family"] == f], baseline)
+                         for f in FAMILIES},
             "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
             "tracebacks": sum(o["traceback"] for o in outcomes), "hung": sum(o["hung"] for o in outcomes),
             "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),

@@ -1,5 +1,7 @@
 """Bad input gets an error that names the problem."""
 
+import os
+import re
 import shutil
 
 import numpy as np
@@ -109,3 +111,117 @@ def test_an_incomplete_neurochem_ensemble_is_an_error_unless_asked_for(tmp_path,
     with pytest.warns(UserWarning, match=rf"serving 7 of 8 ensemble members \({missing} missing\)"):
         model = load_neurochem(folder, allow_incomplete=True)
     assert model.ensemble_size == 7
+
+
+# ------------------------------------------------------------------ crafted NeuroChem files
+def _params_with(text: str, **values) -> str:
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        lines.append(f"{key} = {values[key]}" if key in values else line)
+    return "\n".join(lines) + "\n"
+
+
+def _bzip2_nnf(text: bytes) -> bytes:
+    import bz2
+
+    packed = bz2.compress(text, 9)
+    return f"{len(packed)}=\n".encode() + packed
+
+
+def _fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _link(path, target):
+    path.unlink()
+    path.symlink_to(target)
+
+
+PARAMS = "rHCNO-5.2R_16-3.5A_a4-8.params"
+NEUROCHEM_DAMAGE = {
+    # (what to do to the one-member model folder, the error expected)
+    "15 radial shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
+        m.joinpath(PARAMS).read_text(), ShfR="[" + ",".join(["1.0"] * 15) + "]")),
+        "the first layer takes 384 inputs, the .params file's AEV has 380"),
+    "no angle shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
+                                                                             ShfZ="[]")), "ShfZ must list 1 to 64"),
+    "negative cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
+                                                                             Rcr="-5.2")), "Rcr must be a cutoff"),
+    "zero cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
+                                                                         Rca="0")), "Rca must be a cutoff"),
+    "nan cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
+                                                                        Rcr="nan")), "Rcr must be a cutoff"),
+    "huge cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
+                                                                         Rcr="1e308")), "Rcr must be a cutoff"),
+    "400 x 400 angular shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
+        m.joinpath(PARAMS).read_text(), ShfA="[" + ",".join(["1.0"] * 400) + "]",
+        ShfZ="[" + ",".join(["0.5"] * 400) + "]")), "ShfA must list 1 to 64"),
+    "bzip2 bomb": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(_bzip2_nnf(b"x" * (1 << 30))),
+                   "unpacks to more than"),
+    "40,000 'layer [' (quadratic regex)": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(
+        _bzip2_nnf(b"layer [" * 40_000)), "no layers found"),
+    "40,000 unclosed layers": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(
+        _bzip2_nnf(b"layer [\n" * 40_000)), "not closed by ']'"),
+    "network file is /dev/zero": (lambda m: _link(m / "networks" / "ANN-C.nnf", "/dev/zero"), "not a regular file"),
+    "weight file is /dev/zero": (lambda m: _link(m / "networks" / "ANN-C.nnf-l1.wparam", "/dev/zero"),
+                                 "not a regular file"),
+    "params is /dev/zero": (lambda m: _link(m / PARAMS, "/dev/zero"), "not a regular file"),
+    "sae is /dev/urandom": (lambda m: _link(m / "sae_linfit.dat", "/dev/urandom"), "not a regular file"),
+    "params is a FIFO": (lambda m: _fifo(m / PARAMS), "not a regular file"),
+    "weight file is a FIFO": (lambda m: _fifo(m / "networks" / "ANN-H.nnf-l2.wparam"), "not a regular file"),
+    "huge weight file": (lambda m: os.truncate(m / "networks" / "ANN-N.nnf-l1.bparam", 1 << 30),
+                         "more than the 268435456"),
+    "no self energy for O": (lambda m: m.joinpath("sae_linfit.dat").write_text(
+        "\n".join(line for line in m.joinpath("sae_linfit.dat").read_text().splitlines() if not line.startswith("O"))),
+        "no self energy for O"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(NEUROCHEM_DAMAGE))
+def test_crafted_neurochem_files_are_refused_quickly_in_bounded_memory(damage, tmp_path):
+    """Each crafted file is one NeuroChemError naming it: never a hang (a FIFO), an
+    unbounded read (/dev/zero, a bzip2 bomb, a 1 GB weight file), a quadratic parse or
+    networks that do not fit the AEV (which the compiled kernel would read past)."""
+    import resource
+    import signal
+
+    zoo = SHARED / "ani-model-zoo" / "ani-1x_8x"
+    member = tmp_path / "model"
+    shutil.copytree(zoo / "train0", member)
+    for item in member.rglob("*"):
+        item.chmod(0o644 if item.is_file() else 0o755)
+    action, message = NEUROCHEM_DAMAGE[damage]
+    action(member)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def late(*_):
+        raise TimeoutError(f"{damage}: loading did not end within 30 s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(30)
+    try:
+        with pytest.raises(NeuroChemError, match=re.escape(message)) as error:
+            load_neurochem(member)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "\n" not in str(error.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 200  # MB
+
+
+def test_a_neurochem_model_loaded_directly_evaluates():
+    """load_neurochem's model (not through load_model) evaluates: found by the file fuzz
+    campaign, where its float64 AEV constants met float32 networks in a traceback."""
+    model = load_neurochem(SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0")
+    result = model.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    reference = aniserve.load_model(SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0", dtype="float32")
+    assert abs(float(result.energy) - float(reference.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy)) < 1e-5
+
+
+def test_an_info_file_declaring_a_billion_members_is_refused(tmp_path):
+    info = tmp_path / "big.info"
+    info.write_text(f"x/{PARAMS}\nx/sae_linfit.dat\nx/train\n1000000000\n")
+    with pytest.raises(NeuroChemError, match=r"member count '1000000000' is not an integer in 1\.\.1024"):
+        load_neurochem(info)

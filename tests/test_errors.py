@@ -7,6 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from aniserve import exits
 from aniserve.cli import main
 from conftest import ROOT
 
@@ -17,8 +18,8 @@ def cli(*args):
     return CliRunner().invoke(main, list(args))
 
 
-def one_line_error(result, text):
-    assert result.exit_code == 1, result.output
+def one_line_error(result, text, status=exits.FAILED):
+    assert result.exit_code == status, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.output
@@ -31,17 +32,18 @@ def test_empty_structure_file(tmp_path):
 
 def test_missing_model_file_is_named_as_missing():
     one_line_error(cli("eval", ETHANOL, "--model", "./missing.safetensors"),
-                   "model file './missing.safetensors' does not exist")
+                   "model file './missing.safetensors' does not exist", exits.BAD_MODEL)
 
 
 def test_a_typo_in_a_model_name_gets_the_closest_name():
-    one_line_error(cli("eval", ETHANOL, "--model", "ani-1xx"), "unknown model 'ani-1xx'. Did you mean 'ani-1x'?")
+    one_line_error(cli("eval", ETHANOL, "--model", "ani-1xx"), "unknown model 'ani-1xx'. Did you mean 'ani-1x'?",
+                   exits.BAD_MODEL)
 
 
 def test_coincident_atoms_are_an_error_not_nan(tmp_path):
     (tmp_path / "h2.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0\n")
     result = cli("eval", str(tmp_path / "h2.xyz"))
-    assert result.exit_code == 1 and "non-finite" in result.output and "atoms 0 and 1 are 0 Å apart" in result.output
+    assert result.exit_code == exits.BAD_STRUCTURE and "non-finite" in result.output and "atoms 0 and 1 are 0 Å apart" in result.output
     assert "nan" not in result.output.lower().replace("non-finite", "")
 
 
@@ -72,4 +74,4 @@ def test_kernels_switched_off_by_environment_say_so(setting):
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "ok name"])
 def test_socket_names_are_plain_names_or_absolute_paths(option, name):
     result = cli("drive", "--structure", ETHANOL, option, name)
-    assert result.exit_code == 2 and "neither a plain name" in result.output
+    assert result.exit_code == exits.USAGE and "neither a plain name" in result.output

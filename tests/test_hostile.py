@@ -114,12 +114,13 @@ def test_kernel_backend_is_one_switch():
 
 # ------------------------------------------------------------------ model files
 def _rewrite_description(raw: bytes, mutate) -> bytes:
-    """The safetensors file with its aniserve description passed through ``mutate``."""
+    """The safetensors file with its aniserve description passed through ``mutate``
+    (which changes the dict in place, or returns the description's new JSON text)."""
     length = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + length])
     description = json.loads(header["__metadata__"]["aniserve"])
-    mutate(description)
-    header["__metadata__"]["aniserve"] = json.dumps(description)
+    text = mutate(description)
+    header["__metadata__"]["aniserve"] = text if isinstance(text, str) else json.dumps(description)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + raw[8 + length:]
@@ -138,7 +139,35 @@ DESCRIPTION_DAMAGE = {
     "bad AEV parameters": lambda d: d["featurizer"].update(params={"Rcr": "far"}),
     "network params wrong type": lambda d: d["element_network"].update(params={"base": 3}),
     "elements not a list": lambda d: d.update(elements="HCNO"),
+    # Featurizer parameters whose AEV width or geometry the stored networks do not match.
+    "15 radial shifts": lambda d: d["featurizer"]["params"].update(ShfR=d["featurizer"]["params"]["ShfR"][:15]),
+    "no angle shifts": lambda d: d["featurizer"]["params"].update(ShfZ=[]),
+    "no radial shifts": lambda d: d["featurizer"]["params"].update(ShfR=[]),
+    "negative cutoff": lambda d: d["featurizer"]["params"].update(Rcr=-5.2),
+    "zero cutoff": lambda d: d["featurizer"]["params"].update(Rca=0.0),
+    "nan cutoff": lambda d: d["featurizer"]["params"].update(Rcr=math.nan),
+    "huge cutoff": lambda d: d["featurizer"]["params"].update(Rcr=1e308),
+    "nan shift": lambda d: d["featurizer"]["params"].update(ShfA=[math.nan] * 8),
+    "400 x 400 angular shifts": lambda d: d["featurizer"]["params"].update(ShfA=[1.0] * 400, ShfZ=[0.5] * 400),
+    "zero eta": lambda d: d["featurizer"]["params"].update(EtaR=[0.0]),
+    "boolean cutoff": lambda d: d["featurizer"]["params"].update(Rcr=True),
+    "unknown AEV field": lambda d: d["featurizer"]["params"].update(Extra=1),
+    # Nesting that would make a parser or ``build`` recurse without bound.
+    "nested 200,000 deep": lambda d: json.dumps(d)[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+    "delta chain 600 deep": lambda d: _delta_chain(d, 600),
+    # Found by the file fuzz campaign (tests/fuzz_files.py): a ZeroDivisionError and a RegistryError escaped.
+    "zero input width": lambda d: d["element_network"]["params"]["base"]["params"].update(input_width=0),
+    "nested network name not text": lambda d: d["element_network"]["params"]["correction"].update(name=-10 ** 12),
 }
+
+
+def _delta_chain(description: dict, links: int) -> str:
+    """The description with its element network wrapped in ``links`` delta networks."""
+    inner = json.dumps(description["element_network"])
+    wrapped = ('{"name": "delta", "params": {"base": ' * links + inner
+               + ', "correction": {"name": "ani-mlp", "params": {}}}}' * links)
+    text = json.dumps({**description, "element_network": None})
+    return text.replace('"element_network": null', '"element_network": ' + wrapped)
 
 
 @pytest.mark.parametrize("damage", sorted(DESCRIPTION_DAMAGE))

@@ -213,3 +213,46 @@ def test_failed_calculation_is_retried_then_reported(tmp_path):
     assert len(failures) == 1 and "spin" in next(iter(failures.values())).lower()
     with h5py.File(out) as f:
         assert list(f) == ["H2"]
+
+
+def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
+    """``data label --forces --having`` adds CCSD(T) forces to records that have CCSD(T)
+    energies (at most --per-molecule each), in the layout's forces key of that level;
+    the forces are −dE/dx of the stored CCSD(T) energy (central finite differences of
+    PySCF's own energy), and a second run computes nothing."""
+    from pyscf import cc, gto, scf
+
+    out = tmp_path / "cc.h5"
+    subprocess.run(GENERATE + ["--molecules", str(molecules(tmp_path)), "--out", str(out), "--conformations", "3",
+                               "--low", "hf/sto-3g", "--high", "ccsd(t)/sto-3g", "--high-every", "2",
+                               "--no-density-fit"], check=True, cwd=ROOT, capture_output=True)
+    before = read_records(out)
+    label = [sys.executable, "-m", "aniserve", "data", "label", str(out), "--level", "ccsd(t)/sto-3g", "--forces",
+             "--having", "ccsd(t)/sto-3g", "--per-molecule", "1", "--out", str(out)]
+    run = subprocess.run(label, cwd=ROOT, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode()
+    with h5py.File(out) as f:
+        forces = {rid.decode(): f[g]["ccsd(t)_sto3g.forces"][c] for g in f for c, rid in enumerate(f[g]["record_id"])}
+        energies = {rid.decode(): f[g]["ccsd(t)_sto3g.energy"][c] for g in f for c, rid in enumerate(f[g]["record_id"])}
+    labelled = sorted(rid for rid, value in forces.items() if np.isfinite(value).all())
+    assert labelled == ["methane~0", "water~0"]  # the first conformation with CCSD(T) of each molecule
+    for rid in before:  # nothing else changed
+        assert energies[rid] == before[rid]["high"] or (np.isnan(energies[rid]) and np.isnan(before[rid]["high"]))
+
+    def energy(numbers, positions):
+        mf = scf.RHF(gto.M(atom=[(int(z), p) for z, p in zip(numbers, positions)], basis="sto-3g", verbose=0))
+        mf.run(conv_tol=1e-12)
+        coupled = cc.CCSD(mf).set_frozen()
+        coupled.conv_tol = 1e-10
+        coupled.run()
+        return coupled.e_tot + coupled.ccsd_t()
+
+    rec, step = before["water~0"], 1e-4
+    for atom, axis in ((0, 0), (1, 2), (2, 1)):
+        shifted = [rec["positions"].copy(), rec["positions"].copy()]
+        shifted[0][atom, axis] += step
+        shifted[1][atom, axis] -= step
+        numeric = -(energy(rec["numbers"], shifted[0]) - energy(rec["numbers"], shifted[1])) / (2 * step)
+        assert abs(forces["water~0"][atom, axis] - numeric) < 2e-6, (atom, axis)
+    again = subprocess.run(label, cwd=ROOT, capture_output=True, timeout=300)
+    assert again.returncode == 0 and "all already done" in again.stderr.decode()

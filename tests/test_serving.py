@@ -148,6 +148,10 @@ class _SentBytes:
     def sendall(self, data):
         self.sent += data
 
+    def send(self, data):  # the driver's non-blocking send: all taken at once here
+        self.sent += data
+        return len(data)
+
 
 def test_driver_replies_go_to_their_own_connections_and_slots():
     """Two connections, batched (2 structures) and single, computed in one evaluator call:

@@ -166,9 +166,9 @@ def _build() -> ctypes.CDLL:
         forward.restype = backward.restype = ctypes.c_int
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64,
+        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64, i64,
                         pointer, pointer, pointer, ctypes.c_int]
-        mlp.restype = None
+        mlp.restype = ctypes.c_int
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
         backward.restype = None
@@ -279,7 +279,7 @@ class MLPKernelNetworks:
         if len({(net.members, net.dtype, int(net.sizes[0])) for net in networks}) != 1:
             raise ValueError("the networks of one kernel call differ in members, dtype or input width")
         self.groups, self.networks = groups, networks
-        self.members, self.dtype = networks[0].members, networks[0].dtype
+        self.members, self.dtype, self.width = networks[0].members, networks[0].dtype, int(networks[0].sizes[0])
         self.group_of = [g for g, group in enumerate(groups) for _ in group]
         count, array = len(networks), ctypes.c_void_p * len(networks)
         self.layers = np.array([net.layers for net in networks], dtype=np.int64)
@@ -298,8 +298,10 @@ def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, c
     """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features
     (n, in) whose rows come in groups of ``counts[g]``, each through ``networks.groups[g]``."""
     features = features.to(networks.dtype).contiguous()
+    if features.dim() != 2 or features.shape[1] != networks.width:
+        raise ValueError(f"features of shape {tuple(features.shape)} for networks of input width {networks.width}")
     n = features.shape[0]
-    if sum(counts) != n or len(counts) != len(networks.groups):
+    if sum(counts) != n or len(counts) != len(networks.groups) or min(counts, default=0) < 0:
         raise ValueError(f"row counts {counts} do not match {n} feature rows in {len(networks.groups)} groups")
     starts = [0]
     for count in counts[:-1]:
@@ -308,9 +310,12 @@ def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, c
     rows = torch.tensor([starts[g] for g in networks.group_of] + [counts[g] for g in networks.group_of])
     energies = features.new_empty(networks.members, n)
     gradients = features.new_empty(networks.members, n, features.shape[1])
-    getattr(lib, f"mlp_{_suffix(networks.dtype)}")(
-        *networks.arguments, rows.data_ptr(), rows.data_ptr() + 8 * len(networks.group_of), n, features.data_ptr(),
-        energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
+    status = getattr(lib, f"mlp_{_suffix(networks.dtype)}")(
+        *networks.arguments, rows.data_ptr(), rows.data_ptr() + 8 * len(networks.group_of), n, features.shape[1],
+        features.data_ptr(), energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"the MLP kernel refused features of shape {tuple(features.shape)}: a network's widths "
+                         f"do not match them")
     return energies, gradients
 
 
@@ -319,6 +324,8 @@ def mlp_backward(lib: ctypes.CDLL, grad: torch.Tensor, gradients: torch.Tensor) 
     the member energies (k, n) and ``mlp``'s input gradients (k, n, in)."""
     grad = grad.to(gradients.dtype).contiguous()
     k, n, width = gradients.shape
+    if tuple(grad.shape) != (k, n) or not gradients.is_contiguous():
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} for input gradients of shape {(k, n, width)}")
     out = gradients.new_empty(n, width)
     getattr(lib, f"mlp_backward_{_suffix(gradients.dtype)}")(k, n, width, grad.data_ptr(), gradients.data_ptr(),
                                                             out.data_ptr())

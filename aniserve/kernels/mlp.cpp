@@ -242,15 +242,27 @@ void run(const std::vector<Network<T>>& nets, const int64_t* starts, const int64
     }
 }
 
+// 0, or 1 when the shapes handed in disagree (a network's input width is not the
+// features' width, a layer count below one, rows outside [0, n)): the caller's checks
+// are repeated here so that no caller can make the kernel read or write out of bounds.
 template <typename T>
-void run_networks(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
-                  const T* const* const* weights, const T* const* const* transposed, const T* const* const* biases,
-                  const T* alphas, const int64_t* starts, const int64_t* counts, int64_t n, const T* features,
-                  T* energies, T* gradients, int threads) {
+int run_networks(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+                 const T* const* const* weights, const T* const* const* transposed, const T* const* const* biases,
+                 const T* alphas, const int64_t* starts, const int64_t* counts, int64_t n, int64_t width,
+                 const T* features, T* energies, T* gradients, int threads) {
+    if (count < 1 || members < 1 || n < 0) return 1;
+    for (int64_t j = 0; j < count; ++j) {
+        if (layers[j] < 1 || sizes[j][0] != width || starts[j] < 0 || counts[j] < 0 || starts[j] > n
+            || counts[j] > n - starts[j] || sizes[j][layers[j]] != 1)
+            return 1;
+        for (int64_t l = 1; l < layers[j]; ++l)
+            if (sizes[j][l] < 1) return 1;
+    }
     std::vector<Network<T>> nets;
     for (int64_t j = 0; j < count; ++j)
         nets.push_back({members, layers[j], sizes[j], weights[j], transposed[j], biases[j], alphas[j]});
     run(nets, starts, counts, n, features, energies, gradients, threads);
+    return 0;
 }
 
 // The backward pass: out[i, :] = Σ_m grad[m, i] J[m, i, :] (one pass over J, where
@@ -278,24 +290,25 @@ void contract(int64_t members, int64_t n, int64_t width, const T* grad, const T*
 // them, the first the input width, the same for all), its weights[j], transposed[j],
 // biases[j] and CELU alphas[j] as in Network, applied to atoms [starts[j], starts[j] +
 // counts[j]).
-// features (n, in); energies (members, n); gradients (members, n, in); rows that no
-// network covers are left as they are.  grad (members, n); out (n, in).
+// features (n, width); energies (members, n); gradients (members, n, width); rows that
+// no network covers are left as they are.  Returns 0, or 1 (nothing touched) when the
+// shapes disagree (see run_networks).  grad (members, n); out (n, in).
 extern "C" {
 
-void mlp_f32(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
-             const float* const* const* weights, const float* const* const* transposed,
-             const float* const* const* biases, const float* alphas, const int64_t* starts, const int64_t* counts,
-             int64_t n, const float* features, float* energies, float* gradients, int threads) {
-    run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n, features,
-                 energies, gradients, threads);
+int mlp_f32(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+            const float* const* const* weights, const float* const* const* transposed,
+            const float* const* const* biases, const float* alphas, const int64_t* starts, const int64_t* counts,
+            int64_t n, int64_t width, const float* features, float* energies, float* gradients, int threads) {
+    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n,
+                        width, features, energies, gradients, threads);
 }
 
-void mlp_f64(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
-             const double* const* const* weights, const double* const* const* transposed,
-             const double* const* const* biases, const double* alphas, const int64_t* starts, const int64_t* counts,
-             int64_t n, const double* features, double* energies, double* gradients, int threads) {
-    run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n, features,
-                 energies, gradients, threads);
+int mlp_f64(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
+            const double* const* const* weights, const double* const* const* transposed,
+            const double* const* const* biases, const double* alphas, const int64_t* starts, const int64_t* counts,
+            int64_t n, int64_t width, const double* features, double* energies, double* gradients, int threads) {
+    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n,
+                        width, features, energies, gradients, threads);
 }
 
 void mlp_backward_f32(int64_t members, int64_t n, int64_t width, const float* grad, const float* gradients,

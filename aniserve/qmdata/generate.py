@@ -17,14 +17,18 @@ SAMPLING_NOTE = ("normal-mode sampling around MMFF94 minima (RDKit), T uniform i
                  "index 0 is the MMFF minimum")
 
 
-def plan(specs, conformations: int, low: Level, high: Level | None, high_every: int) -> list[tuple]:
-    """(spec, index, levels) in round-robin order over molecules, so a partial run
-    covers all of them."""
+def plan(specs, conformations: int, low: Level, high: Level | None, high_every: int,
+         high_forces: bool = False) -> list[tuple]:
+    """(spec, index, levels, keys of the levels with forces) in round-robin order over
+    molecules, so a partial run covers all of them.  The low level always has forces;
+    the high level (CCSD(T): minutes to hours a structure) only with ``high_forces``."""
     jobs = []
     for index in range(conformations):
         with_high = high is not None and index % high_every == 0
+        levels = (low, high) if with_high else (low,)
+        forces = frozenset(lv.key for lv in levels if lv is low or high_forces)
         for spec in specs:
-            jobs.append((spec, index, (low, high) if with_high else (low,)))
+            jobs.append((spec, index, levels, forces))
     return jobs
 
 
@@ -32,13 +36,15 @@ def job_id(spec: sampling.MoleculeSpec, index: int) -> str:
     return f"{spec.name}~{index}"
 
 
-def tasks(jobs: list[tuple], skip=lambda job_id, levels: False, log=None) -> list[Task]:
-    """Tasks for the jobs that ``skip`` does not rule out (sampling only those)."""
+def tasks(jobs: list[tuple], done: dict[str, set[str]] | None = None, log=None) -> list[Task]:
+    """Tasks for the jobs whose marks (``records.marks``) are not all in ``done``
+    (sampling only those)."""
     equilibria: dict[str, sampling.Equilibrium] = {}
     out = []
-    for spec, index, levels in jobs:
+    done = done or {}
+    for spec, index, levels, forces in jobs:
         rid = job_id(spec, index)
-        if skip(rid, levels):
+        if {lv.key for lv in levels} | {f"{k}.forces" for k in forces} <= done.get(rid, set()):
             continue
         if spec.name not in equilibria:
             if log:
@@ -47,5 +53,5 @@ def tasks(jobs: list[tuple], skip=lambda job_id, levels: False, log=None) -> lis
         eq = equilibria[spec.name]
         positions, temperature = sampling.sample_conformation(eq, index)
         out.append(Task(rid, tuple(int(z) for z in eq.numbers), tuple(tuple(map(float, p)) for p in positions),
-                        tuple(levels), True, spec.name, spec.source, index, float(temperature)))
+                        tuple(levels), forces, spec.name, spec.source, index, float(temperature)))
     return out

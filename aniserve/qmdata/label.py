@@ -67,11 +67,37 @@ def _ase_structures(path: pathlib.Path) -> list[dict]:
     return out
 
 
+def select(structures: list[dict], kept: list[dict], having: str | None = None,
+           per_molecule: int | None = None) -> list[dict]:
+    """The structures to label: only those whose input record already has level key
+    ``having`` (e.g. CCSD(T) forces for the conformations with CCSD(T) energies), at
+    most ``per_molecule`` of each molecule (lowest indices first), in round-robin order
+    over molecules, smallest molecules first in each round, so that a partial run covers
+    as many molecules as it can (CCSD(T) costs grow as about the 7th power of size)."""
+    if having is not None:
+        with_level = {r["id"] for r in kept if having in r["levels"]}
+        if not with_level:
+            known = sorted({k for r in kept for k in r["levels"]})
+            raise ValueError(f"no input record has level {having!r} (levels in the inputs: "
+                             f"{', '.join(known) or 'none'})")
+        structures = [s for s in structures if s.get("id") in with_level]
+    by_molecule: dict[str, list[dict]] = {}
+    for s in sorted(structures, key=lambda s: (s["name"], s["index"])):
+        by_molecule.setdefault(s["name"], []).append(s)
+    if per_molecule is not None:
+        by_molecule = {name: group[:per_molecule] for name, group in by_molecule.items()}
+    groups = sorted(by_molecule.values(), key=lambda group: (len(group[0]["numbers"]), group[0]["name"]))
+    out = []
+    for rank in range(max(map(len, groups), default=0)):
+        out += [group[rank] for group in groups if rank < len(group)]
+    return out
+
+
 def tasks(structures: list[dict], level: Level, forces: bool) -> list[Task]:
     out = []
     for s in structures:
         rid = s.get("id") or structure_id(s["name"], s["numbers"], s["positions"])
         out.append(Task(rid, tuple(int(z) for z in s["numbers"]), tuple(tuple(map(float, p)) for p in s["positions"]),
-                        (level,), forces and level.has_forces, s["name"], s["source"], int(s["index"]),
+                        (level,), frozenset({level.key} if forces else ()), s["name"], s["source"], int(s["index"]),
                         float(s["temperature_k"])))
     return out

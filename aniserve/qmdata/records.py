@@ -23,6 +23,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from aniserve.hdf5 import HDF5Error, atomic_numbers, check_group, conformer_groups
+
 
 class Journal:
     def __init__(self, path: str | os.PathLike):
@@ -44,7 +46,7 @@ class Journal:
         final = self.record_path(record["id"])
         if final.exists():
             old = json.loads(final.read_text())
-            old["levels"].update(record["levels"])
+            _merge_levels(old["levels"], record["levels"])
             record = old
         tmp = final.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record))
@@ -70,19 +72,32 @@ class Journal:
 
 
 def merge(records: dict[str, dict], record: dict) -> None:
-    """Add ``record``; a record with the same id keeps its levels and gains the new ones."""
+    """Add ``record``; a record with the same id keeps its levels and gains the new ones
+    (a level computed again with forces replaces the one without)."""
     old = records.get(record["id"])
     if old is None:
         records[record["id"]] = record
     else:
-        old["levels"].update(record["levels"])
+        _merge_levels(old["levels"], record["levels"])
+
+
+def _merge_levels(old: dict, new: dict) -> None:
+    for key, value in new.items():
+        if key in old and old[key].get("forces") is not None and value.get("forces") is None:
+            continue  # never lose forces to an energy-only copy of the same level
+        old[key] = value
+
+
+def marks(levels: dict) -> set[str]:
+    """What a record's levels hold: each level key, and ``KEY.forces`` where it has forces."""
+    return set(levels) | {f"{key}.forces" for key, value in levels.items() if value.get("forces") is not None}
 
 
 def done_levels(journal: Journal, out: pathlib.Path) -> dict[str, set[str]]:
-    """Record id → the level keys already computed (journal and earlier output)."""
+    """Record id → what is already computed (``marks``; journal and earlier output)."""
     done: dict[str, set[str]] = defaultdict(set)
     for rec in (*read_h5(out), *journal.records().values()):
-        done[rec["id"]] |= set(rec["levels"])
+        done[rec["id"]] |= marks(rec["levels"])
     return done
 
 
@@ -97,8 +112,15 @@ def read_h5(path: pathlib.Path) -> list[dict]:
     records = []
     with h5py.File(path, "r") as f:
         levels = json.loads(f.attrs.get("levels", "{}"))
-        for name, group in f.items():
-            count = group["coordinates"].shape[0]
+        if not isinstance(levels, dict):
+            raise HDF5Error(f"{path}: its 'levels' attribute is not a JSON object")
+        for name, group in conformer_groups(f, path):
+            count, _ = check_group(group, path, name, [f"{key}.{field}" for key in levels
+                                                       for field in ("energy", "forces", "wall_s")])
+            for field in ("record_id", "molecule", "source", "index", "temperature_k"):
+                if field in group and group[field].shape != (count,):
+                    raise HDF5Error(f"{path}: {name}/{field} has shape {group[field].shape}, not ({count},)")
+            numbers = atomic_numbers(group, path, name).tolist()
             ids = ([i.decode() for i in group["record_id"][()]] if "record_id" in group
                    else [f"{name}~{c}" for c in range(count)])
             for c, rid in enumerate(ids):
@@ -106,7 +128,7 @@ def read_h5(path: pathlib.Path) -> list[dict]:
                        "source": _text(group, "source", c, str(path)),
                        "index": int(group["index"][c]) if "index" in group else c,
                        "temperature_k": float(group["temperature_k"][c]) if "temperature_k" in group else float("nan"),
-                       "numbers": group["atomic_numbers"][()].tolist(),
+                       "numbers": numbers,
                        "positions": group["coordinates"][c].tolist(), "levels": {}}
                 for key, attrs in levels.items():
                     if f"{key}.energy" not in group:

@@ -36,11 +36,15 @@ class Task:
     numbers: tuple[int, ...]
     positions: tuple[tuple[float, float, float], ...]  # Å
     levels: tuple[Level, ...]
-    forces: bool  # gradients for the levels that have them
+    forces: frozenset[str]  # keys of the levels whose forces are computed too
     molecule: str
     source: str
     index: int
     temperature_k: float = float("nan")
+
+    def marks(self) -> set[str]:
+        """What the finished record holds (``records.marks``)."""
+        return {lv.key for lv in self.levels} | {f"{key}.forces" for key in self.forces}
 
 
 def compute_task(task: Task, threads: int = 1) -> dict:
@@ -56,7 +60,7 @@ def compute_task(task: Task, threads: int = 1) -> dict:
               "temperature_k": task.temperature_k, "numbers": list(task.numbers),
               "positions": [list(p) for p in task.positions], "levels": {}}
     for level in task.levels:
-        result = compute(level, numbers, positions, forces=task.forces)
+        result = compute(level, numbers, positions, forces=level.key in task.forces)
         record["levels"][level.key] = {
             "energy": result["energy"], "forces": None if result["forces"] is None else result["forces"].tolist(),
             "wall_s": result["wall_s"], "attributes": level.attributes()}
@@ -97,7 +101,7 @@ def connect(workers: int = 1, scheduler: str | None = None, scheduler_file: str 
 
 def pending(tasks: list[Task], journal: Journal, out: pathlib.Path) -> list[Task]:
     done = done_levels(journal, out)
-    return [t for t in tasks if not {lv.key for lv in t.levels} <= done.get(t.id, set())]
+    return [t for t in tasks if not t.marks() <= done.get(t.id, set())]
 
 
 def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, threads: int = 1,

@@ -21,7 +21,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from aniserve.elements import NUMBERS, symbol
+from aniserve.elements import symbol
+from aniserve.hdf5 import HDF5Error, atomic_numbers, check_group, conformer_groups
 
 
 class DataError(ValueError):
@@ -86,7 +87,13 @@ class ANIData:
     def _index(self, file: int) -> list[_Group]:
         groups, keys = [], set()
         path = self.paths[file]
-        for name, group in _conformer_groups(self._files[file]):
+        try:
+            found = list(conformer_groups(self._files[file], path))
+            for name, group in found:
+                check_group(group, path, name, [k for k in (self.energy_key, self.forces_key) if k])
+        except HDF5Error as error:
+            raise DataError(str(error)) from None
+        for name, group in found:
             keys.update(group.keys())
             if self.energy_key not in group and (self.forces_key is None or self.forces_key not in group):
                 continue
@@ -246,30 +253,11 @@ def _check_coordinates(dataset, path, name: str, chunk: int = 4096) -> None:
                             f"(closer than {MIN_DISTANCE} Å)")
 
 
-def _conformer_groups(root, prefix=""):
-    import h5py
-
-    for name, item in root.items():
-        if isinstance(item, h5py.Group):
-            path = f"{prefix}/{name}" if prefix else name
-            if "coordinates" in item:
-                yield path, item
-            else:
-                yield from _conformer_groups(item, path)
-
-
 def _numbers(group, path, name) -> np.ndarray:
-    if "atomic_numbers" in group:
-        return np.asarray(group["atomic_numbers"][()], dtype=np.int64)
-    if "species" in group:
-        raw = group["species"][()]
-        if raw.dtype.kind in "SUO":
-            try:
-                return np.array([NUMBERS[s.decode() if isinstance(s, bytes) else str(s)] for s in raw], np.int64)
-            except KeyError as error:
-                raise DataError(f"{path}: group {name!r} has unknown element symbol {error}") from None
-        return np.asarray(raw, dtype=np.int64)
-    raise DataError(f"{path}: group {name!r} has coordinates but neither 'atomic_numbers' nor 'species'")
+    try:
+        return atomic_numbers(group, path, name)
+    except HDF5Error as error:
+        raise DataError(str(error)) from None
 
 
 def write_ani_h5(path, structures: dict[str, dict[str, np.ndarray]], layout: str = "ani") -> None:
