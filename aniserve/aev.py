@@ -62,6 +62,8 @@ class AEVParameters:
             if not all(_real(v) for v in values):
                 fail(field, f"must hold finite numbers, got {str(values)[:80]}")
         for field in ("EtaR", "EtaA", "Zeta"):
+            if len(getattr(self, field)) != 1:
+                fail(field, f"must hold one value (every ANI model does), got {str(getattr(self, field))[:80]}")
             if not all(v > 0 for v in getattr(self, field)):
                 fail(field, f"must be positive, got {getattr(self, field)}")
         for field in ("ShfR", "ShfA"):
@@ -117,10 +119,6 @@ class AEVFeaturizer(nn.Module):
         def constant(values):
             return torch.tensor(values, dtype=torch.float32).to(torch.float64)
 
-        for name in ("EtaR", "EtaA", "Zeta"):
-            if len(getattr(params, name)) != 1:
-                raise ValueError(f"AEV parameter {name} must hold one value (every ANI model does), "
-                                 f"got {getattr(params, name)}")
         self.EtaR, self.EtaA, self.Zeta = (float(constant(getattr(params, k))) for k in ("EtaR", "EtaA", "Zeta"))
         # Constants follow from the parameters (saved in the model's config), so they are
         # not part of the state dict.

@@ -20,6 +20,19 @@ def periodic_cell(atoms) -> np.ndarray | None:
                      f"three directions or none; use a large vacuum gap for slabs or wires")
 
 
+def ase_results(result, volume: float | None) -> dict:
+    """A serving result (Hartree, Å) in ASE's units and signs: energy and free_energy
+    (eV), forces (eV/Å), energy_std (eV), and with a cell (``volume`` in Å³) the stress
+    (eV/Å³, Voigt order).  The one place where results become ASE's."""
+    energy = float(result.energy) * HARTREE_IN_EV
+    out = {"energy": energy, "free_energy": energy, "forces": np.asarray(result.forces) * HARTREE_IN_EV,
+           "energy_std": float(result.energy_std) * HARTREE_IN_EV}
+    if volume is not None:
+        # ASE's stress is dE/dε / V = −virial / V.
+        out["stress"] = full_3x3_to_voigt_6_stress(-np.asarray(result.virial) * HARTREE_IN_EV / volume)
+    return out
+
+
 class ANICalculator(Calculator):
     """Energies (eV), forces (eV/Å) and stress (eV/Å³) of an ANI model.
 
@@ -55,13 +68,4 @@ class ANICalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         structure = Structure(self.atoms.numbers, np.array(self.atoms.positions), cell)
         result, = self.evaluator.evaluate([("ase-calculator", structure)])
-        energy = result.energy * HARTREE_IN_EV
-        self.results = {
-            "energy": energy, "free_energy": energy,
-            "forces": result.forces * HARTREE_IN_EV,
-            "energy_std": result.energy_std * HARTREE_IN_EV,
-        }
-        if cell is not None:
-            # ASE's stress is dE/dε / V = −virial / V.
-            self.results["stress"] = full_3x3_to_voigt_6_stress(-result.virial * HARTREE_IN_EV
-                                                                / self.atoms.get_volume())
+        self.results = ase_results(result, self.atoms.get_volume() if cell is not None else None)

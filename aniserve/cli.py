@@ -67,18 +67,10 @@ _EXTRAS = {"pyscf": "qm", "rdkit": "qm", "dask": "qm", "distributed": "qm", "ipi
 
 
 def read_structures(path: str, index=":") -> list:
-    """Structures from any file ASE reads, or one clear error (ASE's readers raise
-    many kinds: an empty file, an unknown format, a malformed line)."""
-    import ase.io
+    """Structures from any file ASE reads, with i-PI's cell comments (``aniserve.structures``)."""
+    from aniserve.structures import read_structures as read
 
-    try:
-        frames = ase.io.read(path, index=index)
-    except Exception as error:  # noqa: BLE001 - reported, with its kind, as one line
-        raise click.ClickException(f"cannot read structures from {path}: {error or type(error).__name__}") from None
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise click.ClickException(f"{path} holds no structures (index {index!r})")
-    return frames
+    return read(path, index)
 
 
 @click.group(cls=_Group)
@@ -116,30 +108,68 @@ def models():
 @click.option("--index", default=":", show_default=True, help="Which frames of FILE (ASE index syntax).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
-def eval_(file, model, index, device, dtype):
-    """Energy, largest force and uncertainty of each structure in FILE (any format ASE reads).
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Also write every frame's results: extended XYZ (.xyz/.extxyz: energy, forces, stress, "
+                   "energy_std, in ASE's eV and Å) or JSON (.json, units in the keys).")
+def eval_(file, model, index, device, dtype, out):
+    """Energy, forces and uncertainty of each structure in FILE (any format ASE reads;
+    i-PI's CELL comments make a box periodic), one table row per frame.
 
-    Example: aniserve eval examples/molecules/ethanol.xyz --model ani-1ccx
+    Example: aniserve eval examples/molecules/ethanol.xyz --model ani-1ccx --out results.extxyz
     """
     import numpy as np
 
-    from aniserve.calculator import periodic_cell
+    from aniserve.calculator import ase_results, periodic_cell
     from aniserve.models import load_model
-    from aniserve.units import HARTREE_IN_EV
+    from aniserve.serving import Evaluator, Structure
 
+    if out is not None:
+        check_out(out)
+        if pathlib.Path(out).suffix.lower() not in (".xyz", ".extxyz", ".json"):
+            raise click.BadParameter(f"{out}: write .extxyz, .xyz or .json", param_hint="--out")
     frames = read_structures(file, index)
     potential = load_model(model, device=device, dtype=dtype)
+    evaluator = Evaluator(potential)
     click.echo(f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
                f"{potential.ensemble_size}-member ensemble, {dtype})")
+    rows = []
     for n, atoms in enumerate(frames):
+        cell = periodic_cell(atoms)
         try:
-            r = potential.evaluate(atoms.numbers, atoms.positions, periodic_cell(atoms))
+            result, = evaluator.evaluate([(n, Structure(atoms.numbers, np.array(atoms.positions), cell))])
         except ValueError as error:
             raise _Failure(f"{file}, frame {n}: {error}", exits.BAD_STRUCTURE) from None
-        fmax = float(np.linalg.norm(r.forces, axis=1).max()) * HARTREE_IN_EV
-        click.echo(f"{n:4d} {atoms.get_chemical_formula():12s} E = {float(r.energy):.8f} Ha = "
-                   f"{float(r.energy) * HARTREE_IN_EV:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
-                   f"σ(ensemble) = {float(r.energy_std) * HARTREE_IN_EV * 1000:.2f} meV")
+        values = ase_results(result, atoms.get_volume() if cell is not None else None)
+        fmax = float(np.linalg.norm(values["forces"], axis=1).max())
+        click.echo(f"{n:5d} {atoms.get_chemical_formula():12s} E = {float(result.energy):.8f} Ha = "
+                   f"{values['energy']:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
+                   f"σ(ensemble) = {values['energy_std'] * 1000:.2f} meV  {'periodic' if cell is not None else '-'}")
+        rows.append((atoms, result, values))
+    if out is not None:
+        _write_results(out, rows, potential.description.get("name") or model, dtype)
+        click.echo(f"wrote {out}", err=True)
+
+
+def _write_results(out, rows, model_name: str, dtype: str) -> None:
+    """eval --out: extended XYZ (ASE reads the results back as a calculator's) or JSON."""
+    if pathlib.Path(out).suffix.lower() == ".json":
+        frames = [{"index": n, "formula": atoms.get_chemical_formula(), "periodic": "stress" in values,
+                   "energy_hartree": float(result.energy), "energy_ev": values["energy"],
+                   "energy_std_ev": values["energy_std"], "forces_ev_per_angstrom": values["forces"].tolist(),
+                   "stress_ev_per_cubic_angstrom": values["stress"].tolist() if "stress" in values else None}
+                  for n, (atoms, result, values) in enumerate(rows)]
+        pathlib.Path(out).write_text(json.dumps({"model": model_name, "dtype": dtype, "frames": frames}, indent=1))
+        return
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    written = []
+    for atoms, _result, values in rows:
+        atoms = atoms.copy()
+        atoms.info = {"model": model_name, "energy_std": values["energy_std"]}  # the input's comment is not ours
+        atoms.calc = SinglePointCalculator(atoms, **{k: v for k, v in values.items() if k != "energy_std"})
+        written.append(atoms)
+    ase.io.write(out, written, format="extxyz")
 
 
 @main.command()
@@ -174,7 +204,9 @@ def eval_(file, model, index, device, dtype):
                    "(exit 2); 0 waits for ever (ASE sends nothing between calculations; i-PI polls STATUS "
                    "constantly, so on a cluster e.g. 600 frees a node whose i-PI is wedged).")
 @click.option("--reconnect-timeout", default=10.0, show_default=True,
-              help="After a server closes the connection, seconds to wait for one to come back at the same address.")
+              help="After a server closes the connection, seconds to wait for one to come back at the same address "
+                   "(the other connections are served meanwhile).  ASE's SocketIOCalculator closes without EXIT "
+                   "when it is done: with ASE, --reconnect-timeout 0 ends the driver at once.")
 @click.option("--collect", "collect_path", default=None, type=click.Path(dir_okay=False),
               help="Append structures whose ensemble spread exceeds a threshold to this extended XYZ file "
                    "(active learning: label them with `aniserve data label`).")
@@ -275,6 +307,29 @@ def _threads_in_words() -> str:
 
     n = torch.get_num_threads()
     return f"{n} thread{'s' * (n != 1)}"
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--torchscript", "torchscript", is_flag=True, required=True,
+              help="Write a TorchScript module (the one export format so far).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
+def export(model, out, torchscript, dtype):
+    """Export MODEL (a name or path) for use without aniserve: a TorchScript file that
+    torch.jit.load reads (OpenMM-Torch, LAMMPS front ends), called as TorchANI's models
+    are: module((numbers, coordinates)) with atomic numbers (B, N) and Å (B, N, 3) →
+    (numbers, energies in Hartree), differentiable for forces.  Molecules (no cell).
+
+    Example: aniserve export ani-1ccx ani1ccx.pt --torchscript
+    """
+    from aniserve.export import export_torchscript
+    from aniserve.models import DTYPES, load_model
+
+    check_out(out)
+    potential = load_model(model, dtype=dtype)
+    export_torchscript(potential, out, DTYPES[dtype])
+    click.echo(f"wrote {out} ({potential.description.get('name') or model}, {dtype}, TorchScript)", err=True)
 
 
 @main.command()
@@ -399,6 +454,32 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     model.description["name"] = pathlib.Path(kw["out"]).stem
     run(model, data, kw["out"], settings, resume=kw["resume"], penalty=penalty,
         extra={"transfer": {"from": str(pretrained), "strategy": strategy, "options": parsed}})
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def cache(ctx):
+    """What aniserve keeps in $ANISERVE_CACHE (default ~/.cache/aniserve): compiled kernels,
+    downloaded models, benchmark models.  Alone: list them with their sizes."""
+    if ctx.invoked_subcommand is None:
+        from aniserve.cache import cache_root, entries
+
+        click.echo(f"{cache_root()}")
+        for name, megabytes in entries():
+            click.echo(f"  {name:20s} {megabytes:10.1f} MB")
+
+
+@cache.command("clear")
+@click.argument("names", nargs=-1)
+def cache_clear(names):
+    """Remove NAMES (folders listed by `aniserve cache`), or everything.
+
+    Example: aniserve cache clear bench-transfer bench-active
+    """
+    from aniserve.cache import clear
+
+    for name, megabytes in clear(names or None):
+        click.echo(f"removed {name} ({megabytes:.1f} MB)")
 
 
 @main.group()
@@ -536,11 +617,11 @@ def bench():
 @click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
 @click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
 @click.option("--train", "train_path", multiple=True, default=["data/qm-train.h5"], show_default=True,
-              type=click.Path(exists=True, dir_okay=False),
+              type=click.Path(dir_okay=False),
               help="Training set (low level + high-level subset); give it more than once to train on several "
                    "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).")
 @click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
-              type=click.Path(exists=True, dir_okay=False), help="Held-out test set with both levels.")
+              type=click.Path(dir_okay=False), help="Held-out test set with both levels.")
 @click.option("--base", default=None, metavar="NAME_OR_PATH",
               help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
                    "DFT pretraining on --train's low level.")
@@ -565,15 +646,18 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
     """
     from aniserve.bench import transfer
 
+    _data_files(("--train", *train_path), ("--test", test_path))
     try:
         budget = transfer.budget_for(base is not None, quick, seeds,
                                      dict(_parse_option(item) for item in budget_items))
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--budget") from None
     parsed = dict(_parse_option(item) for item in options)
-    result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget,
-                          workdir or transfer.default_workdir(), parsed, base=base)
+    workdir = workdir or transfer.default_workdir()
+    result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget, workdir,
+                          parsed, base=base)
     click.echo(transfer.table(result))
+    _report_kept(workdir)
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:
@@ -589,9 +673,9 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
 @click.option("--strategy", default="delta", show_default=True,
               help="Transfer strategy used for every selection (delta: the best in cross-validation, README).")
 @click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
-              type=click.Path(exists=True, dir_okay=False), help="The pool: its high-level conformations.")
+              type=click.Path(dir_okay=False), help="The pool: its high-level conformations.")
 @click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
-              type=click.Path(exists=True, dir_okay=False), help="Held-out test set with the high level.")
+              type=click.Path(dir_okay=False), help="Held-out test set with the high level.")
 @click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
 @click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
@@ -606,13 +690,34 @@ def bench_active(quick, base, strategy, train_path, test_path, ks, seeds, epochs
     """
     from aniserve.bench import active
 
+    _data_files(("--train", train_path), ("--test", test_path))
     budget = active.budget_for(quick, ks=[int(k) for k in ks.split(",")] if ks else None, seeds=seeds, epochs=epochs)
-    result = active.run(train_path, test_path, base, strategy, budget, workdir or active.default_workdir())
+    workdir = workdir or active.default_workdir()
+    result = active.run(train_path, test_path, base, strategy, budget, workdir)
     click.echo(active.table(result))
+    _report_kept(workdir)
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:
         active.plot(result, plot_out)
+
+
+def _data_files(*options) -> None:
+    """Each (option, path, …): the files must exist; the defaults (data/…) are the
+    repository's, which a wheel install does not have, and the message says so."""
+    for option, *paths in options:
+        for path in paths:
+            if not pathlib.Path(path).is_file():
+                raise click.BadParameter(
+                    f"{path} does not exist.  The benchmark data sets (data/qm-train.h5, data/qm-test.h5, …) come "
+                    f"with the aniserve repository, not the wheel: run from a clone's root, or give files made with "
+                    f"`aniserve data generate` (data/README.md in the repository)", param_hint=option)
+
+
+def _report_kept(folder) -> None:
+    from aniserve.cache import size_mb
+
+    click.echo(f"models kept in {folder} ({size_mb(folder):.0f} MB; `aniserve cache clear` removes them)", err=True)
 
 
 def _parse_option(item: str) -> tuple[str, object]:
@@ -641,6 +746,7 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
 
     Example: aniserve bench speed --model ani-1ccx --compare-torchani --json speed.json --plot speed.png
     """
+    import os
     import platform
 
     import torch
@@ -660,14 +766,21 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
         reference = speed.torchani_runner(model, DTYPES[dtype])
         agreement = (load_model(model, device=device, dtype="float64"), speed.torchani_runner(model, torch.float64))
     rows = speed.run(potential, quick, reference, agreement)
+    load = os.getloadavg()[0]
     result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "kernels": used,
               "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "cases": rows, "scaling": speed.scaling(rows)}
+              "quick": quick, "load_average_1min": round(load, 2), "cases": rows, "scaling": speed.scaling(rows)}
     click.echo(speed.table(result, compare_torchani))
+    if quick:
+        click.echo("note: --quick times each case as the median of 3 calls: a smoke test, not a measurement",
+                   err=True)
+    if load > 0.5 * (os.cpu_count() or 1):
+        click.echo(f"warning: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): these times include "
+                   f"waiting for the CPU", err=True)
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:
-        speed.plot(rows, plot_out)
+        speed.plot(result, plot_out)
 
 
 @bench.command("serve")

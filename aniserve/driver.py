@@ -10,6 +10,7 @@ Hartree/Bohr on the way out (energies and virials are Hartree on both sides).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -254,6 +255,11 @@ class IPIDriver:
         self.idle_timeout, self.reconnect_timeout, self.gather_s = idle_timeout, reconnect_timeout, gather_s
         self.connections: list[Connection] = []
         self._selector: selectors.BaseSelector | None = None
+        self.reconnecting: list[_Reconnect] = []
+        self.status = EXIT_OK
+        # For the summary at the end: evaluation calls, structures, their seconds; EXITs by address.
+        self.stats = {"steps": 0, "structures": 0, "seconds": 0.0, "started": time.monotonic()}
+        self.exits: collections.Counter = collections.Counter()
         for _, n in self.targets:
             evaluator.check_elements(n)  # unsupported element: fail before connecting
 
@@ -291,19 +297,19 @@ class IPIDriver:
         except ServerGone:
             conn.close()
             raise DriverError(f"{address}: closed the connection during the handshake", EXIT_CONNECT) from None
-        log.info("connected to %s", address)
         return conn
 
     def run(self) -> int:
         """Serve until every connection has ended; the exit status (``EXIT_*``): the
         first error, or EXIT_OK.  An error on one of several connections ends only that
-        one."""
+        one.  The log has one line per address and a summary at the end."""
         self._selector = selectors.DefaultSelector()
-        self.reconnecting: list[_Reconnect] = []
-        self.status = EXIT_OK
+        self.stats["started"] = time.monotonic()
         try:
             for address, numbers in self.targets:
                 self._add(self._open(address, numbers, self.connect_timeout))
+            for address, count in collections.Counter(str(a) for a, _ in self.targets).items():
+                log.info("connected to %s%s", address, f" ({count} connections)" if count > 1 else "")
             self._loop()
             return self.status
         except DriverError as error:
@@ -316,6 +322,16 @@ class IPIDriver:
                 if conn.sock.fileno() >= 0:
                     conn.close()
             self._selector.close()
+            self._summarise()
+
+    def _summarise(self) -> None:
+        for address, count in self.exits.items():
+            log.info("%s sent EXIT%s", address, f" on {count} connections" if count > 1 else "")
+        steps, structures = self.stats["steps"], self.stats["structures"]
+        if steps:
+            log.info("served %d structure%s in %d step%s over %.1f s: %.2f ms of evaluation a step", structures,
+                     "s" * (structures != 1), steps, "s" * (steps != 1), time.monotonic() - self.stats["started"],
+                     1000 * self.stats["seconds"] / steps)
 
     def _add(self, conn: Connection) -> None:
         if conn.exited:  # EXIT came with the handshake
@@ -487,7 +503,7 @@ class IPIDriver:
                     raise DriverError(f"{conn.address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
                                       EXIT_PROTOCOL)
                 conn.state = "idle"
-                log.info("connected to %s", conn.address)
+                log.info("connected to %s (a server came back)", conn.address)
             try:
                 decoded = protocol.decode(conn.buffer, conn.mode) if conn.buffer else None
             except protocol.AtomCountMismatch as error:
@@ -532,7 +548,7 @@ class IPIDriver:
                 conn.send(conn.reply)
                 conn.state, conn.reply, conn.shm_results = "idle", b"", None
             elif isinstance(message, protocol.Exit):
-                log.info("%s sent EXIT", conn.address)
+                self.exits[str(conn.address)] += 1
                 conn.exited = True
                 return
 
@@ -588,7 +604,11 @@ class IPIDriver:
                 for key, h, r in zip(conn.keys, conn.structures.cells, positions):
                     cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h: vectors as columns
                     slots.append((key, Structure(conn.numbers, r, cell)))
+            started = time.perf_counter()
             results = self.evaluator.evaluate(slots)
+            self.stats["seconds"] += time.perf_counter() - started
+            self.stats["steps"] += 1
+            self.stats["structures"] += len(slots)
         except ValueError as error:
             raise DriverError(f"cannot evaluate the structure sent by {pending[0].address}: {error}",
                               EXIT_INPUT) from None

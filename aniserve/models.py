@@ -16,6 +16,15 @@ class ModelNotFoundError(LookupError):
     pass
 
 
+#: TorchANI's spellings of the official models (``torchani.models.ANI1x`` …), any case.
+ALIASES = {"ani1x": "ani-1x", "ani1ccx": "ani-1ccx", "ani2x": "ani-2x"}
+
+
+def canonical_name(name: str) -> str:
+    """``ANI1x``, ``ANI-1x``, ``ani_1x`` … → ``ani-1x``; other names unchanged."""
+    return ALIASES.get(name.lower().replace("-", "").replace("_", ""), name)
+
+
 def catalogue() -> list[dict]:
     """Every model that resolves by name: {name, source, path (None if not found), looked}."""
     from aniserve.registry import registry
@@ -43,10 +52,11 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
     name = str(name_or_path)
     if os.sep in name or name.endswith((".safetensors", ".info")):
         raise ModelNotFoundError(f"model file {name!r} does not exist")
+    name = canonical_name(name)
     reg = registry()
     owners = {n: s for s in reg.names("model-source") for n in reg.get("model-source", s).names()}
     if name not in owners:
-        close = difflib.get_close_matches(name, list(owners), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name.lower(), list(owners), n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ModelNotFoundError(f"unknown model {name!r}.{hint} Known names: {', '.join(owners)}; or give the "
                                  f"path of a NeuroChem .info file/folder or an aniserve .safetensors file.")
@@ -82,6 +92,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     if path.is_file() and path.suffix != ".info":
         model = load_saved(path)
     else:
-        model = load_neurochem(path, name=name if not pathlib.Path(name).exists() else path.stem)
+        model = load_neurochem(path, name=canonical_name(name) if not pathlib.Path(name).exists() else path.stem)
     model = model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
     return model.requires_grad_(False)

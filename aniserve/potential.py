@@ -155,6 +155,59 @@ class ANIPotential(nn.Module):
                              f"it covers {', '.join(self.elements)}")
         return species
 
+    # ------------------------------------------------------------ torch-native
+    def atomic_energies(self, numbers: torch.Tensor, coordinates: torch.Tensor,
+                        cell: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom energies (ensemble mean, self energy included), Hartree, float64, as
+        torch tensors that stay differentiable with respect to ``coordinates``, to any
+        order: the tensor path (no compiled kernels), TorchANI-style.  numbers (N,) or
+        (B, N) atomic numbers (0 pads a batch); coordinates (N, 3) or (B, N, 3) Å; cell
+        (3, 3) or (B, 3, 3) Å, rows, periodic in 3D, or None.  Padding atoms get 0."""
+        from aniserve import kernels
+
+        batch = _as_batch(numbers, coordinates.detach(), None if cell is None else cell.detach(), self.device)
+        num, single = batch["numbers"], batch["single"]
+        pos = coordinates[None] if single else coordinates
+        cell64 = None if cell is None else torch.as_tensor(cell, dtype=torch.float64, device=self.device).expand(
+            len(num), 3, 3)
+        real = num > 0
+        species = self.species_indices(num[real])
+        structure = torch.nonzero(real)[:, 0]
+        pairs = batch_pairs(num, batch["positions"], None if cell64 is None else cell64.detach(), self.cutoff)
+        flat = pos.to(device=self.device, dtype=torch.float64)[real]
+        vectors = flat.index_select(0, pairs.neighbor) - flat.index_select(0, pairs.center)
+        if pairs.shift is not None:
+            vectors = vectors + torch.bmm(pairs.shift.to(torch.float64)[:, None, :],
+                                          cell64.index_select(0, structure.index_select(0, pairs.center)))[:, 0]
+        with kernels.using("tensor"):
+            features = self.featurizer(species, pairs.center, pairs.neighbor, vectors.to(self.dtype))
+            atomic = self.networks(species, features).to(torch.float64).mean(0)
+        per_atom = atomic + self.self_energies[species]
+        out = per_atom.new_zeros(num.shape).masked_scatter(real, per_atom)
+        return out[0] if single else out
+
+    def energies(self, numbers: torch.Tensor, coordinates: torch.Tensor,
+                 cell: torch.Tensor | None = None) -> torch.Tensor:
+        """Ensemble-mean energies, Hartree, float64: a scalar for one structure, (B,) for
+        a batch; differentiable (see ``atomic_energies``)."""
+        return self.atomic_energies(numbers, coordinates, cell).sum(-1)
+
+    def energy_and_forces(self, numbers: torch.Tensor, coordinates: torch.Tensor,
+                          cell: torch.Tensor | None = None, create_graph: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energies, forces = −∂E/∂coordinates), torch tensors; with ``create_graph``
+        the forces stay differentiable (force training, Hessians)."""
+        coordinates = coordinates if coordinates.requires_grad else coordinates.detach().requires_grad_(True)
+        energy = self.energies(numbers, coordinates, cell)
+        gradient, = torch.autograd.grad(energy.sum(), coordinates, create_graph=create_graph)
+        return energy, -gradient
+
+    def hessian(self, numbers: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+        """∂²E/∂x∂x of one isolated structure, (3N, 3N) in Hartree/Å², by autograd."""
+        x = coordinates.detach().to(torch.float64).reshape(-1)
+        shape = coordinates.shape
+        return torch.autograd.functional.hessian(lambda flat: self.energies(numbers, flat.reshape(shape)), x)
+
     def evaluate(self, numbers, positions, cell=None, *, member_forces: bool = False,
                  pairs: list[Pairs] | None = None) -> Evaluation:
         """Energy, forces and (with a cell) strain derivative of one structure or a batch.

@@ -135,8 +135,20 @@ _extra: list[str] = []
 
 
 def add_plugins(modules) -> None:
-    """Register development plugins by module path (the CLI's --plugin)."""
+    """Register development plugins by module path (the CLI's --plugin), imported from
+    the current directory as ``python -m`` would, or from installed packages; a module
+    that cannot be imported is a RegistryError naming it and why."""
     global _default
+    import sys
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise RegistryError(f"plugin module {name!r} cannot be imported from {os.getcwd()} or the installed "
+                                f"packages: {error}") from None
     _extra.extend(m for m in modules if m not in _extra)
     _default = None
 

@@ -6,8 +6,8 @@ the reader's own one-line error, a traceback, a signal, a hang, and its peak mem
 Run as a script for a longer campaign:
     python tests/fuzz_files.py --tries 5000 --seed 7 --json fuzz-files.json
 ``tests/test_fuzz.py`` runs 300 tries (``--fuzz-files N`` for more).  The NeuroChem
-family needs the official weights (``$ANISERVE_SHARED``/ani-model-zoo); without them it
-is left out and the report says so.
+family needs the official weights (``$ANISERVE_MODEL_DIR``, or the shared folder's
+ani-model-zoo); without them it is left out and the report says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ZOO = pathlib.Path(os.environ.get("ANISERVE_SHARED", ROOT.parent / "shared")) / "ani-model-zoo"
+ZOO = pathlib.Path(os.environ.get("ANISERVE_MODEL_DIR")
+                   or pathlib.Path(os.environ.get("ANISERVE_SHARED", ROOT.parent / "shared")) / "ani-model-zoo")
 FAMILIES = ("model-description", "neurochem", "hdf5")
 #: Child exit codes: what happened to one try.
 LOADED, REFUSED, CRASHED = 0, 10, 70

@@ -10,7 +10,7 @@ import pytest
 import aniserve
 from aniserve.modelfile import ModelFileError, load_saved, save_model
 from aniserve.neurochem import NeuroChemError, load_neurochem
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, SHARED
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ZOO
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -55,15 +55,15 @@ def test_unknown_model_says_where_it_looked(monkeypatch, tmp_path):
 
 def test_corrupt_neurochem_network(tmp_path):
     member = tmp_path / "model"
-    shutil.copytree(SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0", member)
-    member.joinpath("sae_linfit.dat").write_text((SHARED / "ani-model-zoo" / "ani-1x_8x" / "sae_linfit.dat").read_text())
+    shutil.copytree(ZOO / "ani-1x_8x" / "train0", member)
+    member.joinpath("sae_linfit.dat").write_text((ZOO / "ani-1x_8x" / "sae_linfit.dat").read_text())
     nnf = member / "networks" / "ANN-C.nnf"
     nnf.chmod(0o644)
     nnf.write_bytes(b"1135=\n" + b"not bzip2 at all")
     with pytest.raises(NeuroChemError, match=r"ANN-C.nnf: corrupt bzip2"):
         load_neurochem(member)
     wparam = member / "networks" / "ANN-C.nnf-l2.wparam"
-    nnf.write_bytes((SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0" / "networks" / "ANN-C.nnf").read_bytes())
+    nnf.write_bytes((ZOO / "ani-1x_8x" / "train0" / "networks" / "ANN-C.nnf").read_bytes())
     wparam.chmod(0o644)
     wparam.write_bytes(wparam.read_bytes()[:100])
     with pytest.raises(NeuroChemError, match=r"l2.wparam: holds 25 float32 values"):
@@ -92,7 +92,7 @@ def test_corrupt_and_foreign_model_files(tmp_path, ani1ccx):
 
 def _zoo_copy(tmp_path, without):
     """The ANI-1x folder as symlinks, one member left out."""
-    zoo = SHARED / "ani-model-zoo"
+    zoo = ZOO
     folder = tmp_path / "ani-1x_8x"
     folder.mkdir()
     for item in (zoo / "ani-1x_8x").iterdir():
@@ -105,7 +105,7 @@ def _zoo_copy(tmp_path, without):
 def test_an_incomplete_neurochem_ensemble_is_an_error_unless_asked_for(tmp_path, missing):
     folder = _zoo_copy(tmp_path, missing)
     if missing == "train7":  # the last member: only the .info file can tell it is gone
-        (tmp_path / "ani-1x_8x.info").write_text((SHARED / "ani-model-zoo" / "ani-1x_8x.info").read_text())
+        (tmp_path / "ani-1x_8x.info").write_text((ZOO / "ani-1x_8x.info").read_text())
     with pytest.raises(NeuroChemError, match=rf"{missing}/networks: ensemble member folder is missing \(7 of 8"):
         load_neurochem(folder)
     with pytest.warns(UserWarning, match=rf"serving 7 of 8 ensemble members \({missing} missing\)"):
@@ -155,6 +155,8 @@ NEUROCHEM_DAMAGE = {
                                                                         Rcr="nan")), "Rcr must be a cutoff"),
     "huge cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
                                                                          Rcr="1e308")), "Rcr must be a cutoff"),
+    "three EtaR values (found by the fuzz campaign)": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
+        m.joinpath(PARAMS).read_text(), EtaR="[1.0,1.0,1.0]")), "EtaR must hold one value"),
     "400 x 400 angular shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
         m.joinpath(PARAMS).read_text(), ShfA="[" + ",".join(["1.0"] * 400) + "]",
         ShfZ="[" + ",".join(["0.5"] * 400) + "]")), "ShfA must list 1 to 64"),
@@ -187,7 +189,7 @@ def test_crafted_neurochem_files_are_refused_quickly_in_bounded_memory(damage, t
     import resource
     import signal
 
-    zoo = SHARED / "ani-model-zoo" / "ani-1x_8x"
+    zoo = ZOO / "ani-1x_8x"
     member = tmp_path / "model"
     shutil.copytree(zoo / "train0", member)
     for item in member.rglob("*"):
@@ -214,9 +216,9 @@ def test_crafted_neurochem_files_are_refused_quickly_in_bounded_memory(damage, t
 def test_a_neurochem_model_loaded_directly_evaluates():
     """load_neurochem's model (not through load_model) evaluates: found by the file fuzz
     campaign, where its float64 AEV constants met float32 networks in a traceback."""
-    model = load_neurochem(SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0")
+    model = load_neurochem(ZOO / "ani-1x_8x" / "train0")
     result = model.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
-    reference = aniserve.load_model(SHARED / "ani-model-zoo" / "ani-1x_8x" / "train0", dtype="float32")
+    reference = aniserve.load_model(ZOO / "ani-1x_8x" / "train0", dtype="float32")
     assert abs(float(result.energy) - float(reference.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy)) < 1e-5
 
 

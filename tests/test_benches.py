@@ -58,3 +58,16 @@ def test_bench_ipi_repeats_and_summarises():
     assert batched["repeats"] == 2 and batched["ratio_range"] == ratios
     assert batched["ratio_median"] == pytest.approx(sum(ratios) / 2)
     assert "× harmonic median (range)" in ipi.table(rows)
+
+
+def test_bench_speed_plot_says_what_it_measured(tmp_path):
+    """The PNG has both panels (ms per call and atoms/s, as --help promises) and a title
+    naming model, dtype, threads and kernels; --quick says it is a smoke test."""
+    png = tmp_path / "speed.png"
+    output, report = run(tmp_path, "speed", "--quick", "--plot", str(png))
+    assert report["quick"] is True and report["load_average_1min"] >= 0
+    assert "a smoke test, not a measurement" in output
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert width > 1.5 * height  # two panels side by side

@@ -155,6 +155,26 @@ def test_a_reconnecting_server_does_not_hold_up_the_others():
     assert code == 0, log
 
 
+def test_the_log_has_one_line_per_address_and_a_summary():
+    """Before: a "connected" and a "sent EXIT" line per connection, and no summary."""
+    server = Server().start("--connections", "3", "--timeout", "10")
+    conns = server.accept_all(3)
+    for conn in conns:
+        for _ in range(2):
+            assert np.isfinite(ask_forces(conn)[0][0])
+    for conn in conns:
+        conn.sendall(protocol.header("EXIT"))
+    code, log, _ = server.finish()
+    assert code == 0, log
+    lines = log.strip().splitlines()
+    assert sum("connected to" in line for line in lines) == 1 and "(3 connections)" in log
+    assert sum("sent EXIT" in line for line in lines) == 1 and "sent EXIT on 3 connections" in log
+    summary = next(line for line in lines if line.startswith("aniserve drive: served "))
+    words = summary.split()  # aniserve drive: served N structures in M steps over …
+    served, steps = int(words[3]), int(words[6])
+    assert served == 6 and 2 <= steps <= 6 and "ms of evaluation a step" in summary
+
+
 def test_ten_million_atoms_declared_are_refused_before_the_payload():
     """The atom count is checked against the structure as soon as it is read: nothing
     waits for (or buffers) 240 MB of positions that are never sent."""

@@ -1,6 +1,7 @@
 """What a new user meets first: each mistake gives one clear line and the documented
 exit status, not a traceback."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -75,3 +76,41 @@ def test_kernels_switched_off_by_environment_say_so(setting):
 def test_socket_names_are_plain_names_or_absolute_paths(option, name):
     result = cli("drive", "--structure", ETHANOL, option, name)
     assert result.exit_code == exits.USAGE and "neither a plain name" in result.output
+
+
+def test_a_plugin_in_the_current_directory_loads_with_dash_dash_plugin(tmp_path):
+    """As ``python -m`` does: before, `aniserve --plugin my_plugin` said 'not installed'."""
+    (tmp_path / "my_plugin.py").write_text(
+        "from aniserve import hookimpl\n"
+        "from aniserve.training.strategies import FullFineTune\n\n"
+        "class Mine(FullFineTune):\n    description = 'a strategy from the current directory'\n\n"
+        "@hookimpl\ndef aniserve_transfer_strategies():\n    return {'mine': Mine}\n")
+    script = str(pathlib.Path(sys.executable).parent / "aniserve")  # the console script: no cwd on sys.path
+    run = subprocess.run([script, "--plugin", "my_plugin", "plugins"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "mine" in run.stdout and "a strategy from the current directory" in run.stdout
+    missing = subprocess.run([script, "--plugin", "no_such_plugin", "plugins"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+    assert missing.returncode == exits.FAILED and "plugin module 'no_such_plugin' cannot be imported" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_benches_say_what_they_need_and_where_to_get_it(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "aniserve", "bench", "active", "--quick"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == exits.USAGE and "come with the aniserve repository, not the wheel" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_cache_is_listed_and_cleared(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
+    (tmp_path / "bench-transfer").mkdir()
+    (tmp_path / "bench-transfer" / "m.safetensors").write_bytes(b"x" * 2_000_000)
+    (tmp_path / "kernels").mkdir()
+    listed = cli("cache")
+    assert listed.exit_code == 0 and "bench-transfer" in listed.output and "2.0 MB" in listed.output
+    assert cli("cache", "clear", "nothing-here").exit_code == exits.FAILED
+    cleared = cli("cache", "clear", "bench-transfer")
+    assert cleared.exit_code == 0 and "removed bench-transfer (2.0 MB)" in cleared.output
+    assert not (tmp_path / "bench-transfer").exists() and (tmp_path / "kernels").exists()

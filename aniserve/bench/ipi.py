@@ -48,7 +48,8 @@ def _script(name: str) -> str:
     local = pathlib.Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise RuntimeError(f"{name} not found: install i-PI (pip install 'aniserve[ipi]')")
+        raise FileNotFoundError(f"{name} not found: bench ipi runs i-PI itself; install it with "
+                                f"pip install 'aniserve[ipi]'")
     return found
 
 

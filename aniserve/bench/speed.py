@@ -182,21 +182,28 @@ def torchani_runner(model_name: str, dtype: torch.dtype):
     return call
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(result: dict, path) -> None:
+    """Time per call and atoms per second against system size, titled with the model,
+    dtype, threads and kernels the figures are for."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["cases"]
+    fig, (ax, rate) = plt.subplots(1, 2, figsize=(11, 4))
     for kind, marker in (("molecule", "o"), ("periodic", "s"), ("batch", "^")):
         sel = [r for r in rows if r["kind"] == kind]
         if sel:
             ax.loglog([r["atoms"] for r in sel], [r["ms_per_call"] for r in sel], marker, label=f"aniserve, {kind}")
+            rate.semilogx([r["atoms"] for r in sel], [r["atoms_per_s"] for r in sel], marker,
+                          label=f"aniserve, {kind}")
         ref = [r for r in sel if "torchani_ms_per_call" in r]
         if ref:
             ax.loglog([r["atoms"] for r in ref], [r["torchani_ms_per_call"] for r in ref], marker, mfc="none",
                       label=f"TorchANI, {kind}")
+            rate.semilogx([r["atoms"] for r in ref], [r["atoms"] / r["torchani_ms_per_call"] * 1e3 for r in ref],
+                          marker, mfc="none", label=f"TorchANI, {kind}")
     boxes = [r for r in rows if r["kind"] == "periodic"]
     if boxes:
         x = np.array([r["atoms"] for r in boxes])
@@ -205,7 +212,12 @@ def plot(rows: list[dict], path) -> None:
         ax.loglog(x, md[-1] * x / x[-1], "k:", label="linear")
     ax.set_xlabel("atoms")
     ax.set_ylabel("ms per energy+forces call")
+    rate.set_xlabel("atoms")
+    rate.set_ylabel("atoms per second (energy+forces)")
     ax.legend(fontsize=8)
+    rate.legend(fontsize=8)
+    fig.suptitle(f"aniserve bench speed: {result['model']}, {result['dtype']}, {result['threads']} threads, "
+                 f"{result['kernels']}{' (--quick: 3-call medians)' if result.get('quick') else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -45,14 +45,9 @@ def read_inputs(paths) -> tuple[list[dict], list[dict]]:
 
 
 def _ase_structures(path: pathlib.Path) -> list[dict]:
-    import ase.io
+    from aniserve.structures import read_structures
 
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file")
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as error:  # ASE raises many types for unreadable files
-        raise ValueError(f"{path}: not a structure file ASE can read ({type(error).__name__}: {error})") from None
+    frames = read_structures(path)
     out = []
     for i, atoms in enumerate(frames):
         numbers = atoms.numbers

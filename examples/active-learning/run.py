@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 
-import ase.io
 import numpy as np
 from ase import units
 from ase.md.langevin import Langevin
@@ -30,6 +29,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from aniserve import ANICalculator
 from aniserve.collect import Collector
 from aniserve.qmdata.levels import Level
+from aniserve.structures import read_structures
 
 here = pathlib.Path(__file__).resolve().parent
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +51,7 @@ def aniserve(*arguments):
 
 def md_round(model, collected):
     """Langevin MD at 1,000 K; returns the collector (what it kept, of how many)."""
-    atoms = ase.io.read(here.parent / "molecules" / "ethanol.xyz")
+    atoms = read_structures(here.parent / "molecules" / "ethanol.xyz")[0]
     MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=np.random.default_rng(0))
     collector = Collector(collected, energy_std=args.threshold, every=args.every)
     atoms.calc = ANICalculator(model, collect=collector)

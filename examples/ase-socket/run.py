@@ -14,11 +14,11 @@ import pathlib
 import subprocess
 import sys
 
-import ase.io
 from ase.calculators.socketio import SocketIOCalculator
 from ase.optimize import BFGS
 
 from aniserve.embedded import DEFAULT_MODEL
+from aniserve.structures import read_structures
 
 here = pathlib.Path(__file__).resolve().parent
 parser = argparse.ArgumentParser(description="BFGS of ethanol through ASE's SocketIOCalculator and aniserve drive")
@@ -34,7 +34,7 @@ def launch(atoms, properties, port, unixsocket):
                              str(structure), "--unix", unixsocket, "--reconnect-timeout", "1"])
 
 
-atoms = ase.io.read(structure)
+atoms = read_structures(structure)[0]
 try:
     with SocketIOCalculator(unixsocket=name, launch_client=launch) as calc:
         atoms.calc = calc
