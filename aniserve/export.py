@@ -128,8 +128,10 @@ class TorchScriptANI(nn.Module):
         d = distance.index_select(0, in_radial)
         scale = 0.25 * (0.5 * torch.cos(d * (torch.pi / self.Rcr)) + 0.5)
         radial = torch.exp(-self.EtaR * (d[:, None] - self.ShfR) ** 2) * scale[:, None]
-        radial_index = center.index_select(0, in_radial) * self.num_species + neighbor_species.index_select(0, in_radial)
-        radial_aev = vectors.new_zeros(n_atoms * self.num_species, self.ShfR.shape[1]).index_add(0, radial_index, radial)
+        radial_index = (center.index_select(0, in_radial) * self.num_species
+                        + neighbor_species.index_select(0, in_radial))
+        radial_aev = vectors.new_zeros(n_atoms * self.num_species, self.ShfR.shape[1]).index_add(
+            0, radial_index, radial)
 
         in_angular = torch.nonzero(distance <= self.Rca).squeeze(1)
         pair_center = center.index_select(0, in_angular)
@@ -142,7 +144,8 @@ class TorchScriptANI(nn.Module):
         sin_t = torch.sqrt(1 - cos_t * cos_t)
         x = (1 + cos_t[:, None] * self.cos_z + sin_t[:, None] * self.sin_z) / 2
         s = (d.index_select(0, first) + d.index_select(0, second))[:, None] / 2 - self.ShfA
-        factor2 = torch.exp(-self.EtaA * s * s) * (2 * cut.index_select(0, first) * cut.index_select(0, second))[:, None]
+        cutoffs = 2 * cut.index_select(0, first) * cut.index_select(0, second)
+        factor2 = torch.exp(-self.EtaA * s * s) * cutoffs[:, None]
         outer = (factor2[:, :, None] * (x ** self.Zeta)[:, None, :]).reshape(len(first), -1)
         angular_index = (pair_center.index_select(0, first) * self.num_pairs
                          + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)])

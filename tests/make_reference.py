@@ -32,8 +32,9 @@ def load(zoo: pathlib.Path, name: str):
     folder = MODELS[name]
     # (TorchANI reads .info paths relative to its own data folder: give it ours.)
     info = torchani.neurochem.NeurochemInfo.from_info_file(zoo / f"{folder}.info")
-    info = torchani.neurochem.NeurochemInfo(*(zoo / p.relative_to(torchani.neurochem.neurochem_dir())
-                                              for p in (info.sae, info.const, info.ensemble_prefix)), info.ensemble_size)
+    ours = (zoo / p.relative_to(torchani.neurochem.neurochem_dir()) for p in (info.sae, info.const,
+                                                                              info.ensemble_prefix))
+    info = torchani.neurochem.NeurochemInfo(*ours, info.ensemble_size)
     aev, networks, shifter, symbols = torchani.neurochem.modules_from_info(info, None, strategy="pyaev")
     model = torchani.arch.ANI(symbols, aev, networks, shifter, periodic_table_index=True).double()
     exact = {}
@@ -56,12 +57,12 @@ def compute(model, record: dict, members: bool) -> dict:
     if cell is None:
         energy = model((numbers, x)).energies
         forces = -torch.autograd.grad(energy.sum(), x)[0]
-        out = {"energy": float(energy), "forces": forces[0].tolist()}
+        out = {"energy": float(energy.detach()), "forces": forces[0].tolist()}
     else:
         x.retain_grad()
         energy = model((numbers, x), **kwargs).energies
         energy.sum().backward()
-        out = {"energy": float(energy), "forces": (-x.grad[0]).tolist(), "strain_derivative": strain.grad.tolist()}
+        out = {"energy": float(energy.detach()), "forces": (-x.grad[0]).tolist(), "strain_derivative": strain.grad.tolist()}
     if members:
         with torch.no_grad():
             member = model((numbers, positions), ensemble_values=True, **(

@@ -1,6 +1,8 @@
-"""The README's commands are the ones CI runs."""
+"""The README's commands are the ones CI runs, and its Python example runs."""
 
 import re
+
+import pytest
 
 from conftest import ROOT
 
@@ -14,3 +16,15 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
     assert "pip install torch==2.13.0" in commands[0] and "torch==2.13.0" in ci
+
+
+@pytest.mark.weights
+def test_the_readme_python_snippet_runs(monkeypatch):
+    """The README's Python example, as a user copies it (run from the repository root)."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## Use from Python")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["hessian"].shape == (9, 9) and float(namespace["energy"]) < -76
+    assert namespace["box"].pbc.all()

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from aniserve import exits
 from aniserve.modelfile import load_saved
 from aniserve.neighbors import find_pairs
 from aniserve.registry import Registry
@@ -105,7 +106,7 @@ def test_masked_plugin_gives_a_clear_error(trained):
     env = {**os.environ, "ANISERVE_BLOCK_PLUGINS": "gaussian"}
     out = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(REPO / "examples/molecules/ethanol.xyz"),
                           "--model", str(trained[0])], capture_output=True, text=True, env=env)
-    assert out.returncode == 1
+    assert out.returncode == exits.BAD_MODEL  # a model that cannot be loaded (aniserve.exits)
     assert "no featurizer named 'gaussian-embedding'" in out.stderr
     assert "plugin aniserve-gaussian 0.1.0" in out.stderr
     assert "Traceback" not in out.stderr
