@@ -198,3 +198,30 @@ def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
     first = data["selections"]["qbc"][0]["runs"][0]["mean_spread_per_sqrt_atom_kcal"]
     assert abs(first - np.sort(spread)[-8:].mean() * 627.5094740631) < 1e-3
     assert (tmp_path / "active.png").stat().st_size > 1000
+
+
+def test_forces_are_scored_against_ccsd_t_where_the_test_set_has_them(tmp_path):
+    """bench transfer's force column against coupled cluster: only conformations with
+    CCSD(T) forces count, by element too; the DFT method's own forces are scored the same way."""
+    from aniserve.bench.transfer import _cc_force_errors, metrics, read_test_set
+    from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+    water = np.array([8, 1, 1])
+    pos = np.random.default_rng(1).normal(size=(3, 3, 3))
+    cc_forces = np.full((3, 3, 3), np.nan)
+    cc_forces[0] = 0.01
+    write_ani_h5(tmp_path / "t.h5", {"H2O": {
+        "atomic_numbers": water, "coordinates": pos, "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
+        "wb97x_631gd.forces": np.zeros((3, 3, 3)), "ccsd(t)_ccpvdz.energy": np.array([-76.2, -76.3, -76.4]),
+        "ccsd(t)_ccpvdz.forces": cc_forces}})
+    test = read_test_set(tmp_path / "t.h5")
+    predicted = [np.full((3, 3), 0.01), np.full((3, 3), 0.01), np.full((3, 3), 0.01)]
+    predicted[0][0] = [0.04, 0.01, 0.01]  # the oxygen off by 0.03 in x in the one CC conformation
+    out = metrics(test.high, test, predicted)
+    assert out["cc_force_conformations"] == 1
+    assert out["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(np.sqrt(0.03 ** 2 / 9) * HARTREE_IN_KCAL_PER_MOL)
+    assert out["force_rmse_vs_cc_by_element"]["O"] == pytest.approx(np.sqrt(0.03 ** 2 / 3) * HARTREE_IN_KCAL_PER_MOL)
+    assert out["force_rmse_vs_cc_by_element"]["H"] == 0.0
+    assert out["force_rmse_vs_dft_kcal_per_a"] > out["force_rmse_vs_cc_kcal_per_a"]  # all three against zeros
+    assert _cc_force_errors(test.low_forces, test)["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(
+        0.01 * HARTREE_IN_KCAL_PER_MOL)
