@@ -243,6 +243,7 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     import logging
     import signal
     import sys
+    import threading
 
     from aniserve.driver import Address, IPIDriver
     from aniserve.models import load_model
@@ -293,7 +294,8 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
         sys.exit(exits.BAD_STRUCTURE)
     # A batch system stops a job with SIGTERM: leave through the driver's clean-up (sockets
     # half-closed so that i-PI reassigns the beads), not by the signal.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(exits.TERMINATED))
+    if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(exits.TERMINATED))
     code = driver.run()
     if collector is not None:
         logging.getLogger("aniserve.driver").info(

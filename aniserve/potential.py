@@ -196,11 +196,11 @@ class ANIPotential(nn.Module):
                           cell: torch.Tensor | None = None, create_graph: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energies, forces = −∂E/∂coordinates), torch tensors; with ``create_graph``
-        the forces stay differentiable (force training, Hessians)."""
+        both stay differentiable (force training, Hessians), otherwise they are values."""
         coordinates = coordinates if coordinates.requires_grad else coordinates.detach().requires_grad_(True)
         energy = self.energies(numbers, coordinates, cell)
         gradient, = torch.autograd.grad(energy.sum(), coordinates, create_graph=create_graph)
-        return energy, -gradient
+        return (energy, -gradient) if create_graph else (energy.detach(), -gradient)
 
     def hessian(self, numbers: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
         """∂²E/∂x∂x of one isolated structure, (3N, 3N) in Hartree/Å², by autograd."""

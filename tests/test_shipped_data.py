@@ -82,3 +82,22 @@ def test_ring_extension_file_matches_the_readme():
     assert row, "data/README.md has no COUNTS row for qm-train-rings.h5"
     assert [int(x.replace(",", "")) for x in row.groups()] == [len(molecules), low, high]
     assert not molecules & contents("qm-test.h5")[0]
+
+
+@pytest.mark.parametrize("name,goal", [("qm-train.h5", 256), ("qm-test.h5", 30)])
+def test_ccsd_t_forces_are_what_the_readme_says(name, goal):
+    """Issue #32's coupled-cluster forces, computed session by session: every one finite,
+    only where the CCSD(T) energy is, and counted in data/README.md as they stand."""
+    count, molecules = 0, set()
+    with h5py.File(ROOT / "data" / name, "r") as f:
+        for group in f.values():
+            if "ccsd(t)_ccpvdz.forces" not in group:
+                continue
+            have = np.isfinite(group["ccsd(t)_ccpvdz.forces"][()]).all(axis=(1, 2))
+            assert np.all(np.isfinite(group[HIGH][()])[have]), "CCSD(T) forces only where its energy is"
+            count += int(have.sum())
+            molecules |= {m.decode() for m, h in zip(group["molecule"][()], have) if h}
+    readme = (ROOT / "data" / "README.md").read_text()
+    row = re.search(rf"\| `{re.escape(name)}` CCSD\(T\) forces \| ([\d,]+) of {goal} \| (\d+) molecules \|", readme)
+    assert row, f"data/README.md has no CCSD(T) forces row for {name}"
+    assert [int(x.replace(",", "")) for x in row.groups()] == [count, len(molecules)]

@@ -24,7 +24,7 @@ def test_energies_and_forces_are_differentiable_torch_tensors_equal_to_evaluate(
     assert isinstance(energy, torch.Tensor) and energy.requires_grad
     forces = -torch.autograd.grad(energy, x)[0]
     want = model.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
-    assert abs(float(energy) - float(want.energy)) < 1e-10
+    assert abs(float(energy.detach()) - float(want.energy)) < 1e-10
     np.testing.assert_allclose(forces.numpy(), want.forces, atol=1e-10)
     e2, f2 = model.energy_and_forces(numbers, x.detach())
     np.testing.assert_allclose(f2.numpy(), forces.numpy(), atol=1e-12)
