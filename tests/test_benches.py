@@ -4,6 +4,7 @@ reported, never asserted: these machines are noisy)."""
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from aniserve.cli import main
@@ -40,6 +41,8 @@ def test_bench_ase_compares_unix_and_inet(tmp_path):
 def test_bench_speed_quick(tmp_path):
     output, report = run(tmp_path, "speed", "--quick")
     assert report["cases"] and all(c["ms_per_call"] > 0 for c in report["cases"]) and "ms/call" in output
+    # each case against its arithmetic floor (aniserve.bench.floor): a fraction, reported, never asserted
+    assert all(c["floor_ms"] > 0 and c["fraction_of_floor"] > 0 for c in report["cases"]) and "of floor" in output
 
 
 def test_bench_ipi_repeats_and_summarises():
@@ -71,3 +74,25 @@ def test_bench_speed_plot_says_what_it_measured(tmp_path):
 
     width, height = Image.open(png).size
     assert width > 1.5 * height  # two panels side by side
+
+
+@pytest.mark.weights
+def test_the_floor_counts_the_networks_arithmetic_of_a_case():
+    """Ethanol with ANI-1x: 240 of the 384 AEV columns can be nonzero for C, H, O; per atom
+    and member a forward pass and an input gradient of 2·Σ in·out each (≈ 19 MFLOP, as
+    issue #31 counts); the Δ default adds its correction networks."""
+    import aniserve
+    from aniserve.bench.floor import gemm_gflops, network_flops
+
+    model = aniserve.load_model("ani-1x")
+    species = model.species_indices(torch.tensor([6, 1, 8]))
+    assert len(model.featurizer.nonzero_columns(tuple(sorted(species.tolist())))) == 240
+    expected = 0
+    for z, count in ((6, 2), (1, 6), (8, 1)):
+        sizes = [240, *model.networks.mlps[model.elements.index({6: "C", 1: "H", 8: "O"}[z])].sizes[1:]]
+        expected += 2 * 2 * sum(a * b for a, b in zip(sizes, sizes[1:])) * 8 * count
+    assert network_flops(model, [6, 6, 8, 1, 1, 1, 1, 1, 1]) == expected
+    assert 18e6 < expected < 21e6
+    default = aniserve.load_model()
+    assert network_flops(default, [6, 6, 8, 1, 1, 1, 1, 1, 1]) > expected
+    assert gemm_gflops(seconds=0.05) > 1

@@ -90,9 +90,11 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
     ``ms_per_md_step`` reuses a neighbour list with ``skin``, as an MD step does between
     rebuilds (single structures only).  With ``torchani_model``, ``agreement`` is
     (aniserve model, TorchANI runner), both float64, for the energy check."""
+    from aniserve.bench.floor import gemm_gflops, network_flops
     from aniserve.neighbors import NeighborList
 
     rows = []
+    gflops = gemm_gflops(model.dtype) if model.device.type == "cpu" else None
     for name, kind, count, (numbers, positions, cell), repeats in cases(quick):
         atoms = int(np.size(numbers))
         if quick:
@@ -100,6 +102,10 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
         seconds = _time(lambda: model.evaluate(numbers, positions, cell), repeats)
         row = {"case": name, "kind": kind, "atoms": atoms, "structures": count, "ms_per_call": seconds * 1e3,
                "atoms_per_s": atoms / seconds}
+        if gflops:
+            flops = network_flops(model, numbers)
+            row.update(network_mflop=flops / 1e6, gemm_gflops=gflops, floor_ms=flops / gflops / 1e6,
+                       fraction_of_floor=flops / gflops / 1e9 / seconds)
         line = f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
         if kind != "batch":
             pairs = [NeighborList(model.cutoff, skin).pairs(torch.as_tensor(np.asarray(positions, dtype=np.float64)),
@@ -226,16 +232,24 @@ def plot(result: dict, path) -> None:
 def table(result: dict, compare_torchani: bool = False) -> str:
     """The printed table of ``aniserve bench speed``."""
     lines = [f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
-             f"{'peak RSS MB':>11s}" + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")]
+             f"{'floor ms':>9s} {'of floor':>8s} {'peak RSS MB':>11s}"
+             + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")]
     for r in result["cases"]:
         md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
               else f"{'':10s} {'':9s}")
+        floor = (f"{r['floor_ms']:9.2f} {100 * r['fraction_of_floor']:7.0f}%" if "floor_ms" in r
+                 else f"{'':9s} {'':8s}")
         lines.append(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
-                     f"{r['peak_rss_mb']:11.0f}"
+                     f"{floor} {r['peak_rss_mb']:11.0f}"
                      + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
                         f"{r['torchani_float64_energy_diff_hartree']:.1e}" if compare_torchani else ""))
     if result["scaling"]:
         s = result["scaling"]
         lines.append(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
                      f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)")
+    rates = {r["gemm_gflops"] for r in result["cases"] if "gemm_gflops" in r}
+    if rates:
+        lines.append(f"floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at "
+                     f"this machine's measured {rates.pop():.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / "
+                     f"measured (100% would be pure network arithmetic at that rate)")
     return "\n".join(lines)
