@@ -138,6 +138,9 @@ def eval_(file, model, index, device, dtype, out):
         try:
             result, = evaluator.evaluate([(n, Structure(atoms.numbers, np.array(atoms.positions), cell))])
         except ValueError as error:
+            if out is not None and rows:  # what was computed is kept
+                _write_results(out, rows, potential.description.get("name") or model, dtype)
+                click.echo(f"wrote frames 0–{n - 1} to {out}", err=True)
             raise _Failure(f"{file}, frame {n}: {error}", exits.BAD_STRUCTURE) from None
         values = ase_results(result, atoms.get_volume() if cell is not None else None)
         fmax = float(np.linalg.norm(values["forces"], axis=1).max())

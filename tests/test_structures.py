@@ -109,3 +109,14 @@ def test_eval_out_files_read_back_in_ase_with_the_same_numbers(tmp_path):
         else:
             assert row["stress_ev_per_cubic_angstrom"] is None
         assert written.info["energy_std"] == pytest.approx(row["energy_std_ev"])
+
+
+def test_eval_out_keeps_the_frames_before_a_bad_one(tmp_path):
+    good = read_structures(ROOT / "examples" / "molecules" / "ethanol.xyz")[0]
+    bad = good.copy()
+    bad.positions[1] = bad.positions[0]  # two atoms on top of each other
+    ase.io.write(tmp_path / "three.extxyz", [good, good, bad])
+    run = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(tmp_path / "three.extxyz"), "--out",
+                          str(tmp_path / "r.extxyz")], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 3 and "frame 2" in run.stderr and "wrote frames 0–1" in run.stderr
+    assert len(ase.io.read(tmp_path / "r.extxyz", index=":")) == 2
