@@ -236,8 +236,12 @@ def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
         energies = {rid.decode(): f[g]["ccsd(t)_sto3g.energy"][c] for g in f for c, rid in enumerate(f[g]["record_id"])}
     labelled = sorted(rid for rid, value in forces.items() if np.isfinite(value).all())
     assert labelled == ["methane~0", "water~0"]  # the first conformation with CCSD(T) of each molecule
-    for rid in before:  # nothing else changed
-        assert energies[rid] == before[rid]["high"] or (np.isnan(energies[rid]) and np.isnan(before[rid]["high"]))
+    for rid in before:  # nothing else changed (the labelled ones' energies come from the gradient's own calculation)
+        tolerance = 1e-7 if rid in labelled else 0.0
+        assert abs(energies[rid] - before[rid]["high"]) <= tolerance or (
+            np.isnan(energies[rid]) and np.isnan(before[rid]["high"]))
+    with h5py.File(out) as f:
+        assert "sampling" in f.attrs  # labelling kept how the file was sampled
 
     def energy(numbers, positions):
         mf = scf.RHF(gto.M(atom=[(int(z), p) for z, p in zip(numbers, positions)], basis="sto-3g", verbose=0))

@@ -170,6 +170,9 @@ def build(journal: Journal, out: pathlib.Path, sampling_note: str | None = None)
         merge(records, rec)
     if not records:
         return 0
+    if sampling_note is None and out.exists():  # (labelling an existing file keeps how it was sampled)
+        with h5py.File(out, "r") as f:
+            sampling_note = f.attrs.get("sampling")
     levels = {}
     for rec in records.values():
         for key, value in rec["levels"].items():
