@@ -165,6 +165,10 @@ class ANIPotential(nn.Module):
         (3, 3) or (B, 3, 3) Å, rows, periodic in 3D, or None.  Padding atoms get 0."""
         from aniserve import kernels
 
+        if not isinstance(coordinates, torch.Tensor):  # (an array: values, nothing to differentiate)
+            coordinates = _as_tensor(coordinates, torch.float64, self.device, "coordinates")
+        if cell is not None and not isinstance(cell, torch.Tensor):
+            cell = _as_tensor(cell, torch.float64, self.device, "cell")
         batch = _as_batch(numbers, coordinates.detach(), None if cell is None else cell.detach(), self.device)
         num, single = batch["numbers"], batch["single"]
         pos = coordinates[None] if single else coordinates
@@ -197,6 +201,8 @@ class ANIPotential(nn.Module):
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energies, forces = −∂E/∂coordinates), torch tensors; with ``create_graph``
         both stay differentiable (force training, Hessians), otherwise they are values."""
+        if not isinstance(coordinates, torch.Tensor):
+            coordinates = _as_tensor(coordinates, torch.float64, self.device, "coordinates")
         coordinates = coordinates if coordinates.requires_grad else coordinates.detach().requires_grad_(True)
         energy = self.energies(numbers, coordinates, cell)
         gradient, = torch.autograd.grad(energy.sum(), coordinates, create_graph=create_graph)
@@ -204,7 +210,8 @@ class ANIPotential(nn.Module):
 
     def hessian(self, numbers: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
         """∂²E/∂x∂x of one isolated structure, (3N, 3N) in Hartree/Å², by autograd."""
-        x = coordinates.detach().to(torch.float64).reshape(-1)
+        coordinates = _as_tensor(coordinates, torch.float64, self.device, "coordinates")
+        x = coordinates.detach().reshape(-1)
         shape = coordinates.shape
         return torch.autograd.functional.hessian(lambda flat: self.energies(numbers, flat.reshape(shape)), x)
 

@@ -113,3 +113,13 @@ def test_torchani_spellings_load_the_official_models():
     assert aniserve.load_model("ANI1ccx").description["name"] == "ani-1ccx"
     with pytest.raises(LookupError, match="Did you mean 'ani-1x'"):
         aniserve.load_model("ANI-1xx")
+
+
+def test_arrays_are_accepted_where_tensors_are():
+    model = cached_model(DEFAULT_MODEL, "float64")
+    energy, forces = model.energy_and_forces(np.array(ETHANOL_NUMBERS), np.array(ETHANOL_POSITIONS))
+    want = model.evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    assert abs(float(energy) - float(want.energy)) < 1e-10
+    np.testing.assert_allclose(forces.numpy(), want.forces, atol=1e-10)
+    assert model.hessian(ETHANOL_NUMBERS, ETHANOL_POSITIONS).shape == (27, 27)
+    assert abs(float(model.energies(ETHANOL_NUMBERS, ETHANOL_POSITIONS)) - float(want.energy)) < 1e-10
