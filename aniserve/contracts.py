@@ -58,6 +58,15 @@ class TransferStrategy(Protocol):
         offer ``penalty(model) -> scalar tensor`` added to the loss."""
 
 
+class SelectionStrategy(Protocol):
+    """A class, instantiated without arguments, choosing which candidates to label."""
+
+    description: str
+
+    def select(self, candidates: Any, k: int, rng: Any, **options) -> Any:
+        """At most ``k`` indices into the candidates (``aniserve.selection.Candidates``)."""
+
+
 @runtime_checkable
 class ModelSource(Protocol):
     """An object resolving model names to loadable paths."""
@@ -76,6 +85,7 @@ CONTRACTS: dict[str, tuple[type, tuple[str, ...]]] = {
     "element-network": (ElementNetwork, ("from_config", "config", "forward")),
     "transfer-strategy": (TransferStrategy, ("prepare",)),
     "model-source": (ModelSource, ("names", "locate")),
+    "selection-strategy": (SelectionStrategy, ("select",)),
 }
 
 

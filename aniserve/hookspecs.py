@@ -71,3 +71,16 @@ def aniserve_model_sources() -> dict:
     ``.info``/folder or aniserve model file) or None, plus the places it looked, which
     end up in the error message when no source has the model.
     """
+
+
+@hookspec
+def aniserve_selection_strategies() -> dict:
+    """Active-learning selection strategies: name → class.  Contract:
+    ``aniserve.contracts.SelectionStrategy``.
+
+    The class (instantiated without arguments) has ``description`` and
+    ``select(candidates, k, rng, **options) -> indices``: which of the candidates
+    (``aniserve.selection.Candidates``: force deviation, group, optional descriptors and
+    per-atom energy spread) to label, at most ``k`` of them, reproducibly for a given
+    ``numpy.random.Generator``.
+    """

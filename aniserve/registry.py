@@ -17,7 +17,7 @@ from aniserve.hookspecs import hookimpl  # noqa: E402,F401  (the marker, re-expo
 #: aniserve's own components, each registered by the module that defines it, through
 #: the same hooks as any plugin.  Imported when the registry is first built, not before.
 DEFAULT_PLUGINS = ("aniserve.aev", "aniserve.networks", "aniserve.training.strategies", "aniserve.zoo",
-                   "aniserve.embedded")
+                   "aniserve.embedded", "aniserve.selection")
 
 #: Registry kinds, as ``aniserve plugins`` names them, and the hook that fills each.
 KINDS = {
@@ -25,6 +25,7 @@ KINDS = {
     "element-network": "aniserve_element_networks",
     "transfer-strategy": "aniserve_transfer_strategies",
     "model-source": "aniserve_model_sources",
+    "selection-strategy": "aniserve_selection_strategies",
 }
 
 
