@@ -142,6 +142,7 @@ def eval_(file, model, index, device, dtype, out):
                 _write_results(out, rows, potential.description.get("name") or model, dtype)
                 click.echo(f"wrote frames 0–{n - 1} to {out}", err=True)
             raise _Failure(f"{file}, frame {n}: {error}", exits.BAD_STRUCTURE) from None
+        evaluator.forget(n)  # (frames are independent: no neighbour list is kept for the next)
         values = ase_results(result, atoms.get_volume() if cell is not None else None)
         fmax = float(np.linalg.norm(values["forces"], axis=1).max())
         click.echo(f"{n:5d} {atoms.get_chemical_formula():12s} E = {float(result.energy):.8f} Ha = "
