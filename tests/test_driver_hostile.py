@@ -112,11 +112,11 @@ def test_a_server_that_never_reads_ends_its_connection_within_the_timeout(kind):
     server = Server(kind).start("--timeout", "2", "--idle-timeout", "2")
     conn = server.accept()
     flood_without_reading(conn)
-    code, log, seconds = server.finish()
+    code, log, _ = server.finish()
     conn.close()
     assert code == 2, log
-    assert "has not read our reply" in log and "Traceback" not in log
-    assert seconds < 30
+    # ended by --timeout (2 s), by its own message; finish() gives up on a wedged driver
+    assert "has not read our reply" in log and "for 2 s" in log and "Traceback" not in log
 
 
 def test_a_server_that_never_reads_does_not_starve_the_other_connection():
@@ -181,10 +181,11 @@ def test_ten_million_atoms_declared_are_refused_before_the_payload():
     server = Server().start("--timeout", "20")
     conn = server.accept()
     conn.sendall(protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", 10_000_000))
-    code, log, seconds = server.finish()
+    code, log, _ = server.finish()
     conn.close()
     assert code == 3 and "the server sent 10000000 atoms, the structure file has 9" in log, log
-    assert seconds < 15  # well inside --timeout 20: it did not wait for the payload
+    # refused on the count: waiting for the payload would have ended as an incomplete message
+    assert "incomplete message" not in log
 
 
 def test_the_atom_count_is_checked_as_soon_as_it_is_read():
