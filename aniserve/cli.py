@@ -66,13 +66,6 @@ class _Group(click.Group):
 _EXTRAS = {"pyscf": "qm", "rdkit": "qm", "dask": "qm", "distributed": "qm", "ipi": "ipi", "matplotlib": "bench"}
 
 
-def read_structures(path: str, index=":") -> list:
-    """Structures from any file ASE reads, with i-PI's cell comments (``aniserve.structures``)."""
-    from aniserve.structures import read_structures as read
-
-    return read(path, index)
-
-
 @click.group(cls=_Group)
 @click.version_option(package_name="aniserve")
 @click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
@@ -127,6 +120,8 @@ def eval_(file, model, index, device, dtype, out):
         check_out(out)
         if pathlib.Path(out).suffix.lower() not in (".xyz", ".extxyz", ".json"):
             raise click.BadParameter(f"{out}: write .extxyz, .xyz or .json", param_hint="--out")
+    from aniserve.structures import read_structures
+
     frames = read_structures(file, index)
     potential = load_model(model, device=device, dtype=dtype)
     evaluator = Evaluator(potential)
@@ -272,6 +267,8 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
                                          f"nor an absolute path", param_hint=option)
     if len(structures) not in (1, len(addresses)):
         raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
+    from aniserve.structures import read_structures
+
     numbers = [read_structures(s, 0)[0].numbers for s in structures]
     if len(numbers) == 1:
         numbers = numbers * len(addresses)
