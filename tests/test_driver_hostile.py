@@ -96,12 +96,16 @@ def ask_forces(conn, batch_size=1):
 
 
 def flood_without_reading(conn, seconds=1.0):
-    """STATUS after STATUS, never reading a reply, until the driver stops taking them."""
+    """STATUS after STATUS, never reading a reply, until the driver stops taking them
+    (whole messages: a partly sent block is finished before the next)."""
     conn.setblocking(False)
     end = time.monotonic() + seconds
+    pending = memoryview(b"")
     while time.monotonic() < end:
+        if not pending:
+            pending = memoryview(protocol.header("STATUS") * 4096)
         try:
-            conn.send(protocol.header("STATUS") * 4096)
+            pending = pending[conn.send(pending):]
         except BlockingIOError:
             time.sleep(0.01)
 
