@@ -369,7 +369,7 @@ def _training_options(f):
                      show_default=True,
                      help="What picks the saved epoch and drives early stopping: the validation loss, or the "
                           "validation molecules' conformer RMSE (relative energies; better for transfer to a "
-                          "small high-level set, README)."),
+                          "small high-level set, docs/notebook.md)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
@@ -674,7 +674,7 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
 @click.option("--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run).")
 @click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
 @click.option("--strategy", default="delta", show_default=True,
-              help="Transfer strategy used for every selection (delta: the best in cross-validation, README).")
+              help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).")
 @click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
               type=click.Path(dir_okay=False), help="The pool: its high-level conformations.")
 @click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,

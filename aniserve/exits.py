@@ -1,4 +1,4 @@
-"""Exit statuses of every ``aniserve`` command: one table, documented in the README
+"""Exit statuses of every ``aniserve`` command: one table, documented in docs/serving.md
 and checked by ``tests/test_exits.py``.  Every failure prints one line saying why."""
 
 OK = 0

@@ -23,7 +23,7 @@ os.environ["ANISERVE_MODEL_DIR"] = str(ZOO)
 HAVE_WEIGHTS = all((ZOO / f"{name}_8x.info").is_file() for name in ("ani-1x", "ani-1ccx", "ani-2x"))
 MISSING_WEIGHTS = (f"official ANI weights not found in {ZOO}: set ANISERVE_MODEL_DIR to a copy of the ANI model "
                    f"zoo (ani-1x_8x.info beside ani-1x_8x/, …), or put the project's shared folder beside the "
-                   f"checkout as ../shared (README, Tests)")
+                   f"checkout as ../shared (docs/testing.md)")
 
 
 def pytest_addoption(parser):

@@ -52,7 +52,7 @@ class Budget:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("transfer_epochs", "transfer_lr", "seeds")}
 
 
-#: Chosen on the session-3 data snapshot (README: "What we tried"): batches of 8 and a
+#: Chosen on the session-3 data snapshot (docs/notebook.md, "What we tried"): batches of 8 and a
 #: force weight of 1 gave the best DFT model; larger force weights and smaller networks
 #: did worse, and a 10× smaller transfer learning rate barely moved the models.
 FULL = Budget(pretrain_epochs=400, transfer_epochs=400, seeds=(0, 1, 2), ensemble_size=4, batch_size=8,
@@ -61,7 +61,7 @@ QUICK = Budget(pretrain_epochs=12, transfer_epochs=12, seeds=(0,), ensemble_size
 #: From a given base model (``--base``): no pretraining; ensemble size and networks are
 #: the base's own.  Epochs are picked (and training stopped) on the validation molecules'
 #: conformer RMSE: chosen by 5-fold cross-validation over the *training* molecules
-#: (README, "What we tried"), where it beat selection on the validation loss for Δ-learning
+#: (docs/notebook.md, "What we tried"), where it beat selection on the validation loss for Δ-learning
 #: from ANI-1x (0.90 against 1.09 kcal/mol; ANI-1x itself 1.13).
 BASE_FULL = Budget(pretrain_epochs=0, transfer_epochs=60, seeds=(0, 1, 2), ensemble_size=0, batch_size=16,
                    lr=1e-3, patience=15, selection="conformer")
