@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,9 +48,12 @@ class AEVParameters:
 
         from aniserve.elements import NUMBERS
 
-        if (not isinstance(self.elements, tuple) or not 1 <= len(self.elements) <= len(NUMBERS) - 1
-                or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in self.elements)
-                or len(set(self.elements)) != len(self.elements)):
+        if (
+            not isinstance(self.elements, tuple)
+            or not 1 <= len(self.elements) <= len(NUMBERS) - 1
+            or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in self.elements)
+            or len(set(self.elements)) != len(self.elements)
+        ):
             fail("elements", f"must be distinct element symbols, got {str(self.elements)[:80]}")
         for field in ("Rcr", "Rca"):
             value = getattr(self, field)
@@ -80,14 +84,15 @@ class AEVParameters:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "AEVParameters":
+    def from_json(cls, data: dict[str, Any]) -> AEVParameters:
         if not isinstance(data, dict):
             raise ValueError(f"AEV parameters must be an object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - fields, fields - set(data)
         if unknown or missing:
             raise ValueError(f"AEV parameters: unknown {sorted(unknown)}, missing {sorted(missing)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 def _real(value) -> bool:
@@ -107,6 +112,12 @@ class AEVFeaturizer(nn.Module):
     center, given as their displacement vectors (P, 3) in Å; pairs beyond Rcr are
     ignored, so the pair list may have been built with a skin.
     """
+
+    # Buffers (registered in __init__), declared for type checkers.
+    ShfR: torch.Tensor
+    ShfA: torch.Tensor
+    ShfZ: torch.Tensor
+    pair_index: torch.Tensor
 
     def __init__(self, params: AEVParameters):
         super().__init__()
@@ -140,7 +151,7 @@ class AEVFeaturizer(nn.Module):
         self._kernel_constants: kernels.AEVKernelConstants | None = None
 
     @classmethod
-    def from_config(cls, params: dict, elements: list[str] | None = None) -> "AEVFeaturizer":
+    def from_config(cls, params: dict, elements: list[str] | None = None) -> AEVFeaturizer:
         parsed = AEVParameters.from_json(params)
         if elements is not None and list(parsed.elements) != list(elements):
             raise ValueError(f"AEV elements {parsed.elements} differ from the model's {elements}")
@@ -170,8 +181,9 @@ class AEVFeaturizer(nn.Module):
             self._columns[key] = torch.tensor(radial + angular, dtype=torch.long, device=self.pair_index.device)
         return self._columns[key]
 
-    def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
-                vectors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         # Serving on a CPU: the compiled kernel (same terms, one pass, see
         # aniserve/kernels).  Training differentiates twice, which only the tensor
         # version below can.
@@ -185,12 +197,23 @@ class AEVFeaturizer(nn.Module):
         if self._kernel_constants is None:
             as_list = lambda buffer: buffer.detach().double().cpu().flatten().tolist()  # noqa: E731
             self._kernel_constants = kernels.AEVKernelConstants(
-                self.num_species, self.num_pairs, self.Rcr, self.Rca, self.EtaR, self.EtaA, self.Zeta,
-                as_list(self.ShfR), as_list(self.ShfA), as_list(self.ShfZ), self.pair_index)
+                self.num_species,
+                self.num_pairs,
+                self.Rcr,
+                self.Rca,
+                self.EtaR,
+                self.EtaA,
+                self.Zeta,
+                as_list(self.ShfR),
+                as_list(self.ShfA),
+                as_list(self.ShfZ),
+                self.pair_index,
+            )
         return self._kernel_constants
 
-    def tensor_forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
-                       vectors: torch.Tensor) -> torch.Tensor:
+    def tensor_forward(
+        self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         """The AEVs by tensor operations: any device, differentiable to every order."""
         n_atoms = species.shape[0]
         distance = vectors.norm(dim=-1)
@@ -202,7 +225,9 @@ class AEVFeaturizer(nn.Module):
         d = distance.index_select(0, in_radial)
         scale = 0.25 * _cosine_cutoff(d, self.Rcr)
         radial = torch.exp(-self.EtaR * (d[:, None] - self.ShfR) ** 2) * scale[:, None]
-        radial_index = center.index_select(0, in_radial) * self.num_species + neighbor_species.index_select(0, in_radial)
+        radial_index = center.index_select(0, in_radial) * self.num_species + neighbor_species.index_select(
+            0, in_radial
+        )
         radial_aev = vectors.new_zeros(n_atoms * self.num_species, self.radial_width)
         radial_aev.index_add_(0, radial_index, radial)
 
@@ -212,13 +237,16 @@ class AEVFeaturizer(nn.Module):
         in_angular = torch.nonzero(distance <= self.Rca).squeeze(1)
         first, second = _triplets(center.index_select(0, in_angular))
         d = distance.index_select(0, in_angular)
-        per_pair = torch.cat([vectors.index_select(0, in_angular) / d[:, None], d[:, None],
-                              _cosine_cutoff(d, self.Rca)[:, None]], dim=1)
+        per_pair = torch.cat(
+            [vectors.index_select(0, in_angular) / d[:, None], d[:, None], _cosine_cutoff(d, self.Rca)[:, None]], dim=1
+        )
         a, b = per_pair.index_select(0, first), per_pair.index_select(0, second)
         pair_center = center.index_select(0, in_angular)
         pair_species = neighbor_species.index_select(0, in_angular)
-        angular_index = (pair_center.index_select(0, first) * self.num_pairs
-                         + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)])
+        angular_index = (
+            pair_center.index_select(0, first) * self.num_pairs
+            + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)]
+        )
         # (cos/sin of ShfZ here, not as buffers: ShfZ is exact in float32, its cosine is
         # not, and a float64 model may have passed through float32 on loading.)
         constants = _AngularConstants(torch.cos(self.ShfZ), torch.sin(self.ShfZ), self.ShfA, self.EtaA, self.Zeta)
@@ -239,8 +267,9 @@ class _AEVKernel(torch.autograd.Function):
     def forward(ctx, vectors, species, center, neighbor, featurizer, lib):
         ctx.save_for_backward(vectors, species, center, neighbor)
         ctx.featurizer, ctx.lib = featurizer, lib
-        return kernels.aev_forward(lib, featurizer.kernel_constants(), *_kernel_inputs(vectors, species, center,
-                                                                                        neighbor))
+        return kernels.aev_forward(
+            lib, featurizer.kernel_constants(), *_kernel_inputs(vectors, species, center, neighbor)
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -249,9 +278,16 @@ class _AEVKernel(torch.autograd.Function):
             with torch.enable_grad():
                 aev = ctx.featurizer.tensor_forward(species, center, neighbor, vectors)
                 return torch.autograd.grad(aev, vectors, grad, create_graph=True)[0], None, None, None, None, None
-        return (kernels.aev_backward(ctx.lib, ctx.featurizer.kernel_constants(),
-                                     *_kernel_inputs(vectors, species, center, neighbor), grad),
-                None, None, None, None, None)
+        return (
+            kernels.aev_backward(
+                ctx.lib, ctx.featurizer.kernel_constants(), *_kernel_inputs(vectors, species, center, neighbor), grad
+            ),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _kernel_inputs(vectors, species, center, neighbor):
@@ -281,7 +317,7 @@ def _angular_factors(a: torch.Tensor, b: torch.Tensor, k: _AngularConstants):
     x = (1 + cos_t[:, None] * k.cos_z + sin_t[:, None] * k.sin_z) / 2
     s = (a[:, 3:4] + b[:, 3:4]) / 2 - k.shf_a
     g = torch.exp(-k.eta_a * s * s)
-    return cos_t, sin_t, x, x ** k.zeta, s, g, g * (2 * a[:, 4:5] * b[:, 4:5])
+    return cos_t, sin_t, x, x**k.zeta, s, g, g * (2 * a[:, 4:5] * b[:, 4:5])
 
 
 def _angular_terms(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, rows: int, k: _AngularConstants):
@@ -322,8 +358,7 @@ class _AngularTerms(torch.autograd.Function):
         k = ctx.constants
         if torch.is_grad_enabled():  # create_graph: differentiate the plain composition
             wanted = [t for t, needed in zip((a, b), ctx.needs_input_grad) if needed]
-            grads = iter(torch.autograd.grad(_angular_terms(a, b, index, ctx.rows, k), wanted, grad,
-                                             create_graph=True))
+            grads = iter(torch.autograd.grad(_angular_terms(a, b, index, ctx.rows, k), wanted, grad, create_graph=True))
             return *(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None, None, None
         g_terms = grad.index_select(0, index).reshape(len(a), factor2.shape[1], factor1.shape[1])
         g_f2 = torch.bmm(g_terms, factor1[:, :, None])[:, :, 0]

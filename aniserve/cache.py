@@ -33,8 +33,10 @@ def clear(names=None) -> list[tuple[str, float]]:
     known = dict(entries())
     unknown = sorted(set(names or ()) - set(known))
     if unknown:
-        raise LookupError(f"no cache folder {', '.join(map(repr, unknown))} in {cache_root()} "
-                          f"(there: {', '.join(known) or 'nothing'})")
+        raise LookupError(
+            f"no cache folder {', '.join(map(repr, unknown))} in {cache_root()} "
+            f"(there: {', '.join(known) or 'nothing'})"
+        )
     removed = []
     for name in names or sorted(known):
         shutil.rmtree(cache_root() / name)

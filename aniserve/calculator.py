@@ -16,8 +16,10 @@ def periodic_cell(atoms) -> np.ndarray | None:
         return np.array(atoms.cell.array)
     if not atoms.pbc.any():
         return None
-    raise ValueError(f"atoms.pbc = {atoms.pbc.tolist()}: ANI models here support periodicity in all "
-                     f"three directions or none; use a large vacuum gap for slabs or wires")
+    raise ValueError(
+        f"atoms.pbc = {atoms.pbc.tolist()}: ANI models here support periodicity in all "
+        f"three directions or none; use a large vacuum gap for slabs or wires"
+    )
 
 
 def ase_results(result, volume: float | None) -> dict:
@@ -25,8 +27,12 @@ def ase_results(result, volume: float | None) -> dict:
     (eV), forces (eV/Å), energy_std (eV), and with a cell (``volume`` in Å³) the stress
     (eV/Å³, Voigt order).  The one place where results become ASE's."""
     energy = float(result.energy) * HARTREE_IN_EV
-    out = {"energy": energy, "free_energy": energy, "forces": np.asarray(result.forces) * HARTREE_IN_EV,
-           "energy_std": float(result.energy_std) * HARTREE_IN_EV}
+    out = {
+        "energy": energy,
+        "free_energy": energy,
+        "forces": np.asarray(result.forces) * HARTREE_IN_EV,
+        "energy_std": float(result.energy_std) * HARTREE_IN_EV,
+    }
     if volume is not None:
         # ASE's stress is dE/dε / V = −virial / V.
         out["stress"] = full_3x3_to_voigt_6_stress(-np.asarray(result.virial) * HARTREE_IN_EV / volume)
@@ -46,8 +52,9 @@ class ANICalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model=None, device: str = "cpu", dtype: str = "float32", skin: float = 1.0,
-                 collect=None, **kwargs):
+    def __init__(
+        self, model=None, device: str = "cpu", dtype: str = "float32", skin: float = 1.0, collect=None, **kwargs
+    ):
         super().__init__(**kwargs)
         if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
             from aniserve.embedded import DEFAULT_MODEL
@@ -67,5 +74,5 @@ class ANICalculator(Calculator):
         if "stress" in properties and cell is None:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         structure = Structure(self.atoms.numbers, np.array(self.atoms.positions), cell)
-        result, = self.evaluator.evaluate([("ase-calculator", structure)])
+        (result,) = self.evaluator.evaluate([("ase-calculator", structure)])
         self.results = ase_results(result, self.atoms.get_volume() if cell is not None else None)

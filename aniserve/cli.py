@@ -17,7 +17,7 @@ class _Failure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
 
 
 class _Group(click.Group):
@@ -68,8 +68,13 @@ _EXTRAS = {"pyscf": "qm", "rdkit": "qm", "dask": "qm", "distributed": "qm", "ipi
 
 @click.group(cls=_Group)
 @click.version_option(package_name="aniserve")
-@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
-              help="Register a plugin module by import path (for development), e.g. --plugin my_pkg.plugin.")
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="MODULE",
+    help="Register a plugin module by import path (for development), e.g. --plugin my_pkg.plugin.",
+)
 def main(plugins):
     """Serve, train and transfer-learn ANI neural-network potentials."""
     if plugins:
@@ -90,20 +95,31 @@ def models():
             click.echo(f"{e['name']:{width}s} not available  (looked: {'; '.join(e['looked'])})")
             continue
         model = load_model(e["path"])
-        click.echo(f"{e['name']:{width}s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
-                   f"[{e['source']}] {e['path']}")
+        click.echo(
+            f"{e['name']:{width}s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
+            f"[{e['source']}] {e['path']}"
+        )
 
 
 @main.command("eval")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Model name or path; the official ANI-1ccx is --model ani-1ccx.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Model name or path; the official ANI-1ccx is --model ani-1ccx.",
+)
 @click.option("--index", default=":", show_default=True, help="Which frames of FILE (ASE index syntax).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
-@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
-              help="Also write every frame's results: extended XYZ (.xyz/.extxyz: energy, forces, stress, "
-                   "energy_std, in ASE's eV and Å) or JSON (.json, units in the keys).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write every frame's results: extended XYZ (.xyz/.extxyz: energy, forces, stress, "
+    "energy_std, in ASE's eV and Å) or JSON (.json, units in the keys).",
+)
 def eval_(file, model, index, device, dtype, out):
     """Energy, forces and uncertainty of each structure in FILE (any format ASE reads;
     i-PI's CELL comments make a box periodic), one table row per frame.
@@ -125,13 +141,15 @@ def eval_(file, model, index, device, dtype, out):
     frames = read_structures(file, index)
     potential = load_model(model, device=device, dtype=dtype)
     evaluator = Evaluator(potential)
-    click.echo(f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
-               f"{potential.ensemble_size}-member ensemble, {dtype})")
+    click.echo(
+        f"model: {potential.description.get('name') or model} ({'-'.join(potential.elements)}, "
+        f"{potential.ensemble_size}-member ensemble, {dtype})"
+    )
     rows = []
     for n, atoms in enumerate(frames):
         cell = periodic_cell(atoms)
         try:
-            result, = evaluator.evaluate([(n, Structure(atoms.numbers, np.array(atoms.positions), cell))])
+            (result,) = evaluator.evaluate([(n, Structure(atoms.numbers, np.array(atoms.positions), cell))])
         except ValueError as error:
             if out is not None and rows:  # what was computed is kept
                 _write_results(out, rows, potential.description.get("name") or model, dtype)
@@ -140,9 +158,11 @@ def eval_(file, model, index, device, dtype, out):
         evaluator.forget(n)  # (frames are independent: no neighbour list is kept for the next)
         values = ase_results(result, atoms.get_volume() if cell is not None else None)
         fmax = float(np.linalg.norm(values["forces"], axis=1).max())
-        click.echo(f"{n:5d} {atoms.get_chemical_formula():12s} E = {float(result.energy):.8f} Ha = "
-                   f"{values['energy']:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
-                   f"σ(ensemble) = {values['energy_std'] * 1000:.2f} meV  {'periodic' if cell is not None else '-'}")
+        click.echo(
+            f"{n:5d} {atoms.get_chemical_formula():12s} E = {float(result.energy):.8f} Ha = "
+            f"{values['energy']:.6f} eV   max|F| = {fmax:.4f} eV/Å   "
+            f"σ(ensemble) = {values['energy_std'] * 1000:.2f} meV  {'periodic' if cell is not None else '-'}"
+        )
         rows.append((atoms, result, values))
     if out is not None:
         _write_results(out, rows, potential.description.get("name") or model, dtype)
@@ -152,11 +172,19 @@ def eval_(file, model, index, device, dtype, out):
 def _write_results(out, rows, model_name: str, dtype: str) -> None:
     """eval --out: extended XYZ (ASE reads the results back as a calculator's) or JSON."""
     if pathlib.Path(out).suffix.lower() == ".json":
-        frames = [{"index": n, "formula": atoms.get_chemical_formula(), "periodic": "stress" in values,
-                   "energy_hartree": float(result.energy), "energy_ev": values["energy"],
-                   "energy_std_ev": values["energy_std"], "forces_ev_per_angstrom": values["forces"].tolist(),
-                   "stress_ev_per_cubic_angstrom": values["stress"].tolist() if "stress" in values else None}
-                  for n, (atoms, result, values) in enumerate(rows)]
+        frames = [
+            {
+                "index": n,
+                "formula": atoms.get_chemical_formula(),
+                "periodic": "stress" in values,
+                "energy_hartree": float(result.energy),
+                "energy_ev": values["energy"],
+                "energy_std_ev": values["energy_std"],
+                "forces_ev_per_angstrom": values["forces"].tolist(),
+                "stress_ev_per_cubic_angstrom": values["stress"].tolist() if "stress" in values else None,
+            }
+            for n, (atoms, result, values) in enumerate(rows)
+        ]
         pathlib.Path(out).write_text(json.dumps({"model": model_name, "dtype": dtype, "frames": frames}, indent=1))
         return
     import ase.io
@@ -172,59 +200,151 @@ def _write_results(out, rows, model_name: str, dtype: str) -> None:
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Model name (aniserve models) or path, e.g. --model ani-2x or --model my.safetensors.")
-@click.option("--structure", "structures", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="File (any ASE format) giving the atoms in the order the server sends them; the protocol "
-                   "never sends elements.  Once for all addresses, or once per address in order.")
-@click.option("--unix", "unix", multiple=True, metavar="NAME",
-              help="UNIX socket /tmp/ipi_NAME (i-PI's and ASE's naming) or an absolute path. Example: --unix water")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Model name (aniserve models) or path, e.g. --model ani-2x or --model my.safetensors.",
+)
+@click.option(
+    "--structure",
+    "structures",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="File (any ASE format) giving the atoms in the order the server sends them; the protocol "
+    "never sends elements.  Once for all addresses, or once per address in order.",
+)
+@click.option(
+    "--unix",
+    "unix",
+    multiple=True,
+    metavar="NAME",
+    help="UNIX socket /tmp/ipi_NAME (i-PI's and ASE's naming) or an absolute path. Example: --unix water",
+)
 @click.option("--inet", "inet", multiple=True, metavar="HOST:PORT", help="TCP address. Example: --inet localhost:31415")
-@click.option("--shm", "shm", multiple=True, metavar="NAME",
-              help="i-PI <ffsocket mode='shm'>: control on /tmp/ipi_NAME, arrays in shared memory.")
-@click.option("--connections", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Connections to open to each address; all are evaluated together in one batched pass "
-                   "(e.g. --connections 8 serves 8 i-PI beads from one model).")
+@click.option(
+    "--shm",
+    "shm",
+    multiple=True,
+    metavar="NAME",
+    help="i-PI <ffsocket mode='shm'>: control on /tmp/ipi_NAME, arrays in shared memory.",
+)
+@click.option(
+    "--connections",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections to open to each address; all are evaluated together in one batched pass "
+    "(e.g. --connections 8 serves 8 i-PI beads from one model).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--pbc", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Periodicity (never sent on the wire). auto: periodic when the server's cell is non-singular.")
-@click.option("--extras", type=click.Choice(["committee", "std", "none"]), default="std", show_default=True,
-              help="std: the ensemble's energy_std as JSON with each reply (one gradient pass); committee: also "
-                   "per-member energies/forces/virials for i-PI's <ffcommittee parse_json> (k+1 passes); none: an "
-                   "empty extras string, for clients that cannot take JSON (ASE <= 3.22).")
-@click.option("--skin", default=1.0, show_default=True,
-              help="Å added to the cutoff of each neighbour list; a list is reused until an atom moves skin/2.")
+@click.option(
+    "--pbc",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="Periodicity (never sent on the wire). auto: periodic when the server's cell is non-singular.",
+)
+@click.option(
+    "--extras",
+    type=click.Choice(["committee", "std", "none"]),
+    default="std",
+    show_default=True,
+    help="std: the ensemble's energy_std as JSON with each reply (one gradient pass); committee: also "
+    "per-member energies/forces/virials for i-PI's <ffcommittee parse_json> (k+1 passes); none: an "
+    "empty extras string, for clients that cannot take JSON (ASE <= 3.22).",
+)
+@click.option(
+    "--skin",
+    default=1.0,
+    show_default=True,
+    help="Å added to the cutoff of each neighbour list; a list is reused until an atom moves skin/2.",
+)
 @click.option("--connect-timeout", default=60.0, show_default=True, help="Seconds to wait for a server to come up.")
-@click.option("--timeout", "message_timeout", default=60.0, show_default=True,
-              help="Seconds a half-received message may wait for the rest before the driver gives up.")
-@click.option("--idle-timeout", default=0.0, show_default=True,
-              help="Seconds a connected server may stay silent between messages before the driver gives up "
-                   "(exit 2); 0 waits for ever (ASE sends nothing between calculations; i-PI polls STATUS "
-                   "constantly, so on a cluster e.g. 600 frees a node whose i-PI is wedged).")
-@click.option("--reconnect-timeout", default=10.0, show_default=True,
-              help="After a server closes the connection, seconds to wait for one to come back at the same address "
-                   "(the other connections are served meanwhile).  ASE's SocketIOCalculator closes without EXIT "
-                   "when it is done: with ASE, --reconnect-timeout 0 ends the driver at once.")
-@click.option("--collect", "collect_path", default=None, type=click.Path(dir_okay=False),
-              help="Append structures whose ensemble spread exceeds a threshold to this extended XYZ file "
-                   "(active learning: label them with `aniserve data label`).")
-@click.option("--collect-energy-std", default=0.23, show_default=True,
-              help="Collect when the energy spread per √atoms exceeds this, kcal/mol (ANI-1x's 0.23); 0 turns it off.")
-@click.option("--collect-force-std", default=None, type=float,
-              help="Also collect when an atom's force spread over the members exceeds this, kcal/mol/Å. Costs k "
-                   "extra gradient passes per evaluation (k members), so off by default.  --collect alone costs "
-                   "nothing per step: the energy spread comes with every evaluation, and only a structure that is "
-                   "written is evaluated again for its force spread.")
-@click.option("--collect-every", default=1, show_default=True,
-              help="At least this many steps between two collected structures of one trajectory (bead).")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="CPU threads for the model (default: torch's choice, one per core).  With several drivers "
-                   "or other jobs on a node, keep threads × processes ≤ cores: threads that share a core "
-                   "wait for each other.")
-def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, extras, skin, connect_timeout,
-          message_timeout, idle_timeout, reconnect_timeout, collect_path, collect_energy_std, collect_force_std,
-          collect_every, threads):
+@click.option(
+    "--timeout",
+    "message_timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds a half-received message may wait for the rest before the driver gives up.",
+)
+@click.option(
+    "--idle-timeout",
+    default=0.0,
+    show_default=True,
+    help="Seconds a connected server may stay silent between messages before the driver gives up "
+    "(exit 2); 0 waits for ever (ASE sends nothing between calculations; i-PI polls STATUS "
+    "constantly, so on a cluster e.g. 600 frees a node whose i-PI is wedged).",
+)
+@click.option(
+    "--reconnect-timeout",
+    default=10.0,
+    show_default=True,
+    help="After a server closes the connection, seconds to wait for one to come back at the same address "
+    "(the other connections are served meanwhile).  ASE's SocketIOCalculator closes without EXIT "
+    "when it is done: with ASE, --reconnect-timeout 0 ends the driver at once.",
+)
+@click.option(
+    "--collect",
+    "collect_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Append structures whose ensemble spread exceeds a threshold to this extended XYZ file "
+    "(active learning: label them with `aniserve data label`).",
+)
+@click.option(
+    "--collect-energy-std",
+    default=0.23,
+    show_default=True,
+    help="Collect when the energy spread per √atoms exceeds this, kcal/mol (ANI-1x's 0.23); 0 turns it off.",
+)
+@click.option(
+    "--collect-force-std",
+    default=None,
+    type=float,
+    help="Also collect when an atom's force spread over the members exceeds this, kcal/mol/Å. Costs k "
+    "extra gradient passes per evaluation (k members), so off by default.  --collect alone costs "
+    "nothing per step: the energy spread comes with every evaluation, and only a structure that is "
+    "written is evaluated again for its force spread.",
+)
+@click.option(
+    "--collect-every",
+    default=1,
+    show_default=True,
+    help="At least this many steps between two collected structures of one trajectory (bead).",
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="CPU threads for the model (default: torch's choice, one per core).  With several drivers "
+    "or other jobs on a node, keep threads × processes ≤ cores: threads that share a core "
+    "wait for each other.",
+)
+def drive(
+    model,
+    structures,
+    unix,
+    inet,
+    shm,
+    connections,
+    device,
+    dtype,
+    pbc,
+    extras,
+    skin,
+    connect_timeout,
+    message_timeout,
+    idle_timeout,
+    reconnect_timeout,
+    collect_path,
+    collect_energy_std,
+    collect_force_std,
+    collect_every,
+    threads,
+):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
 
     \b
@@ -263,8 +383,10 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     for option, names in (("--unix", unix), ("--shm", shm)):
         for name in names:
             if not (name.startswith("/") or is_plain_name(name)):
-                raise click.BadParameter(f"{name!r} is neither a plain name (letters, digits, '_', '-', '.') "
-                                         f"nor an absolute path", param_hint=option)
+                raise click.BadParameter(
+                    f"{name!r} is neither a plain name (letters, digits, '_', '-', '.') nor an absolute path",
+                    param_hint=option,
+                )
     if len(structures) not in (1, len(addresses)):
         raise click.UsageError(f"give --structure once or once per address ({len(addresses)})")
     from aniserve.structures import read_structures
@@ -276,20 +398,31 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     if collect_path:
         from aniserve.collect import Collector
 
-        collector = Collector(collect_path, energy_std=collect_energy_std or None, force_std=collect_force_std,
-                              every=collect_every)
+        collector = Collector(
+            collect_path, energy_std=collect_energy_std or None, force_std=collect_force_std, every=collect_every
+        )
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     potential = load_model(model, device=device, dtype=dtype)
-    logging.getLogger("aniserve.driver").info("serving %s on %s", potential.description.get("name") or model,
-                                              _threads_in_words())
+    logging.getLogger("aniserve.driver").info(
+        "serving %s on %s", potential.description.get("name") or model, _threads_in_words()
+    )
     evaluator = Evaluator(potential, skin=skin, members=extras == "committee", collector=collector)
     try:
-        driver = IPIDriver(evaluator, addresses, numbers, connections=connections, pbc=pbc, extras=extras,
-                           connect_timeout=connect_timeout, message_timeout=message_timeout,
-                           idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)
+        driver = IPIDriver(
+            evaluator,
+            addresses,
+            numbers,
+            connections=connections,
+            pbc=pbc,
+            extras=extras,
+            connect_timeout=connect_timeout,
+            message_timeout=message_timeout,
+            idle_timeout=idle_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
     except ValueError as error:  # the structure file holds what the model cannot evaluate
         logging.getLogger("aniserve.driver").error("%s", error)
         sys.exit(exits.BAD_STRUCTURE)
@@ -300,8 +433,12 @@ def drive(model, structures, unix, inet, shm, connections, device, dtype, pbc, e
     code = driver.run()
     if collector is not None:
         logging.getLogger("aniserve.driver").info(
-            "collected %d of %d structures (%.1f%%) into %s", collector.collected, collector.evaluated,
-            100 * collector.fraction, collector.path)
+            "collected %d of %d structures (%.1f%%) into %s",
+            collector.collected,
+            collector.evaluated,
+            100 * collector.fraction,
+            collector.path,
+        )
     sys.exit(code)
 
 
@@ -315,8 +452,13 @@ def _threads_in_words() -> str:
 @main.command()
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--torchscript", "torchscript", is_flag=True, required=True,
-              help="Write a TorchScript module (the one export format so far).")
+@click.option(
+    "--torchscript",
+    "torchscript",
+    is_flag=True,
+    required=True,
+    help="Write a TorchScript module (the one export format so far).",
+)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
 def export(model, out, torchscript, dtype):
     """Export MODEL (a name or path) for use without aniserve: a TorchScript file that
@@ -336,7 +478,9 @@ def export(model, out, torchscript, dtype):
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {kind, name, plugin, version, description}.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list of {kind, name, plugin, version, description}."
+)
 def plugins(as_json):
     """List every registered component: kind, name, providing plugin and version."""
     from aniserve.registry import registry
@@ -352,24 +496,43 @@ def plugins(as_json):
 def _training_options(f):
     """Options shared by ``train`` and ``transfer``."""
     options = [
-        click.option("--data", "data_path", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-                     help="ANI-format HDF5 file (ANI-1x/1ccx release or TorchANI layout); give it again to "
-                          "train on several files as one set."),
+        click.option(
+            "--data",
+            "data_path",
+            required=True,
+            multiple=True,
+            type=click.Path(exists=True, dir_okay=False),
+            help="ANI-format HDF5 file (ANI-1x/1ccx release or TorchANI layout); give it again to "
+            "train on several files as one set.",
+        ),
         click.option("--energy-key", required=True, help="Energy dataset, e.g. wb97x_631gd.energy (Hartree)."),
         click.option("--forces-key", default=None, help="Forces dataset, e.g. wb97x_631gd.forces (Hartree/Å)."),
-        click.option("--out", required=True, type=click.Path(dir_okay=False),
-                     help="Model file to write (.safetensors); its checkpoint is OUT.ckpt."),
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Model file to write (.safetensors); its checkpoint is OUT.ckpt.",
+        ),
         click.option("--epochs", default=100, show_default=True),
         click.option("--batch-size", default=32, show_default=True),
         click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate."),
         click.option("--force-weight", default=0.1, show_default=True, help="Weight of the force loss."),
-        click.option("--validation", default=0.15, show_default=True,
-                     help="Fraction of molecules (formula groups) held out for validation."),
-        click.option("--select", "selection", type=click.Choice(["loss", "conformer"]), default="loss",
-                     show_default=True,
-                     help="What picks the saved epoch and drives early stopping: the validation loss, or the "
-                          "validation molecules' conformer RMSE (relative energies; better for transfer to a "
-                          "small high-level set, docs/notebook.md)."),
+        click.option(
+            "--validation",
+            default=0.15,
+            show_default=True,
+            help="Fraction of molecules (formula groups) held out for validation.",
+        ),
+        click.option(
+            "--select",
+            "selection",
+            type=click.Choice(["loss", "conformer"]),
+            default="loss",
+            show_default=True,
+            help="What picks the saved epoch and drives early stopping: the validation loss, or the "
+            "validation molecules' conformer RMSE (relative energies; better for transfer to a "
+            "small high-level set, docs/notebook.md).",
+        ),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
@@ -398,18 +561,31 @@ def _settings(kw):
 
     check_out(kw["out"])
     if pathlib.Path(kw["out"]).exists() and not (kw["resume"] or kw["overwrite"]):
-        raise click.ClickException(f"{kw['out']} exists; give --overwrite to replace it, or --resume to continue "
-                                   f"its interrupted training")
-    return Settings(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], force_weight=kw["force_weight"],
-                    validation=kw["validation"], seed=kw["seed"], device=kw["device"], dtype=kw["dtype"],
-                    selection=kw["selection"])
+        raise click.ClickException(
+            f"{kw['out']} exists; give --overwrite to replace it, or --resume to continue its interrupted training"
+        )
+    return Settings(
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        force_weight=kw["force_weight"],
+        validation=kw["validation"],
+        seed=kw["seed"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        selection=kw["selection"],
+    )
 
 
 @main.command()
 @_training_options
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Model description JSON (elements, featurizer, element_network); default: ANI-1x AEVs "
-                   "with 64-48-24 CELU networks, 4 members, for the data's elements.")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Model description JSON (elements, featurizer, element_network); default: ANI-1x AEVs "
+    "with 64-48-24 CELU networks, 4 members, for the data's elements.",
+)
 @click.option("--ensemble-size", default=None, type=int, help="Members (default 4, or the config's).")
 def train(config, ensemble_size, **kw):
     """Train a model from scratch on ANI HDF5 data.
@@ -420,12 +596,17 @@ def train(config, ensemble_size, **kw):
     Distributed: torchrun --nproc_per_node 2 -m aniserve train ...
     """
     from aniserve.models import DTYPES
-    from aniserve.training import ANIData, description_for, new_model, train as run
+    from aniserve.training import ANIData, description_for, new_model
+    from aniserve.training import train as run
 
     settings = _settings(kw)
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
-    description = description_for(data, json.loads(pathlib.Path(config).read_text()) if config else None,
-                                  ensemble_size=ensemble_size, name=pathlib.Path(kw["out"]).stem)
+    description = description_for(
+        data,
+        json.loads(pathlib.Path(config).read_text()) if config else None,
+        ensemble_size=ensemble_size,
+        name=pathlib.Path(kw["out"]).stem,
+    )
     model = new_model(description, seed=kw["seed"], dtype=DTYPES[kw["dtype"]], device=kw["device"])
     run(model, data, kw["out"], settings, resume=kw["resume"])
 
@@ -433,11 +614,20 @@ def train(config, ensemble_size, **kw):
 @main.command()
 @_training_options
 @click.option("--from", "pretrained", required=True, help="Pretrained model: name or path.")
-@click.option("--strategy", default="freeze", show_default=True,
-              help="Transfer strategy (see `aniserve plugins`): full, freeze, scratch, delta, or a plugin's.")
+@click.option(
+    "--strategy",
+    default="freeze",
+    show_default=True,
+    help="Transfer strategy (see `aniserve plugins`): full, freeze, scratch, delta, or a plugin's.",
+)
 @click.option("--freeze-layers", default=None, help="For freeze: comma-separated layer numbers (default 1,3).")
-@click.option("--option", "options", multiple=True, metavar="KEY=JSON",
-              help="Strategy option, e.g. --option l2sp_weight=0.01 (value parsed as JSON when it can be).")
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=JSON",
+    help="Strategy option, e.g. --option l2sp_weight=0.01 (value parsed as JSON when it can be).",
+)
 def transfer(pretrained, strategy, freeze_layers, options, **kw):
     """Transfer a pretrained model to new data (e.g. DFT → CCSD(T)).
 
@@ -445,7 +635,8 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     --energy-key "ccsd(t)_ccpvdz.energy" --strategy freeze --out cc.safetensors
     """
     from aniserve.models import load_model
-    from aniserve.training import ANIData, train as run, transfer_model
+    from aniserve.training import ANIData, transfer_model
+    from aniserve.training import train as run
 
     settings = _settings(kw)
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
@@ -455,8 +646,15 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     model = load_model(pretrained, device=kw["device"], dtype=kw["dtype"])
     model, penalty = transfer_model(model, strategy, parsed, kw["seed"])
     model.description["name"] = pathlib.Path(kw["out"]).stem
-    run(model, data, kw["out"], settings, resume=kw["resume"], penalty=penalty,
-        extra={"transfer": {"from": str(pretrained), "strategy": strategy, "options": parsed}})
+    run(
+        model,
+        data,
+        kw["out"],
+        settings,
+        resume=kw["resume"],
+        penalty=penalty,
+        extra={"transfer": {"from": str(pretrained), "strategy": strategy, "options": parsed}},
+    )
 
 
 @main.group(invoke_without_command=True)
@@ -491,23 +689,47 @@ def data():
 
 
 def _scheduling_options(f):
-    f = click.option("--retries", default=2, show_default=True,
-                     help="Retries of a failed calculation (SCF not converged, worker lost) before it is reported.")(f)
-    f = click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None,
-                     help="Join the Dask cluster described by this file (dask scheduler --scheduler-file).")(f)
-    f = click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                     help="Join an existing Dask scheduler instead of starting a local cluster.")(f)
+    f = click.option(
+        "--retries",
+        default=2,
+        show_default=True,
+        help="Retries of a failed calculation (SCF not converged, worker lost) before it is reported.",
+    )(f)
+    f = click.option(
+        "--scheduler-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Join the Dask cluster described by this file (dask scheduler --scheduler-file).",
+    )(f)
+    f = click.option(
+        "--scheduler",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="Join an existing Dask scheduler instead of starting a local cluster.",
+    )(f)
     f = click.option("--threads", default=1, show_default=True, help="PySCF threads per calculation.")(f)
-    f = click.option("--workers", default=1, show_default=True,
-                     help="Worker processes of the local Dask cluster (ignored with --scheduler).")(f)
+    f = click.option(
+        "--workers",
+        default=1,
+        show_default=True,
+        help="Worker processes of the local Dask cluster (ignored with --scheduler).",
+    )(f)
     return f
 
 
 def _run_tasks(tasks, out, workers, threads, scheduler, scheduler_file, retries, sampling_note=None):
     from aniserve.qmdata import schedule
 
-    summary = schedule.run_job(tasks, out, workers=workers, threads=threads, scheduler=scheduler,
-                               scheduler_file=scheduler_file, retries=retries, sampling_note=sampling_note)
+    summary = schedule.run_job(
+        tasks,
+        out,
+        workers=workers,
+        threads=threads,
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+        retries=retries,
+        sampling_note=sampling_note,
+    )
     if summary is None:
         click.echo(f"{len(tasks)} calculations to do, all already done; wrote {out}", err=True)
         return
@@ -524,23 +746,58 @@ def _need_qm():
 
 
 @data.command("generate")
-@click.option("--molecules", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="List of molecules: one SMILES or .xyz path per line, optional name after it.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="ANI-format HDF5 file to write (records already in it are kept and not recomputed).")
+@click.option(
+    "--molecules",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="List of molecules: one SMILES or .xyz path per line, optional name after it.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="ANI-format HDF5 file to write (records already in it are kept and not recomputed).",
+)
 @click.option("--conformations", default=32, show_default=True, help="Conformations per molecule.")
 @click.option("--low", "low_text", default="wb97x/6-31g*", show_default=True, help="Low level, METHOD/BASIS.")
-@click.option("--high", "high_text", default="ccsd(t)/cc-pvdz", show_default=True,
-              help="High level, METHOD/BASIS; 'none' for low level only.")
-@click.option("--high-every", default=4, show_default=True,
-              help="Compute the high level on every Nth conformation (1 = all).")
-@click.option("--high-forces/--no-high-forces", default=False, show_default=True,
-              help="Forces at the high level too (CCSD(T): analytic gradients, ~3-5x the energy's cost).")
-@click.option("--density-fit/--no-density-fit", default=True, show_default=True,
-              help="Density fitting for the HF/DFT steps (recorded in the file).")
+@click.option(
+    "--high",
+    "high_text",
+    default="ccsd(t)/cc-pvdz",
+    show_default=True,
+    help="High level, METHOD/BASIS; 'none' for low level only.",
+)
+@click.option(
+    "--high-every", default=4, show_default=True, help="Compute the high level on every Nth conformation (1 = all)."
+)
+@click.option(
+    "--high-forces/--no-high-forces",
+    default=False,
+    show_default=True,
+    help="Forces at the high level too (CCSD(T): analytic gradients, ~3-5x the energy's cost).",
+)
+@click.option(
+    "--density-fit/--no-density-fit",
+    default=True,
+    show_default=True,
+    help="Density fitting for the HF/DFT steps (recorded in the file).",
+)
 @_scheduling_options
-def data_generate(molecules, out, conformations, low_text, high_text, high_every, high_forces, density_fit, workers,
-                  threads, scheduler, scheduler_file, retries):
+def data_generate(
+    molecules,
+    out,
+    conformations,
+    low_text,
+    high_text,
+    high_every,
+    high_forces,
+    density_fit,
+    workers,
+    threads,
+    scheduler,
+    scheduler_file,
+    retries,
+):
     """Sample conformations and compute them with PySCF on a Dask cluster, resumably.
 
     Example: aniserve data generate --molecules data/molecules/train.smi
@@ -567,20 +824,52 @@ def data_generate(molecules, out, conformations, low_text, high_text, high_every
 @data.command("label")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--level", "level_text", required=True, help="METHOD/BASIS, e.g. wb97x/6-31g* or ccsd(t)/cc-pvdz.")
-@click.option("--forces/--no-forces", default=False, show_default=True,
-              help="Also compute forces (analytic gradients at every level, CCSD(T) included).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="ANI-format HDF5 file to write or extend (its records and levels are kept).")
-@click.option("--having", "having_text", default=None, metavar="METHOD/BASIS",
-              help="Only the HDF5 input records that already have this level (e.g. CCSD(T) forces where CCSD(T) "
-                   "energies are).")
-@click.option("--per-molecule", type=click.IntRange(min=1), default=None,
-              help="At most this many structures of each molecule (lowest indices first).")
-@click.option("--density-fit/--no-density-fit", default=True, show_default=True,
-              help="Density fitting for HF/DFT (recorded in the file).")
+@click.option(
+    "--forces/--no-forces",
+    default=False,
+    show_default=True,
+    help="Also compute forces (analytic gradients at every level, CCSD(T) included).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="ANI-format HDF5 file to write or extend (its records and levels are kept).",
+)
+@click.option(
+    "--having",
+    "having_text",
+    default=None,
+    metavar="METHOD/BASIS",
+    help="Only the HDF5 input records that already have this level (e.g. CCSD(T) forces where CCSD(T) energies are).",
+)
+@click.option(
+    "--per-molecule",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many structures of each molecule (lowest indices first).",
+)
+@click.option(
+    "--density-fit/--no-density-fit",
+    default=True,
+    show_default=True,
+    help="Density fitting for HF/DFT (recorded in the file).",
+)
 @_scheduling_options
-def data_label(inputs, level_text, forces, out, having_text, per_molecule, density_fit, workers, threads, scheduler,
-               scheduler_file, retries):
+def data_label(
+    inputs,
+    level_text,
+    forces,
+    out,
+    having_text,
+    per_molecule,
+    density_fit,
+    workers,
+    threads,
+    scheduler,
+    scheduler_file,
+    retries,
+):
     """Compute given structures at one level: extended XYZ or any ASE-readable file, or ANI HDF5 (levels kept).
 
     Structures are submitted round-robin over molecules, so a partial run covers each.
@@ -619,31 +908,76 @@ def bench():
 @bench.command("transfer")
 @click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
 @click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
-@click.option("--train", "train_path", multiple=True, default=["data/qm-train.h5"], show_default=True,
-              type=click.Path(dir_okay=False),
-              help="Training set (low level + high-level subset); give it more than once to train on several "
-                   "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).")
-@click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
-              type=click.Path(dir_okay=False), help="Held-out test set with both levels.")
-@click.option("--base", default=None, metavar="NAME_OR_PATH",
-              help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
-                   "DFT pretraining on --train's low level.")
+@click.option(
+    "--train",
+    "train_path",
+    multiple=True,
+    default=["data/qm-train.h5"],
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Training set (low level + high-level subset); give it more than once to train on several "
+    "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).",
+)
+@click.option(
+    "--test",
+    "test_path",
+    default="data/qm-test.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Held-out test set with both levels.",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="NAME_OR_PATH",
+    help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
+    "DFT pretraining on --train's low level.",
+)
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
 @click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
-@click.option("--budget", "budget_items", multiple=True, metavar="KEY=JSON",
-              help="Override a budget field: pretrain_epochs, transfer_epochs, ensemble_size, hidden, batch_size, "
-                   "lr, transfer_lr, force_weight, patience, selection (e.g. --budget transfer_lr=1e-4).")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).")
+@click.option(
+    "--budget",
+    "budget_items",
+    multiple=True,
+    metavar="KEY=JSON",
+    help="Override a budget field: pretrain_epochs, transfer_epochs, ensemble_size, hidden, batch_size, "
+    "lr, transfer_lr, force_weight, patience, selection (e.g. --budget transfer_lr=1e-4).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
-@click.option("--export-best", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="Save the best strategy's seed-0 model here (how the embedded model is made).")
+@click.option(
+    "--export-best",
+    "export_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save the best strategy's seed-0 model here (how the embedded model is made).",
+)
 @click.option("--export-name", default="aniserve-1x-ccsdt", show_default=True, help="Name given to the exported model.")
 @click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
-def bench_transfer(quick, strategies, train_path, test_path, base, seeds, options, budget_items, workdir, json_out,
-                   plot_out, export_path, export_name, export_card):
-    """Transfer to CCSD(T) with every strategy from one base (own DFT pretraining or --base), score on larger held-out molecules.
+def bench_transfer(
+    quick,
+    strategies,
+    train_path,
+    test_path,
+    base,
+    seeds,
+    options,
+    budget_items,
+    workdir,
+    json_out,
+    plot_out,
+    export_path,
+    export_name,
+    export_card,
+):
+    """Transfer to CCSD(T) with every strategy from one base (own DFT pretraining or --base),
+    score on larger held-out molecules.
 
     Example: aniserve bench transfer --base ani-1x --quick --json transfer.json --plot transfer.png
     """
@@ -651,14 +985,14 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
 
     _data_files(("--train", *train_path), ("--test", test_path))
     try:
-        budget = transfer.budget_for(base is not None, quick, seeds,
-                                     dict(_parse_option(item) for item in budget_items))
+        budget = transfer.budget_for(base is not None, quick, seeds, dict(_parse_option(item) for item in budget_items))
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--budget") from None
     parsed = dict(_parse_option(item) for item in options)
     workdir = workdir or transfer.default_workdir()
-    result = transfer.run(train_path, test_path, strategies.split(",") if strategies else None, budget, workdir,
-                          parsed, base=base)
+    result = transfer.run(
+        train_path, test_path, strategies.split(",") if strategies else None, budget, workdir, parsed, base=base
+    )
     click.echo(transfer.table(result))
     _report_kept(workdir)
     if json_out:
@@ -671,21 +1005,45 @@ def bench_transfer(quick, strategies, train_path, test_path, base, seeds, option
 
 
 @bench.command("active")
-@click.option("--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run).")
+@click.option(
+    "--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run)."
+)
 @click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
-@click.option("--strategy", default="delta", show_default=True,
-              help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).")
-@click.option("--train", "train_path", default="data/qm-train.h5", show_default=True,
-              type=click.Path(dir_okay=False), help="The pool: its high-level conformations.")
-@click.option("--test", "test_path", default="data/qm-test.h5", show_default=True,
-              type=click.Path(dir_okay=False), help="Held-out test set with the high level.")
+@click.option(
+    "--strategy",
+    default="delta",
+    show_default=True,
+    help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).",
+)
+@click.option(
+    "--train",
+    "train_path",
+    default="data/qm-train.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The pool: its high-level conformations.",
+)
+@click.option(
+    "--test",
+    "test_path",
+    default="data/qm-test.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Held-out test set with the high level.",
+)
 @click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
 @click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
 @click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where the transferred models go (default $ANISERVE_CACHE/bench-active).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the transferred models go (default $ANISERVE_CACHE/bench-active).",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write the learning curves (PNG).")
+@click.option(
+    "--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write the learning curves (PNG)."
+)
 def bench_active(quick, base, strategy, train_path, test_path, ks, seeds, epochs, workdir, json_out, plot_out):
     """Query by committee against random selection of K labels: learning curves on held-out molecules.
 
@@ -714,7 +1072,9 @@ def _data_files(*options) -> None:
                 raise click.BadParameter(
                     f"{path} does not exist.  The benchmark data sets (data/qm-train.h5, data/qm-test.h5, …) come "
                     f"with the aniserve repository, not the wheel: run from a clone's root, or give files made with "
-                    f"`aniserve data generate` (data/README.md in the repository)", param_hint=option)
+                    f"`aniserve data generate` (data/README.md in the repository)",
+                    param_hint=option,
+                )
 
 
 def _report_kept(folder) -> None:
@@ -737,13 +1097,28 @@ def _parse_option(item: str) -> tuple[str, object]:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
 @click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
-@click.option("--kernels", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="Compiled CPU kernels, or tensor operations only (kernels.use('tensor'), as ANISERVE_KERNELS=off).")
+@click.option(
+    "--kernels",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Compiled CPU kernels, or tensor operations only (kernels.use('tensor'), as ANISERVE_KERNELS=off).",
+)
 @click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Write every case's figures (and the machine, threads, kernels used) as JSON.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG of time per call and atoms/s against system size.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write every case's figures (and the machine, threads, kernels used) as JSON.",
+)
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of time per call and atoms/s against system size.",
+)
 def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani, json_out, plot_out):
     """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
 
@@ -770,16 +1145,28 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
         agreement = (load_model(model, device=device, dtype="float64"), speed.torchani_runner(model, torch.float64))
     rows = speed.run(potential, quick, reference, agreement)
     load = os.getloadavg()[0]
-    result = {"model": model, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "kernels": used,
-              "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "quick": quick, "load_average_1min": round(load, 2), "cases": rows, "scaling": speed.scaling(rows)}
+    result = {
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "kernels": used,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "quick": quick,
+        "load_average_1min": round(load, 2),
+        "cases": rows,
+        "scaling": speed.scaling(rows),
+    }
     click.echo(speed.table(result, compare_torchani))
     if quick:
-        click.echo("note: --quick times each case as the median of 3 calls: a smoke test, not a measurement",
-                   err=True)
+        click.echo("note: --quick times each case as the median of 3 calls: a smoke test, not a measurement", err=True)
     if load > 0.5 * (os.cpu_count() or 1):
-        click.echo(f"warning: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): these times include "
-                   f"waiting for the CPU", err=True)
+        click.echo(
+            f"warning: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): these times include "
+            f"waiting for the CPU",
+            err=True,
+        )
     if json_out:
         pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
     if plot_out:
@@ -788,13 +1175,28 @@ def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani,
 
 @bench.command("serve")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option("--connections", default="1,8,64,256", show_default=True,
-              help="Comma-separated numbers of connections, one driver process each time.")
+@click.option(
+    "--connections",
+    default="1,8,64,256",
+    show_default=True,
+    help="Comma-separated numbers of connections, one driver process each time.",
+)
 @click.option("--seconds", default=5.0, show_default=True, help="Measured seconds per case (after 2 s warm-up).")
-@click.option("--repeat", "repeats", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Measure every case this many times (driver and in-process back to back) and report medians.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help='Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.')
+@click.option(
+    "--repeat",
+    "repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Measure every case this many times (driver and in-process back to back) and report medians.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help='Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.',
+)
 def bench_serve(model, connections, seconds, repeats, json_out):
     """Atoms/s of one driver serving N connections of ethanol, against in-process batches of N.
 
@@ -812,8 +1214,9 @@ def bench_serve(model, connections, seconds, repeats, json_out):
 @bench.command("ase")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
 @click.option("--calls", default=200, show_default=True, help="Timed calls per client (after 10 warm-up calls).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Write each client's figures as JSON.")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write each client's figures as JSON."
+)
 def bench_ase(model, calls, json_out):
     """ms per ASE SocketIOCalculator call of ethanol, over UNIX and INET sockets, beside in-process.
 
@@ -829,11 +1232,21 @@ def bench_ase(model, calls, json_out):
 
 @bench.command("ipi")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option("--steps", default="20,220", show_default=True,
-              help="Short and long run lengths; the per-step time is their difference over the extra steps.")
-@click.option("--repeat", "repeats", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Run every setting this many times (each time the harmonic driver first) and summarise "
-                   "medians and ranges: on a shared machine one run is one sample.")
+@click.option(
+    "--steps",
+    default="20,220",
+    show_default=True,
+    help="Short and long run lengths; the per-step time is their difference over the extra steps.",
+)
+@click.option(
+    "--repeat",
+    "repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Run every setting this many times (each time the harmonic driver first) and summarise "
+    "medians and ranges: on a shared machine one run is one sample.",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def bench_ipi(model, steps, repeats, json_out):
     """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
@@ -848,5 +1261,6 @@ def bench_ipi(model, steps, repeats, json_out):
     rows = ipi.run(model, short, long, repeats=repeats)
     click.echo(ipi.table(rows))
     if json_out:
-        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows, "summary": ipi.summary(rows)},
-                                                     indent=1))
+        pathlib.Path(json_out).write_text(
+            json.dumps({"model": model, "rows": rows, "summary": ipi.summary(rows)}, indent=1)
+        )

@@ -32,8 +32,13 @@ class Collector:
     structures of one trajectory.
     """
 
-    def __init__(self, path: str | os.PathLike, energy_std: float | None = ANI1X_ENERGY_STD,
-                 force_std: float | None = None, every: int = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        energy_std: float | None = ANI1X_ENERGY_STD,
+        force_std: float | None = None,
+        every: int = 1,
+    ):
         if energy_std is None and force_std is None:
             raise ValueError("collecting needs an energy-spread or a force-spread threshold (or both)")
         if every < 1:
@@ -66,8 +71,9 @@ class Collector:
         n = len(structure.numbers)
         rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
         force_spread = None if result.member_forces is None else _force_spread(result.member_forces)
-        flagged = ((self.energy_std is not None and rho > self.energy_std)
-                   or (self.force_std is not None and force_spread is not None and force_spread > self.force_std))
+        flagged = (self.energy_std is not None and rho > self.energy_std) or (
+            self.force_std is not None and force_spread is not None and force_spread > self.force_std
+        )
         if not flagged or (key in self.last and step - self.last[key] < self.every):
             return False
         if force_spread is None and member_forces is not None:
@@ -81,14 +87,22 @@ class Collector:
         import ase
         import ase.io
 
-        atoms = ase.Atoms(numbers=structure.numbers, positions=structure.positions,
-                          cell=structure.cell if structure.cell is not None else None,
-                          pbc=structure.cell is not None)
-        atoms.info.update({
-            "energy_std_kcal": result.energy_std * HARTREE_IN_KCAL_PER_MOL,
-            "energy_std_per_sqrt_atom_kcal": rho, "model": model or "unnamed",
-            "source": str(key[0]) if isinstance(key, tuple) else str(key),
-            "slot": int(key[1]) if isinstance(key, tuple) and len(key) > 1 else 0, "step": step})
+        atoms = ase.Atoms(
+            numbers=structure.numbers,
+            positions=structure.positions,
+            cell=structure.cell if structure.cell is not None else None,
+            pbc=structure.cell is not None,
+        )
+        atoms.info.update(
+            {
+                "energy_std_kcal": result.energy_std * HARTREE_IN_KCAL_PER_MOL,
+                "energy_std_per_sqrt_atom_kcal": rho,
+                "model": model or "unnamed",
+                "source": str(key[0]) if isinstance(key, tuple) else str(key),
+                "slot": int(key[1]) if isinstance(key, tuple) and len(key) > 1 else 0,
+                "step": step,
+            }
+        )
         if force_spread is not None:
             atoms.info["force_std_max_kcal_per_a"] = force_spread
         # Appended and closed per structure: what was collected survives a killed run.
@@ -99,4 +113,4 @@ def _force_spread(member_forces: np.ndarray) -> float:
     """The largest per-atom spread of the members' forces, kcal/mol/Å: for each atom the
     root mean square over members of |F_m − F̄|."""
     deviation = member_forces - member_forces.mean(0)
-    return float(np.sqrt((deviation ** 2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL
+    return float(np.sqrt((deviation**2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL

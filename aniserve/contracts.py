@@ -20,12 +20,13 @@ class Featurizer(Protocol):
     cutoff: float  # Å
 
     @classmethod
-    def from_config(cls, params: dict, elements: list[str]) -> "Featurizer": ...
+    def from_config(cls, params: dict, elements: list[str]) -> Featurizer: ...
 
     def config(self) -> dict: ...  # JSON-serialisable; from_config(config()) rebuilds it
 
-    def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
-                vectors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         """species (N,), center/neighbor (P,) pair indices, vectors (P, 3) Å → (N, output_width).
         May also offer ``nonzero_columns(present) -> LongTensor | None`` (see hookspecs)."""
 
@@ -39,12 +40,13 @@ class ElementNetwork(Protocol):
     ensemble_size: int
 
     @classmethod
-    def from_config(cls, params: dict) -> "ElementNetwork": ...
+    def from_config(cls, params: dict) -> ElementNetwork: ...
 
     def config(self) -> dict: ...
 
-    def forward(self, species: torch.Tensor, features: torch.Tensor,
-                columns: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, features: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """species (N,), features (N, D) → atomic energies (k, N), Hartree."""
 
 

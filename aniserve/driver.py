@@ -55,20 +55,21 @@ class Address:
     target: str | tuple[str, int]
 
     @classmethod
-    def unix(cls, name: str, shm: bool = False) -> "Address":
+    def unix(cls, name: str, shm: bool = False) -> Address:
         # i-PI and ASE both put UNIX sockets at /tmp/ipi_NAME; an absolute path is taken as is.
         path = name if name.startswith("/") else f"/tmp/ipi_{name}"
         return cls("shm" if shm else "unix", path)
 
     @classmethod
-    def inet(cls, text: str) -> "Address":
+    def inet(cls, text: str) -> Address:
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"--inet wants HOST:PORT, got {text!r}")
         return cls("inet", (host or "localhost", int(port)))
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.target if self.kind != 'inet' else '%s:%d' % self.target}"
+        target = f"{self.target[0]}:{self.target[1]}" if self.kind == "inet" else self.target
+        return f"{self.kind}:{target}"
 
 
 class Connection:
@@ -92,7 +93,7 @@ class Connection:
         self.reply = b""
         self.shm_results: dict[str, np.ndarray] | None = None
         self.segments: dict[str, Segment] = {}
-        self.partial_since = None
+        self.partial_since: float | None = None
         self.last_heard = time.monotonic()
         self.exited = False
         self.events = 0  # what the driver's selector waits for on this socket
@@ -103,7 +104,7 @@ class Connection:
         self.mode = dataclasses.replace(self.mode, batch_size=batch_size)
         self.keys = [(str(self.address), self.serial, b) for b in range(batch_size)]
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Send without ever blocking: what the server does not take now waits in
         ``outgoing`` (the loop flushes it, and gives up after --timeout)."""
         if not self.outgoing:
@@ -182,7 +183,7 @@ class _Reconnect:
 
 def _attempt(address: Address, timeout: float) -> socket.socket:
     """One connection attempt (OSError when nothing listens there)."""
-    if address.kind == "inet":
+    if isinstance(address.target, tuple):  # inet: (host, port)
         sock = socket.create_connection(address.target, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~80 ms a step
     else:
@@ -214,14 +215,19 @@ def connect(address: Address, timeout: float) -> socket.socket:
             return _attempt(address, timeout=5)
         except OSError as error:
             if time.monotonic() >= deadline:
-                raise DriverError(f"could not connect to {address} within {timeout:g} s ({error})",
-                                  EXIT_CONNECT) from None
+                raise DriverError(
+                    f"could not connect to {address} within {timeout:g} s ({error})", EXIT_CONNECT
+                ) from None
             if not announced:
                 stale = isinstance(error, ConnectionRefusedError) and address.kind != "inet"
-                log.info("waiting for a server at %s …%s", address,
-                         f" ({address.target} exists but nothing listens on it: a server that was killed leaves "
-                         f"its socket file, and the next one must remove it first: rm {address.target})"
-                         if stale else "")
+                log.info(
+                    "waiting for a server at %s …%s",
+                    address,
+                    f" ({address.target} exists but nothing listens on it: a server that was killed leaves "
+                    f"its socket file, and the next one must remove it first: rm {address.target})"
+                    if stale
+                    else "",
+                )
                 announced = True
             time.sleep(0.2)
 
@@ -238,10 +244,21 @@ class IPIDriver:
     cannot take JSON, such as ASE ≤ 3.22).
     """
 
-    def __init__(self, evaluator, addresses: list[Address], numbers: list[np.ndarray], *, connections: int = 1,
-                 pbc: str = "auto", extras: str = "std", connect_timeout: float = 60.0,
-                 message_timeout: float = 60.0, idle_timeout: float = 0.0, reconnect_timeout: float = 10.0,
-                 gather_s: float = 0.002):
+    def __init__(
+        self,
+        evaluator,
+        addresses: list[Address],
+        numbers: list[np.ndarray],
+        *,
+        connections: int = 1,
+        pbc: str = "auto",
+        extras: str = "std",
+        connect_timeout: float = 60.0,
+        message_timeout: float = 60.0,
+        idle_timeout: float = 0.0,
+        reconnect_timeout: float = 10.0,
+        gather_s: float = 0.002,
+    ):
         if pbc not in ("auto", "yes", "no"):
             raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
         if extras not in ("committee", "std", "none"):
@@ -254,7 +271,7 @@ class IPIDriver:
         self.connect_timeout, self.message_timeout = connect_timeout, message_timeout
         self.idle_timeout, self.reconnect_timeout, self.gather_s = idle_timeout, reconnect_timeout, gather_s
         self.connections: list[Connection] = []
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: selectors.BaseSelector  # made by run()
         self.reconnecting: list[_Reconnect] = []
         self.status = EXIT_OK
         # For the summary at the end: evaluation calls, structures, their seconds; EXITs by address.
@@ -280,11 +297,13 @@ class IPIDriver:
                         raise ConnectionResetError("closed during the handshake")
                     conn.buffer += data
                     if len(conn.buffer) >= protocol.HEADER_LENGTH and not conn.buffer.startswith(
-                            protocol.header("STATUS")):
-                        raise DriverError(f"{address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
-                                          EXIT_PROTOCOL)
+                        protocol.header("STATUS")
+                    ):
+                        raise DriverError(
+                            f"{address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}", EXIT_PROTOCOL
+                        )
                 break
-            except socket.timeout:
+            except TimeoutError:
                 raise DriverError(f"{address}: no STATUS within {self.message_timeout:g} s", EXIT_PROTOCOL) from None
             except ConnectionError as error:
                 conn.close()
@@ -308,8 +327,8 @@ class IPIDriver:
         try:
             for address, numbers in self.targets:
                 self._add(self._open(address, numbers, self.connect_timeout))
-            for address, count in collections.Counter(str(a) for a, _ in self.targets).items():
-                log.info("connected to %s%s", address, f" ({count} connections)" if count > 1 else "")
+            for name, count in collections.Counter(str(a) for a, _ in self.targets).items():
+                log.info("connected to %s%s", name, f" ({count} connections)" if count > 1 else "")
             self._loop()
             return self.status
         except DriverError as error:
@@ -329,9 +348,15 @@ class IPIDriver:
             log.info("%s sent EXIT%s", address, f" on {count} connections" if count > 1 else "")
         steps, structures = self.stats["steps"], self.stats["structures"]
         if steps:
-            log.info("served %d structure%s in %d step%s over %.1f s: %.2f ms of evaluation a step", structures,
-                     "s" * (structures != 1), steps, "s" * (steps != 1), time.monotonic() - self.stats["started"],
-                     1000 * self.stats["seconds"] / steps)
+            log.info(
+                "served %d structure%s in %d step%s over %.1f s: %.2f ms of evaluation a step",
+                structures,
+                "s" * (structures != 1),
+                steps,
+                "s" * (steps != 1),
+                time.monotonic() - self.stats["started"],
+                1000 * self.stats["seconds"] / steps,
+            )
 
     def _add(self, conn: Connection) -> None:
         if conn.exited:  # EXIT came with the handshake
@@ -393,18 +418,32 @@ class IPIDriver:
                 log.info("%s: no STATUS within %g s", conn.address, self.message_timeout)
                 self._drop(conn, fatal=True)
                 self._give_up(conn.reconnection)
-            elif conn.outgoing and now - conn.send_since > self.message_timeout:
-                self._fail(conn, DriverError(f"{conn.address}: the server has not read our reply "
-                                             f"({len(conn.outgoing)} bytes waiting) for {self.message_timeout:g} s",
-                                             EXIT_PROTOCOL))
+            elif conn.outgoing and conn.send_since is not None and now - conn.send_since > self.message_timeout:
+                self._fail(
+                    conn,
+                    DriverError(
+                        f"{conn.address}: the server has not read our reply "
+                        f"({len(conn.outgoing)} bytes waiting) for {self.message_timeout:g} s",
+                        EXIT_PROTOCOL,
+                    ),
+                )
             elif conn.partial_since is not None and now - conn.partial_since > self.message_timeout:
-                self._fail(conn, DriverError(f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, "
-                                             f"starting {bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s",
-                                             EXIT_PROTOCOL))
-            elif (self.idle_timeout and conn.state != "pending"
-                  and now - conn.last_heard > self.idle_timeout):
-                self._fail(conn, DriverError(f"{conn.address}: silent for {self.idle_timeout:g} s (--idle-timeout); "
-                                             f"giving up on it", EXIT_PROTOCOL))
+                self._fail(
+                    conn,
+                    DriverError(
+                        f"{conn.address}: incomplete message ({len(conn.buffer)} bytes, "
+                        f"starting {bytes(conn.buffer[:12])!r}) for {self.message_timeout:g} s",
+                        EXIT_PROTOCOL,
+                    ),
+                )
+            elif self.idle_timeout and conn.state != "pending" and now - conn.last_heard > self.idle_timeout:
+                self._fail(
+                    conn,
+                    DriverError(
+                        f"{conn.address}: silent for {self.idle_timeout:g} s (--idle-timeout); giving up on it",
+                        EXIT_PROTOCOL,
+                    ),
+                )
 
     def _handle(self, conn: Connection, flush: bool = False) -> None:
         """Send what waits and process a connection's messages; a server gone mid-reply
@@ -444,8 +483,14 @@ class IPIDriver:
         address (i-PI restarted), or stop; the other connections are served meanwhile.
         A server killed while sending leaves half a message: it is named and dropped,
         and is an error only if no server comes back."""
-        truncated = (f"{conn.address} closed the connection in the middle of a message ({len(conn.buffer)} "
-                     f"bytes of {bytes(conn.buffer[:12]).strip()!r} received)") if conn.buffer else None
+        truncated = (
+            (
+                f"{conn.address} closed the connection in the middle of a message ({len(conn.buffer)} "
+                f"bytes of {bytes(conn.buffer[:12]).strip()!r} received)"
+            )
+            if conn.buffer
+            else None
+        )
         if truncated:
             log.warning("%s; dropped", truncated)
         self._drop(conn)
@@ -453,10 +498,12 @@ class IPIDriver:
             # A reset during a reconnection's handshake is still no server: the same deadline holds.
             self.reconnecting.append(conn.reconnection)
             return
-        log.info("%s closed the connection; waiting up to %g s for it to come back", conn.address,
-                 self.reconnect_timeout)
-        self.reconnecting.append(_Reconnect(conn.address, conn.numbers, time.monotonic() + self.reconnect_timeout,
-                                            truncated))
+        log.info(
+            "%s closed the connection; waiting up to %g s for it to come back", conn.address, self.reconnect_timeout
+        )
+        self.reconnecting.append(
+            _Reconnect(conn.address, conn.numbers, time.monotonic() + self.reconnect_timeout, truncated)
+        )
 
     def _reconnect(self) -> None:
         """One connection attempt for each address whose server went away (due now); a
@@ -500,8 +547,9 @@ class IPIDriver:
                 if len(conn.buffer) < protocol.HEADER_LENGTH:
                     return
                 if not conn.buffer.startswith(protocol.header("STATUS")):
-                    raise DriverError(f"{conn.address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}",
-                                      EXIT_PROTOCOL)
+                    raise DriverError(
+                        f"{conn.address}: expected STATUS first, got {bytes(conn.buffer[:12])!r}", EXIT_PROTOCOL
+                    )
                 conn.state = "idle"
                 log.info("connected to %s (a server came back)", conn.address)
             try:
@@ -531,8 +579,9 @@ class IPIDriver:
                 if not conn.initialised:
                     raise DriverError(f"{conn.address}: POSDATA before INIT", EXIT_PROTOCOL)
                 if conn.state != "idle":
-                    raise DriverError(f"{conn.address}: POSDATA before the previous forces were collected",
-                                      EXIT_PROTOCOL)
+                    raise DriverError(
+                        f"{conn.address}: POSDATA before the previous forces were collected", EXIT_PROTOCOL
+                    )
                 if isinstance(message, protocol.ShmPosData):
                     message = self._read_shm(conn, message)
                 conn.structures, conn.state = message, "pending"
@@ -587,8 +636,11 @@ class IPIDriver:
         # Singular relative to the cell's own size, so that a tiny but well-formed box
         # is a box (and refused as too thin), not silently an isolated molecule.  Rows
         # and columns give the same product bound (Hadamard), either will do.
-        lengths = (math.sqrt(a0 * a0 + a1 * a1 + a2 * a2) * math.sqrt(b0 * b0 + b1 * b1 + b2 * b2)
-                   * math.sqrt(c0 * c0 + c1 * c1 + c2 * c2))
+        lengths = (
+            math.sqrt(a0 * a0 + a1 * a1 + a2 * a2)
+            * math.sqrt(b0 * b0 + b1 * b1 + b2 * b2)
+            * math.sqrt(c0 * c0 + c1 * c1 + c2 * c2)
+        )
         return lengths > 0 and volume > 1e-9 * lengths
 
     def _forget(self, conn: Connection) -> None:
@@ -600,6 +652,7 @@ class IPIDriver:
         slots = []
         try:
             for conn in pending:
+                assert conn.structures is not None  # pending: its POSDATA has arrived
                 positions = conn.structures.positions * BOHR_IN_ANGSTROM
                 for key, h, r in zip(conn.keys, conn.structures.cells, positions):
                     cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h: vectors as columns
@@ -610,17 +663,20 @@ class IPIDriver:
             self.stats["steps"] += 1
             self.stats["structures"] += len(slots)
         except ValueError as error:
-            raise DriverError(f"cannot evaluate the structure sent by {pending[0].address}: {error}",
-                              EXIT_INPUT) from None
+            raise DriverError(
+                f"cannot evaluate the structure sent by {pending[0].address}: {error}", EXIT_INPUT
+            ) from None
         start = 0
         for conn in pending:
-            done = results[start:start + len(conn.structures.positions)]
+            assert conn.structures is not None
+            done = results[start : start + len(conn.structures.positions)]
             start += len(done)
             energies = np.array([r.energy for r in done])
             forces = np.array([r.forces for r in done]) * BOHR_IN_ANGSTROM
             virials = np.array([r.virial for r in done])
-            conn.reply = protocol.encode_forceready(energies, forces, virials, [self._extras(r) for r in done],
-                                                    conn.mode)
+            conn.reply = protocol.encode_forceready(
+                energies, forces, virials, [self._extras(r) for r in done], conn.mode
+            )
             conn.shm_results = protocol.shm_forceready(energies, forces, virials) if conn.mode.shm else None
             conn.state, conn.structures = "computed", None
 
@@ -632,6 +688,7 @@ class IPIDriver:
             k = len(result.member_energies)
             extra["committee_pot"] = result.member_energies.tolist()
             extra["committee_force"] = (result.member_forces * BOHR_IN_ANGSTROM).reshape(k, -1).tolist()
-            extra["committee_virial"] = (result.member_virials.reshape(k, 9).tolist()
-                                         if result.member_virials is not None else [[0.0] * 9] * k)
+            extra["committee_virial"] = (
+                result.member_virials.reshape(k, 9).tolist() if result.member_virials is not None else [[0.0] * 9] * k
+            )
         return json.dumps(extra)

@@ -12,17 +12,36 @@ INTERRUPTED = 130  # Ctrl-C (SIGINT); 128 + 2, as shells report it
 TERMINATED = 143  # SIGTERM (a batch system's stop), after closing connections cleanly; 128 + 15
 
 #: (status, name, meaning), for the documentation and the tests.
-TABLE = [(value, name, text) for name, value, text in (
-    ("OK", OK, "success"),
-    ("FAILED", FAILED, "the work could not be done; the line printed says why (a bad data or structure file, a "
-                       "failed calculation, an output that cannot be written)"),
-    ("PROTOCOL", PROTOCOL, "drive: a server broke the i-PI protocol, or left a message or our reply hanging past "
-                           "--timeout or was silent past --idle-timeout"),
-    ("BAD_STRUCTURE", BAD_STRUCTURE, "a structure the model cannot evaluate: an element it lacks, NaN positions, a "
-                                     "cell too thin, a non-finite result"),
-    ("NO_SERVER", NO_SERVER, "drive: no server to connect to within --connect-timeout"),
-    ("BAD_MODEL", BAD_MODEL, "the model cannot be loaded: an unknown name, a missing, corrupt or inconsistent file"),
-    ("USAGE", USAGE, "wrong options or arguments"),
-    ("INTERRUPTED", INTERRUPTED, "interrupted by Ctrl-C (SIGINT)"),
-    ("TERMINATED", TERMINATED, "drive: stopped by SIGTERM, connections closed cleanly"),
-)]
+TABLE = [
+    (value, name, text)
+    for name, value, text in (
+        ("OK", OK, "success"),
+        (
+            "FAILED",
+            FAILED,
+            "the work could not be done; the line printed says why (a bad data or structure file, a "
+            "failed calculation, an output that cannot be written)",
+        ),
+        (
+            "PROTOCOL",
+            PROTOCOL,
+            "drive: a server broke the i-PI protocol, or left a message or our reply hanging past "
+            "--timeout or was silent past --idle-timeout",
+        ),
+        (
+            "BAD_STRUCTURE",
+            BAD_STRUCTURE,
+            "a structure the model cannot evaluate: an element it lacks, NaN positions, a "
+            "cell too thin, a non-finite result",
+        ),
+        ("NO_SERVER", NO_SERVER, "drive: no server to connect to within --connect-timeout"),
+        (
+            "BAD_MODEL",
+            BAD_MODEL,
+            "the model cannot be loaded: an unknown name, a missing, corrupt or inconsistent file",
+        ),
+        ("USAGE", USAGE, "wrong options or arguments"),
+        ("INTERRUPTED", INTERRUPTED, "interrupted by Ctrl-C (SIGINT)"),
+        ("TERMINATED", TERMINATED, "drive: stopped by SIGTERM, connections closed cleanly"),
+    )
+]

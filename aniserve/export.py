@@ -16,6 +16,8 @@ thousand atoms (the pair search is quadratic in atoms).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 from torch import nn
 
@@ -26,6 +28,10 @@ from aniserve.networks import DeltaNetworks, ElementNetworks
 class _Layer(nn.Module):
     """One layer of an element's ensemble: weight (k, in, out), bias (k, 1, out), and
     CELU after it unless it is the output layer."""
+
+    if TYPE_CHECKING:  # buffers, for type checkers (TorchScript cannot read these annotations)
+        weight: torch.Tensor
+        bias: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, alpha: float, last: bool):
         super().__init__()
@@ -43,8 +49,9 @@ class _MLP(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], alpha: float):
         super().__init__()
-        self.layers = nn.ModuleList([_Layer(w, b, alpha, i + 1 == len(weights))
-                                     for i, (w, b) in enumerate(zip(weights, biases))])
+        self.layers = nn.ModuleList(
+            [_Layer(w, b, alpha, i + 1 == len(weights)) for i, (w, b) in enumerate(zip(weights, biases))]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(0)
@@ -59,11 +66,22 @@ def _element_terms(networks: nn.Module) -> list[list[_MLP]]:
         return [b + c for b, c in zip(_element_terms(networks.base), _element_terms(networks.correction))]
     if isinstance(networks, ElementNetworks):
         return [[_MLP(list(m.weights), list(m.biases), networks.celu_alpha)] for m in networks.mlps]
-    raise ValueError(f"TorchScript export covers ANI element networks (ani-mlp, delta of them), not "
-                     f"{type(networks).__name__}")
+    raise ValueError(
+        f"TorchScript export covers ANI element networks (ani-mlp, delta of them), not {type(networks).__name__}"
+    )
 
 
 class TorchScriptANI(nn.Module):
+    if TYPE_CHECKING:  # buffers, for type checkers (TorchScript cannot read these annotations)
+        ShfR: torch.Tensor
+        ShfA: torch.Tensor
+        cos_z: torch.Tensor
+        sin_z: torch.Tensor
+        pair_index: torch.Tensor
+        species_of_number: torch.Tensor
+        self_energies: torch.Tensor
+        elements: list[list[_MLP]]  # a ModuleList of ModuleLists
+
     def __init__(self, potential, dtype: torch.dtype = torch.float64):
         super().__init__()
         featurizer = potential.featurizer
@@ -82,7 +100,7 @@ class TorchScriptANI(nn.Module):
         self.register_buffer("species_of_number", potential.species_of_number.detach().clone())
         self.register_buffer("self_energies", potential.self_energies.detach().to(torch.float64).clone())
         terms = _element_terms(potential.networks)
-        self.elements = nn.ModuleList([nn.ModuleList(term) for term in terms])
+        self.elements = cast(Any, nn.ModuleList([nn.ModuleList(term) for term in terms]))
         self.to(dtype)
         self.self_energies = self.self_energies.to(torch.float64)
 
@@ -115,11 +133,13 @@ class TorchScriptANI(nn.Module):
             atomic = atomic.index_copy(0, rows, total)
         per_atom = atomic.to(torch.float64) + self.self_energies[species]
         energies = torch.zeros(numbers.shape[0], dtype=torch.float64, device=flat.device).index_add(
-            0, structure, per_atom)
+            0, structure, per_atom
+        )
         return numbers, energies
 
-    def _aev(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
-             vectors: torch.Tensor) -> torch.Tensor:
+    def _aev(
+        self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         """``aniserve.aev.AEVFeaturizer.tensor_forward``'s terms, written for TorchScript."""
         n_atoms = species.shape[0]
         distance = torch.linalg.vector_norm(vectors, dim=-1)
@@ -128,10 +148,12 @@ class TorchScriptANI(nn.Module):
         d = distance.index_select(0, in_radial)
         scale = 0.25 * (0.5 * torch.cos(d * (torch.pi / self.Rcr)) + 0.5)
         radial = torch.exp(-self.EtaR * (d[:, None] - self.ShfR) ** 2) * scale[:, None]
-        radial_index = (center.index_select(0, in_radial) * self.num_species
-                        + neighbor_species.index_select(0, in_radial))
+        radial_index = center.index_select(0, in_radial) * self.num_species + neighbor_species.index_select(
+            0, in_radial
+        )
         radial_aev = vectors.new_zeros(n_atoms * self.num_species, self.ShfR.shape[1]).index_add(
-            0, radial_index, radial)
+            0, radial_index, radial
+        )
 
         in_angular = torch.nonzero(distance <= self.Rca).squeeze(1)
         pair_center = center.index_select(0, in_angular)
@@ -146,9 +168,11 @@ class TorchScriptANI(nn.Module):
         s = (d.index_select(0, first) + d.index_select(0, second))[:, None] / 2 - self.ShfA
         cutoffs = 2 * cut.index_select(0, first) * cut.index_select(0, second)
         factor2 = torch.exp(-self.EtaA * s * s) * cutoffs[:, None]
-        outer = (factor2[:, :, None] * (x ** self.Zeta)[:, None, :]).reshape(len(first), -1)
-        angular_index = (pair_center.index_select(0, first) * self.num_pairs
-                         + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)])
+        outer = (factor2[:, :, None] * (x**self.Zeta)[:, None, :]).reshape(len(first), -1)
+        angular_index = (
+            pair_center.index_select(0, first) * self.num_pairs
+            + self.pair_index[pair_species.index_select(0, first), pair_species.index_select(0, second)]
+        )
         angular_aev = vectors.new_zeros(n_atoms * self.num_pairs, outer.shape[1]).index_add(0, angular_index, outer)
         return torch.cat([radial_aev.reshape(n_atoms, -1), angular_aev.reshape(n_atoms, -1)], dim=1)
 

@@ -49,14 +49,17 @@ def conformer_groups(root, path, prefix: str = ""):
             link = group.get(name, getlink=True)
             where = f"{base}/{name}" if base else name
             if isinstance(link, h5py.ExternalLink):
-                raise HDF5Error(f"{path}: {where!r} is an external link to {link.filename!r}; only data inside "
-                                f"the file is read")
+                raise HDF5Error(
+                    f"{path}: {where!r} is an external link to {link.filename!r}; only data inside the file is read"
+                )
             item = group.get(name)
             if item is None:
                 raise HDF5Error(f"{path}: {where!r} is a link to nothing")
             if isinstance(item, h5py.Dataset) and item.is_virtual:
-                raise HDF5Error(f"{path}: {where!r} is a virtual dataset (mapped from other files); only data "
-                                f"stored in the file is read")
+                raise HDF5Error(
+                    f"{path}: {where!r} is a virtual dataset (mapped from other files); only data "
+                    f"stored in the file is read"
+                )
             if isinstance(item, h5py.Group):
                 children.append((where, item))
         if base and "coordinates" in group:
@@ -75,8 +78,10 @@ def check_group(group, path, name: str, properties=()) -> tuple[int, int]:
         raise HDF5Error(f"{path}: {name}/coordinates has shape {shape}, not (conformations, atoms, 3)")
     count, atoms = shape[0], shape[1]
     if not 1 <= atoms <= MAX_ATOMS or count > MAX_CONFORMATIONS:
-        raise HDF5Error(f"{path}: {name}/coordinates declares {count} conformations of {atoms} atoms (limits: "
-                        f"{MAX_CONFORMATIONS} conformations, 1..{MAX_ATOMS} atoms)")
+        raise HDF5Error(
+            f"{path}: {name}/coordinates declares {count} conformations of {atoms} atoms (limits: "
+            f"{MAX_CONFORMATIONS} conformations, 1..{MAX_ATOMS} atoms)"
+        )
     for key in ("atomic_numbers", "species"):
         if key in group:
             numbers = _dataset(group, key, path, name)
@@ -87,8 +92,10 @@ def check_group(group, path, name: str, properties=()) -> tuple[int, int]:
             continue
         values = _dataset(group, key, path, name)
         if values.shape not in ((count,), (count, atoms, 3)):
-            raise HDF5Error(f"{path}: {name}/{key} has shape {values.shape}; with {count} conformations of {atoms} "
-                            f"atoms it must be ({count},) or ({count}, {atoms}, 3)")
+            raise HDF5Error(
+                f"{path}: {name}/{key} has shape {values.shape}; with {count} conformations of {atoms} "
+                f"atoms it must be ({count},) or ({count}, {atoms}, 3)"
+            )
     return count, atoms
 
 
@@ -126,6 +133,8 @@ def _dataset(group, key: str, path, name: str):
     logical = int(np.prod(item.shape, dtype=np.float64) * item.dtype.itemsize)
     stored = item.id.get_storage_size()
     if logical > MAX_EXPANSION * stored + (1 << 20):
-        raise HDF5Error(f"{path}: {name}/{key} declares {logical} bytes ({item.shape}) but the file stores "
-                        f"{stored} for it: unwritten or over-compressed data is refused")
+        raise HDF5Error(
+            f"{path}: {name}/{key} declares {logical} bytes ({item.shape}) but the file stores "
+            f"{stored} for it: unwritten or over-compressed data is refused"
+        )
     return item

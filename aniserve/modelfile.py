@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+from typing import NoReturn
 
 import torch
 
@@ -32,13 +33,21 @@ def describe(model: ANIPotential, name: str = "", extra: dict | None = None) -> 
     featurizer = model.description["featurizer"]["name"]
     network = model.description["element_network"]["name"]
     return {
-        "format": FORMAT, "aniserve_version": __version__, "name": name or model.description.get("name", ""),
+        "format": FORMAT,
+        "aniserve_version": __version__,
+        "name": name or model.description.get("name", ""),
         "elements": model.elements,
         # The providing plugin is recorded so that a missing one can be named on load.
-        "featurizer": {"name": featurizer, "params": model.featurizer.config(),
-                       **reg.provider("featurizer", featurizer)},
-        "element_network": {"name": network, "params": model.networks.config(),
-                            **reg.provider("element-network", network)},
+        "featurizer": {
+            "name": featurizer,
+            "params": model.featurizer.config(),
+            **reg.provider("featurizer", featurizer),
+        },
+        "element_network": {
+            "name": network,
+            "params": model.networks.config(),
+            **reg.provider("element-network", network),
+        },
         "self_energies": dict(zip(model.elements, model.self_energies.tolist())),
         "ensemble_size": model.ensemble_size,
         **(extra or {}),
@@ -74,8 +83,9 @@ def read_description(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: safetensors file without an aniserve model description")
     text = metadata["aniserve"]
     if len(text) > MAX_DESCRIPTION_CHARS:
-        raise ModelFileError(f"{path}: the model description is {len(text)} characters long, more than "
-                             f"{MAX_DESCRIPTION_CHARS}")
+        raise ModelFileError(
+            f"{path}: the model description is {len(text)} characters long, more than {MAX_DESCRIPTION_CHARS}"
+        )
     depth = json_depth(text)
     if depth > MAX_DESCRIPTION_DEPTH:
         raise ModelFileError(f"{path}: the model description nests {depth} deep, more than {MAX_DESCRIPTION_DEPTH}")
@@ -124,7 +134,8 @@ def json_depth(text: str) -> int:
 def check_description(description: dict, where="model description") -> None:
     """Types and bounds of every field ``build`` reads, with a message naming the field;
     component parameters are bounded by comparing with the stored tensors (``load_saved``)."""
-    def fail(field: str, problem: str):
+
+    def fail(field: str, problem: str) -> NoReturn:
         raise ModelFileError(f"{where}: field {field!r} {problem}")
 
     for field in ("featurizer", "element_network"):
@@ -134,8 +145,12 @@ def check_description(description: dict, where="model description") -> None:
         if not isinstance(part.get("name"), str) or not isinstance(part.get("params"), dict):
             fail(field, "needs a string 'name' and an object 'params'")
     elements = description.get("elements")
-    if (not isinstance(elements, list) or not 1 <= len(elements) <= len(NUMBERS)
-            or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in elements) or len(set(elements)) != len(elements)):
+    if (
+        not isinstance(elements, list)
+        or not 1 <= len(elements) <= len(NUMBERS)
+        or not all(isinstance(e, str) and NUMBERS.get(e, 0) > 0 for e in elements)
+        or len(set(elements)) != len(elements)
+    ):
         fail("elements", f"must be a list of distinct element symbols, got {str(elements)[:80]}")
     energies = description.get("self_energies")
     if not isinstance(energies, dict) or set(energies) != set(elements):
@@ -157,21 +172,33 @@ def build(description: dict) -> ANIPotential:
         featurizer_cls = reg.get("featurizer", description["featurizer"]["name"])
         network_cls = reg.get("element-network", description["element_network"]["name"])
     except RegistryError as error:
-        needed = [f"{part['name']!r} from the plugin {part['plugin']} {part.get('version', '')}".strip()
-                  for part in (description["featurizer"], description["element_network"])
-                  if part.get("plugin") and part["plugin"] != "aniserve"]
+        needed = [
+            f"{part['name']!r} from the plugin {part['plugin']} {part.get('version', '')}".strip()
+            for part in (description["featurizer"], description["element_network"])
+            if part.get("plugin") and part["plugin"] != "aniserve"
+        ]
         hint = f" It was saved with {' and '.join(needed)}; install that plugin." if needed else ""
-        raise ModelFileError(f"model {description.get('name', '')!r} needs a component that is not installed: "
-                             f"{error}.{hint}") from None
+        raise ModelFileError(
+            f"model {description.get('name', '')!r} needs a component that is not installed: {error}.{hint}"
+        ) from None
     try:
         featurizer = featurizer_cls.from_config(description["featurizer"]["params"], description["elements"])
         networks = network_cls.from_config(description["element_network"]["params"])
-        return ANIPotential(featurizer, networks, description["self_energies"],
-                            {"name": description.get("name", ""), "featurizer": description["featurizer"],
-                             "element_network": description["element_network"]})
+        return ANIPotential(
+            featurizer,
+            networks,
+            description["self_energies"],
+            {
+                "name": description.get("name", ""),
+                "featurizer": description["featurizer"],
+                "element_network": description["element_network"],
+            },
+        )
     except (KeyError, TypeError, ValueError, LookupError, ArithmeticError) as error:  # LookupError: a nested name
-        raise ModelFileError(f"model {description.get('name', '')!r}: component parameters do not make a model "
-                             f"({type(error).__name__}: {error})") from None
+        raise ModelFileError(
+            f"model {description.get('name', '')!r}: component parameters do not make a model "
+            f"({type(error).__name__}: {error})"
+        ) from None
 
 
 def _check_network_shapes(description: dict, path) -> None:
@@ -187,14 +214,17 @@ def _check_network_shapes(description: dict, path) -> None:
     except RegistryError:
         return  # build() names the missing plugin
     except (KeyError, TypeError, ValueError, RuntimeError, LookupError, ArithmeticError) as error:
-        raise ModelFileError(f"{path}: element_network parameters do not make a network "
-                             f"({type(error).__name__}: {error})") from None
+        raise ModelFileError(
+            f"{path}: element_network parameters do not make a network ({type(error).__name__}: {error})"
+        ) from None
     with safe_open(str(path), framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     for key, value in wanted.items():
         if stored.get("networks." + key) != tuple(value.shape):
-            raise ModelFileError(f"{path}: element_network parameters ask for {key} of shape {tuple(value.shape)}, "
-                                 f"the file stores {stored.get('networks.' + key)}")
+            raise ModelFileError(
+                f"{path}: element_network parameters ask for {key} of shape {tuple(value.shape)}, "
+                f"the file stores {stored.get('networks.' + key)}"
+            )
 
 
 def load_saved(path: str | os.PathLike) -> ANIPotential:

@@ -58,25 +58,30 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
     if name not in owners:
         close = difflib.get_close_matches(name.lower(), list(owners), n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ModelNotFoundError(f"unknown model {name!r}.{hint} Known names: {', '.join(owners)}; or give the "
-                                 f"path of a NeuroChem .info file/folder or an aniserve .safetensors file.")
+        raise ModelNotFoundError(
+            f"unknown model {name!r}.{hint} Known names: {', '.join(owners)}; or give the "
+            f"path of a NeuroChem .info file/folder or an aniserve .safetensors file."
+        )
     found, looked = reg.get("model-source", owners[name]).locate(name)
     if found is None:
         where = "".join(f"\n  - {place}" for place in looked)
-        raise ModelNotFoundError(f"model {name!r} not found. Looked in:{where}\nSet ANISERVE_MODEL_DIR to a folder "
-                                 f"holding the official model zoo (e.g. ani-1ccx_8x.info and ani-1ccx_8x/).")
+        raise ModelNotFoundError(
+            f"model {name!r} not found. Looked in:{where}\nSet ANISERVE_MODEL_DIR to a folder "
+            f"holding the official model zoo (e.g. ani-1ccx_8x.info and ani-1ccx_8x/)."
+        )
     return pathlib.Path(found)
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu",
-               dtype: str = "float32") -> ANIPotential:
+def load_model(
+    name_or_path: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32"
+) -> ANIPotential:
     """Load an ANI model.
 
     name_or_path: a registered name (``ani-1x``, ``ani-1ccx``, ``ani-2x``, …; see
-    ``aniserve models``; default the embedded model, which needs no download), a NeuroChem ``.info`` file or folder, or an aniserve model
-    file (``.safetensors``).  device: ``cpu``, ``cuda``, ``cuda:1``…  dtype: ``float32``
-    or ``float64``.  The model is in eval mode with its parameters frozen (a transfer
-    strategy unfreezes what it trains).
+    ``aniserve models``; default the embedded model, which needs no download), a NeuroChem
+    ``.info`` file or folder, or an aniserve model file (``.safetensors``).  device: ``cpu``,
+    ``cuda``, ``cuda:1``…  dtype: ``float32`` or ``float64``.  The model is in eval mode with
+    its parameters frozen (a transfer strategy unfreezes what it trains).
     """
     from aniserve.modelfile import load_saved
     from aniserve.neurochem import load_neurochem

@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import math
 
-import numpy as np
 import torch
 
 from aniserve import kernels
@@ -44,7 +43,7 @@ class Pairs:
 #: much thinner than the cutoff in some direction would need more (memory and time grow
 #: with them), and is refused with this explanation.  16³ allows cells down to ~0.7 Å
 #: wide in each direction for ANI-1x's 5.2 Å cutoff — far below any real crystal.
-MAX_IMAGES = 16 ** 3
+MAX_IMAGES = 16**3
 
 
 def check_cell(cell: torch.Tensor, cutoff: float) -> None:
@@ -57,17 +56,22 @@ def check_cell(cell: torch.Tensor, cutoff: float) -> None:
     volume = torch.linalg.det(cell).abs()  # (B,)
     lengths = torch.linalg.norm(cell, dim=-1)
     if (volume <= 1e-8 * lengths.prod(-1)).any() or (lengths == 0).any():
-        raise ValueError(f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors "
-                         f"must be linearly independent")
-    faces = torch.stack([torch.linalg.norm(torch.linalg.cross(cell[:, (a + 1) % 3], cell[:, (a + 2) % 3]), dim=-1)
-                         for a in range(3)], dim=-1)  # (B, 3) areas of the faces spanned by the other two vectors
+        raise ValueError(
+            f"cell is singular (volume {float(volume.min()):.3g} Å³): its lattice vectors must be linearly independent"
+        )
+    faces = torch.stack(
+        [torch.linalg.norm(torch.linalg.cross(cell[:, (a + 1) % 3], cell[:, (a + 2) % 3]), dim=-1) for a in range(3)],
+        dim=-1,
+    )  # (B, 3) areas of the faces spanned by the other two vectors
     widths = volume[:, None] / faces  # distances between opposite faces, Å
     images = (2 * torch.ceil(cutoff / widths) + 1).prod(-1)
     if (images > MAX_IMAGES).any():
         b = int(torch.argmax(images))
-        raise ValueError(f"cell too thin for the model's {cutoff:g} Å cutoff: its narrowest width is "
-                         f"{float(widths[b].min()):.3g} Å, so each atom would see {float(images[b]):.3g} periodic "
-                         f"images (limit {MAX_IMAGES})")
+        raise ValueError(
+            f"cell too thin for the model's {cutoff:g} Å cutoff: its narrowest width is "
+            f"{float(widths[b].min()):.3g} Å, so each atom would see {float(images[b]):.3g} periodic "
+            f"images (limit {MAX_IMAGES})"
+        )
 
 
 def find_pairs(positions: torch.Tensor, cutoff: float, cell: torch.Tensor | None = None) -> Pairs:
@@ -104,12 +108,14 @@ def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pai
     # Perpendicular width of the cell along each lattice direction: how many image
     # layers the cutoff reaches.
     volume = torch.abs(torch.linalg.det(cell))
-    widths = torch.stack([volume / torch.linalg.norm(torch.cross(cell[(k + 1) % 3], cell[(k + 2) % 3], dim=0))
-                          for k in range(3)])
+    widths = torch.stack(
+        [volume / torch.linalg.norm(torch.cross(cell[(k + 1) % 3], cell[(k + 2) % 3], dim=0)) for k in range(3)]
+    )
     reach = cutoff / widths  # in fractional units
     layers = [int(math.ceil(r)) for r in reach.tolist()]
-    offsets = torch.tensor(list(itertools.product(*[range(-n, n + 1) for n in layers])),
-                           dtype=torch.float64, device=pos.device)
+    offsets = torch.tensor(
+        list(itertools.product(*[range(-n, n + 1) for n in layers])), dtype=torch.float64, device=pos.device
+    )
     # Every image of every atom, kept only if it lies within the cutoff slab around the
     # central cell (a necessary condition for being a neighbour of a central atom).
     image_frac = (frac[None, :, :] + offsets[:, None, :]).reshape(-1, 3)
@@ -117,16 +123,20 @@ def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pai
     image_offset = offsets.repeat_interleave(len(pos), dim=0)
     keep = ((image_frac >= -reach) & (image_frac < 1 + reach)).all(dim=1)
     image_frac, image_atom, image_offset = image_frac[keep], image_atom[keep], image_offset[keep]
-    center, source = _cell_list(frac @ cell, image_frac @ cell, image_atom, cutoff,
-                                central=(image_offset == 0).all(1))
+    center, source = _cell_list(frac @ cell, image_frac @ cell, image_atom, cutoff, central=(image_offset == 0).all(1))
     neighbor = image_atom[source]
     # Back to the caller's (unwrapped) positions: r_j' = r_j + w_j·cell.
     shift = image_offset[source] + wrap[neighbor] - wrap[center]
     return Pairs(center, neighbor, shift.to(pos.dtype))
 
 
-def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.Tensor, cutoff: float,
-               central: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _cell_list(
+    queries: torch.Tensor,
+    sources: torch.Tensor,
+    source_atom: torch.Tensor,
+    cutoff: float,
+    central: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (query q, source s) within cutoff, by binning sources into cubes of side cutoff.
 
     A source is query q's own atom where ``source_atom[s] == q`` and ``central[s]`` (the
@@ -157,8 +167,11 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
         count = torch.where(unique_ids[slot] == target, counts[slot], torch.zeros_like(slot)).reshape(-1)
         start = starts[slot].reshape(-1)
         total = int(count.sum())
-        query = torch.arange(q0, q1, device=queries.device).repeat_interleave(27).repeat_interleave(
-            count, output_size=total)
+        query = (
+            torch.arange(q0, q1, device=queries.device)
+            .repeat_interleave(27)
+            .repeat_interleave(count, output_size=total)
+        )
         first = torch.cumsum(count, 0) - count
         local = torch.arange(total, device=queries.device) - first.repeat_interleave(count, output_size=total)
         source = order[start.repeat_interleave(count, output_size=total) + local]
@@ -173,7 +186,8 @@ def _cell_list(queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.
     # Queries in chunks, so the candidate arrays (~400 per query) stay cache-sized and
     # the search linear in atoms.  Results come out sorted by query (stable for triplets).
     chunks = [search(q0, min(len(queries), q0 + _QUERY_CHUNK)) for q0 in range(0, len(queries), _QUERY_CHUNK)]
-    return tuple(torch.cat(parts) for parts in zip(*chunks))
+    found, sources = (torch.cat(parts) for parts in zip(*chunks))
+    return found, sources
 
 
 class NeighborList:
@@ -204,15 +218,18 @@ class NeighborList:
             self._pairs = find_pairs(positions, self.cutoff + self.skin, cell)
             self._positions, self._cell = positions.clone(), None if cell is None else cell.clone()
             self.builds += 1
+        assert self._pairs is not None
         return self._pairs
 
     def _needs_rebuild(self, positions: torch.Tensor, cell: torch.Tensor | None) -> bool:
-        if self._pairs is None or positions.shape != self._positions.shape or (cell is None) != (self._cell is None):
+        if self._pairs is None or self._positions is None or positions.shape != self._positions.shape:
+            return True
+        if (cell is None) != (self._cell is None):
             return True
         if not len(positions):
             return False
         allowed, unstrained = self.skin / 2, positions
-        if cell is not None and not torch.equal(cell, self._cell):
+        if cell is not None and self._cell is not None and not torch.equal(cell, self._cell):
             # Write the new cell as the old one deformed, h = h₀F.  A pair vector is then
             # (d₀ + e_j − e_i)F, where d₀ is its vector at the build and e the atoms'
             # displacements with the deformation taken out, u = rF⁻¹ − r₀.  It stays
@@ -227,20 +244,21 @@ class NeighborList:
             unstrained = torch.linalg.solve(deform.T, positions.T).T
         if unstrained.is_cpu:  # numpy: ~15 µs for a molecule, where four tensor operations take ~45
             d = unstrained.numpy() - self._positions.numpy()
-            return bool((d * d).sum(1).max() > allowed ** 2)
-        return bool((unstrained - self._positions).pow(2).sum(-1).max() > allowed ** 2)
+            return bool((d * d).sum(1).max() > allowed**2)
+        return bool((unstrained - self._positions).pow(2).sum(-1).max() > allowed**2)
 
 
-def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor | None,
-                cutoff: float) -> Pairs:
+def batch_pairs(numbers: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor | None, cutoff: float) -> Pairs:
     """Pairs of a padded batch (numbers (B, N), 0 = padding; positions (B, N, 3) Å;
     cell None or (B, 3, 3)), indexing the real atoms in row-major order."""
     if cell is None and numbers.shape[1] <= _DENSE_LIMIT:
         return Pairs(*molecule_pairs(numbers, positions, cutoff), None)
     real = numbers > 0
     counts = real.sum(1).tolist()
-    return concatenate([find_pairs(positions[b][real[b]], cutoff, None if cell is None else cell[b])
-                        for b in range(len(counts))], _starts(counts))
+    return concatenate(
+        [find_pairs(positions[b][real[b]], cutoff, None if cell is None else cell[b]) for b in range(len(counts))],
+        _starts(counts),
+    )
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -254,14 +272,20 @@ def concatenate(pairs: list[Pairs], starts: list[int]) -> Pairs:
     # One offset tensor for all: two additions, not two per structure (a 64-structure
     # batch would spend half a millisecond on them).
     device = pairs[0].center.device
-    offset = torch.repeat_interleave(torch.tensor(starts, dtype=torch.long, device=device),
-                                     torch.tensor([len(p) for p in pairs], dtype=torch.long, device=device))
+    offset = torch.repeat_interleave(
+        torch.tensor(starts, dtype=torch.long, device=device),
+        torch.tensor([len(p) for p in pairs], dtype=torch.long, device=device),
+    )
     center = torch.cat([p.center for p in pairs]) + offset
     neighbor = torch.cat([p.neighbor for p in pairs]) + offset
     shift = None
     if any(p.shift is not None for p in pairs):
-        shift = torch.cat([p.shift if p.shift is not None else torch.zeros(len(p), 3, dtype=torch.float64,
-                                                                          device=p.center.device) for p in pairs])
+        shift = torch.cat(
+            [
+                p.shift if p.shift is not None else torch.zeros(len(p), 3, dtype=torch.float64, device=p.center.device)
+                for p in pairs
+            ]
+        )
     return Pairs(center, neighbor, shift)
 
 

@@ -8,6 +8,7 @@ ones.  Hidden layers use CELU(α); the output layer is linear.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,12 +21,23 @@ from aniserve.hookspecs import hookimpl
 class EnsembleMLP(nn.Module):
     """k stacked MLPs of one element: features (n, in) → atomic energies (k, n)."""
 
+    weights: nn.ParameterList
+    biases: nn.ParameterList
+    _cache_key: tuple | None
+
     def __init__(self, sizes: list[int], ensemble_size: int = 1, celu_alpha: float = 0.1):
         super().__init__()
-        if (len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
-                or isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1):
-            raise ValueError(f"layer widths must be positive integers and the ensemble size at least 1, got "
-                             f"{str(sizes)[:80]} and {ensemble_size!r}")
+        if (
+            len(sizes) < 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+            or isinstance(ensemble_size, bool)
+            or not isinstance(ensemble_size, int)
+            or ensemble_size < 1
+        ):
+            raise ValueError(
+                f"layer widths must be positive integers and the ensemble size at least 1, got "
+                f"{str(sizes)[:80]} and {ensemble_size!r}"
+            )
         if isinstance(celu_alpha, bool) or not isinstance(celu_alpha, (int, float)) or not 0 < celu_alpha < 1e3:
             raise ValueError(f"celu_alpha must be a positive number, got {celu_alpha!r}")
         self.sizes = list(sizes)
@@ -47,7 +59,7 @@ class EnsembleMLP(nn.Module):
     def _parameter_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # The ParameterLists' own dicts: indexing a ParameterList goes through
         # Module.__getattr__, microseconds each, which a small molecule notices.
-        return list(self.weights._parameters.values()), list(self.biases._parameters.values())
+        return cast(list, list(self.weights._parameters.values())), cast(list, list(self.biases._parameters.values()))
 
     def _first_layer(self, columns: torch.Tensor | None) -> torch.Tensor:
         """First-layer weights (k, in, out), only the rows of the input ``columns`` when
@@ -57,10 +69,10 @@ class EnsembleMLP(nn.Module):
 
     def frozen(self) -> bool:
         """Frozen and in eval mode (serving): evaluated with the written-out gradient."""
-        return not self.training and not any(p.requires_grad for p in (*self.weights._parameters.values(),
-                                                                        *self.biases._parameters.values()))
+        weights, biases = self._parameter_tensors()
+        return not self.training and not any(p.requires_grad for p in (*weights, *biases))
 
-    def frozen_layers(self, columns: torch.Tensor | None) -> "_FrozenLayers":
+    def frozen_layers(self, columns: torch.Tensor | None) -> _FrozenLayers:
         """The frozen layers, the first one's rows restricted to ``columns``.
 
         Selecting rows copies the layer (1–2 MB for an ANI-1ccx element), which costs more
@@ -76,8 +88,12 @@ class EnsembleMLP(nn.Module):
         cached = self._cached_layers.get(id(columns))
         if cached is None:
             first = weights[0].detach() if columns is None else weights[0].detach().index_select(1, columns)
-            cached = (columns, _FrozenLayers([first, *(w.detach() for w in weights[1:])],
-                                             [b.detach() for b in biases], self.celu_alpha))
+            cached = (
+                columns,
+                _FrozenLayers(
+                    [first, *(w.detach() for w in weights[1:])], [b.detach() for b in biases], self.celu_alpha
+                ),
+            )
             if len(self._cached_layers) >= 16:
                 self._cached_layers.pop(next(iter(self._cached_layers)))
             self._cached_layers[id(columns)] = cached
@@ -114,7 +130,7 @@ class _FrozenLayers:
         self.weights = [w.contiguous() for w in weights]
         self.biases = [b.contiguous() for b in biases]
         self.alpha = alpha
-        self._kernel = None
+        self._kernel: kernels.MLPKernelLayers | None = None
 
     def kernel(self) -> kernels.MLPKernelLayers:
         if self._kernel is None:
@@ -139,8 +155,13 @@ class _FrozenLayers:
         return g.sum(0)
 
 
-def frozen_sum(features: torch.Tensor, counts: list[int], terms: list[list[EnsembleMLP]],
-               columns: torch.Tensor | None, owner: nn.Module) -> torch.Tensor:
+def frozen_sum(
+    features: torch.Tensor,
+    counts: list[int],
+    terms: list[list[EnsembleMLP]],
+    columns: torch.Tensor | None,
+    owner: nn.Module,
+) -> torch.Tensor:
     """Member energies (k, n) of frozen ensembles over features (n, in) grouped by
     element: the g-th ``counts[g]`` rows go through the networks ``terms[g]`` (one, or a
     base and its Δ correction, with k members each), whose outputs add up.
@@ -148,8 +169,9 @@ def frozen_sum(features: torch.Tensor, counts: list[int], terms: list[list[Ensem
     return _FrozenNetworks.apply(features, counts, terms, columns, owner)
 
 
-def _kernel_networks(owner: nn.Module, layers: list[list[_FrozenLayers]],
-                     columns: torch.Tensor | None) -> kernels.MLPKernelNetworks:
+def _kernel_networks(
+    owner: nn.Module, layers: list[list[_FrozenLayers]], columns: torch.Tensor | None
+) -> kernels.MLPKernelNetworks:
     """The kernel's layout of these frozen layers, made once per column set (as in
     ``EnsembleMLP.frozen_layers``) and again when any of the layers is replaced."""
     key = tuple(map(tuple, layers))  # _FrozenLayers compare by identity
@@ -158,8 +180,11 @@ def _kernel_networks(owner: nn.Module, layers: list[list[_FrozenLayers]],
     if cached is None or cached[1] != key:
         if cached is None and len(cache) >= 16:
             cache.pop(next(iter(cache)))
-        cached = cache[id(columns)] = (columns, key,
-                                       kernels.MLPKernelNetworks([[fl.kernel() for fl in group] for group in layers]))
+        cached = cache[id(columns)] = (
+            columns,
+            key,
+            kernels.MLPKernelNetworks([[fl.kernel() for fl in group] for group in layers]),
+        )
     return cached[2]
 
 
@@ -203,14 +228,21 @@ class _FrozenNetworks(torch.autograd.Function):
         nothing = (None,) * 4
         if torch.is_grad_enabled():  # create_graph: through the saved input, whose history autograd kept
             with torch.enable_grad():
-                energies = torch.cat([sum(mlp.plain_forward(x, ctx.columns) for mlp in group)
-                                      for x, group in zip(features.split(ctx.counts), ctx.terms)], dim=1)
+                energies = torch.cat(
+                    [
+                        sum(mlp.plain_forward(x, ctx.columns) for mlp in group)
+                        for x, group in zip(features.split(ctx.counts), ctx.terms)
+                    ],
+                    dim=1,
+                )
                 return torch.autograd.grad(energies, features, grad, create_graph=True)[0], *nothing
         if ctx.lib is not None:
             return kernels.mlp_backward(ctx.lib, grad, saved[0]), *nothing
         slopes = iter(ctx.slopes)
-        parts = [sum(fl.tensor_backward(g, next(slopes)) for fl in group)
-                 for g, group in zip(grad.split(ctx.counts, dim=1), ctx.layers)]
+        parts = [
+            sum(fl.tensor_backward(g, next(slopes)) for fl in group)
+            for g, group in zip(grad.split(ctx.counts, dim=1), ctx.layers)
+        ]
         return torch.cat(parts) if len(parts) > 1 else parts[0], *nothing
 
 
@@ -220,54 +252,76 @@ class ElementNetworks(nn.Module):
     Per-element ensembles: (species (N,), features (N, D)) → atomic energies (k, N).
     With ``columns``, features hold only those input columns (the others being zero)."""
 
-    def __init__(self, elements: list[str], hidden: dict[str, list[int]], input_width: int,
-                 ensemble_size: int = 1, celu_alpha: float = 0.1):
+    mlps: Any  # an nn.ModuleList of EnsembleMLP, one per element
+
+    def __init__(
+        self,
+        elements: list[str],
+        hidden: dict[str, list[int]],
+        input_width: int,
+        ensemble_size: int = 1,
+        celu_alpha: float = 0.1,
+    ):
         super().__init__()
         self.elements = list(elements)
         self.hidden = {e: list(hidden[e]) for e in self.elements}
         self.input_width = input_width
         self.celu_alpha = celu_alpha
         self.mlps = nn.ModuleList(
-            EnsembleMLP([input_width, *self.hidden[e], 1], ensemble_size, celu_alpha) for e in self.elements)
+            EnsembleMLP([input_width, *self.hidden[e], 1], ensemble_size, celu_alpha) for e in self.elements
+        )
 
     @property
     def ensemble_size(self) -> int:
         return self.mlps[0].ensemble_size
 
     @classmethod
-    def from_config(cls, params: dict) -> "ElementNetworks":
-        return cls(params["elements"], params["hidden"], params["input_width"],
-                   params.get("ensemble_size", 1), params.get("celu_alpha", 0.1))
+    def from_config(cls, params: dict) -> ElementNetworks:
+        return cls(
+            params["elements"],
+            params["hidden"],
+            params["input_width"],
+            params.get("ensemble_size", 1),
+            params.get("celu_alpha", 0.1),
+        )
 
     def config(self) -> dict:
-        return {"elements": self.elements, "hidden": self.hidden, "input_width": self.input_width,
-                "ensemble_size": self.ensemble_size, "celu_alpha": self.celu_alpha}
+        return {
+            "elements": self.elements,
+            "hidden": self.hidden,
+            "input_width": self.input_width,
+            "ensemble_size": self.ensemble_size,
+            "celu_alpha": self.celu_alpha,
+        }
 
     def layers(self) -> list[list[nn.Parameter]]:
         """Parameters of each linear layer, input layer first, across all elements
         (what the ``freeze`` transfer strategy selects by layer number)."""
         depth = max(len(m.weights) for m in self.mlps)
-        return [[p for m in self.mlps if i < len(m.weights) for p in (m.weights[i], m.biases[i])]
-                for i in range(depth)]
+        return [[p for m in self.mlps if i < len(m.weights) for p in (m.weights[i], m.biases[i])] for i in range(depth)]
 
     def frozen_terms(self) -> list[list[EnsembleMLP]] | None:
         """Each element's networks, when all are frozen (see ``frozen_sum``), else None."""
         return [[mlp] for mlp in self.mlps] if all(mlp.frozen() for mlp in self.mlps) else None
 
-    def forward(self, species: torch.Tensor, features: torch.Tensor,
-                columns: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, features: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
         terms = self.frozen_terms()
         if terms is not None:
             return by_element(species, features, terms, columns, self)
 
         def trainable(grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            return torch.cat([mlp(x, columns) for mlp, x, count in zip(self.mlps, grouped.split(counts), counts)
-                              if count], dim=1)
+            return torch.cat(
+                [mlp(x, columns) for mlp, x, count in zip(self.mlps, grouped.split(counts), counts) if count], dim=1
+            )
+
         return _grouped(species, features, len(self.mlps), self.ensemble_size, trainable)
 
 
-def _grouped(species: torch.Tensor, features: torch.Tensor, num_elements: int, ensemble_size: int,
-             evaluate) -> torch.Tensor:
+def _grouped(
+    species: torch.Tensor, features: torch.Tensor, num_elements: int, ensemble_size: int, evaluate
+) -> torch.Tensor:
     """Atomic energies (k, N) in the atoms' order, from ``evaluate(grouped, counts)``,
     which takes the features grouped by element (``counts[e]`` rows of element e, in
     order) and returns their energies (k, N) in that order.  One sort groups them, so
@@ -280,13 +334,20 @@ def _grouped(species: torch.Tensor, features: torch.Tensor, num_elements: int, e
     return torch.empty_like(energies).index_copy_(1, order, energies)
 
 
-def by_element(species: torch.Tensor, features: torch.Tensor, terms: list[list[EnsembleMLP]],
-               columns: torch.Tensor | None, owner: nn.Module) -> torch.Tensor:
+def by_element(
+    species: torch.Tensor,
+    features: torch.Tensor,
+    terms: list[list[EnsembleMLP]],
+    columns: torch.Tensor | None,
+    owner: nn.Module,
+) -> torch.Tensor:
     """Atomic energies (k, N) of frozen networks: each atom's through its element's
     ``terms`` (``frozen_sum``), all elements in one call."""
+
     def frozen(grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
         present = [e for e, count in enumerate(counts) if count]
         return frozen_sum(grouped, [counts[e] for e in present], [terms[e] for e in present], columns, owner)
+
     return _grouped(species, features, len(terms), terms[0][0].ensemble_size, frozen)
 
 
@@ -296,11 +357,17 @@ class DeltaNetworks(nn.Module):
     Registered as the element network ``delta``, so a delta-learned model saves and
     reloads like any other."""
 
-    def __init__(self, base: nn.Module, correction: nn.Module, base_name: str, correction_name: str):
+    # Any element-network components (aniserve.contracts.ElementNetwork), plugins' included.
+    base: Any
+    correction: Any
+
+    def __init__(self, base: Any, correction: Any, base_name: str, correction_name: str):
         super().__init__()
         if correction.ensemble_size not in (1, base.ensemble_size) or list(correction.elements) != list(base.elements):
             raise ValueError("the delta correction must cover the base's elements with 1 or the same number of members")
-        widths = {getattr(base, "input_width", None), getattr(correction, "input_width", None)} - {None}
+        widths = {
+            w for w in (getattr(base, "input_width", None), getattr(correction, "input_width", None)) if w is not None
+        }
         if len(widths) > 1:
             raise ValueError(f"the delta base and correction take different input widths {sorted(widths)}")
         self.base, self.correction = base, correction
@@ -314,16 +381,20 @@ class DeltaNetworks(nn.Module):
         return self.base.ensemble_size
 
     @classmethod
-    def from_config(cls, params: dict) -> "DeltaNetworks":
+    def from_config(cls, params: dict) -> DeltaNetworks:
         from aniserve.registry import registry
 
-        parts = [registry().get("element-network", params[k]["name"]).from_config(params[k]["params"])
-                 for k in ("base", "correction")]
-        return cls(*parts, params["base"]["name"], params["correction"]["name"])
+        base, correction = (
+            registry().get("element-network", params[k]["name"]).from_config(params[k]["params"])
+            for k in ("base", "correction")
+        )
+        return cls(base, correction, params["base"]["name"], params["correction"]["name"])
 
     def config(self) -> dict:
-        return {"base": {"name": self.names[0], "params": self.base.config()},
-                "correction": {"name": self.names[1], "params": self.correction.config()}}
+        return {
+            "base": {"name": self.names[0], "params": self.base.config()},
+            "correction": {"name": self.names[1], "params": self.correction.config()},
+        }
 
     def frozen_terms(self) -> list[list[EnsembleMLP]] | None:
         """Each element's base and correction networks, when all are frozen and have
@@ -333,8 +404,9 @@ class DeltaNetworks(nn.Module):
             return None
         return [b + c for b, c in zip(base, correction)]
 
-    def forward(self, species: torch.Tensor, features: torch.Tensor,
-                columns: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, features: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
         terms = self.frozen_terms()
         if terms is not None:  # serving: base and correction of an element in one pass
             return by_element(species, features, terms, columns, self)

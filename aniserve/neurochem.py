@@ -16,6 +16,7 @@ import pathlib
 import re
 import stat
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _read_text(path: pathlib.Path) -> str:
 
 
 def read_params(path: pathlib.Path) -> AEVParameters:
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for line in _read_text(path).splitlines():
         if "=" not in line:
             continue
@@ -85,8 +86,12 @@ def read_params(path: pathlib.Path) -> AEVParameters:
     if missing:
         raise NeuroChemError(f"{path}: missing {', '.join(missing)}")
     try:
-        return AEVParameters(elements=values["Atyp"], Rcr=float(values["Rcr"]), Rca=float(values["Rca"]),
-                             **{k: values[k] for k in ("EtaR", "ShfR", "EtaA", "Zeta", "ShfA", "ShfZ")})
+        return AEVParameters(
+            elements=values["Atyp"],
+            Rcr=float(values["Rcr"]),
+            Rca=float(values["Rca"]),
+            **{k: values[k] for k in ("EtaR", "ShfR", "EtaA", "Zeta", "ShfA", "ShfZ")},
+        )
     except (TypeError, ValueError) as error:
         raise NeuroChemError(f"{path}: {error}") from None
 
@@ -114,14 +119,17 @@ def read_network(nnf: pathlib.Path) -> list[tuple[np.ndarray, np.ndarray, int]]:
     # Unpacked with a bound: a few KB of bzip2 can unpack to gigabytes.
     unpacker = bz2.BZ2Decompressor()
     try:
-        unpacked = unpacker.decompress(raw[header_end + 2:], max_length=MAX_LAYER_TEXT_BYTES)
+        unpacked = unpacker.decompress(raw[header_end + 2 :], max_length=MAX_LAYER_TEXT_BYTES)
         if not unpacker.eof:
-            raise NeuroChemError(f"{nnf}: the layer description unpacks to more than {MAX_LAYER_TEXT_BYTES} bytes"
-                                 if len(unpacked) >= MAX_LAYER_TEXT_BYTES else f"{nnf}: truncated bzip2 data")
+            raise NeuroChemError(
+                f"{nnf}: the layer description unpacks to more than {MAX_LAYER_TEXT_BYTES} bytes"
+                if len(unpacked) >= MAX_LAYER_TEXT_BYTES
+                else f"{nnf}: truncated bzip2 data"
+            )
         text = unpacked.decode()
     except (OSError, ValueError, EOFError) as error:
         raise NeuroChemError(f"{nnf}: corrupt bzip2 layer description ({error})") from None
-    layers = []
+    layers: list[tuple[np.ndarray, np.ndarray, int]] = []
     for fields in _layer_blocks(text, nnf):
         try:
             nodes, inputs, activation = int(fields["nodes"]), int(fields["blocksize"]), int(fields["activation"])
@@ -130,8 +138,9 @@ def read_network(nnf: pathlib.Path) -> list[tuple[np.ndarray, np.ndarray, int]]:
         if not (1 <= nodes and 1 <= inputs and nodes * inputs * 4 <= MAX_WEIGHT_BYTES):
             raise NeuroChemError(f"{nnf}: layer {len(layers) + 1} of {nodes} × {inputs} is out of bounds")
         if layers and inputs != layers[-1][0].shape[0]:
-            raise NeuroChemError(f"{nnf}: layer {len(layers) + 1} takes {inputs} inputs, the layer before gives "
-                                 f"{layers[-1][0].shape[0]}")
+            raise NeuroChemError(
+                f"{nnf}: layer {len(layers) + 1} takes {inputs} inputs, the layer before gives {layers[-1][0].shape[0]}"
+            )
         weight = _read_floats(nnf.parent, fields.get("weights", ""), nodes * inputs).reshape(nodes, inputs)
         bias = _read_floats(nnf.parent, fields.get("biases", ""), nodes)
         layers.append((weight, bias, activation))
@@ -142,8 +151,10 @@ def read_network(nnf: pathlib.Path) -> list[tuple[np.ndarray, np.ndarray, int]]:
     for index, (_, _, activation) in enumerate(layers):
         expected = _LINEAR if index == len(layers) - 1 else _CELU
         if activation != expected:
-            raise NeuroChemError(f"{nnf}: layer {index + 1} has activation code {activation}; "
-                                 f"only CELU (9) hidden layers and a linear (6) output are supported")
+            raise NeuroChemError(
+                f"{nnf}: layer {index + 1} has activation code {activation}; "
+                f"only CELU (9) hidden layers and a linear (6) output are supported"
+            )
     return layers
 
 
@@ -212,8 +223,10 @@ def member_directories(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, 
             members = [path / f"train{k}" / "networks" for k in range(found[-1] + 1)] if found else []
         if params and sae.exists() and members:
             return params[0], sae, members
-    raise NeuroChemError(f"{path}: not a NeuroChem model (.info file, or a folder with a .params file, "
-                         f"sae_linfit.dat and networks/ or train<k>/networks/)")
+    raise NeuroChemError(
+        f"{path}: not a NeuroChem model (.info file, or a folder with a .params file, "
+        f"sae_linfit.dat and networks/ or train<k>/networks/)"
+    )
 
 
 def load_neurochem(path: str | pathlib.Path, name: str = "", allow_incomplete: bool = False) -> ANIPotential:
@@ -224,12 +237,17 @@ def load_neurochem(path: str | pathlib.Path, name: str = "", allow_incomplete: b
     params_file, sae_file, members = member_directories(pathlib.Path(path))
     missing = [m for m in members if not m.is_dir()]
     if missing and (not allow_incomplete or len(missing) == len(members)):
-        raise NeuroChemError(f"{missing[0]}: ensemble member folder is missing ({len(members) - len(missing)} of "
-                             f"{len(members)} members present; load_neurochem(..., allow_incomplete=True) serves "
-                             f"those)")
+        raise NeuroChemError(
+            f"{missing[0]}: ensemble member folder is missing ({len(members) - len(missing)} of "
+            f"{len(members)} members present; load_neurochem(..., allow_incomplete=True) serves "
+            f"those)"
+        )
     if missing:
-        warnings.warn(f"{path}: serving {len(members) - len(missing)} of {len(members)} ensemble members "
-                      f"({', '.join(str(m.parent.name) for m in missing)} missing)", stacklevel=2)
+        warnings.warn(
+            f"{path}: serving {len(members) - len(missing)} of {len(members)} ensemble members "
+            f"({', '.join(str(m.parent.name) for m in missing)} missing)",
+            stacklevel=2,
+        )
         members = [m for m in members if m.is_dir()]
     params = read_params(params_file)
     self_energies = read_self_energies(sae_file)
@@ -243,8 +261,10 @@ def load_neurochem(path: str | pathlib.Path, name: str = "", allow_incomplete: b
     for element, nets in per_element.items():
         shapes = [[w.shape for w, _, _ in layers] for layers in nets]
         if shapes[0][0][1] != featurizer.output_width:
-            raise NeuroChemError(f"{members[0] / f'ANN-{element}.nnf'}: the first layer takes {shapes[0][0][1]} "
-                                 f"inputs, the .params file's AEV has {featurizer.output_width}")
+            raise NeuroChemError(
+                f"{members[0] / f'ANN-{element}.nnf'}: the first layer takes {shapes[0][0][1]} "
+                f"inputs, the .params file's AEV has {featurizer.output_width}"
+            )
         for member, shape in zip(members, shapes):
             if shape != shapes[0]:
                 raise NeuroChemError(f"{member / f'ANN-{element}.nnf'}: layer shapes differ from member 0's")
@@ -253,14 +273,19 @@ def load_neurochem(path: str | pathlib.Path, name: str = "", allow_incomplete: b
     with torch.no_grad():
         for mlp, element in zip(networks.mlps, params.elements):
             for index in range(len(mlp.weights)):
-                mlp.weights[index].copy_(torch.from_numpy(
-                    np.stack([layers[index][0].T for layers in per_element[element]])))
-                mlp.biases[index].copy_(torch.from_numpy(
-                    np.stack([layers[index][1][None, :] for layers in per_element[element]])))
-    description = {"name": name or pathlib.Path(path).stem, "source": str(path),
-                   "featurizer": {"name": "ani-aev", "params": params.to_json()},
-                   "element_network": {"name": "ani-mlp", "params": networks.config()},
-                   "self_energies": self_energies}
+                mlp.weights[index].copy_(
+                    torch.from_numpy(np.stack([layers[index][0].T for layers in per_element[element]]))
+                )
+                mlp.biases[index].copy_(
+                    torch.from_numpy(np.stack([layers[index][1][None, :] for layers in per_element[element]]))
+                )
+    description = {
+        "name": name or pathlib.Path(path).stem,
+        "source": str(path),
+        "featurizer": {"name": "ani-aev", "params": params.to_json()},
+        "element_network": {"name": "ani-mlp", "params": networks.config()},
+        "self_energies": self_energies,
+    }
     # .to(): the AEV constants are built in float64; the whole model takes the weights' dtype,
     # as load_saved's does (a float32 network fed float64 features fails in the tensor path).
     return ANIPotential(featurizer, networks, self_energies, description).to(torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,26 +55,44 @@ class ANIPotential(nn.Module):
     #: (per-atom cost at 12k atoms within a few % of that at 1.5k) and memory bounded.
     block_pairs = 150_000
 
-    def __init__(self, featurizer: nn.Module, networks: nn.Module, self_energies: dict[str, float],
-                 description: dict | None = None):
+    # Components are plugins' as much as aniserve's: typed by their contracts
+    # (aniserve.contracts), checked when registered, not here.
+    featurizer: Any
+    networks: Any
+    self_energies: torch.Tensor
+    species_of_number: torch.Tensor
+
+    def __init__(
+        self,
+        featurizer: Any,
+        networks: Any,
+        self_energies: dict[str, float],
+        description: dict | None = None,
+    ):
         super().__init__()
         # The compiled network kernel reads as many feature columns as the networks take:
         # a featurizer of another width must never reach it.
         width = getattr(networks, "input_width", None)
         if width is not None and width != featurizer.output_width:
-            raise ValueError(f"the featurizer gives {featurizer.output_width} features per atom, the element networks "
-                             f"take {width}")
+            raise ValueError(
+                f"the featurizer gives {featurizer.output_width} features per atom, the element networks take {width}"
+            )
         if list(getattr(featurizer, "elements", networks.elements)) != list(networks.elements):
-            raise ValueError(f"the featurizer's elements {list(featurizer.elements)} differ from the networks' "
-                             f"{list(networks.elements)}")
+            raise ValueError(
+                f"the featurizer's elements {list(featurizer.elements)} differ from the networks' "
+                f"{list(networks.elements)}"
+            )
         self.featurizer = featurizer
         self.networks = networks
         self.elements = list(networks.elements)
         self.description = description or {}
         # Self energies stay float64 whatever the model's dtype: rounding them to float32
         # moves totals by ~3e-6 Hartree per heavy atom.
-        self.register_buffer("self_energies", torch.tensor([self_energies[e] for e in self.elements],
-                                                           dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "self_energies",
+            torch.tensor([self_energies[e] for e in self.elements], dtype=torch.float64),
+            persistent=False,
+        )
         # Model species index of atomic numbers 0..119, clamped into that range: −1 for
         # padding (0), out-of-range numbers (119) and elements the model lacks.
         table = torch.full((120,), -1, dtype=torch.long)
@@ -109,9 +128,17 @@ class ANIPotential(nn.Module):
         self._dtype_device = (self.dtype, self.device)
         return result
 
-    def forward(self, species: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
-                vectors: torch.Tensor, structure: torch.Tensor, num_structures: int,
-                centers: int | None = None, present: tuple[int, ...] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        species: torch.Tensor,
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+        vectors: torch.Tensor,
+        structure: torch.Tensor,
+        num_structures: int,
+        centers: int | None = None,
+        present: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
         """Member energies (k, B) in Hartree, float64.
 
         species: (N,) model species indices; center/neighbor: (P,) pair atom indices,
@@ -151,13 +178,16 @@ class ANIPotential(nn.Module):
             bad = numbers[species < 0]
             counts = {symbol(int(z)): int((bad == z).sum()) for z in bad.unique()}
             listed = ", ".join(f"{s} ({n} atom{'s' * (n > 1)})" for s, n in counts.items())
-            raise ValueError(f"model {self.description.get('name', '')!s} does not support element(s) {listed}; "
-                             f"it covers {', '.join(self.elements)}")
+            raise ValueError(
+                f"model {self.description.get('name', '')!s} does not support element(s) {listed}; "
+                f"it covers {', '.join(self.elements)}"
+            )
         return species
 
     # ------------------------------------------------------------ torch-native
-    def atomic_energies(self, numbers: torch.Tensor, coordinates: torch.Tensor,
-                        cell: torch.Tensor | None = None) -> torch.Tensor:
+    def atomic_energies(
+        self, numbers: torch.Tensor, coordinates: torch.Tensor, cell: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-atom energies (ensemble mean, self energy included), Hartree, float64, as
         torch tensors that stay differentiable with respect to ``coordinates``, to any
         order: the tensor path (no compiled kernels), TorchANI-style.  numbers (N,) or
@@ -172,8 +202,11 @@ class ANIPotential(nn.Module):
         batch = _as_batch(numbers, coordinates.detach(), None if cell is None else cell.detach(), self.device)
         num, single = batch["numbers"], batch["single"]
         pos = coordinates[None] if single else coordinates
-        cell64 = None if cell is None else torch.as_tensor(cell, dtype=torch.float64, device=self.device).expand(
-            len(num), 3, 3)
+        cell64 = (
+            None
+            if cell is None
+            else torch.as_tensor(cell, dtype=torch.float64, device=self.device).expand(len(num), 3, 3)
+        )
         real = num > 0
         species = self.species_indices(num[real])
         structure = torch.nonzero(real)[:, 0]
@@ -181,8 +214,14 @@ class ANIPotential(nn.Module):
         flat = pos.to(device=self.device, dtype=torch.float64)[real]
         vectors = flat.index_select(0, pairs.neighbor) - flat.index_select(0, pairs.center)
         if pairs.shift is not None:
-            vectors = vectors + torch.bmm(pairs.shift.to(torch.float64)[:, None, :],
-                                          cell64.index_select(0, structure.index_select(0, pairs.center)))[:, 0]
+            assert cell64 is not None  # shifts come from a cell
+            vectors = (
+                vectors
+                + torch.bmm(
+                    pairs.shift.to(torch.float64)[:, None, :],
+                    cell64.index_select(0, structure.index_select(0, pairs.center)),
+                )[:, 0]
+            )
         with kernels.using("tensor"):
             features = self.featurizer(species, pairs.center, pairs.neighbor, vectors.to(self.dtype))
             atomic = self.networks(species, features).to(torch.float64).mean(0)
@@ -190,22 +229,27 @@ class ANIPotential(nn.Module):
         out = per_atom.new_zeros(num.shape).masked_scatter(real, per_atom)
         return out[0] if single else out
 
-    def energies(self, numbers: torch.Tensor, coordinates: torch.Tensor,
-                 cell: torch.Tensor | None = None) -> torch.Tensor:
+    def energies(
+        self, numbers: torch.Tensor, coordinates: torch.Tensor, cell: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Ensemble-mean energies, Hartree, float64: a scalar for one structure, (B,) for
         a batch; differentiable (see ``atomic_energies``)."""
         return self.atomic_energies(numbers, coordinates, cell).sum(-1)
 
-    def energy_and_forces(self, numbers: torch.Tensor, coordinates: torch.Tensor,
-                          cell: torch.Tensor | None = None, create_graph: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def energy_and_forces(
+        self,
+        numbers: torch.Tensor,
+        coordinates: torch.Tensor,
+        cell: torch.Tensor | None = None,
+        create_graph: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energies, forces = −∂E/∂coordinates), torch tensors; with ``create_graph``
         both stay differentiable (force training, Hessians), otherwise they are values."""
         if not isinstance(coordinates, torch.Tensor):
             coordinates = _as_tensor(coordinates, torch.float64, self.device, "coordinates")
         coordinates = coordinates if coordinates.requires_grad else coordinates.detach().requires_grad_(True)
         energy = self.energies(numbers, coordinates, cell)
-        gradient, = torch.autograd.grad(energy.sum(), coordinates, create_graph=create_graph)
+        (gradient,) = torch.autograd.grad(energy.sum(), coordinates, create_graph=create_graph)
         return (energy, -gradient) if create_graph else (energy.detach(), -gradient)
 
     def hessian(self, numbers: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
@@ -215,8 +259,9 @@ class ANIPotential(nn.Module):
         shape = coordinates.shape
         return torch.autograd.functional.hessian(lambda flat: self.energies(numbers, flat.reshape(shape)), x)
 
-    def evaluate(self, numbers, positions, cell=None, *, member_forces: bool = False,
-                 pairs: list[Pairs] | None = None) -> Evaluation:
+    def evaluate(
+        self, numbers, positions, cell=None, *, member_forces: bool = False, pairs: list[Pairs] | None = None
+    ) -> Evaluation:
         """Energy, forces and (with a cell) strain derivative of one structure or a batch.
 
         numbers: (N,) atomic numbers, or (B, N) with 0 marking padding.
@@ -237,18 +282,18 @@ class ANIPotential(nn.Module):
             starts = (torch.cumsum(counts, 0) - counts).tolist()
         else:  # every row full: flattening is a reshape
             real = None
-            structure = (torch.zeros(width, dtype=torch.long, device=device) if n_structures == 1 else
-                         torch.arange(n_structures, device=device).repeat_interleave(width))
+            structure = (
+                torch.zeros(width, dtype=torch.long, device=device)
+                if n_structures == 1
+                else torch.arange(n_structures, device=device).repeat_interleave(width)
+            )
             flat_numbers, flat_pos64 = num.reshape(-1), pos64.reshape(-1, 3)
             starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
         if cell64 is not None and pairs is not None:
             check_cell(cell64, self.cutoff)  # (without given pairs, the neighbour search checks it)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
-        if pairs is None:
-            pairs = batch_pairs(num, pos64, cell64, self.cutoff)
-        else:
-            pairs = concatenate(pairs, starts)
+        all_pairs = batch_pairs(num, pos64, cell64, self.cutoff) if pairs is None else concatenate(pairs, starts)
 
         # Positions stay float64: displacements are formed before the cast to the model's
         # dtype, so a molecule far from the origin loses no precision in float32 (a
@@ -262,20 +307,29 @@ class ANIPotential(nn.Module):
         k = self.ensemble_size
         members = torch.zeros(k, n_structures, dtype=torch.float64, device=device)
         grads = [torch.zeros_like(x) for x in inputs]
-        member_grads = [[torch.zeros_like(x) for x in inputs] for _ in range(k)] if member_forces else None
+        member_grads = [[torch.zeros_like(x) for x in inputs] for _ in range(k)] if member_forces else []
         # Large systems go in blocks of whole center atoms, each differentiated on its
         # own and accumulated: memory stays bounded and the cost linear in atoms.
-        for block in _blocks(pairs, structure, species, self.block_pairs):
+        for block in _blocks(all_pairs, structure, species, self.block_pairs):
             vectors = _displacements(pos, block, cell64, strain, dtype)
-            part = self.forward(block.species, block.center, block.neighbor, vectors, block.structure, n_structures,
-                                centers=block.centers, present=present)
+            part = self.forward(
+                block.species,
+                block.center,
+                block.neighbor,
+                vectors,
+                block.structure,
+                n_structures,
+                centers=block.centers,
+                present=present,
+            )
             members += part.detach()
             for total, g in zip(grads, torch.autograd.grad(part.mean(0).sum(), inputs, retain_graph=member_forces)):
                 total += g
             if member_forces:
                 for m in range(k):
-                    for total, g in zip(member_grads[m], torch.autograd.grad(part[m].sum(), inputs,
-                                                                             retain_graph=m + 1 < k)):
+                    for total, g in zip(
+                        member_grads[m], torch.autograd.grad(part[m].sum(), inputs, retain_graph=m + 1 < k)
+                    ):
                         total += g
 
         std, mean = torch.std_mean(members, dim=0, correction=0)
@@ -291,7 +345,8 @@ class ANIPotential(nn.Module):
             result.member_forces = np.stack([_unflatten(-g[0], real, num.shape) for g in member_grads], axis=1)
             if cell64 is not None:
                 result.member_strain_derivatives = np.stack(
-                    [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1)
+                    [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1
+                )
         if batch["single"]:
             result = _first(result)
         return result
@@ -301,7 +356,8 @@ def _check_finite(result: Evaluation, batch: dict) -> None:
     """Never return a NaN or infinite energy, force or strain derivative: say which
     structure, and the closest atoms when they are the likely reason."""
     fields = [result.energy, result.forces, result.energy_std] + (
-        [result.strain_derivative] if result.strain_derivative is not None else [])
+        [result.strain_derivative] if result.strain_derivative is not None else []
+    )
     if all(math.isfinite(float(np.sum(f))) for f in fields):
         return
     bad = ~(np.isfinite(result.energy) & np.isfinite(result.forces).all((1, 2)) & np.isfinite(result.energy_std))
@@ -311,8 +367,9 @@ def _check_finite(result: Evaluation, batch: dict) -> None:
     numbers = batch["numbers"][b]
     positions = batch["positions"][b][numbers > 0].cpu().numpy()
     where = "" if batch["single"] else f" of structure {b}"
-    raise ValueError(f"the model gives a non-finite energy or forces{where}{closest_pair(positions)}; "
-                     f"nothing is returned")
+    raise ValueError(
+        f"the model gives a non-finite energy or forces{where}{closest_pair(positions)}; nothing is returned"
+    )
 
 
 #: Atoms closer than this (Å) are named when a result is not finite.
@@ -327,7 +384,7 @@ def closest_pair(positions: np.ndarray) -> str:
         return ""
     best = (np.inf, 0, 0)
     for i in range(len(x) - 1):
-        d = np.linalg.norm(x[i + 1:] - x[i], axis=1)
+        d = np.linalg.norm(x[i + 1 :] - x[i], axis=1)
         j = int(np.argmin(d))
         if d[j] < best[0]:
             best = (float(d[j]), i, i + 1 + j)
@@ -355,8 +412,17 @@ def _blocks(pairs: Pairs, structure: torch.Tensor, species: torch.Tensor, block_
     """Split the pairs (sorted by center) into blocks of about ``block_pairs`` pairs."""
     n_atoms = len(species)
     if len(pairs) <= block_pairs:
-        yield _Block(torch.arange(n_atoms, device=species.device), None, species, structure, pairs.center,
-                     pairs.neighbor, pairs.center, pairs.neighbor, pairs.shift)
+        yield _Block(
+            torch.arange(n_atoms, device=species.device),
+            None,
+            species,
+            structure,
+            pairs.center,
+            pairs.neighbor,
+            pairs.center,
+            pairs.neighbor,
+            pairs.shift,
+        )
         return
     # First pair of every atom (atoms without pairs get an empty range).
     first = torch.searchsorted(pairs.center, torch.arange(n_atoms + 1, device=species.device))
@@ -369,12 +435,22 @@ def _blocks(pairs: Pairs, structure: torch.Tensor, species: torch.Tensor, block_
         atoms = torch.cat([torch.arange(a0, a1, device=species.device), outside])
         local = torch.full((n_atoms,), -1, dtype=torch.long, device=species.device)
         local[atoms] = torch.arange(len(atoms), device=species.device)
-        yield _Block(atoms, a1 - a0, species[atoms], structure[atoms], center - a0, local[neighbor], center, neighbor,
-                     None if pairs.shift is None else pairs.shift[p0:p1])
+        yield _Block(
+            atoms,
+            a1 - a0,
+            species[atoms],
+            structure[atoms],
+            center - a0,
+            local[neighbor],
+            center,
+            neighbor,
+            None if pairs.shift is None else pairs.shift[p0:p1],
+        )
 
 
-def _displacements(pos64: torch.Tensor, block: _Block, cell64: torch.Tensor | None,
-                   strain: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _displacements(
+    pos64: torch.Tensor, block: _Block, cell64: torch.Tensor | None, strain: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """r_j − r_i (+ shift·cell), formed in float64 and then cast to ``dtype``, under the
     strain r → r(I+ε) when periodic; (P, 3) Å."""
     # index_select, not pos[neighbor]: its backward is an index_add, several times
@@ -392,6 +468,7 @@ def _displacements(pos64: torch.Tensor, block: _Block, cell64: torch.Tensor | No
     vectors = vectors.to(dtype)
     # Straining positions and cell together moves every displacement
     # r_j − r_i + shift·cell to (r_j − r_i + shift·cell)(I+ε).
+    assert strain is not None  # made with the cell
     deform = torch.eye(3, dtype=dtype, device=pos64.device) + strain
     if len(cell64) == 1:
         return vectors @ deform[0]
@@ -401,17 +478,18 @@ def _displacements(pos64: torch.Tensor, block: _Block, cell64: torch.Tensor | No
 def _unflatten(flat: torch.Tensor, real: torch.Tensor | None, shape: torch.Size) -> np.ndarray:
     """(atoms, 3) of the real atoms → (B, N, 3) float64, zero on padding (real: None
     when there is none)."""
-    flat = flat.detach().to(torch.float64).cpu().numpy()
+    values = flat.detach().to(torch.float64).cpu().numpy()
     if real is None:
-        return flat.reshape(*shape, 3)
+        return values.reshape(*shape, 3)
     out = np.zeros((*shape, 3))
-    out[real.cpu().numpy()] = flat
+    out[real.cpu().numpy()] = values
     return out
 
 
 def _first(result: Evaluation) -> Evaluation:
-    values = (getattr(result, f.name) for f in dataclasses.fields(result))
-    return Evaluation(*(None if value is None else value[0] for value in values))
+    values: dict[str, Any] = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    first: dict[str, Any] = {name: None if value is None else value[0] for name, value in values.items()}
+    return Evaluation(**first)
 
 
 def _as_tensor(value, dtype, device, name):
@@ -420,8 +498,10 @@ def _as_tensor(value, dtype, device, name):
     views of any stride or byte order are fine."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_meta:
-            raise ValueError(f"{name} must be a dense tensor holding values, got a {value.layout} "
-                             f"{'meta ' if value.is_meta else ''}tensor")
+            raise ValueError(
+                f"{name} must be a dense tensor holding values, got a {value.layout} "
+                f"{'meta ' if value.is_meta else ''}tensor"
+            )
         if value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must be real numbers, got a {value.dtype} tensor")
         return value.detach().to(device=device, dtype=dtype)
@@ -442,8 +522,10 @@ def _check_numbers(numbers) -> None:
     """Atomic numbers are integers (or floats holding integers), one per atom."""
     if isinstance(numbers, torch.Tensor):
         if numbers.layout != torch.strided or numbers.is_meta or numbers.dtype == torch.bool or numbers.is_complex():
-            raise ValueError(f"atomic numbers must be a dense tensor of integers, got a {numbers.layout} "
-                             f"{'meta ' if numbers.is_meta else ''}{numbers.dtype} tensor")
+            raise ValueError(
+                f"atomic numbers must be a dense tensor of integers, got a {numbers.layout} "
+                f"{'meta ' if numbers.is_meta else ''}{numbers.dtype} tensor"
+            )
         if numbers.dim() == 0:
             raise ValueError("atomic numbers must be an array, one per atom, not a single number")
         if not numbers.is_floating_point():
@@ -471,8 +553,10 @@ def _as_batch(numbers, positions, cell, device) -> dict:
     if single:
         num, pos = num[None], pos[None]
     if num.dim() != 2 or pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != num.shape:
-        raise ValueError(f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
-                         f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)")
+        raise ValueError(
+            f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
+            f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)"
+        )
     # One reduction in the common case; the sum of finite positions can only overflow
     # for coordinates near 1e308, which the element-wise test below then clears.
     if not math.isfinite(float(pos.sum())) and not torch.isfinite(pos).all():
@@ -484,8 +568,10 @@ def _as_batch(numbers, positions, cell, device) -> dict:
         if (num < 0).any():
             raise ValueError(f"atomic numbers must be 1..118 (0 marks padding), got {num[num < 0].unique().tolist()}")
         if single:
-            raise ValueError(f"atomic number 0 at atom {int(torch.nonzero(num[0] == 0)[0])}: 0 marks padding, "
-                             f"which only a batch (B, N) may hold")
+            raise ValueError(
+                f"atomic number 0 at atom {int(torch.nonzero(num[0] == 0)[0])}: 0 marks padding, "
+                f"which only a batch (B, N) may hold"
+            )
         if (num[:, 0] == 0).any():
             raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
     c = None

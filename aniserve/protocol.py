@@ -33,8 +33,10 @@ MAX_BATCH = 65_536
 MAX_STRING = 1 << 20
 SHM_KINDS = ("pos", "h", "ih", "pot", "force", "vir")
 
-_HEADERS = {name: name.ljust(HEADER_LENGTH).encode() for name in
-            ("STATUS", "INIT", "POSDATA", "GETFORCE", "FORCEREADY", "READY", "NEEDINIT", "HAVEDATA", "EXIT")}
+_HEADERS = {
+    name: name.ljust(HEADER_LENGTH).encode()
+    for name in ("STATUS", "INIT", "POSDATA", "GETFORCE", "FORCEREADY", "READY", "NEEDINIT", "HAVEDATA", "EXIT")
+}
 _NAMES = {v: k for k, v in _HEADERS.items()}
 
 
@@ -146,7 +148,7 @@ class _Reader:
 
     def take(self, nbytes: int) -> bytes:
         start = self.skip(nbytes)
-        return bytes(self.buffer[start:start + nbytes])
+        return bytes(self.buffer[start : start + nbytes])
 
     def int32(self) -> int:
         return _INT32.unpack_from(self.buffer, self.skip(4))[0]
@@ -185,8 +187,7 @@ def is_plain_name(name: str) -> bool:
 def _segment_name(raw) -> str:
     name = _text(raw, "shared-memory segment name")
     if not is_plain_name(name):
-        raise ProtocolError(f"shared-memory segment name {name!r} is not a plain name "
-                            f"(letters, digits, '_', '-', '.')")
+        raise ProtocolError(f"shared-memory segment name {name!r} is not a plain name (letters, digits, '_', '-', '.')")
     return name
 
 
@@ -267,8 +268,11 @@ def shm_forceready(energies, forces, virials) -> dict[str, np.ndarray]:
     (which then carries only the extras): energies (B,), forces (B, N, 3)
     Hartree/Bohr, virials (B, 3, 3), in i-PI's layout."""
     b = len(energies)
-    return {"pot": np.asarray(energies, dtype="<f8"), "force": np.asarray(forces, dtype="<f8").reshape(b, -1),
-            "vir": np.asarray(virials, dtype="<f8").reshape(b, 3, 3)}
+    return {
+        "pot": np.asarray(energies, dtype="<f8"),
+        "force": np.asarray(forces, dtype="<f8").reshape(b, -1),
+        "vir": np.asarray(virials, dtype="<f8").reshape(b, 3, 3),
+    }
 
 
 def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) -> bytes:
@@ -283,13 +287,22 @@ def encode_forceready(energies, forces, virials, extras: list[str], mode: Mode) 
         return _HEADERS["FORCEREADY"] + tail
     forces = np.asarray(forces, dtype="<f8").reshape(b, -1, 3)
     virials = np.asarray(virials, dtype="<f8").reshape(b, 3, 3)
-    return b"".join((_HEADERS["FORCEREADY"], energies.tobytes(), _INT32.pack(forces.shape[1]), forces.tobytes(),
-                     virials.tobytes(), tail))
+    return b"".join(
+        (
+            _HEADERS["FORCEREADY"],
+            energies.tobytes(),
+            _INT32.pack(forces.shape[1]),
+            forces.tobytes(),
+            virials.tobytes(),
+            tail,
+        )
+    )
 
 
 # ----------------------------------------------------------------- server side
 # The server's half, used by tests and by `aniserve bench` to talk to a driver
 # without i-PI.
+
 
 def encode_init(bead: int, parameters: str) -> bytes:
     data = parameters.encode()

@@ -11,13 +11,18 @@ import pluggy
 
 from aniserve import hookspecs
 from aniserve.contracts import CONTRACTS, missing_members
-
 from aniserve.hookspecs import hookimpl  # noqa: E402,F401  (the marker, re-exported)
 
 #: aniserve's own components, each registered by the module that defines it, through
 #: the same hooks as any plugin.  Imported when the registry is first built, not before.
-DEFAULT_PLUGINS = ("aniserve.aev", "aniserve.networks", "aniserve.training.strategies", "aniserve.zoo",
-                   "aniserve.embedded", "aniserve.selection")
+DEFAULT_PLUGINS = (
+    "aniserve.aev",
+    "aniserve.networks",
+    "aniserve.training.strategies",
+    "aniserve.zoo",
+    "aniserve.embedded",
+    "aniserve.selection",
+)
 
 #: Registry kinds, as ``aniserve plugins`` names them, and the hook that fills each.
 KINDS = {
@@ -70,13 +75,19 @@ class Registry:
                 try:
                     entry.load()
                 except Exception as error:  # noqa: BLE001 - any import failure of foreign code
-                    warnings.warn(f"aniserve plugin {entry.name!r} ({entry.value}) could not be loaded and is "
-                                  f"skipped: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"aniserve plugin {entry.name!r} ({entry.value}) could not be loaded and is "
+                        f"skipped: {type(error).__name__}: {error}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     self.manager.set_blocked(entry.name)
             self.manager.load_setuptools_entrypoints("aniserve")
         self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
-        distributions = {id(plugin): f"{dist.project_name}" if hasattr(dist, "project_name") else dist.metadata["name"]
-                         for plugin, dist in self.manager.list_plugin_distinfo()}
+        distributions = {
+            id(plugin): f"{dist.project_name}" if hasattr(dist, "project_name") else dist.metadata["name"]
+            for plugin, dist in self.manager.list_plugin_distinfo()
+        }
         versions = {id(plugin): dist.version for plugin, dist in self.manager.list_plugin_distinfo()}
         for kind, hook_name in KINDS.items():
             hook = getattr(self.manager.hook, hook_name)
@@ -88,25 +99,31 @@ class Registry:
                 for name, obj in (impl.function() or {}).items():
                     existing = self.components[kind].get(name)
                     if existing is not None:
-                        raise RegistryError(f"{kind} {name!r} is registered twice: by {existing.plugin} "
-                                            f"({existing.obj!r}) and by {plugin_name} ({obj!r})")
+                        raise RegistryError(
+                            f"{kind} {name!r} is registered twice: by {existing.plugin} "
+                            f"({existing.obj!r}) and by {plugin_name} ({obj!r})"
+                        )
                     self.components[kind][name] = Component(kind, name, obj, plugin_name, version)
         # Contracts after names: a clash of two plugins is the more useful message.
         for kind, components in self.components.items():
             for c in components.values():
                 missing = missing_members(kind, c.obj)
                 if missing:
-                    raise RegistryError(f"{kind} {c.name!r} from {c.plugin} does not meet the contract "
-                                        f"aniserve.contracts.{CONTRACTS[kind][0].__name__}: it lacks "
-                                        f"{', '.join(missing)}")
+                    raise RegistryError(
+                        f"{kind} {c.name!r} from {c.plugin} does not meet the contract "
+                        f"aniserve.contracts.{CONTRACTS[kind][0].__name__}: it lacks "
+                        f"{', '.join(missing)}"
+                    )
 
     def get(self, kind: str, name: str):
         try:
             return self.components[kind][name].obj
         except KeyError:
             known = ", ".join(sorted(self.components[kind])) or "none"
-            raise RegistryError(f"no {kind} named {name!r} is registered (known: {known}); if it comes from a "
-                                f"plugin, install that plugin or pass --plugin MODULE") from None
+            raise RegistryError(
+                f"no {kind} named {name!r} is registered (known: {known}); if it comes from a "
+                f"plugin, install that plugin or pass --plugin MODULE"
+            ) from None
 
     def provider(self, kind: str, name: str) -> dict:
         """{"plugin": distribution, "version": ...} of a registered component."""
@@ -117,9 +134,11 @@ class Registry:
         return sorted(self.components[kind])
 
     def listing(self) -> list[dict]:
-        return [{"kind": c.kind, "name": c.name, "plugin": c.plugin, "version": c.version,
-                 "description": c.description}
-                for kind in KINDS for c in sorted(self.components[kind].values(), key=lambda c: c.name)]
+        return [
+            {"kind": c.kind, "name": c.name, "plugin": c.plugin, "version": c.version, "description": c.description}
+            for kind in KINDS
+            for c in sorted(self.components[kind].values(), key=lambda c: c.name)
+        ]
 
 
 def _version_of(distribution: str) -> str:
@@ -148,8 +167,9 @@ def add_plugins(modules) -> None:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise RegistryError(f"plugin module {name!r} cannot be imported from {os.getcwd()} or the installed "
-                                f"packages: {error}") from None
+            raise RegistryError(
+                f"plugin module {name!r} cannot be imported from {os.getcwd()} or the installed packages: {error}"
+            ) from None
     _extra.extend(m for m in modules if m not in _extra)
     _default = None
 

@@ -80,8 +80,9 @@ class TrustBand:
             raise ValueError(f"pick must be random or farthest, got {pick!r}")
         self.pick = pick
 
-    def band(self, candidates: Candidates, lower=None, upper=None, lower_percentile=50.0,
-             upper_percentile=99.0) -> np.ndarray:
+    def band(
+        self, candidates: Candidates, lower=None, upper=None, lower_percentile=50.0, upper_percentile=99.0
+    ) -> np.ndarray:
         deviation = candidates.force_deviation
         lo = np.percentile(deviation, lower_percentile) if lower is None else lower
         hi = np.percentile(deviation, upper_percentile) if upper is None else upper
@@ -89,8 +90,9 @@ class TrustBand:
             raise ValueError(f"the trust band's lower level {lo} is above its upper level {hi}")
         return np.nonzero((deviation >= lo) & (deviation <= hi))[0]
 
-    def select(self, candidates: Candidates, k: int, rng: np.random.Generator, cap: int | None = None,
-               **band) -> np.ndarray:
+    def select(
+        self, candidates: Candidates, k: int, rng: np.random.Generator, cap: int | None = None, **band
+    ) -> np.ndarray:
         k = _check(candidates, k)
         inside = self.band(candidates, **band)
         if not len(inside) or not k:
@@ -101,9 +103,13 @@ class TrustBand:
             cap = max(1, -(-k // len(np.unique(groups))))
         if self.pick == "farthest" and candidates.descriptors is None:
             raise ValueError("farthest-point choice needs descriptors")
-        order = (rng.permutation(len(inside)) if self.pick == "random"
-                 else _farthest_first(candidates.descriptors[inside], rng))
-        chosen, taken = [], {}
+        order = (
+            rng.permutation(len(inside))
+            if self.pick == "random"
+            else _farthest_first(np.asarray(candidates.descriptors)[inside], rng)
+        )
+        chosen: list[int] = []
+        taken: dict = {}
         for i in order:
             g = groups[i]
             if taken.get(g, 0) < cap:
@@ -113,7 +119,7 @@ class TrustBand:
                     break
         if not strict and len(chosen) < k:  # a fair share per group first, then the rest of the band in order
             picked = set(chosen)
-            chosen += [i for i in order if i not in picked][:k - len(chosen)]
+            chosen += [i for i in order if i not in picked][: k - len(chosen)]
         return np.sort(inside[np.array(chosen, dtype=int)])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
+from typing import cast
 
 import numpy as np
 import torch
@@ -66,8 +67,9 @@ class Evaluator:
             self.potential.species_indices(np.array([z]))
 
     def _member_forces(self, structure: Structure) -> np.ndarray:
-        return self.potential.evaluate(structure.numbers, structure.positions, structure.cell,
-                                       member_forces=True).member_forces
+        return self.potential.evaluate(
+            structure.numbers, structure.positions, structure.cell, member_forces=True
+        ).member_forces
 
     def neighbor_list(self, key: Hashable) -> NeighborList | None:
         """The neighbour list a slot keeps (None before its first evaluation)."""
@@ -103,24 +105,35 @@ class Evaluator:
                 lists = self._lists.get(key)
                 if lists is None:
                     lists = self._lists[key] = NeighborList(self.potential.cutoff, self.skin)
-                pairs.append(lists.pairs(torch.from_numpy(positions[row, :n]),
-                                         torch.from_numpy(cells[row]) if periodic else None))
-            out = self.potential.evaluate(numbers, positions, cells if periodic else None,
-                                          member_forces=need_members, pairs=pairs)
+                pairs.append(
+                    lists.pairs(
+                        torch.from_numpy(positions[row, :n]), torch.from_numpy(cells[row]) if periodic else None
+                    )
+                )
+            out = self.potential.evaluate(
+                numbers, positions, cells if periodic else None, member_forces=need_members, pairs=pairs
+            )
             for row, i in enumerate(group):
                 n = len(slots[i][1].numbers)
                 results[i] = Result(
-                    energy=float(out.energy[row]), forces=out.forces[row, :n],
+                    energy=float(out.energy[row]),
+                    forces=out.forces[row, :n],
                     virial=-symmetric(out.strain_derivative[row]) if periodic else np.zeros((3, 3)),
-                    energy_std=float(out.energy_std[row]), member_energies=out.member_energies[row],
+                    energy_std=float(out.energy_std[row]),
+                    member_energies=out.member_energies[row],
                     member_forces=out.member_forces[row, :, :n] if need_members else None,
-                    member_virials=(np.stack([-symmetric(s) for s in out.member_strain_derivatives[row]])
-                                    if need_members and periodic else None))
+                    member_virials=(
+                        np.stack([-symmetric(s) for s in out.member_strain_derivatives[row]])
+                        if need_members and periodic
+                        else None
+                    ),
+                )
         if self.collector is not None:
             for (key, structure), result in zip(slots, results):
-                self.collector.consider(key, structure, result, self.model_name,
-                                        member_forces=lambda s=structure: self._member_forces(s))
-        return results
+                self.collector.consider(
+                    key, structure, result, self.model_name, member_forces=lambda s=structure: self._member_forces(s)
+                )
+        return cast(list[Result], results)  # every slot is filled above
 
 
 def symmetric(matrix: np.ndarray) -> np.ndarray:

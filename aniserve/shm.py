@@ -33,8 +33,9 @@ def peer_uid(sock: socket.socket) -> int | None:
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     try:
-        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
+        _pid, uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
     except OSError:
         return None
     return uid
@@ -70,8 +71,9 @@ class Segment:
         nbytes = 8 * int(np.prod(shape))
         data = os.pread(self.fd, nbytes, 0)
         if len(data) < nbytes:
-            raise SegmentError(f"shared-memory segment {self.name!r} holds {len(data)} bytes, too few for "
-                               f"{shape} float64")
+            raise SegmentError(
+                f"shared-memory segment {self.name!r} holds {len(data)} bytes, too few for {shape} float64"
+            )
         return np.frombuffer(data, dtype="<f8").reshape(shape).copy()
 
     def write(self, values: np.ndarray) -> None:
@@ -79,8 +81,9 @@ class Segment:
         data = np.ascontiguousarray(values, dtype="<f8").tobytes()
         size = os.fstat(self.fd).st_size
         if size < len(data):
-            raise SegmentError(f"shared-memory segment {self.name!r} holds {size} bytes, too few for "
-                               f"{len(data)} bytes of results")
+            raise SegmentError(
+                f"shared-memory segment {self.name!r} holds {size} bytes, too few for {len(data)} bytes of results"
+            )
         os.pwrite(self.fd, data, 0)
 
     def close(self) -> None:

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import pathlib
 import re
+from typing import Any
 
 import numpy as np
 
 from aniserve.units import BOHR_IN_ANGSTROM
 
 #: Lengths in Å of the units i-PI files name.
-LENGTH_UNITS = {"angstrom": 1.0, "atomic_unit": BOHR_IN_ANGSTROM, "bohr": BOHR_IN_ANGSTROM, "nanometer": 10.0,
-                "picometer": 0.01, "meter": 1e10}
+LENGTH_UNITS = {
+    "angstrom": 1.0,
+    "atomic_unit": BOHR_IN_ANGSTROM,
+    "bohr": BOHR_IN_ANGSTROM,
+    "nanometer": 10.0,
+    "picometer": 0.01,
+    "meter": 1e10,
+}
 _CELL = re.compile(r"CELL[\(\[\{](abcABC|H|GENH)[\)\]\}]:\s+(.*)")
 _UNITS = re.compile(r"\b(positions|cell)\{(\w+)\}")
 
@@ -51,7 +58,7 @@ def read_structures(path, index=":") -> list:
         raise StructureFileError(f"{path} holds no structures (index {index!r})")
     comments = _xyz_comments(path)
     if comments is not None:
-        selected = string2index(index) if isinstance(index, str) else index
+        selected: Any = string2index(index) if isinstance(index, str) else index
         chosen = comments[selected] if isinstance(selected, slice) else [comments[selected]]
         if len(chosen) == len(frames):
             for n, (atoms, comment) in enumerate(zip(frames, chosen)):
@@ -63,7 +70,7 @@ def _xyz_comments(path: pathlib.Path) -> list[str] | None:
     """The comment line of each frame of an XYZ file, or None for other formats."""
     if path.suffix.lower() not in (".xyz", ".extxyz"):
         return None
-    comments = []
+    comments: list[str] = []
     with open(path, errors="replace") as f:
         while True:
             count = f.readline()
@@ -93,12 +100,13 @@ def _apply_ipi_comment(atoms, comment: str, where: str) -> None:
         return
     kind, numbers = match.group(1), match.group(2).split()
     try:
-        values = [float(x) for x in numbers[:6 if kind == "abcABC" else 9]]
+        values = [float(x) for x in numbers[: 6 if kind == "abcABC" else 9]]
     except ValueError:
         values = []
     if len(values) != (6 if kind == "abcABC" else 9) or not np.isfinite(values).all():
-        raise StructureFileError(f"{where}: CELL({kind}) needs {6 if kind == 'abcABC' else 9} finite numbers, got "
-                                 f"{' '.join(numbers)[:80]!r}")
+        raise StructureFileError(
+            f"{where}: CELL({kind}) needs {6 if kind == 'abcABC' else 9} finite numbers, got {' '.join(numbers)[:80]!r}"
+        )
     scale = LENGTH_UNITS[units.get("cell", "atomic_unit")]
     if kind == "abcABC":
         from ase.geometry import cellpar_to_cell

@@ -33,9 +33,24 @@ def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str 
     with tempfile.TemporaryDirectory() as folder:
         structure = pathlib.Path(folder) / "structure.xyz"
         write(structure, atoms)
-        driver = subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", str(model), "--dtype", dtype,
-                                   "--structure", str(structure), "--unix", name],
-                                  stderr=subprocess.PIPE, text=True)
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aniserve",
+                "drive",
+                "--model",
+                str(model),
+                "--dtype",
+                dtype,
+                "--structure",
+                str(structure),
+                "--unix",
+                name,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             with SocketIOCalculator(unixsocket=name) as calc:
                 atoms.calc = calc
@@ -46,7 +61,9 @@ def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str 
         finally:
             code = driver.wait(timeout=60)
             if code != 0:
-                raise RuntimeError(f"aniserve drive exited with {code}: {driver.stderr.read()}")
+                raise RuntimeError(
+                    f"aniserve drive exited with {code}: {driver.stderr.read() if driver.stderr else ''}"
+                )
     return results
 
 

@@ -20,8 +20,9 @@ from aniserve.cache import cache_root
 from aniserve.hookspecs import hookimpl
 
 OFFICIAL = {"ani-1x": "ani-1x_8x.info", "ani-1ccx": "ani-1ccx_8x.info", "ani-2x": "ani-2x_8x.info"}
-ARCHIVE_URL = os.environ.get("ANISERVE_MODEL_ZOO_URL",
-                             "https://github.com/aiqm/ani-model-zoo/archive/refs/heads/master.zip")
+ARCHIVE_URL = os.environ.get(
+    "ANISERVE_MODEL_ZOO_URL", "https://github.com/aiqm/ani-model-zoo/archive/refs/heads/master.zip"
+)
 
 
 def cache_dir() -> pathlib.Path:

@@ -21,16 +21,26 @@ os.environ["ANISERVE_MODEL_DIR"] = str(ZOO)
 
 
 HAVE_WEIGHTS = all((ZOO / f"{name}_8x.info").is_file() for name in ("ani-1x", "ani-1ccx", "ani-2x"))
-MISSING_WEIGHTS = (f"official ANI weights not found in {ZOO}: set ANISERVE_MODEL_DIR to a copy of the ANI model "
-                   f"zoo (ani-1x_8x.info beside ani-1x_8x/, …), or put the project's shared folder beside the "
-                   f"checkout as ../shared (docs/testing.md)")
+MISSING_WEIGHTS = (
+    f"official ANI weights not found in {ZOO}: set ANISERVE_MODEL_DIR to a copy of the ANI model "
+    f"zoo (ani-1x_8x.info beside ani-1x_8x/, …), or put the project's shared folder beside the "
+    f"checkout as ../shared (docs/testing.md)"
+)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-sequences", type=int, default=1000,
-                     help="sequences the driver fuzz test plays (a longer campaign: e.g. 20000)")
-    parser.addoption("--fuzz-files", type=int, default=300,
-                     help="crafted files the file-reader fuzz test loads (a longer campaign: e.g. 5000)")
+    parser.addoption(
+        "--fuzz-sequences",
+        type=int,
+        default=1000,
+        help="sequences the driver fuzz test plays (a longer campaign: e.g. 20000)",
+    )
+    parser.addoption(
+        "--fuzz-files",
+        type=int,
+        default=300,
+        help="crafted files the file-reader fuzz test loads (a longer campaign: e.g. 5000)",
+    )
 
 
 def pytest_configure(config):
@@ -44,8 +54,10 @@ def pytest_configure(config):
 
 
 OLD_CLIENTS = os.environ.get("ANISERVE_OLD_CLIENTS", "")
-MISSING_OLD_CLIENTS = ("no environment with the old clients (ASE 3.22.1, i-PI 3.0, numpy < 2): .ci/run builds one; "
-                       "or make a venv with them and set ANISERVE_OLD_CLIENTS=/path/to/its/bin/python")
+MISSING_OLD_CLIENTS = (
+    "no environment with the old clients (ASE 3.22.1, i-PI 3.0, numpy < 2): .ci/run builds one; "
+    "or make a venv with them and set ANISERVE_OLD_CLIENTS=/path/to/its/bin/python"
+)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -53,8 +65,11 @@ def pytest_terminal_summary(terminalreporter):
     -rfE, so pytest itself lists no skipped test one by one)."""
     from collections import Counter
 
-    reasons = Counter(str(report.longrepr[2]).removeprefix("Skipped: ")
-                      for report in terminalreporter.stats.get("skipped", []) if isinstance(report.longrepr, tuple))
+    reasons = Counter(
+        str(report.longrepr[2]).removeprefix("Skipped: ")
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple)
+    )
     for reason, count in sorted(reasons.items()):
         terminalreporter.write_line(f"SKIPPED {count} test{'s' * (count != 1)}: {reason}")
 
@@ -63,8 +78,10 @@ def pytest_terminal_summary(terminalreporter):
 def _needs(request):
     """Skip what needs the weights or the old clients when they are missing, from this
     one place, so that the summary prints each reason once."""
-    for marker, present, reason in (("weights", HAVE_WEIGHTS, MISSING_WEIGHTS),
-                                    ("old_clients", os.path.exists(OLD_CLIENTS), MISSING_OLD_CLIENTS)):
+    for marker, present, reason in (
+        ("weights", HAVE_WEIGHTS, MISSING_WEIGHTS),
+        ("old_clients", os.path.exists(OLD_CLIENTS), MISSING_OLD_CLIENTS),
+    ):
         if marker in request.keywords and not present:
             pytest.skip(reason)
 
@@ -79,12 +96,12 @@ def _restore_kernel_backend():
     kernels.use(previous)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference():
     return json.loads((ROOT / "tests" / "data" / "ani_reference.json").read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_model(name, dtype):
     import aniserve
 
@@ -97,18 +114,26 @@ def ani1ccx():
 
 
 ETHANOL_NUMBERS = [6, 6, 8, 1, 1, 1, 1, 1, 1]
-ETHANOL_POSITIONS = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
-                     [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
-                     [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
+ETHANOL_POSITIONS = [
+    [-0.9233, 0.0609, 0.0534],
+    [0.5089, -0.4270, -0.0510],
+    [1.3841, 0.6509, 0.1935],
+    [-1.6032, -0.7930, -0.0236],
+    [-1.1404, 0.6054, 0.9761],
+    [-1.1287, 0.7369, -0.7813],
+    [0.7264, -0.8873, -1.0212],
+    [0.6614, -1.1906, 0.7186],
+    [2.2747, 0.3176, 0.0937],
+]
 
 
 def ethanol_xyz(box: float | None = 30.0) -> str:
     """Ethanol as xyz text; with ``box``, the comment line i-PI reads its cell from."""
     symbols = {1: "H", 6: "C", 8: "O"}
-    comment = (f"# CELL(abcABC): {box} {box} {box} 90.0 90.0 90.0 positions{{angstrom}} cell{{angstrom}}"
-               if box else "")
-    return f"9\n{comment}\n" + "".join(f"{symbols[z]} {x} {y} {w}\n"
-                                      for z, (x, y, w) in zip(ETHANOL_NUMBERS, ETHANOL_POSITIONS))
+    comment = f"# CELL(abcABC): {box} {box} {box} 90.0 90.0 90.0 positions{{angstrom}} cell{{angstrom}}" if box else ""
+    return f"9\n{comment}\n" + "".join(
+        f"{symbols[z]} {x} {y} {w}\n" for z, (x, y, w) in zip(ETHANOL_NUMBERS, ETHANOL_POSITIONS)
+    )
 
 
 IPI_INPUT = """<simulation verbosity='low'>

@@ -30,9 +30,17 @@ import traceback
 
 HEADER = {n: n.ljust(12).encode() for n in ("STATUS", "INIT", "POSDATA", "GETFORCE", "EXIT", "FORCEREADY", "READY")}
 BOHR = 1 / 0.52917721067
-ETHANOL = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
-           [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
-           [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
+ETHANOL = [
+    [-0.9233, 0.0609, 0.0534],
+    [0.5089, -0.4270, -0.0510],
+    [1.3841, 0.6509, 0.1935],
+    [-1.6032, -0.7930, -0.0236],
+    [-1.1404, 0.6054, 0.9761],
+    [-1.1287, 0.7369, -0.7813],
+    [0.7264, -0.8873, -1.0212],
+    [0.6614, -1.1906, 0.7186],
+    [2.2747, 0.3176, 0.0937],
+]
 #: Driver options: short timeouts keep every sequence bounded.
 TIMEOUT, IDLE, RECONNECT = 0.3, 0.4, 0.1
 #: Exit statuses ``aniserve drive`` can meet here (README, "Exit status"; aniserve.exits).
@@ -45,15 +53,21 @@ def _f64(values) -> bytes:
 
 def _cell(rng: random.Random) -> list[float]:
     """An i-PI h (lattice vectors as columns), flattened row-major, in Bohr."""
-    kind = rng.choice(["zero", "box", "box", "singular", "needle", "flat", "tiny", "inf", "nan", "huge", "skew",
-                       "negative"])
+    kind = rng.choice(
+        ["zero", "box", "box", "singular", "needle", "flat", "tiny", "inf", "nan", "huge", "skew", "negative"]
+    )
     a = 20 * BOHR
     cells = {
-        "zero": [0.0] * 9, "box": [a, 0, 0, 0, a, 0, 0, 0, a],
-        "singular": [a, a, 0, 0, 0, 0, 0, 0, a], "needle": [a * 10, 0, 0, 0, 0.01, 0, 0, 0, 0.01],
-        "flat": [a, 0, 0, 0, a, 0, 0, 0, 1e-6], "tiny": [0.05, 0, 0, 0, 0.05, 0, 0, 0, 0.05],
-        "inf": [float("inf"), 0, 0, 0, a, 0, 0, 0, a], "nan": [float("nan")] * 9,
-        "huge": [1e12, 0, 0, 0, 1e12, 0, 0, 0, 1e12], "skew": [a, 0.99 * a, 0, 0, 0.01, 0, 0, 0, a],
+        "zero": [0.0] * 9,
+        "box": [a, 0, 0, 0, a, 0, 0, 0, a],
+        "singular": [a, a, 0, 0, 0, 0, 0, 0, a],
+        "needle": [a * 10, 0, 0, 0, 0.01, 0, 0, 0, 0.01],
+        "flat": [a, 0, 0, 0, a, 0, 0, 0, 1e-6],
+        "tiny": [0.05, 0, 0, 0, 0.05, 0, 0, 0, 0.05],
+        "inf": [float("inf"), 0, 0, 0, a, 0, 0, 0, a],
+        "nan": [float("nan")] * 9,
+        "huge": [1e12, 0, 0, 0, 1e12, 0, 0, 0, 1e12],
+        "skew": [a, 0.99 * a, 0, 0, 0.01, 0, 0, 0, a],
         "negative": [-a, 0, 0, 0, a, 0, 0, 0, a],
     }
     return cells[kind]
@@ -62,7 +76,7 @@ def _cell(rng: random.Random) -> list[float]:
 def _positions(rng: random.Random, natoms: int) -> list[float]:
     kind = rng.choice(["ethanol", "ethanol", "ethanol", "nan", "inf", "coincident", "far", "random", "integers"])
     base = [c * BOHR for atom in ETHANOL for c in atom]
-    base = (base * (natoms // 9 + 1))[:3 * natoms]
+    base = (base * (natoms // 9 + 1))[: 3 * natoms]
     if not base:
         return base
     if kind == "nan":
@@ -84,24 +98,44 @@ def _posdata(rng: random.Random, batch: int) -> bytes:
     natoms = rng.choice([9] * 8 + [3, 0, -1, 1 << 30])
     real = max(0, min(natoms, 64))
     if batch == 1:
-        return (HEADER["POSDATA"] + _f64(_cell(rng)) + _f64([0.0] * 9) + struct.pack("<i", natoms)
-                + _f64(_positions(rng, real)))
+        return (
+            HEADER["POSDATA"]
+            + _f64(_cell(rng))
+            + _f64([0.0] * 9)
+            + struct.pack("<i", natoms)
+            + _f64(_positions(rng, real))
+        )
     cells = b"".join(_f64(_cell(rng)) + _f64([0.0] * 9) for _ in range(batch))
-    return HEADER["POSDATA"] + struct.pack("<i", natoms) + cells + b"".join(
-        _f64(_positions(rng, real)) for _ in range(batch))
+    return (
+        HEADER["POSDATA"]
+        + struct.pack("<i", natoms)
+        + cells
+        + b"".join(_f64(_positions(rng, real)) for _ in range(batch))
+    )
 
 
 def _init(rng: random.Random) -> bytes:
     kind = rng.choice(["plain", "plain", "batch", "badbatch", "utf8", "hugelen", "neglen", "bigbatch"])
-    text = {"plain": b"", "batch": b"batch_size:2", "badbatch": b"batch_size:x", "utf8": b"\xff\xfe\x00bad",
-            "bigbatch": b"batch_size:100000", "hugelen": b"", "neglen": b""}[kind]
+    text = {
+        "plain": b"",
+        "batch": b"batch_size:2",
+        "badbatch": b"batch_size:x",
+        "utf8": b"\xff\xfe\x00bad",
+        "bigbatch": b"batch_size:100000",
+        "hugelen": b"",
+        "neglen": b"",
+    }[kind]
     length = {"hugelen": 0x7FFFFFFF, "neglen": -5}.get(kind, len(text))
     return HEADER["INIT"] + struct.pack("<ii", rng.randrange(-3, 4), length) + text
 
 
 def _shm_posdata(rng: random.Random) -> bytes:
-    names = [rng.choice([b"..", b"../../etc/passwd", b"\xff\xfe", b"nosuchsegment_aniserve", b"a/b", b"x" * 300,
-                         b"", b"\x00"]) for _ in range(6)]
+    names = [
+        rng.choice(
+            [b"..", b"../../etc/passwd", b"\xff\xfe", b"nosuchsegment_aniserve", b"a/b", b"x" * 300, b"", b"\x00"]
+        )
+        for _ in range(6)
+    ]
     return HEADER["POSDATA"] + struct.pack("<i", 9) + b"".join(struct.pack("<i", len(n)) + n for n in names)
 
 
@@ -113,9 +147,22 @@ def sequence(rng: random.Random, shm: bool) -> list[tuple]:
     if rng.random() < 0.9:
         steps.append(("send", HEADER["STATUS"]))
     for _ in range(rng.randrange(1, 7)):
-        choice = rng.choices(["status", "init", "posdata", "getforce", "exit", "random", "flood", "header",
-                              "truncate", "pause", "valid-step"],
-                             weights=[3, 3, 5, 3, 1, 1, 1, 1, 2, 1, 4])[0]
+        choice = rng.choices(
+            [
+                "status",
+                "init",
+                "posdata",
+                "getforce",
+                "exit",
+                "random",
+                "flood",
+                "header",
+                "truncate",
+                "pause",
+                "valid-step",
+            ],
+            weights=[3, 3, 5, 3, 1, 1, 1, 1, 2, 1, 4],
+        )[0]
         if choice == "status":
             steps.append(("send", HEADER["STATUS"]))
         elif choice == "init":
@@ -134,11 +181,10 @@ def sequence(rng: random.Random, shm: bool) -> list[tuple]:
         elif choice == "flood":
             steps.append(("send", HEADER["STATUS"] * 1000))
         elif choice == "header":
-            steps.append(("send", rng.choice([HEADER["FORCEREADY"], HEADER["READY"], b"status      ",
-                                              b"POSDATA"])))
+            steps.append(("send", rng.choice([HEADER["FORCEREADY"], HEADER["READY"], b"status      ", b"POSDATA"])))
         elif choice == "truncate":
             message = _posdata(rng, batch)
-            steps.append(("send", message[:rng.randrange(1, len(message))]))
+            steps.append(("send", message[: rng.randrange(1, len(message))]))
         elif choice == "pause":
             steps.append(("pause", rng.choice([0.01, 0.1])))
         else:  # a well-formed step, as i-PI would send it
@@ -176,10 +222,22 @@ def backpressure_sequence(rng: random.Random) -> list[tuple]:
 
 
 def normal_sequence() -> list[tuple]:
-    valid = [("send", HEADER["STATUS"]), ("send", HEADER["INIT"] + struct.pack("<ii", 0, 0)), ("send", HEADER["STATUS"]),
-             ("send", HEADER["POSDATA"] + _f64([0.0] * 18) + struct.pack("<i", 9)
-              + _f64([c * BOHR for atom in ETHANOL for c in atom])), ("read",), ("send", HEADER["STATUS"]),
-             ("send", HEADER["GETFORCE"]), ("read",)]
+    valid = [
+        ("send", HEADER["STATUS"]),
+        ("send", HEADER["INIT"] + struct.pack("<ii", 0, 0)),
+        ("send", HEADER["STATUS"]),
+        (
+            "send",
+            HEADER["POSDATA"]
+            + _f64([0.0] * 18)
+            + struct.pack("<i", 9)
+            + _f64([c * BOHR for atom in ETHANOL for c in atom]),
+        ),
+        ("read",),
+        ("send", HEADER["STATUS"]),
+        ("send", HEADER["GETFORCE"]),
+        ("read",),
+    ]
     return valid * 3 + [("send", HEADER["EXIT"]), ("close",)]
 
 
@@ -228,10 +286,25 @@ class Harness:
             try:
                 from aniserve import cli
 
-                cli.main.main(args=["drive", "--structure", self.structure, "--shm" if shm else "--unix", path,
-                                    "--timeout", str(TIMEOUT), "--idle-timeout", str(IDLE),
-                                    "--reconnect-timeout", str(RECONNECT), "--connect-timeout", "3"],
-                              prog_name="aniserve", standalone_mode=True)
+                cli.main.main(
+                    args=[
+                        "drive",
+                        "--structure",
+                        self.structure,
+                        "--shm" if shm else "--unix",
+                        path,
+                        "--timeout",
+                        str(TIMEOUT),
+                        "--idle-timeout",
+                        str(IDLE),
+                        "--reconnect-timeout",
+                        str(RECONNECT),
+                        "--connect-timeout",
+                        "3",
+                    ],
+                    prog_name="aniserve",
+                    standalone_mode=True,
+                )
                 code = 0
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
@@ -244,7 +317,7 @@ class Harness:
         stderr = io.BytesIO()
         try:
             conn, _ = listener.accept()
-        except socket.timeout:
+        except TimeoutError:
             conn = None
         listener.close()
         os.unlink(path)  # a reconnect finds no server
@@ -296,9 +369,15 @@ class Harness:
         if conn is not None and conn.fileno() >= 0:
             conn.close()
         text = stderr.getvalue().decode(errors="replace")
-        return {"case": case, "exit": os.waitstatus_to_exitcode(status), "hung": hung,
-                "seconds": round(time.monotonic() - start, 3), "maxrss_mb": usage.ru_maxrss / 1024,
-                "traceback": "Traceback" in text, "stderr": text[-400:]}
+        return {
+            "case": case,
+            "exit": os.waitstatus_to_exitcode(status),
+            "hung": hung,
+            "seconds": round(time.monotonic() - start, 3),
+            "maxrss_mb": usage.ru_maxrss / 1024,
+            "traceback": "Traceback" in text,
+            "stderr": text[-400:],
+        }
 
 
 def _send(conn: socket.socket, data: bytes, reads: bool = True) -> bool:
@@ -331,8 +410,8 @@ class _Segments:
         prefix = f"anifuzz_{os.getpid()}_{case}_"
         self.shm = {k: shared_memory.SharedMemory(create=True, name=prefix + k, size=8 * sizes[k]) for k in self.KINDS}
         positions = [c * BOHR for atom in ETHANOL for c in atom]
-        self.shm["pos"].buf[:8 * 54] = _f64(positions * 2)
-        self.shm["h"].buf[:8 * 18] = _f64([40.0, 0, 0, 0, 40.0, 0, 0, 0, 40.0] * 2)
+        self.shm["pos"].buf[: 8 * 54] = _f64(positions * 2)
+        self.shm["h"].buf[: 8 * 18] = _f64([40.0, 0, 0, 0, 40.0, 0, 0, 0, 40.0] * 2)
         self.named = False
 
     def posdata(self) -> bytes:
@@ -392,12 +471,17 @@ FAMILIES = ("messages", "shm-names", "shm-segments", "backpressure")
 
 
 def _family_summary(outcomes: list[dict], baseline: dict) -> dict:
-    return {"tries": len(outcomes), "tracebacks": sum(o["traceback"] for o in outcomes),
-            "signals": sum(o["exit"] < 0 for o in outcomes), "hung": sum(o["hung"] for o in outcomes),
-            "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),
-            "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
-            "max_extra_rss_mb": round(max((o["maxrss_mb"] for o in outcomes), default=baseline["maxrss_mb"])
-                                      - baseline["maxrss_mb"], 1)}
+    return {
+        "tries": len(outcomes),
+        "tracebacks": sum(o["traceback"] for o in outcomes),
+        "signals": sum(o["exit"] < 0 for o in outcomes),
+        "hung": sum(o["hung"] for o in outcomes),
+        "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),
+        "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
+        "max_extra_rss_mb": round(
+            max((o["maxrss_mb"] for o in outcomes), default=baseline["maxrss_mb"]) - baseline["maxrss_mb"], 1
+        ),
+    }
 
 
 def campaign(sequences: int, seed: int, model: str) -> dict:
@@ -409,20 +493,28 @@ def campaign(sequences: int, seed: int, model: str) -> dict:
             rng = random.Random(seed * 1_000_003 + case)
             family = rng.choices(FAMILIES, weights=[70, 10, 12, 8])[0]
             shm = family in ("shm-names", "shm-segments")
-            steps = {"messages": lambda: sequence(rng, False), "shm-names": lambda: sequence(rng, True),
-                     "shm-segments": lambda: shm_segment_sequence(rng),
-                     "backpressure": lambda: backpressure_sequence(rng)}[family]()
+            steps = {
+                "messages": lambda: sequence(rng, False),
+                "shm-names": lambda: sequence(rng, True),
+                "shm-segments": lambda: shm_segment_sequence(rng),
+                "backpressure": lambda: backpressure_sequence(rng),
+            }[family]()
             outcome = harness.run(steps, shm, case)
             outcome["shm"], outcome["family"] = shm, family
             outcomes.append(outcome)
-    return {"seed": seed, "sequences": sequences, "baseline": baseline, "outcomes": outcomes,
-            "families": {f: _family_summary([o for o in outcomes if o["family"] == f], baseline)
-                         for f in FAMILIES},
-            "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
-            "tracebacks": sum(o["traceback"] for o in outcomes), "hung": sum(o["hung"] for o in outcomes),
-            "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),
-            "max_extra_rss_mb": max(o["maxrss_mb"] for o in outcomes) - baseline["maxrss_mb"],
-            "max_seconds": max(o["seconds"] for o in outcomes)}
+    return {
+        "seed": seed,
+        "sequences": sequences,
+        "baseline": baseline,
+        "outcomes": outcomes,
+        "families": {f: _family_summary([o for o in outcomes if o["family"] == f], baseline) for f in FAMILIES},
+        "exit_counts": dict(collections.Counter(o["exit"] for o in outcomes)),
+        "tracebacks": sum(o["traceback"] for o in outcomes),
+        "hung": sum(o["hung"] for o in outcomes),
+        "undocumented": sum(o["exit"] not in DOCUMENTED for o in outcomes),
+        "max_extra_rss_mb": max(o["maxrss_mb"] for o in outcomes) - baseline["maxrss_mb"],
+        "max_seconds": max(o["seconds"] for o in outcomes),
+    }
 
 
 def main() -> None:

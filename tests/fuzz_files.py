@@ -27,23 +27,62 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ZOO = pathlib.Path(os.environ.get("ANISERVE_MODEL_DIR")
-                   or pathlib.Path(os.environ.get("ANISERVE_SHARED", ROOT.parent / "shared")) / "ani-model-zoo")
+ZOO = pathlib.Path(
+    os.environ.get("ANISERVE_MODEL_DIR")
+    or pathlib.Path(os.environ.get("ANISERVE_SHARED", ROOT.parent / "shared")) / "ani-model-zoo"
+)
 FAMILIES = ("model-description", "neurochem", "hdf5")
 #: Child exit codes: what happened to one try.
 LOADED, REFUSED, CRASHED = 0, 10, 70
 TIMEOUT_S = 30
 ETHANOL_NUMBERS = [6, 6, 8, 1, 1, 1, 1, 1, 1]
-ETHANOL = [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
-           [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
-           [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]]
+ETHANOL = [
+    [-0.9233, 0.0609, 0.0534],
+    [0.5089, -0.4270, -0.0510],
+    [1.3841, 0.6509, 0.1935],
+    [-1.6032, -0.7930, -0.0236],
+    [-1.1404, 0.6054, 0.9761],
+    [-1.1287, 0.7369, -0.7813],
+    [0.7264, -0.8873, -1.0212],
+    [0.6614, -1.1906, 0.7186],
+    [2.2747, 0.3176, 0.0937],
+]
 
 
 # ------------------------------------------------------------------ model descriptions
 def hostile_value(rng: random.Random):
-    return rng.choice([-1, 0, 1, 2, -5.2, 1e308, math.nan, math.inf, -math.inf, "", "x", "ani-mlp", "delta", [], {},
-                       None, True, False, [1.0] * 15, [0.5] * 400, [[1]], 10 ** 12, -(10 ** 12), [math.nan],
-                       {"name": "delta", "params": {}}, ["H", "H"], ["Xx"], "NaN"])
+    return rng.choice(
+        [
+            -1,
+            0,
+            1,
+            2,
+            -5.2,
+            1e308,
+            math.nan,
+            math.inf,
+            -math.inf,
+            "",
+            "x",
+            "ani-mlp",
+            "delta",
+            [],
+            {},
+            None,
+            True,
+            False,
+            [1.0] * 15,
+            [0.5] * 400,
+            [[1]],
+            10**12,
+            -(10**12),
+            [math.nan],
+            {"name": "delta", "params": {}},
+            ["H", "H"],
+            ["Xx"],
+            "NaN",
+        ]
+    )
 
 
 def _paths(node, prefix=()):
@@ -80,11 +119,11 @@ def mutate_description(description: dict, rng: random.Random) -> str:
 def write_with_description(source: pathlib.Path, text: str, out: pathlib.Path) -> None:
     raw = source.read_bytes()
     length = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     header["__metadata__"]["aniserve"] = text
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
-    out.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
+    out.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
 
 
 # ------------------------------------------------------------------ NeuroChem folders
@@ -105,8 +144,21 @@ def damage_neurochem(folder: pathlib.Path, rng: random.Random) -> None:
             lines = (folder / PARAMS).read_text().splitlines()
             index = rng.randrange(len(lines))
             key = lines[index].split("=")[0].strip()
-            lines[index] = f"{key} = " + rng.choice(["-5.2", "0", "nan", "1e308", "[]", "[1.0]", "x", "[" + ",".join(
-                ["1.0"] * rng.choice([15, 17, 400])) + "]", "[nan,1.0]", "[-1,2]", "[H,C,N,Xx]"])
+            lines[index] = f"{key} = " + rng.choice(
+                [
+                    "-5.2",
+                    "0",
+                    "nan",
+                    "1e308",
+                    "[]",
+                    "[1.0]",
+                    "x",
+                    "[" + ",".join(["1.0"] * rng.choice([15, 17, 400])) + "]",
+                    "[nan,1.0]",
+                    "[-1,2]",
+                    "[H,C,N,Xx]",
+                ]
+            )
             (folder / PARAMS).write_text("\n".join(lines) + "\n")
         elif what == "nnf":
             nnfs = [f for f in files if f.suffix == ".nnf"]
@@ -116,7 +168,7 @@ def damage_neurochem(folder: pathlib.Path, rng: random.Random) -> None:
             raw = bytearray(nnf.read_bytes())
             how = rng.choice(["truncate", "flip", "text", "bomb", "header"])
             if how == "truncate":
-                raw = raw[:rng.randrange(len(raw))]
+                raw = raw[: rng.randrange(len(raw))]
             elif how == "flip":
                 for at in rng.sample(range(len(raw)), min(8, len(raw))):
                     raw[at] = rng.randrange(256)
@@ -135,8 +187,19 @@ def damage_neurochem(folder: pathlib.Path, rng: random.Random) -> None:
                 else:
                     fields = ["nodes", "blocksize", "activation", "weights", "biases"]
                     field = rng.choice(fields)
-                    value = rng.choice(["0", "-1", "1", "1000000000", "x", "FILE:../../etc/passwd[1]",
-                                        "FILE:ANN-H.nnf-l1.wparam[5]", "9", "6"])
+                    value = rng.choice(
+                        [
+                            "0",
+                            "-1",
+                            "1",
+                            "1000000000",
+                            "x",
+                            "FILE:../../etc/passwd[1]",
+                            "FILE:ANN-H.nnf-l1.wparam[5]",
+                            "9",
+                            "6",
+                        ]
+                    )
                     lines = text.splitlines()
                     candidates = [i for i, line in enumerate(lines) if line.startswith(field + "=")]
                     if candidates:
@@ -153,7 +216,7 @@ def damage_neurochem(folder: pathlib.Path, rng: random.Random) -> None:
             how = rng.choice(["truncate", "extend", "nan"])
             raw = weights.read_bytes()
             if how == "truncate":
-                weights.write_bytes(raw[:rng.randrange(len(raw))])
+                weights.write_bytes(raw[: rng.randrange(len(raw))])
             elif how == "extend":
                 weights.write_bytes(raw + bytes(rng.choice([1, 4, 4096])))
             else:
@@ -183,21 +246,32 @@ def hostile_h5(path: pathlib.Path, rng: random.Random) -> None:
         f.attrs["levels"] = rng.choice(['{"e": {}}', "{}", "[1]", "not json"]) if rng.random() < 0.3 else '{"e": {}}'
         for g in range(rng.randrange(1, 4)):
             group = f.create_group(f"G{g}")
-            count = rng.choice([0, 1, 3, 3, 3, 2 ** 33, 10 ** 6])
+            count = rng.choice([0, 1, 3, 3, 3, 2**33, 10**6])
             atoms = rng.choice([0, 1, 5, 5, 5, 200_000])
             last = rng.choice([3, 3, 3, 2])
             if count * atoms * last <= 10_000:
                 x = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 2.0, (count, atoms, last))
                 group["coordinates"] = x
             else:
-                group.create_dataset("coordinates", shape=(count, atoms, last), chunks=True, dtype="f8",
-                                     compression="gzip")
-            numbers = rng.choice([[6] * atoms, [1.5] * atoms, [-1] * atoms, [True] * atoms, [200] * atoms,
-                                  [6] * (atoms + 1), ["C"] * atoms])
+                group.create_dataset(
+                    "coordinates", shape=(count, atoms, last), chunks=True, dtype="f8", compression="gzip"
+                )
+            numbers = rng.choice(
+                [
+                    [6] * atoms,
+                    [1.5] * atoms,
+                    [-1] * atoms,
+                    [True] * atoms,
+                    [200] * atoms,
+                    [6] * (atoms + 1),
+                    ["C"] * atoms,
+                ]
+            )
             if rng.random() < 0.9:
                 try:
-                    group["atomic_numbers"] = np.array(numbers, dtype="S1" if numbers and isinstance(
-                        numbers[0], str) else None)
+                    group["atomic_numbers"] = np.array(
+                        numbers, dtype="S1" if numbers and isinstance(numbers[0], str) else None
+                    )
                 except (TypeError, ValueError):
                     pass
             e_count = rng.choice([count, count, count + 1, 0])
@@ -286,10 +360,19 @@ class Harness:
         os.close(read_end)
         text = text.decode(errors="replace")
         code = os.waitstatus_to_exitcode(status)
-        return {"case": case, "family": family, "exit": code, "hung": hung, "signal": code < 0 and not hung,
-                "traceback": "Traceback" in text or code == CRASHED, "loaded": code == LOADED,
-                "refused": code == REFUSED, "seconds": round(time.monotonic() - start, 3),
-                "maxrss_mb": usage.ru_maxrss / 1024, "stderr": text[-400:]}
+        return {
+            "case": case,
+            "family": family,
+            "exit": code,
+            "hung": hung,
+            "signal": code < 0 and not hung,
+            "traceback": "Traceback" in text or code == CRASHED,
+            "loaded": code == LOADED,
+            "refused": code == REFUSED,
+            "seconds": round(time.monotonic() - start, 3),
+            "maxrss_mb": usage.ru_maxrss / 1024,
+            "stderr": text[-400:],
+        }
 
 
 def _try(family: str, path: pathlib.Path) -> int:
@@ -323,11 +406,16 @@ def _try(family: str, path: pathlib.Path) -> int:
 
 
 def _summary(outcomes: list[dict]) -> dict:
-    return {"tries": len(outcomes), "loaded": sum(o["loaded"] for o in outcomes),
-            "refused": sum(o["refused"] for o in outcomes), "tracebacks": sum(o["traceback"] for o in outcomes),
-            "signals": sum(o["signal"] for o in outcomes), "hung": sum(o["hung"] for o in outcomes),
-            "max_rss_mb": round(max((o["maxrss_mb"] for o in outcomes), default=0.0), 1),
-            "max_seconds": max((o["seconds"] for o in outcomes), default=0.0)}
+    return {
+        "tries": len(outcomes),
+        "loaded": sum(o["loaded"] for o in outcomes),
+        "refused": sum(o["refused"] for o in outcomes),
+        "tracebacks": sum(o["traceback"] for o in outcomes),
+        "signals": sum(o["signal"] for o in outcomes),
+        "hung": sum(o["hung"] for o in outcomes),
+        "max_rss_mb": round(max((o["maxrss_mb"] for o in outcomes), default=0.0), 1),
+        "max_seconds": max((o["seconds"] for o in outcomes), default=0.0),
+    }
 
 
 def campaign(tries: int, seed: int) -> dict:
@@ -342,10 +430,14 @@ def campaign(tries: int, seed: int) -> dict:
             path = harness.prepare(family, rng, case)
             outcomes.append(harness.run(family, path, case))
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return {"seed": seed, "tries": tries, "families_left_out": sorted(set(FAMILIES) - set(families)),
-            "baseline": {k: baseline[k] for k in ("exit", "seconds", "maxrss_mb")},
-            "families": {f: _summary([o for o in outcomes if o["family"] == f]) for f in families},
-            "outcomes": outcomes}
+    return {
+        "seed": seed,
+        "tries": tries,
+        "families_left_out": sorted(set(FAMILIES) - set(families)),
+        "baseline": {k: baseline[k] for k in ("exit", "seconds", "maxrss_mb")},
+        "families": {f: _summary([o for o in outcomes if o["family"] == f]) for f in families},
+        "outcomes": outcomes,
+    }
 
 
 def main() -> None:

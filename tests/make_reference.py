@@ -32,8 +32,9 @@ def load(zoo: pathlib.Path, name: str):
     folder = MODELS[name]
     # (TorchANI reads .info paths relative to its own data folder: give it ours.)
     info = torchani.neurochem.NeurochemInfo.from_info_file(zoo / f"{folder}.info")
-    ours = (zoo / p.relative_to(torchani.neurochem.neurochem_dir()) for p in (info.sae, info.const,
-                                                                              info.ensemble_prefix))
+    ours = (
+        zoo / p.relative_to(torchani.neurochem.neurochem_dir()) for p in (info.sae, info.const, info.ensemble_prefix)
+    )
     info = torchani.neurochem.NeurochemInfo(*ours, info.ensemble_size)
     aev, networks, shifter, symbols = torchani.neurochem.modules_from_info(info, None, strategy="pyaev")
     model = torchani.arch.ANI(symbols, aev, networks, shifter, periodic_table_index=True).double()
@@ -62,11 +63,18 @@ def compute(model, record: dict, members: bool) -> dict:
         x.retain_grad()
         energy = model((numbers, x), **kwargs).energies
         energy.sum().backward()
-        out = {"energy": float(energy.detach()), "forces": (-x.grad[0]).tolist(), "strain_derivative": strain.grad.tolist()}
+        out = {
+            "energy": float(energy.detach()),
+            "forces": (-x.grad[0]).tolist(),
+            "strain_derivative": strain.grad.tolist(),
+        }
     if members:
         with torch.no_grad():
-            member = model((numbers, positions), ensemble_values=True, **(
-                {} if cell is None else {"cell": cell, "pbc": torch.tensor([True] * 3)})).energies.reshape(-1)
+            member = model(
+                (numbers, positions),
+                ensemble_values=True,
+                **({} if cell is None else {"cell": cell, "pbc": torch.tensor([True] * 3)}),
+            ).energies.reshape(-1)
         out["member_energies"] = member.tolist()
         out["energy_std"] = float(member.std(unbiased=False))
     return out
@@ -84,8 +92,9 @@ def regenerate(reference: dict, zoo: pathlib.Path, names: list[str] | None = Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=os.environ.get("ANISERVE_MODEL_DIR"), help="the official model zoo folder")
-    parser.add_argument("--reference", default=str(HERE / "data" / "ani_reference.json"),
-                        help="file whose structures are recomputed")
+    parser.add_argument(
+        "--reference", default=str(HERE / "data" / "ani_reference.json"), help="file whose structures are recomputed"
+    )
     parser.add_argument("--out", default=None, help="where to write (default: over --reference)")
     parser.add_argument("--records", nargs="*", default=None, help="only these record names")
     args = parser.parse_args()

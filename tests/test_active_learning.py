@@ -5,21 +5,37 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
+from conftest import ROOT
 
 from aniserve.training import ANIData
 from aniserve.training.data import write_ani_h5
-from conftest import ROOT
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 
 def test_example_loop_runs_shortened(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "active-learning" / "run.py"), str(tmp_path),
-                          "--steps", "40", "--rounds", "1", "--threshold", "0.0001", "--every", "5",
-                          "--level", "hf/6-31g"],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "active-learning" / "run.py"),
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--rounds",
+            "1",
+            "--threshold",
+            "0.0001",
+            "--every",
+            "5",
+            "--level",
+            "hf/6-31g",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1"]
@@ -33,9 +49,16 @@ def test_example_loop_runs_shortened(tmp_path):
 
 def test_single_molecule_data_splits_by_conformation(tmp_path):
     rng = np.random.default_rng(0)
-    write_ani_h5(tmp_path / "one.h5", {"H2O": {"atomic_numbers": np.array([8, 1, 1]),
-                                               "coordinates": rng.normal(size=(20, 3, 3)),
-                                               "e.energy": rng.normal(size=20)}})
+    write_ani_h5(
+        tmp_path / "one.h5",
+        {
+            "H2O": {
+                "atomic_numbers": np.array([8, 1, 1]),
+                "coordinates": rng.normal(size=(20, 3, 3)),
+                "e.energy": rng.normal(size=20),
+            }
+        },
+    )
     data = ANIData(tmp_path / "one.h5", "e.energy")
     train, val = data.split(0.15, seed=0)
     assert len(train) == 17 and len(val) == 3

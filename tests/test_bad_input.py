@@ -6,11 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ZOO
 
 import aniserve
 from aniserve.modelfile import ModelFileError, load_saved, save_model
 from aniserve.neurochem import NeuroChemError, load_neurochem
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ZOO
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -75,8 +75,8 @@ def test_corrupt_and_foreign_model_files(tmp_path, ani1ccx):
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ModelFileError, match="not a readable safetensors file"):
         load_saved(garbage)
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
@@ -142,42 +142,79 @@ def _link(path, target):
 PARAMS = "rHCNO-5.2R_16-3.5A_a4-8.params"
 NEUROCHEM_DAMAGE = {
     # (what to do to the one-member model folder, the error expected)
-    "15 radial shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
-        m.joinpath(PARAMS).read_text(), ShfR="[" + ",".join(["1.0"] * 15) + "]")),
-        "the first layer takes 384 inputs, the .params file's AEV has 380"),
-    "no angle shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
-                                                                             ShfZ="[]")), "ShfZ must list 1 to 64"),
-    "negative cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
-                                                                             Rcr="-5.2")), "Rcr must be a cutoff"),
-    "zero cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
-                                                                         Rca="0")), "Rca must be a cutoff"),
-    "nan cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
-                                                                        Rcr="nan")), "Rcr must be a cutoff"),
-    "huge cutoff": (lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(),
-                                                                         Rcr="1e308")), "Rcr must be a cutoff"),
-    "three EtaR values (found by the fuzz campaign)": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
-        m.joinpath(PARAMS).read_text(), EtaR="[1.0,1.0,1.0]")), "EtaR must hold one value"),
-    "400 x 400 angular shifts": (lambda m: m.joinpath(PARAMS).write_text(_params_with(
-        m.joinpath(PARAMS).read_text(), ShfA="[" + ",".join(["1.0"] * 400) + "]",
-        ShfZ="[" + ",".join(["0.5"] * 400) + "]")), "ShfA must list 1 to 64"),
-    "bzip2 bomb": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(_bzip2_nnf(b"x" * (1 << 30))),
-                   "unpacks to more than"),
-    "40,000 'layer [' (quadratic regex)": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(
-        _bzip2_nnf(b"layer [" * 40_000)), "no layers found"),
-    "40,000 unclosed layers": (lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(
-        _bzip2_nnf(b"layer [\n" * 40_000)), "not closed by ']'"),
+    "15 radial shifts": (
+        lambda m: m.joinpath(PARAMS).write_text(
+            _params_with(m.joinpath(PARAMS).read_text(), ShfR="[" + ",".join(["1.0"] * 15) + "]")
+        ),
+        "the first layer takes 384 inputs, the .params file's AEV has 380",
+    ),
+    "no angle shifts": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), ShfZ="[]")),
+        "ShfZ must list 1 to 64",
+    ),
+    "negative cutoff": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), Rcr="-5.2")),
+        "Rcr must be a cutoff",
+    ),
+    "zero cutoff": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), Rca="0")),
+        "Rca must be a cutoff",
+    ),
+    "nan cutoff": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), Rcr="nan")),
+        "Rcr must be a cutoff",
+    ),
+    "huge cutoff": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), Rcr="1e308")),
+        "Rcr must be a cutoff",
+    ),
+    "three EtaR values (found by the fuzz campaign)": (
+        lambda m: m.joinpath(PARAMS).write_text(_params_with(m.joinpath(PARAMS).read_text(), EtaR="[1.0,1.0,1.0]")),
+        "EtaR must hold one value",
+    ),
+    "400 x 400 angular shifts": (
+        lambda m: m.joinpath(PARAMS).write_text(
+            _params_with(
+                m.joinpath(PARAMS).read_text(),
+                ShfA="[" + ",".join(["1.0"] * 400) + "]",
+                ShfZ="[" + ",".join(["0.5"] * 400) + "]",
+            )
+        ),
+        "ShfA must list 1 to 64",
+    ),
+    "bzip2 bomb": (
+        lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(_bzip2_nnf(b"x" * (1 << 30))),
+        "unpacks to more than",
+    ),
+    "40,000 'layer [' (quadratic regex)": (
+        lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(_bzip2_nnf(b"layer [" * 40_000)),
+        "no layers found",
+    ),
+    "40,000 unclosed layers": (
+        lambda m: m.joinpath("networks", "ANN-C.nnf").write_bytes(_bzip2_nnf(b"layer [\n" * 40_000)),
+        "not closed by ']'",
+    ),
     "network file is /dev/zero": (lambda m: _link(m / "networks" / "ANN-C.nnf", "/dev/zero"), "not a regular file"),
-    "weight file is /dev/zero": (lambda m: _link(m / "networks" / "ANN-C.nnf-l1.wparam", "/dev/zero"),
-                                 "not a regular file"),
+    "weight file is /dev/zero": (
+        lambda m: _link(m / "networks" / "ANN-C.nnf-l1.wparam", "/dev/zero"),
+        "not a regular file",
+    ),
     "params is /dev/zero": (lambda m: _link(m / PARAMS, "/dev/zero"), "not a regular file"),
     "sae is /dev/urandom": (lambda m: _link(m / "sae_linfit.dat", "/dev/urandom"), "not a regular file"),
     "params is a FIFO": (lambda m: _fifo(m / PARAMS), "not a regular file"),
     "weight file is a FIFO": (lambda m: _fifo(m / "networks" / "ANN-H.nnf-l2.wparam"), "not a regular file"),
-    "huge weight file": (lambda m: os.truncate(m / "networks" / "ANN-N.nnf-l1.bparam", 1 << 30),
-                         "more than the 268435456"),
-    "no self energy for O": (lambda m: m.joinpath("sae_linfit.dat").write_text(
-        "\n".join(line for line in m.joinpath("sae_linfit.dat").read_text().splitlines() if not line.startswith("O"))),
-        "no self energy for O"),
+    "huge weight file": (
+        lambda m: os.truncate(m / "networks" / "ANN-N.nnf-l1.bparam", 1 << 30),
+        "more than the 268435456",
+    ),
+    "no self energy for O": (
+        lambda m: m.joinpath("sae_linfit.dat").write_text(
+            "\n".join(
+                line for line in m.joinpath("sae_linfit.dat").read_text().splitlines() if not line.startswith("O")
+            )
+        ),
+        "no self energy for O",
+    ),
 }
 
 

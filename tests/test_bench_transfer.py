@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cached_model, perturbed_molecules
 
 from aniserve.cli import main
 from aniserve.modelfile import load_saved, read_description
 from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
-from conftest import cached_model, perturbed_molecules
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
@@ -30,8 +30,13 @@ def write_levels(path, names, conformations, high_every, seed):
         cc = high.evaluate(batch, pos).energy
         cc[np.arange(conformations) % high_every != 0] = np.nan
         groups[formula] = {
-            "atomic_numbers": numbers, "coordinates": pos, "molecule": np.array([name.encode()] * conformations),
-            "wb97x_631gd.energy": dft.energy, "wb97x_631gd.forces": dft.forces, "ccsd(t)_ccpvdz.energy": cc}
+            "atomic_numbers": numbers,
+            "coordinates": pos,
+            "molecule": np.array([name.encode()] * conformations),
+            "wb97x_631gd.energy": dft.energy,
+            "wb97x_631gd.forces": dft.forces,
+            "ccsd(t)_ccpvdz.energy": cc,
+        }
     write_ani_h5(path, groups)
 
 
@@ -39,10 +44,28 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--train", str(tmp_path / "train.h5"),
-                                       "--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
-                                       "--json", str(out), "--plot", str(tmp_path / "bench.png"),
-                                       "--export-best", str(tmp_path / "best.safetensors"), "--export-name", "demo"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "transfer",
+            "--quick",
+            "--train",
+            str(tmp_path / "train.h5"),
+            "--test",
+            str(tmp_path / "test.h5"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "bench.png"),
+            "--export-best",
+            str(tmp_path / "best.safetensors"),
+            "--export-name",
+            "demo",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert {s["name"] for s in data["strategies"]} == set(registry().names("transfer-strategy"))
@@ -56,8 +79,10 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     # baselines must reproduce them exactly (a check of their offset fit and scoring).
     assert data["baselines"]["ani-1ccx"]["total_rmse_kcal"] < 1e-6
     assert data["baselines"]["ani-1x"]["force_rmse_vs_dft_kcal_per_a"] < 1e-6
-    assert abs(data["baselines"]["ani-1x"]["conformer_rmse_kcal"]
-               - data["baselines"]["dft_method"]["conformer_rmse_kcal"]) < 1e-6
+    assert (
+        abs(data["baselines"]["ani-1x"]["conformer_rmse_kcal"] - data["baselines"]["dft_method"]["conformer_rmse_kcal"])
+        < 1e-6
+    )
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "transfer: freeze" in result.output and "official ANI-1ccx" in result.output
     # The exported model is the seed-0 model of the best strategy on validation, named, with its test errors.
@@ -70,17 +95,43 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     x = np.random.default_rng(2).normal(0, 1.0, (5, 3))
     assert exported.evaluate([6, 1, 1, 8, 7], x).energy == source.evaluate([6, 1, 1, 8, 7], x).energy
     # The pretrained model is cached: a second run reuses it.
-    again = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
-                                      str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-                                      "--workdir", str(tmp_path / "work")])
+    again = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "transfer",
+            "--quick",
+            "--strategies",
+            "delta",
+            "--train",
+            str(tmp_path / "train.h5"),
+            "--test",
+            str(tmp_path / "test.h5"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+    )
     assert again.exit_code == 0 and "pretrained model from cache" in again.output
     # Interrupted after its last checkpoint, the pretraining resumes to the same model.
-    pretrained, = (tmp_path / "work").glob("pretrained-*.safetensors")
+    (pretrained,) = (tmp_path / "work").glob("pretrained-*.safetensors")
     weights = load_saved(pretrained).state_dict()
     pretrained.unlink()
-    resumed = CliRunner().invoke(main, ["bench", "transfer", "--quick", "--strategies", "delta", "--train",
-                                        str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-                                        "--workdir", str(tmp_path / "work")])
+    resumed = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "transfer",
+            "--quick",
+            "--strategies",
+            "delta",
+            "--train",
+            str(tmp_path / "train.h5"),
+            "--test",
+            str(tmp_path / "test.h5"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+    )
     assert resumed.exit_code == 0 and "resuming from" in resumed.output
     assert all(torch.equal(weights[k], v) for k, v in load_saved(pretrained).state_dict().items())
 
@@ -109,15 +160,25 @@ def test_test_set_reads_only_high_level_conformations(tmp_path):
 
     water = np.array([8, 1, 1])
     pos = np.random.default_rng(0).normal(size=(3, 3, 3))
-    write_ani_h5(tmp_path / "t.h5", {
-        "H2O": {"atomic_numbers": water, "coordinates": pos, "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
-                "ccsd(t)_ccpvdz.energy": np.array([-76.2, np.nan, -76.4])},
-        "H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2], "wb97x_631gd.energy": -np.ones(3)}})
+    write_ani_h5(
+        tmp_path / "t.h5",
+        {
+            "H2O": {
+                "atomic_numbers": water,
+                "coordinates": pos,
+                "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
+                "ccsd(t)_ccpvdz.energy": np.array([-76.2, np.nan, -76.4]),
+            },
+            "H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2], "wb97x_631gd.energy": -np.ones(3)},
+        },
+    )
     test = read_test_set(tmp_path / "t.h5")
     assert list(test.high) == [-76.2, -76.4] and list(test.low) == [-76.0, -76.2]
     assert np.array_equal(test.positions[1], pos[2]) and list(test.molecule) == ["H2O", "H2O"]
-    write_ani_h5(tmp_path / "dft-only.h5", {"H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2],
-                                                   "wb97x_631gd.energy": -np.ones(3)}})
+    write_ani_h5(
+        tmp_path / "dft-only.h5",
+        {"H2": {"atomic_numbers": np.array([1, 1]), "coordinates": pos[:, :2], "wb97x_631gd.energy": -np.ones(3)}},
+    )
     with pytest.raises(ValueError, match=r"no conformation has ccsd\(t\)_ccpvdz.energy"):
         read_test_set(tmp_path / "dft-only.h5")
 
@@ -131,11 +192,30 @@ def test_quick_bench_from_an_official_base(tmp_path):
     write_levels(tmp_path / "more.h5", TRAIN[8:], conformations=8, high_every=2, seed=2)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "transfer", "--base", "ani-1x", "--quick", "--strategies",
-                                       "delta,freeze", "--train", str(tmp_path / "train.h5"), "--train",
-                                       str(tmp_path / "more.h5"), "--test",
-                                       str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"),
-                                       "--json", str(out), "--export-best", str(tmp_path / "best.safetensors")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "transfer",
+            "--base",
+            "ani-1x",
+            "--quick",
+            "--strategies",
+            "delta,freeze",
+            "--train",
+            str(tmp_path / "train.h5"),
+            "--train",
+            str(tmp_path / "more.h5"),
+            "--test",
+            str(tmp_path / "test.h5"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+            "--export-best",
+            str(tmp_path / "best.safetensors"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["base"] == "ani-1x" and "dft_model" not in data["baselines"]
@@ -163,25 +243,57 @@ def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     the absent ones are kept), with every registered strategy."""
     write_levels(tmp_path / "train.h5", TRAIN[:6], conformations=4, high_every=1, seed=0)
     out = tmp_path / "cc.safetensors"
-    result = CliRunner().invoke(main, ["transfer", "--from", "ani-2x", "--data", str(tmp_path / "train.h5"),
-                                       "--energy-key", "ccsd(t)_ccpvdz.energy", "--strategy", strategy,
-                                       "--epochs", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "transfer",
+            "--from",
+            "ani-2x",
+            "--data",
+            str(tmp_path / "train.h5"),
+            "--energy-key",
+            "ccsd(t)_ccpvdz.energy",
+            "--strategy",
+            strategy,
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = load_saved(out)
     assert model.elements == ["H", "C", "N", "O", "S", "F", "Cl"] and model.ensemble_size == 8
     official = cached_model("ani-2x", "float64")
     assert float(model.self_energies[model.elements.index("S")]) == float(
-        official.self_energies[official.elements.index("S")])
+        official.self_energies[official.elements.index("S")]
+    )
 
 
 def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
     write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "active.json"
-    result = CliRunner().invoke(main, ["bench", "active", "--quick", "--epochs", "2", "--train",
-                                       str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-                                       "--workdir", str(tmp_path / "work"), "--json", str(out),
-                                       "--plot", str(tmp_path / "active.png")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "active",
+            "--quick",
+            "--epochs",
+            "2",
+            "--train",
+            str(tmp_path / "train.h5"),
+            "--test",
+            str(tmp_path / "test.h5"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "active.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["base"] == "ani-1x" and data["pool_size"] == 48
@@ -210,18 +322,28 @@ def test_forces_are_scored_against_ccsd_t_where_the_test_set_has_them(tmp_path):
     pos = np.random.default_rng(1).normal(size=(3, 3, 3))
     cc_forces = np.full((3, 3, 3), np.nan)
     cc_forces[0] = 0.01
-    write_ani_h5(tmp_path / "t.h5", {"H2O": {
-        "atomic_numbers": water, "coordinates": pos, "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
-        "wb97x_631gd.forces": np.zeros((3, 3, 3)), "ccsd(t)_ccpvdz.energy": np.array([-76.2, -76.3, -76.4]),
-        "ccsd(t)_ccpvdz.forces": cc_forces}})
+    write_ani_h5(
+        tmp_path / "t.h5",
+        {
+            "H2O": {
+                "atomic_numbers": water,
+                "coordinates": pos,
+                "wb97x_631gd.energy": np.array([-76.0, -76.1, -76.2]),
+                "wb97x_631gd.forces": np.zeros((3, 3, 3)),
+                "ccsd(t)_ccpvdz.energy": np.array([-76.2, -76.3, -76.4]),
+                "ccsd(t)_ccpvdz.forces": cc_forces,
+            }
+        },
+    )
     test = read_test_set(tmp_path / "t.h5")
     predicted = [np.full((3, 3), 0.01), np.full((3, 3), 0.01), np.full((3, 3), 0.01)]
     predicted[0][0] = [0.04, 0.01, 0.01]  # the oxygen off by 0.03 in x in the one CC conformation
     out = metrics(test.high, test, predicted)
     assert out["cc_force_conformations"] == 1
-    assert out["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(np.sqrt(0.03 ** 2 / 9) * HARTREE_IN_KCAL_PER_MOL)
-    assert out["force_rmse_vs_cc_by_element"]["O"] == pytest.approx(np.sqrt(0.03 ** 2 / 3) * HARTREE_IN_KCAL_PER_MOL)
+    assert out["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(np.sqrt(0.03**2 / 9) * HARTREE_IN_KCAL_PER_MOL)
+    assert out["force_rmse_vs_cc_by_element"]["O"] == pytest.approx(np.sqrt(0.03**2 / 3) * HARTREE_IN_KCAL_PER_MOL)
     assert out["force_rmse_vs_cc_by_element"]["H"] == 0.0
     assert out["force_rmse_vs_dft_kcal_per_a"] > out["force_rmse_vs_cc_kcal_per_a"]  # all three against zeros
     assert _cc_force_errors(test.low_forces, test)["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(
-        0.01 * HARTREE_IN_KCAL_PER_MOL)
+        0.01 * HARTREE_IN_KCAL_PER_MOL
+    )

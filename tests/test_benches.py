@@ -25,8 +25,9 @@ def test_bench_serve_reports_both_rates(tmp_path):
     assert all(c["driver_atoms_per_s"] > 0 and c["in_process_atoms_per_s"] > 0 for c in report["cases"])
     for case in report["cases"]:  # medians of the repeats, each repeat's ratio its own pair's
         samples = case["samples"]
-        assert len(samples) == 2 and all(s["driver_to_in_process"] == s["driver_atoms_per_s"] / s["in_process_atoms_per_s"]
-                                         for s in samples)
+        assert len(samples) == 2 and all(
+            s["driver_to_in_process"] == s["driver_atoms_per_s"] / s["in_process_atoms_per_s"] for s in samples
+        )
         assert case["driver_to_in_process_range"] == sorted(s["driver_to_in_process"] for s in samples)
         assert case["driver_atoms_per_s"] == sum(s["driver_atoms_per_s"] for s in samples) / 2
     assert "driver atoms/s" in output and "medians over repeats" in output
@@ -51,8 +52,12 @@ def test_bench_ipi_repeats_and_summarises():
     from aniserve.bench import ipi
 
     rows = ipi.run("aniserve-1x-ccsdt", 2, 4, kinds=("harmonic", "aniserve-batched"), latencies=(1e-3,), repeats=2)
-    assert [(r["repeat"], r["client"]) for r in rows] == [(0, "harmonic"), (0, "aniserve-batched"),
-                                                          (1, "harmonic"), (1, "aniserve-batched")]
+    assert [(r["repeat"], r["client"]) for r in rows] == [
+        (0, "harmonic"),
+        (0, "aniserve-batched"),
+        (1, "harmonic"),
+        (1, "aniserve-batched"),
+    ]
     for r in rows:
         harmonic = next(h for h in rows if h["client"] == "harmonic" and h["repeat"] == r["repeat"])
         assert r["ratio_to_harmonic"] == pytest.approx(r["ms_per_step"] / harmonic["ms_per_step"])

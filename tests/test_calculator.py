@@ -5,10 +5,10 @@ import pytest
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_stress
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
 from aniserve import ANICalculator
 from aniserve.units import HARTREE_IN_EV
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 

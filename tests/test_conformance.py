@@ -3,7 +3,6 @@ official ANI-1x, ANI-1ccx and ANI-2x weights on every reference record."""
 
 import numpy as np
 import pytest
-
 from conftest import cached_model, reference
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
@@ -49,11 +48,11 @@ def test_batch_equals_single_evaluations():
     numbers = np.zeros((len(chosen), n_max), dtype=int)
     positions = np.zeros((len(chosen), n_max, 3))
     for b, r in enumerate(chosen):
-        numbers[b, :len(r["numbers"])] = r["numbers"]
-        positions[b, :len(r["numbers"])] = r["positions"]
+        numbers[b, : len(r["numbers"])] = r["numbers"]
+        positions[b, : len(r["numbers"])] = r["positions"]
     batch = potential.evaluate(numbers, positions)
     for b, r in enumerate(chosen):
         single = potential.evaluate(r["numbers"], r["positions"])
         assert abs(batch.energy[b] - single.energy) < 1e-9
-        np.testing.assert_allclose(batch.forces[b, :len(r["numbers"])], single.forces, atol=1e-9)
-        assert not batch.forces[b, len(r["numbers"]):].any()
+        np.testing.assert_allclose(batch.forces[b, : len(r["numbers"])], single.forces, atol=1e-9)
+        assert not batch.forces[b, len(r["numbers"]) :].any()

@@ -31,8 +31,11 @@ def aniserve_featurizers():
 
 
 def test_a_component_missing_a_member_is_refused_naming_it():
-    with pytest.raises(RegistryError, match=r"featurizer 'broken' .*contract aniserve.contracts.Featurizer: "
-                                            r"it lacks forward"):
+    with pytest.raises(
+        RegistryError,
+        match=r"featurizer 'broken' .*contract aniserve.contracts.Featurizer: "
+        r"it lacks forward",
+    ):
         Registry(extra_plugins=(__name__,), entry_points=False)
 
 

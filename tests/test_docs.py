@@ -9,7 +9,6 @@ import textwrap
 
 import click
 import pytest
-
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -45,9 +44,13 @@ def test_relative_links_resolve(page):
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
 
 
-PYTHON = [pytest.param(page, i, code, id=f"{page.relative_to(ROOT)}[{i}]",
-                       marks=[pytest.mark.weights] if OFFICIAL.search(code) else [])
-          for page in PAGES for i, code in enumerate(blocks(page, "python"))]
+PYTHON = [
+    pytest.param(
+        page, i, code, id=f"{page.relative_to(ROOT)}[{i}]", marks=[pytest.mark.weights] if OFFICIAL.search(code) else []
+    )
+    for page in PAGES
+    for i, code in enumerate(blocks(page, "python"))
+]
 
 
 @pytest.mark.parametrize("page,index,code", PYTHON)
@@ -128,8 +131,9 @@ def test_the_cli_reference_is_current():
     spec = importlib.util.spec_from_file_location("make_cli_reference", ROOT / "docs" / "make_cli_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (ROOT / "docs" / "cli.md").read_text() == module.reference(), \
+    assert (ROOT / "docs" / "cli.md").read_text() == module.reference(), (
         "docs/cli.md is stale: run python docs/make_cli_reference.py"
+    )
 
 
 @pytest.mark.slow
@@ -157,8 +161,9 @@ def test_the_ipi_input_runs_with_real_ipi(tmp_path):
     command[command.index("--model") + 1] = "aniserve-1x-ccsdt"  # no official weights needed
     ipi = str(pathlib.Path(sys.executable).parent / "i-pi")
     server = subprocess.Popen([ipi, "input.xml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    driver = subprocess.run([sys.executable, "-m", "aniserve", *command[1:]], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    driver = subprocess.run(
+        [sys.executable, "-m", "aniserve", *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     out = server.communicate(timeout=60)[0].decode()
     assert driver.returncode == 0, driver.stderr + out
     data = np.loadtxt(tmp_path / "sim.out", ndmin=2)

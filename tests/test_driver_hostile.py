@@ -15,16 +15,28 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
+from conftest import ETHANOL_POSITIONS, ROOT
 
 from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
-from conftest import ETHANOL_POSITIONS, ROOT
 
 pytestmark = pytest.mark.slow  # driver processes (the embedded model: no official weights needed)
 
 STRUCTURE = ROOT / "examples" / "molecules" / "ethanol.xyz"
-DRIVE = [sys.executable, "-m", "aniserve", "drive", "--structure", str(STRUCTURE), "--dtype", "float64",
-         "--connect-timeout", "30", "--threads", "1"]
+DRIVE = [
+    sys.executable,
+    "-m",
+    "aniserve",
+    "drive",
+    "--structure",
+    str(STRUCTURE),
+    "--dtype",
+    "float64",
+    "--connect-timeout",
+    "30",
+    "--threads",
+    "1",
+]
 
 
 class Server:
@@ -74,7 +86,9 @@ class Server:
             code = self.driver.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.driver.kill()
-            raise AssertionError(f"the driver was still running after {timeout} s:\n{self.driver.stderr.read()}")
+            raise AssertionError(
+                f"the driver was still running after {timeout} s:\n{self.driver.stderr.read()}"
+            ) from None
         self.listener.close()
         if self.kind != "inet":
             os.unlink(self.path)
@@ -105,7 +119,7 @@ def flood_without_reading(conn, seconds=1.0):
         if not pending:
             pending = memoryview(protocol.header("STATUS") * 4096)
         try:
-            pending = pending[conn.send(pending):]
+            pending = pending[conn.send(pending) :]
         except BlockingIOError:
             time.sleep(0.01)
 
@@ -209,9 +223,10 @@ class Segments:
     def __init__(self, batch_size, natoms=9):
         prefix = f"anitest_{uuid.uuid4().hex[:8]}_"
         shapes = protocol.shm_shapes(batch_size, natoms)
-        self.shm = {kind: shared_memory.SharedMemory(create=True, name=prefix + kind,
-                                                     size=8 * int(np.prod(shapes[kind])))
-                    for kind in protocol.SHM_KINDS}
+        self.shm = {
+            kind: shared_memory.SharedMemory(create=True, name=prefix + kind, size=8 * int(np.prod(shapes[kind])))
+            for kind in protocol.SHM_KINDS
+        }
         self.views = {kind: np.ndarray(shapes[kind], dtype=np.float64, buffer=s.buf) for kind, s in self.shm.items()}
 
     def posdata(self, structures, first=False):
@@ -250,7 +265,7 @@ def shm_step(conn, segments, structures, first=False):
                 length = struct.unpack_from("<i", buffer, offset)[0]
                 if offset + 4 + length > len(buffer):
                     break
-                extras.append(buffer[offset + 4:offset + 4 + length])
+                extras.append(buffer[offset + 4 : offset + 4 + length])
                 offset += 4 + length
             if len(extras) == len(structures):
                 return extras
@@ -274,10 +289,13 @@ def test_shared_memory_shrunk_between_steps_is_exit_2_not_sigbus():
     assert "holds 8 bytes, too few" in log and "Traceback" not in log
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda path: os.chmod(path, 0o666), "is writable by other users"),
-    (lambda path: os.chown(path, 65534, 65534), "belongs to user 65534"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda path: os.chmod(path, 0o666), "is writable by other users"),
+        (lambda path: os.chown(path, 65534, 65534), "belongs to user 65534"),
+    ],
+)
 def test_shared_memory_that_others_could_plant_is_refused(damage, message):
     """A segment that another user owns or could write is never opened for writing forces."""
     if os.geteuid() != 0 and "chown" in message:

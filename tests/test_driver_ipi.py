@@ -11,16 +11,30 @@ import uuid
 
 import numpy as np
 import pytest
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, reference
 
 from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, reference
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
-DRIVE = [sys.executable, "-m", "aniserve", "drive", "--model", "ani-1ccx", "--dtype", "float64",
-         "--reconnect-timeout", "1", "--connect-timeout", "60", "--timeout", "10"]
+DRIVE = [
+    sys.executable,
+    "-m",
+    "aniserve",
+    "drive",
+    "--model",
+    "ani-1ccx",
+    "--dtype",
+    "float64",
+    "--reconnect-timeout",
+    "1",
+    "--connect-timeout",
+    "60",
+    "--timeout",
+    "10",
+]
 
 INPUT = """<simulation verbosity='low'>
   <output prefix='sim'>
@@ -68,12 +82,23 @@ def run_ipi(tmp_path, numbers, positions, cell, mode, drive_args, beads=4, steps
     else:
         address = f"<address>{name}</address>"
         where = ["--shm" if mode == "shm" else "--unix", name]
-    (tmp_path / "input.xml").write_text(INPUT.format(
-        steps=steps, mode=mode, address=address, beads=beads,
-        batch=f"<batch_size>{batch}</batch_size>" if batch else ""))
+    (tmp_path / "input.xml").write_text(
+        INPUT.format(
+            steps=steps,
+            mode=mode,
+            address=address,
+            beads=beads,
+            batch=f"<batch_size>{batch}</batch_size>" if batch else "",
+        )
+    )
     server = subprocess.Popen(IPI + ["input.xml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    driver = subprocess.run(DRIVE + ["--structure", str(tmp_path / "init.xyz"), "--pbc", "yes" if periodic else "no",
-                                     *where, *drive_args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    driver = subprocess.run(
+        DRIVE + ["--structure", str(tmp_path / "init.xyz"), "--pbc", "yes" if periodic else "no", *where, *drive_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = server.communicate(timeout=60)[0].decode()
     assert driver.returncode == 0, driver.stderr + out
     data = np.loadtxt(tmp_path / "sim.out", ndmin=2)
@@ -81,15 +106,19 @@ def run_ipi(tmp_path, numbers, positions, cell, mode, drive_args, beads=4, steps
     return data[:, 1], driver.stderr
 
 
-@pytest.mark.parametrize("mode,batch,drive_args", [
-    ("unix", 0, ["--connections", "2"]),
-    ("inet", 0, []),
-    ("unix", 4, []),
-    ("shm", 2, ["--connections", "2"]),
-])
+@pytest.mark.parametrize(
+    "mode,batch,drive_args",
+    [
+        ("unix", 0, ["--connections", "2"]),
+        ("inet", 0, []),
+        ("unix", 4, []),
+        ("shm", 2, ["--connections", "2"]),
+    ],
+)
 def test_ipi_pimd_of_a_molecule(tmp_path, mode, batch, drive_args):
-    potentials, log = run_ipi(tmp_path, ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, mode, drive_args,
-                              batch=batch)
+    potentials, log = run_ipi(
+        tmp_path, ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, mode, drive_args, batch=batch
+    )
     expected = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy
     assert abs(potentials[0] - expected) < 1e-6
     assert np.all(np.isfinite(potentials)) and np.ptp(potentials) > 1e-5  # the beads really moved
@@ -99,28 +128,48 @@ def test_ipi_pimd_of_a_molecule(tmp_path, mode, batch, drive_args):
 def test_ipi_pimd_of_a_periodic_box(tmp_path):
     record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
     cell = np.array(record["cell"])
-    potentials, _ = run_ipi(tmp_path, record["numbers"], record["positions"], cell, "unix", ["--connections", "2"],
-                            steps=10, periodic=True)
+    potentials, _ = run_ipi(
+        tmp_path, record["numbers"], record["positions"], cell, "unix", ["--connections", "2"], steps=10, periodic=True
+    )
     # i-PI prints 9 significant digits: for this 2,065 Ha box that is a 1e-5 Ha resolution.
     assert abs(potentials[0] - record["models"]["ani-1ccx"]["energy"]) < 1e-5
 
 
 def test_two_driver_processes_give_the_same_trajectory_as_one(tmp_path):
     (tmp_path / "a").mkdir()
-    one, _ = run_ipi(tmp_path / "a", ETHANOL_NUMBERS,
-                     ETHANOL_POSITIONS, np.eye(3) * 30, "unix", ["--connections", "4"], steps=5)
+    one, _ = run_ipi(
+        tmp_path / "a", ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, "unix", ["--connections", "4"], steps=5
+    )
     (tmp_path / "b").mkdir()
     name = f"ani{uuid.uuid4().hex[:8]}"
     b = tmp_path / "b"
     write_xyz(b / "init.xyz", ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30)
-    (b / "input.xml").write_text(INPUT.format(steps=5, mode="unix", address=f"<address>{name}</address>",
-                                              beads=4, batch=""))
+    (b / "input.xml").write_text(
+        INPUT.format(steps=5, mode="unix", address=f"<address>{name}</address>", beads=4, batch="")
+    )
     server = subprocess.Popen(IPI + ["input.xml"], cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Two drivers on one node: one thread each (threads × processes ≤ cores).
-    drivers = [subprocess.Popen(DRIVE + ["--structure", str(b / "init.xyz"), "--pbc", "no", "--unix", name,
-                                         "--connections", "2", "--threads", "1"], cwd=ROOT, stderr=subprocess.PIPE,
-                                text=True)
-               for _ in range(2)]
+    drivers = [
+        subprocess.Popen(
+            DRIVE
+            + [
+                "--structure",
+                str(b / "init.xyz"),
+                "--pbc",
+                "no",
+                "--unix",
+                name,
+                "--connections",
+                "2",
+                "--threads",
+                "1",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     logs = [d.communicate(timeout=240)[1] for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], logs
     assert all("serving ani-1ccx on 1 thread" in log for log in logs), logs
@@ -141,8 +190,7 @@ def test_ase_socketio_calculator_matches_in_process(tmp_path):
     write_xyz(structure, record["numbers"], record["positions"], np.array(record["cell"]))
     atoms = Atoms(numbers=record["numbers"], positions=record["positions"], cell=record["cell"], pbc=True)
     local = ANICalculator(cached_model("ani-1ccx", "float64"))
-    driver = subprocess.Popen(DRIVE + ["--structure", str(structure), "--unix", name], cwd=ROOT,
-                              stderr=subprocess.PIPE)
+    driver = subprocess.Popen(DRIVE + ["--structure", str(structure), "--unix", name], cwd=ROOT, stderr=subprocess.PIPE)
     try:
         with SocketIOCalculator(unixsocket=name) as calc:
             for step in range(3):
@@ -172,8 +220,12 @@ class FakeServer:
 
     def start_driver(self, *args):
         structure = ROOT / "examples" / "molecules" / "ethanol.xyz"
-        self.driver = subprocess.Popen(DRIVE + ["--structure", str(structure), "--unix", self.name, "--timeout", "3",
-                                                *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.driver = subprocess.Popen(
+            DRIVE + ["--structure", str(structure), "--unix", self.name, "--timeout", "3", *args],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         return self
 
     def accept(self):
@@ -209,11 +261,17 @@ def ask_forces(conn, posdata=None):
     return decoded[0]
 
 
-@pytest.mark.parametrize("payload,expected", [
-    (b"GARBAGE!!!!!", "unknown message header"),
-    (protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", -5), "atom count -5"),
-    (protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", 2_000_000_000), "atom count 2000000000"),
-])
+@pytest.mark.parametrize(
+    "payload,expected",
+    [
+        (b"GARBAGE!!!!!", "unknown message header"),
+        (protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", -5), "atom count -5"),
+        (
+            protocol.header("POSDATA") + np.eye(3).tobytes() * 2 + struct.pack("<i", 2_000_000_000),
+            "atom count 2000000000",
+        ),
+    ],
+)
 def test_malformed_messages_end_the_driver_cleanly(payload, expected):
     server = FakeServer().start_driver()
     conn = server.accept()
@@ -315,14 +373,21 @@ def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
     write_xyz(tmp_path / "init.xyz", numbers, positions, cell)
     xml = INPUT.format(steps=12, mode="unix", address=f"<address>{name}</address>", beads=1, batch="")
     xml = xml.replace("[step, potential]", "[step, potential, volume, virial_md]")
-    xml = xml.replace("<ensemble><temperature units='kelvin'>300</temperature></ensemble>",
-                      "<ensemble><temperature units='kelvin'>300</temperature>"
-                      "<pressure units='megapascal'>1000</pressure></ensemble>")
-    xml = xml[:xml.index("<motion")] + NPT_MOTION + xml[xml.index("</motion>") + len("</motion>"):]
+    xml = xml.replace(
+        "<ensemble><temperature units='kelvin'>300</temperature></ensemble>",
+        "<ensemble><temperature units='kelvin'>300</temperature>"
+        "<pressure units='megapascal'>1000</pressure></ensemble>",
+    )
+    xml = xml[: xml.index("<motion")] + NPT_MOTION + xml[xml.index("</motion>") + len("</motion>") :]
     (tmp_path / "input.xml").write_text(xml)
     server = subprocess.Popen(IPI + ["input.xml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    driver = subprocess.run(DRIVE + ["--structure", str(tmp_path / "init.xyz"), "--pbc", "yes", "--unix", name],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    driver = subprocess.run(
+        DRIVE + ["--structure", str(tmp_path / "init.xyz"), "--pbc", "yes", "--unix", name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = server.communicate(timeout=60)[0].decode()
     assert driver.returncode == 0, driver.stderr + out
     data = np.loadtxt(tmp_path / "sim.out", ndmin=2)
@@ -334,7 +399,7 @@ def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
 
     scale = unit_to_internal("length", "angstrom", 1.0) * BOHR_IN_ANGSTROM
     result = cached_model("ani-1ccx", "float64").evaluate(numbers, positions * scale, cell * scale)
-    volume_bohr3 = abs(np.linalg.det(cell * scale)) / BOHR_IN_ANGSTROM ** 3
+    volume_bohr3 = abs(np.linalg.det(cell * scale)) / BOHR_IN_ANGSTROM**3
     assert abs(data[0, 2] - volume_bohr3) < 1e-8 * volume_bohr3
     virial = -(result.strain_derivative + result.strain_derivative.T) / 2 / volume_bohr3
     expected = [virial[0, 0], virial[1, 1], virial[2, 2], virial[0, 1], virial[0, 2], virial[1, 2]]

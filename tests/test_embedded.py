@@ -7,16 +7,21 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT
 
 from aniserve.embedded import DEFAULT_MODEL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT
 
 
 def test_loads_offline_by_name_without_the_model_zoo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ANISERVE_MODEL_DIR"}
     env.update(ANISERVE_CACHE=str(tmp_path), ANISERVE_MODEL_ZOO_URL="http://127.0.0.1:9/unreachable.zip")
-    out = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(ROOT / "examples/molecules/ethanol.xyz")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "aniserve", "eval", str(ROOT / "examples/molecules/ethanol.xyz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     energy = float(out.stdout.split("E =")[1].split("Ha")[0])
     assert -155.0 < energy < -154.0  # ethanol near CCSD(T)/cc-pVDZ (about -154.5 Ha)

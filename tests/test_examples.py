@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
@@ -23,8 +22,9 @@ def test_ase_example_optimises_with_the_default_model(tmp_path):
 
 
 def test_ase_example_stops_with_the_drivers_message_when_it_cannot_start(tmp_path):
-    run = subprocess.run(EXAMPLE + ["--model", "nosuchmodel"], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    run = subprocess.run(
+        EXAMPLE + ["--model", "nosuchmodel"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert run.returncode == 1
     assert "unknown model 'nosuchmodel'" in run.stderr and "stopped: Subprocess terminated" in run.stderr
 
@@ -33,8 +33,9 @@ IPI_EXAMPLE = ["bash", str(ROOT / "examples" / "ipi-pimd-water" / "run.sh")]
 
 
 def _source_tree_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "examples"], cwd=ROOT,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "examples"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
 
 
 def _ipi_processes() -> int:
@@ -57,7 +58,8 @@ def test_ipi_example_runs_in_a_scratch_folder_and_prints_units(tmp_path):
 def test_ipi_example_stops_ipi_when_the_driver_fails(tmp_path):
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
     before = _ipi_processes()
-    run = subprocess.run(IPI_EXAMPLE + ["nosuchmodel"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env=env)
+    run = subprocess.run(
+        IPI_EXAMPLE + ["nosuchmodel"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert run.returncode != 0 and "unknown model 'nosuchmodel'" in run.stderr
     assert _ipi_processes() == before

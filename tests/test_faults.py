@@ -12,9 +12,9 @@ import time
 import uuid
 
 import pytest
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, ethanol_xyz, ipi_input
 
 from aniserve.embedded import DEFAULT_MODEL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, ethanol_xyz, ipi_input
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
 
@@ -45,9 +45,27 @@ def wait_for(predicate, timeout: float, what: str, driver):
 
 def start_driver(tmp_path, name):
     (tmp_path / "init.xyz").write_text(ethanol_xyz())
-    return subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", DEFAULT_MODEL, "--structure",
-                             str(tmp_path / "init.xyz"), "--unix", name, "--reconnect-timeout", "30",
-                             "--connect-timeout", "60"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "drive",
+            "--model",
+            DEFAULT_MODEL,
+            "--structure",
+            str(tmp_path / "init.xyz"),
+            "--unix",
+            name,
+            "--reconnect-timeout",
+            "30",
+            "--connect-timeout",
+            "60",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(driver) -> str:
@@ -74,11 +92,12 @@ def test_ipi_killed_ten_times_mid_run(tmp_path):
         (folder / "input.xml").write_text(ipi_input(name, "init.xyz", seed=run + 1))
         # A SIGKILLed i-PI leaves its socket file behind; a restart must remove it first.
         pathlib.Path(f"/tmp/ipi_{name}").unlink(missing_ok=True)
-        server = subprocess.Popen(IPI + ["input.xml"], cwd=folder, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(IPI + ["input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = folder / "sim.out"
-        steps = lambda: sum(1 for line in out.read_text().splitlines() if not line.startswith("#")) \
-            if out.exists() else 0  # noqa: E731
+
+        def steps():
+            return sum(1 for line in out.read_text().splitlines() if not line.startswith("#")) if out.exists() else 0
+
         wait_for(lambda: steps() >= 5 + run, 120, f"i-PI run {run} to be served", driver)
         server.send_signal(signal.SIGKILL)
         server.wait()

@@ -11,9 +11,7 @@ import json
 import subprocess
 import sys
 
-
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
@@ -22,8 +20,21 @@ pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow'
 def test_driver_survives_a_fuzz_campaign(tmp_path, request):
     sequences = request.config.getoption("--fuzz-sequences")
     out = tmp_path / "fuzz.json"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz_driver.py"), "--sequences", str(sequences),
-                    "--seed", "0", "--json", str(out)], check=True, timeout=60 + 2 * sequences, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "fuzz_driver.py"),
+            "--sequences",
+            str(sequences),
+            "--seed",
+            "0",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=60 + 2 * sequences,
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     failures = [o for o in report["outcomes"] if o["traceback"] or o["hung"] or o["exit"] not in (0, 2, 3, 4)]
     assert not failures, json.dumps(failures[:3], indent=1)
@@ -45,8 +56,21 @@ def test_driver_survives_a_fuzz_campaign(tmp_path, request):
 def test_file_readers_survive_a_fuzz_campaign(tmp_path, request):
     tries = request.config.getoption("--fuzz-files")
     out = tmp_path / "fuzz-files.json"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz_files.py"), "--tries", str(tries), "--seed", "0",
-                    "--json", str(out)], check=True, timeout=120 + 2 * tries, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "fuzz_files.py"),
+            "--tries",
+            str(tries),
+            "--seed",
+            "0",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=120 + 2 * tries,
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report["families_left_out"] == [] and report["baseline"]["exit"] == 0
     for family, summary in report["families"].items():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, perturbed_molecules
 
 from aniserve import ANICalculator, kernels, protocol
 from aniserve.embedded import DEFAULT_MODEL
@@ -20,7 +21,6 @@ from aniserve.modelfile import ModelFileError, load_saved
 from aniserve.networks import EnsembleMLP
 from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train
 from aniserve.training.data import write_ani_h5
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, perturbed_molecules
 
 
 def peak_rss_mb() -> float:
@@ -32,19 +32,53 @@ def api_cases(rng):
     """(numbers, positions, cell) inputs, most of them wrong."""
     ethanol = np.array(ETHANOL_POSITIONS)
     good_numbers = list(ETHANOL_NUMBERS)
-    numbers = [[], [6.7] + good_numbers[1:], [-1] + good_numbers[1:], [0] + good_numbers[1:],
-               [119] + good_numbers[1:], ["C"] * 9, [None] * 9, [[6, 6]] * 9, [6 + 1j] * 9, good_numbers[:5],
-               [True] * 9, [2 ** 40] * 9, good_numbers]
-    positions = [ethanol, ethanol[:5], np.full((9, 3), np.nan), ethanol + np.r_[[[np.inf, 0, 0]], np.zeros((8, 3))],
-                 np.zeros((9, 3)), np.full((9, 3), 1e308), np.round(ethanol), ethanol[:, :2], [["x"] * 3] * 9,
-                 ethanol + 1e8, ethanol * 1e-3]
-    cells = [None, np.eye(3) * 20, np.zeros((3, 3)), np.full((3, 3), np.nan), np.diag([20.0, 20.0, 0.0]),
-             np.diag([12.0, 12.0, 0.001]), np.eye(3) * 0.5, [[1, 2], [3, 4]], np.eye(3) * 1e12,
-             np.array([[20.0, 0, 0], [20.0, 1e-9, 0], [0, 0, 20.0]]), np.diag([np.inf, 20.0, 20.0])]
+    numbers = [
+        [],
+        [6.7] + good_numbers[1:],
+        [-1] + good_numbers[1:],
+        [0] + good_numbers[1:],
+        [119] + good_numbers[1:],
+        ["C"] * 9,
+        [None] * 9,
+        [[6, 6]] * 9,
+        [6 + 1j] * 9,
+        good_numbers[:5],
+        [True] * 9,
+        [2**40] * 9,
+        good_numbers,
+    ]
+    positions = [
+        ethanol,
+        ethanol[:5],
+        np.full((9, 3), np.nan),
+        ethanol + np.r_[[[np.inf, 0, 0]], np.zeros((8, 3))],
+        np.zeros((9, 3)),
+        np.full((9, 3), 1e308),
+        np.round(ethanol),
+        ethanol[:, :2],
+        [["x"] * 3] * 9,
+        ethanol + 1e8,
+        ethanol * 1e-3,
+    ]
+    cells = [
+        None,
+        np.eye(3) * 20,
+        np.zeros((3, 3)),
+        np.full((3, 3), np.nan),
+        np.diag([20.0, 20.0, 0.0]),
+        np.diag([12.0, 12.0, 0.001]),
+        np.eye(3) * 0.5,
+        [[1, 2], [3, 4]],
+        np.eye(3) * 1e12,
+        np.array([[20.0, 0, 0], [20.0, 1e-9, 0], [0, 0, 20.0]]),
+        np.diag([np.inf, 20.0, 20.0]),
+    ]
     cases = [(n, positions[0], None) for n in numbers] + [(good_numbers, p, None) for p in positions]
     cases += [(good_numbers, positions[0], c) for c in cells]
-    cases += [(numbers[rng.integers(len(numbers))], positions[rng.integers(len(positions))],
-               cells[rng.integers(len(cells))]) for _ in range(40)]
+    cases += [
+        (numbers[rng.integers(len(numbers))], positions[rng.integers(len(positions))], cells[rng.integers(len(cells))])
+        for _ in range(40)
+    ]
     return cases
 
 
@@ -65,17 +99,26 @@ def test_api_never_returns_nan_or_raises_anything_but_a_clear_value_error():
     assert peak_rss_mb() - before < 100
 
 
-@pytest.mark.parametrize("atoms,message", [
-    (Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]]), r"non-finite .*atoms 0 and 1 are 0 Å apart"),
-    (Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=np.zeros((3, 3)), pbc=True),
-     "cell is singular"),
-    (Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=[10, 10, 0], pbc=True),
-     "cell is singular"),
-    (Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=[0.5, 0.5, 0.5], pbc=True),
-     "cell too thin"),
-    (Atoms("HAu", positions=[[0, 0, 0], [0, 0, 2.0]]), "does not support element"),
-    (Atoms(), "no atoms"),
-])
+@pytest.mark.parametrize(
+    "atoms,message",
+    [
+        (Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]]), r"non-finite .*atoms 0 and 1 are 0 Å apart"),
+        (
+            Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=np.zeros((3, 3)), pbc=True),
+            "cell is singular",
+        ),
+        (
+            Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=[10, 10, 0], pbc=True),
+            "cell is singular",
+        ),
+        (
+            Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0.93, 0, -0.24]], cell=[0.5, 0.5, 0.5], pbc=True),
+            "cell too thin",
+        ),
+        (Atoms("HAu", positions=[[0, 0, 0], [0, 0, 2.0]]), "does not support element"),
+        (Atoms(), "no atoms"),
+    ],
+)
 def test_calculator_raises_a_clear_error(atoms, message):
     atoms.calc = ANICalculator(cached_model(DEFAULT_MODEL, "float64"))
     with pytest.raises(ValueError, match=message):
@@ -117,19 +160,19 @@ def _rewrite_description(raw: bytes, mutate) -> bytes:
     """The safetensors file with its aniserve description passed through ``mutate``
     (which changes the dict in place, or returns the description's new JSON text)."""
     length = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     description = json.loads(header["__metadata__"]["aniserve"])
     text = mutate(description)
     header["__metadata__"]["aniserve"] = text if isinstance(text, str) else json.dumps(description)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
 
 
 DESCRIPTION_DAMAGE = {
-    "huge layers": lambda d: d["element_network"]["params"]["base"]["params"].update(hidden=[10 ** 9, 10 ** 9]),
+    "huge layers": lambda d: d["element_network"]["params"]["base"]["params"].update(hidden=[10**9, 10**9]),
     "negative layer": lambda d: d["element_network"]["params"]["base"]["params"].update(hidden=[-5, 8]),
-    "huge ensemble": lambda d: d.update(ensemble_size=10 ** 9),
+    "huge ensemble": lambda d: d.update(ensemble_size=10**9),
     "unknown element": lambda d: d.update(elements=["H", "C", "N", "Xx"]),
     "nan self energy": lambda d: d["self_energies"].update(H=math.nan),
     "missing self energy": lambda d: d["self_energies"].pop("H"),
@@ -157,15 +200,18 @@ DESCRIPTION_DAMAGE = {
     "delta chain 600 deep": lambda d: _delta_chain(d, 600),
     # Found by the file fuzz campaign (tests/fuzz_files.py): a ZeroDivisionError and a RegistryError escaped.
     "zero input width": lambda d: d["element_network"]["params"]["base"]["params"].update(input_width=0),
-    "nested network name not text": lambda d: d["element_network"]["params"]["correction"].update(name=-10 ** 12),
+    "nested network name not text": lambda d: d["element_network"]["params"]["correction"].update(name=-(10**12)),
 }
 
 
 def _delta_chain(description: dict, links: int) -> str:
     """The description with its element network wrapped in ``links`` delta networks."""
     inner = json.dumps(description["element_network"])
-    wrapped = ('{"name": "delta", "params": {"base": ' * links + inner
-               + ', "correction": {"name": "ani-mlp", "params": {}}}}' * links)
+    wrapped = (
+        '{"name": "delta", "params": {"base": ' * links
+        + inner
+        + ', "correction": {"name": "ani-mlp", "params": {}}}}' * links
+    )
     text = json.dumps({**description, "element_network": None})
     return text.replace('"element_network": null', '"element_network": ' + wrapped)
 
@@ -196,7 +242,7 @@ def test_damaged_model_files_load_or_fail_cleanly(tmp_path):
         data = bytearray(raw)
         kind = case % 3
         if kind == 0:
-            data = data[:int(rng.integers(0, len(raw)))]
+            data = data[: int(rng.integers(0, len(raw)))]
         else:
             span = (0, header) if kind == 1 else (header, len(raw))
             for at in rng.integers(*span, size=int(rng.integers(1, 8))):
@@ -224,8 +270,11 @@ def test_damaged_model_files_load_or_fail_cleanly(tmp_path):
 # ------------------------------------------------------------------ protocol
 @pytest.mark.parametrize("name", [b"..", b"../../etc/passwd", b"a/b", b"\xff\xfe", b".", b"x y"])
 def test_shared_memory_names_must_be_plain(name):
-    payload = protocol.header("POSDATA") + struct.pack("<i", 3) + b"".join(
-        struct.pack("<i", len(n)) + n for n in [b"ok_name"] * 5 + [name])
+    payload = (
+        protocol.header("POSDATA")
+        + struct.pack("<i", 3)
+        + b"".join(struct.pack("<i", len(n)) + n for n in [b"ok_name"] * 5 + [name])
+    )
     with pytest.raises(protocol.ProtocolError, match="shared-memory segment name"):
         protocol.decode(payload, protocol.Mode(shm=True))
 
@@ -240,8 +289,13 @@ def data_file(tmp_path, damage=None):
     rng = np.random.default_rng(0)
     groups = {}
     for formula, _, numbers, pos in perturbed_molecules(["CH4", "H2O", "NH3", "CH3OH"], 6, rng, 0.05):
-        energy = -38.0 * (numbers == 6).sum() - 0.5 * (numbers == 1).sum() - 75.0 * (numbers == 8).sum() \
-            - 54.5 * (numbers == 7).sum() + rng.normal(0, 1e-3, 6)
+        energy = (
+            -38.0 * (numbers == 6).sum()
+            - 0.5 * (numbers == 1).sum()
+            - 75.0 * (numbers == 8).sum()
+            - 54.5 * (numbers == 7).sum()
+            + rng.normal(0, 1e-3, 6)
+        )
         groups[formula] = {"atomic_numbers": numbers, "coordinates": pos, "e": energy}
     if damage:
         damage(groups["CH4"])
@@ -262,11 +316,14 @@ def _infinite_energy(group):
     group["e"][1] = -np.inf
 
 
-@pytest.mark.parametrize("damage,message", [
-    (_coincident, r"CH4 conformation 3: atoms 0 and 1 are 0 Å apart"),
-    (_infinite_coordinate, r"CH4/coordinates of conformation 2 hold NaN or infinite"),
-    (_infinite_energy, r"CH4/e is infinite for conformation 1"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_coincident, r"CH4 conformation 3: atoms 0 and 1 are 0 Å apart"),
+        (_infinite_coordinate, r"CH4/coordinates of conformation 2 hold NaN or infinite"),
+        (_infinite_energy, r"CH4/e is infinite for conformation 1"),
+    ],
+)
 def test_training_data_is_checked_when_read(damage, message, tmp_path):
     with pytest.raises(DataError, match=message):
         ANIData(data_file(tmp_path, damage), "e")
@@ -282,8 +339,12 @@ def test_a_nan_loss_stops_training_and_writes_nothing(tmp_path):
         next(model.networks.parameters()).view(-1)[0] = math.nan
     out = tmp_path / "m.safetensors"
     with pytest.raises(ValueError, match="training loss is nan at epoch 1"):
-        train(model, ANIData(data_file(tmp_path), "e"), out,
-              Settings(epochs=2, batch_size=8, validation=0.25, refit_self_energies=False))
+        train(
+            model,
+            ANIData(data_file(tmp_path), "e"),
+            out,
+            Settings(epochs=2, batch_size=8, validation=0.25, refit_self_energies=False),
+        )
     assert not out.exists()
     with pytest.raises(ValueError, match="self-energy fit is not finite"):
         train(model, ANIData(data_file(tmp_path), "e"), out, Settings(epochs=2, batch_size=8, validation=0.25))
@@ -307,7 +368,11 @@ def test_a_damaged_checkpoint_is_refused_clearly(content, tmp_path):
 
 
 def test_training_reports_totals_and_time_left(tmp_path, capfd):
-    train(small_model(), ANIData(data_file(tmp_path), "e"), tmp_path / "m.safetensors",
-          Settings(epochs=2, batch_size=8, validation=0.25))
+    train(
+        small_model(),
+        ANIData(data_file(tmp_path), "e"),
+        tmp_path / "m.safetensors",
+        Settings(epochs=2, batch_size=8, validation=0.25),
+    )
     err = capfd.readouterr().err
     assert "epoch 1/2:" in err and "epoch 2/2:" in err and "left" in err

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model
 
 from aniserve import exits
 from aniserve.cli import main
@@ -23,7 +24,6 @@ from aniserve.embedded import DEFAULT_MODEL
 from aniserve.hdf5 import HDF5Error
 from aniserve.qmdata.records import read_h5
 from aniserve.training import ANIData, DataError
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model
 
 ETHANOL = str(ROOT / "examples" / "molecules" / "ethanol.xyz")
 
@@ -35,8 +35,10 @@ def peak_rss_mb() -> float:
 def good_group(f, name="CH4"):
     g = f.create_group(name)
     g["atomic_numbers"] = np.array([6, 1, 1, 1, 1])
-    g["coordinates"] = np.array([[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],
-                                  [0.63, -0.63, -0.63]]] * 3, dtype=float)
+    g["coordinates"] = np.array(
+        [[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]]] * 3,
+        dtype=float,
+    )
     g["e"] = np.array([-40.5, -40.4, -40.45])
     return g
 
@@ -44,8 +46,8 @@ def good_group(f, name="CH4"):
 def _billions_of_conformations(f):
     g = f.create_group("H")
     g["atomic_numbers"] = np.array([1])
-    g.create_dataset("coordinates", shape=(2 ** 33, 1, 3), chunks=(1024, 1, 3), dtype="f8", compression="gzip")
-    g.create_dataset("e", shape=(2 ** 33,), chunks=(1024,), dtype="f8", compression="gzip")
+    g.create_dataset("coordinates", shape=(2**33, 1, 3), chunks=(1024, 1, 3), dtype="f8", compression="gzip")
+    g.create_dataset("e", shape=(2**33,), chunks=(1024,), dtype="f8", compression="gzip")
 
 
 def _linked_into_itself(f):
@@ -107,6 +109,7 @@ def _crafted(tmp_path, damage) -> str:
 def _bounded(seconds=30):
     def late(*_):
         raise TimeoutError(f"not refused within {seconds} s")
+
     signal.signal(signal.SIGALRM, late)
     signal.alarm(seconds)
 
@@ -145,25 +148,40 @@ def test_train_checks_its_output_folder_before_any_work(tmp_path):
     """Before: a missing folder failed only after training, with a traceback."""
     with h5py.File(tmp_path / "d.h5", "w") as f:
         good_group(f)
-    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "d.h5"), "--energy-key", "e", "--out",
-                                       str(tmp_path / "missing" / "m.safetensors"), "--epochs", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "d.h5"),
+            "--energy-key",
+            "e",
+            "--out",
+            str(tmp_path / "missing" / "m.safetensors"),
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == exits.USAGE, result.output
     assert "does not exist" in result.output and "Traceback" not in result.output
 
 
 # ------------------------------------------------------------------ Python API
-@pytest.mark.parametrize("numbers,positions,cell,message", [
-    (np.ones(9, dtype=bool), ETHANOL_POSITIONS, None, "must be integers, got an array of bool"),
-    (torch.ones(9, dtype=torch.bool), ETHANOL_POSITIONS, None, "dense tensor of integers"),
-    (6, ETHANOL_POSITIONS, None, "not a single number"),
-    (torch.tensor(6), ETHANOL_POSITIONS, None, "not a single number"),
-    (torch.tensor(ETHANOL_NUMBERS).to_sparse(), ETHANOL_POSITIONS, None, "dense tensor"),
-    (torch.empty(9, dtype=torch.long, device="meta"), ETHANOL_POSITIONS, None, "meta"),
-    (ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS) + 0j, None, "positions must be real numbers"),
-    (ETHANOL_NUMBERS, torch.tensor(ETHANOL_POSITIONS).to_sparse(), None, "positions must be a dense tensor"),
-    (ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3, dtype=bool), "cell must be real numbers"),
-    (ETHANOL_NUMBERS[:4] + [0] + ETHANOL_NUMBERS[5:], ETHANOL_POSITIONS, None, "atomic number 0 at atom 4"),
-])
+@pytest.mark.parametrize(
+    "numbers,positions,cell,message",
+    [
+        (np.ones(9, dtype=bool), ETHANOL_POSITIONS, None, "must be integers, got an array of bool"),
+        (torch.ones(9, dtype=torch.bool), ETHANOL_POSITIONS, None, "dense tensor of integers"),
+        (6, ETHANOL_POSITIONS, None, "not a single number"),
+        (torch.tensor(6), ETHANOL_POSITIONS, None, "not a single number"),
+        (torch.tensor(ETHANOL_NUMBERS).to_sparse(), ETHANOL_POSITIONS, None, "dense tensor"),
+        (torch.empty(9, dtype=torch.long, device="meta"), ETHANOL_POSITIONS, None, "meta"),
+        (ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS) + 0j, None, "positions must be real numbers"),
+        (ETHANOL_NUMBERS, torch.tensor(ETHANOL_POSITIONS).to_sparse(), None, "positions must be a dense tensor"),
+        (ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3, dtype=bool), "cell must be real numbers"),
+        (ETHANOL_NUMBERS[:4] + [0] + ETHANOL_NUMBERS[5:], ETHANOL_POSITIONS, None, "atomic number 0 at atom 4"),
+    ],
+)
 def test_hostile_arrays_are_refused_not_misread(numbers, positions, cell, message):
     """Before: booleans evaluated as hydrogens (or a 1 Å cube, +1,429 Ha), complex
     positions lost their imaginary part, a 0 dropped an atom, a scalar or a sparse or
@@ -180,9 +198,13 @@ def test_reversed_and_big_endian_arrays_are_valid_input():
     strided = np.array(ETHANOL_POSITIONS)[::-1].copy()[::-1]
     big_endian = np.array(ETHANOL_POSITIONS, dtype=">f8")
     numbers_big_endian = np.array(ETHANOL_NUMBERS, dtype=">i4")
-    for numbers, positions in ((ETHANOL_NUMBERS, strided), (ETHANOL_NUMBERS, reversed_view),
-                               (ETHANOL_NUMBERS, big_endian), (numbers_big_endian, ETHANOL_POSITIONS),
-                               (np.array(ETHANOL_NUMBERS)[::-1][::-1], np.array(ETHANOL_POSITIONS).T.copy().T)):
+    for numbers, positions in (
+        (ETHANOL_NUMBERS, strided),
+        (ETHANOL_NUMBERS, reversed_view),
+        (ETHANOL_NUMBERS, big_endian),
+        (numbers_big_endian, ETHANOL_POSITIONS),
+        (np.array(ETHANOL_NUMBERS)[::-1][::-1], np.array(ETHANOL_POSITIONS).T.copy().T),
+    ):
         got = model.evaluate(numbers, positions)
         assert abs(got.energy - want.energy) < 1e-12
         np.testing.assert_allclose(got.forces, want.forces, atol=1e-12)
@@ -190,8 +212,13 @@ def test_reversed_and_big_endian_arrays_are_valid_input():
 
 # ------------------------------------------------------------------ exit statuses
 def drive(*args, timeout=120, **kwargs):
-    return subprocess.run([sys.executable, "-m", "aniserve", "drive", "--structure", ETHANOL, *args],
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "aniserve", "drive", "--structure", ETHANOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def test_the_exit_table_is_documented_where_users_read_it():
@@ -223,8 +250,22 @@ def test_no_server_is_4():
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, exits.INTERRUPTED), (signal.SIGTERM, exits.TERMINATED)])
 def test_an_interrupted_driver_says_so_and_exits_with_its_status(sig, status):
-    process = subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--structure", ETHANOL, "--unix",
-                                "nobody-listens-here", "--connect-timeout", "600"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "drive",
+            "--structure",
+            ETHANOL,
+            "--unix",
+            "nobody-listens-here",
+            "--connect-timeout",
+            "600",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     log = ""
     while "waiting for a server" not in log and time.monotonic() < deadline:
@@ -250,4 +291,5 @@ def test_a_tiny_box_under_pbc_auto_is_a_box_refused_as_too_thin_not_a_molecule()
     assert not driver._periodic(np.diag([40.0, 40.0, 0.0]))
     with pytest.raises(ValueError, match="too thin"):
         Evaluator(cached_model(DEFAULT_MODEL, "float64")).evaluate(
-            [("k", Structure(np.array(ETHANOL_NUMBERS), np.array(ETHANOL_POSITIONS), np.eye(3) * 0.009 * 0.529))])
+            [("k", Structure(np.array(ETHANOL_NUMBERS), np.array(ETHANOL_POSITIONS), np.eye(3) * 0.009 * 0.529))]
+        )

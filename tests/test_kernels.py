@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
 
 from aniserve import kernels
-from aniserve.networks import EnsembleMLP
-from aniserve.neighbors import find_pairs
 from aniserve.bench.speed import water_box
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
+from aniserve.neighbors import find_pairs
+from aniserve.networks import EnsembleMLP
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -22,8 +22,11 @@ def structures():
     enough pairs to split across threads, and a molecule with an isolated atom."""
     numbers, positions, cell = water_box(4)
     lone = np.array([*ETHANOL_POSITIONS, [30.0, 0.0, 0.0]])
-    return [("ethanol", ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS), None), ("water box", numbers, positions, cell),
-            ("ethanol + lone N", [*ETHANOL_NUMBERS, 7], lone, None)]
+    return [
+        ("ethanol", ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS), None),
+        ("water box", numbers, positions, cell),
+        ("ethanol + lone N", [*ETHANOL_NUMBERS, 7], lone, None),
+    ]
 
 
 def pair_vectors(model, numbers, positions, cell, dtype):
@@ -42,8 +45,9 @@ def test_aev_kernel_equals_tensor_version(name):
     featurizer = model.featurizer
     for label, numbers, positions, cell in structures():
         species, pairs, vectors = pair_vectors(model, numbers, positions, cell, torch.float64)
-        grad_out = torch.randn(len(species), featurizer.output_width, dtype=torch.float64,
-                               generator=torch.Generator().manual_seed(0))
+        grad_out = torch.randn(
+            len(species), featurizer.output_width, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+        )
         results = []
         for forward in (featurizer.forward, featurizer.tensor_forward):
             v = vectors.clone().requires_grad_(True)
@@ -59,18 +63,19 @@ def test_aev_kernel_in_float32_is_as_accurate_as_the_tensor_version():
     tensor version's float32 ones (within a factor for rounding luck)."""
     exact, single = cached_model("ani-1ccx", "float64").featurizer, cached_model("ani-1ccx", "float32").featurizer
     _, numbers, positions, cell = structures()[1]
-    species, pairs, vectors = pair_vectors(cached_model("ani-1ccx", "float64"), numbers, positions, cell,
-                                           torch.float64)
+    species, pairs, vectors = pair_vectors(cached_model("ani-1ccx", "float64"), numbers, positions, cell, torch.float64)
     grad_out = torch.rand(len(species), exact.output_width, dtype=torch.float64)
     v = vectors.clone().requires_grad_(True)
     reference = exact.tensor_forward(species, pairs.center, pairs.neighbor, v)
-    reference_grad, = torch.autograd.grad(reference, v, grad_out)
+    (reference_grad,) = torch.autograd.grad(reference, v, grad_out)
     errors = []
     for forward in (single.forward, single.tensor_forward):
         v = vectors.float().requires_grad_(True)
         aev = forward(species, pairs.center, pairs.neighbor, v)
-        grad, = torch.autograd.grad(aev, v, grad_out.float())
-        errors.append(((aev.double() - reference).abs().max().item(), (grad.double() - reference_grad).abs().max().item()))
+        (grad,) = torch.autograd.grad(aev, v, grad_out.float())
+        errors.append(
+            ((aev.double() - reference).abs().max().item(), (grad.double() - reference_grad).abs().max().item())
+        )
     (aev_kernel, grad_kernel), (aev_tensor, grad_tensor) = errors
     assert aev_kernel < 1e-5 and grad_kernel < 1e-4
     assert aev_kernel <= 2 * aev_tensor and grad_kernel <= 2 * grad_tensor
@@ -120,9 +125,9 @@ def test_frozen_networks_written_out_gradient_equals_autograd():
     def energies_gradient_hessian_diagonal():
         f = features.clone().requires_grad_(True)
         energies = mlp(f, columns)
-        gradient, = torch.autograd.grad((energies * weights).sum(), f, retain_graph=True)
-        gradient_graph, = torch.autograd.grad((energies * weights).sum(), f, create_graph=True)
-        hessian, = torch.autograd.grad(gradient_graph.sum(), f)
+        (gradient,) = torch.autograd.grad((energies * weights).sum(), f, retain_graph=True)
+        (gradient_graph,) = torch.autograd.grad((energies * weights).sum(), f, create_graph=True)
+        (hessian,) = torch.autograd.grad(gradient_graph.sum(), f)
         return energies, gradient, hessian
 
     mlp.requires_grad_(False).eval()
@@ -138,8 +143,9 @@ def test_frozen_networks_written_out_gradient_equals_autograd():
     torch.testing.assert_close(frozen[1], plain[1], rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(frozen[2], plain[2], rtol=1e-12, atol=1e-13)  # both autograd's
     mlp.requires_grad_(False)
-    assert torch.autograd.gradcheck(lambda x: mlp(x, columns), (features.clone().requires_grad_(True),),
-                                    atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: mlp(x, columns), (features.clone().requires_grad_(True),), atol=1e-8, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -169,8 +175,9 @@ def test_mlp_kernel_equals_the_tensor_versions(sizes, dtype, monkeypatch):
         for energies, gradient in results[1:]:
             torch.testing.assert_close(results[0][0], energies, **tolerance)
             # (autograd's CELU derivative is off by ~1e-7 relative in float64, see above)
-            torch.testing.assert_close(results[0][1], gradient, **(tolerance if dtype == torch.float32 else
-                                                                    dict(rtol=1e-6, atol=1e-9)))
+            torch.testing.assert_close(
+                results[0][1], gradient, **(tolerance if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9))
+            )
         torch.testing.assert_close(results[0][1], results[1][1], **tolerance)  # both written out
 
 
@@ -219,9 +226,11 @@ def test_neighbour_search_kernel_finds_the_same_pairs(monkeypatch):
     rng = np.random.default_rng(3)
     numbers, positions, cell = water_box(6)
     skew = np.array([[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [-0.2, 0.25, 1.0]])
-    cases = [(rng.uniform(0, 22, (400, 3)), None),
-             (positions @ skew, cell @ skew),
-             (rng.uniform(0, 3, (5, 3)), np.array([[3.1, 0.0, 0.0], [0.7, 2.9, 0.0], [0.4, -0.6, 3.3]]))]
+    cases = [
+        (rng.uniform(0, 22, (400, 3)), None),
+        (positions @ skew, cell @ skew),
+        (rng.uniform(0, 3, (5, 3)), np.array([[3.1, 0.0, 0.0], [0.7, 2.9, 0.0], [0.4, -0.6, 3.3]])),
+    ]
     for positions, cell in cases:
         pos = torch.tensor(positions, dtype=torch.float64)
         cell_t = None if cell is None else torch.tensor(cell, dtype=torch.float64)

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, ZOO, reference
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
@@ -17,9 +16,22 @@ pytestmark = [pytest.mark.weights, pytest.mark.slow]
 def test_regenerated_references_equal_the_committed_ones(tmp_path):
     names = ["CH3CHO~0", "water27-pbc", "methane-tight-pbc"]
     out = tmp_path / "ref.json"
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "make_reference.py"), "--zoo", str(ZOO), "--records",
-                          *names, "--out", str(out)], capture_output=True, text=True, timeout=600,
-                         env={"TORCHANI_NO_WARN_EXTENSIONS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "make_reference.py"),
+            "--zoo",
+            str(ZOO),
+            "--records",
+            *names,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"TORCHANI_NO_WARN_EXTENSIONS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     committed = {r["name"]: r for r in reference()["records"]}
     regenerated = json.loads(out.read_text())["records"]
@@ -30,5 +42,6 @@ def test_regenerated_references_equal_the_committed_ones(tmp_path):
             want = committed[record["name"]]["models"][model]
             assert set(values) == set(want)
             for field, value in values.items():
-                np.testing.assert_allclose(value, want[field], rtol=0, atol=1e-10, err_msg=f"{record['name']} {model} "
-                                                                                           f"{field}")
+                np.testing.assert_allclose(
+                    value, want[field], rtol=0, atol=1e-10, err_msg=f"{record['name']} {model} {field}"
+                )

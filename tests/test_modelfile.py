@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
 
 import aniserve
 from aniserve.modelfile import read_description, save_model
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 

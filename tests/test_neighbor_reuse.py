@@ -6,11 +6,11 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.md.verlet import VelocityVerlet
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
+from test_physics import water_box
 
 from aniserve.calculator import ANICalculator
 from aniserve.neighbors import NeighborList, find_pairs
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS
-from test_physics import water_box
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -57,8 +57,10 @@ def test_cell_change_and_lattice_jump_rebuild(ani1ccx):
     # A cell 20 % smaller: pairs 6.2 Å apart at the build are now within the cutoff.
     squeezed = listed.pairs(torch.tensor(jumped * 0.8), torch.tensor(cell * 0.8))
     assert listed.builds == 3
-    assert_same(ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8, pairs=[squeezed]),
-                ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8))
+    assert_same(
+        ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8, pairs=[squeezed]),
+        ani1ccx.evaluate(numbers, jumped * 0.8, cell * 0.8),
+    )
 
 
 def pair_set(pairs, cutoff=None, positions=None, cell=None):
@@ -79,7 +81,7 @@ def test_constant_pressure_steps_reuse_the_list_while_it_is_complete(ani1ccx):
     x, h = torch.tensor(positions), torch.tensor(cell)
     listed.pairs(x, h)
     reused = 0
-    for step in range(60):
+    for _ in range(60):
         deform = torch.eye(3, dtype=torch.float64) + torch.tensor(rng.normal(0, 0.006, (3, 3)))
         x = x @ deform + torch.tensor(rng.normal(0, 0.02, x.shape))
         h = h @ deform
@@ -89,8 +91,9 @@ def test_constant_pressure_steps_reuse_the_list_while_it_is_complete(ani1ccx):
             reused += 1
             assert pair_set(find_pairs(x, ani1ccx.cutoff, h)) <= pair_set(pairs, ani1ccx.cutoff, x, h)
     assert 0 < listed.builds - 1 < reused  # both paths taken, mostly reuse
-    assert_same(ani1ccx.evaluate(numbers, x.numpy(), h.numpy(), pairs=[pairs]),
-                ani1ccx.evaluate(numbers, x.numpy(), h.numpy()))
+    assert_same(
+        ani1ccx.evaluate(numbers, x.numpy(), h.numpy(), pairs=[pairs]), ani1ccx.evaluate(numbers, x.numpy(), h.numpy())
+    )
     # The cell changes but the atoms stay put: far from the origin that is a large move
     # relative to the deformed frame, and the list must still hold every pair.
     h2 = h * 1.03

@@ -14,8 +14,9 @@ SPECIES = torch.tensor([0] * 30 + [1] * 7 + [3] * 3 + [0] * 25 + [1, 3, 1])
 
 def delta_model(correction_members: int, dtype: torch.dtype) -> DeltaNetworks:
     torch.manual_seed(3)
-    base = ElementNetworks(ELEMENTS, {"H": [16, 12, 9], "C": [14, 10, 8], "N": [12, 8, 6], "O": [13, 10, 8]}, 20,
-                           ensemble_size=3)
+    base = ElementNetworks(
+        ELEMENTS, {"H": [16, 12, 9], "C": [14, 10, 8], "N": [12, 8, 6], "O": [13, 10, 8]}, 20, ensemble_size=3
+    )
     correction = ElementNetworks(ELEMENTS, {e: [6, 4] for e in ELEMENTS}, 20, ensemble_size=correction_members)
     return DeltaNetworks(base, correction, "ani-mlp", "ani-mlp").to(dtype)
 
@@ -23,9 +24,9 @@ def delta_model(correction_members: int, dtype: torch.dtype) -> DeltaNetworks:
 def energies_and_gradients(model, features, columns, grad_out):
     f = features.clone().requires_grad_(True)
     energies = model(SPECIES, f, columns)
-    gradient, = torch.autograd.grad(energies, f, grad_out, retain_graph=True)
-    graph, = torch.autograd.grad(energies, f, grad_out, create_graph=True)
-    second, = torch.autograd.grad((graph ** 2).sum(), f)  # through the frozen path: autograd's own
+    (gradient,) = torch.autograd.grad(energies, f, grad_out, retain_graph=True)
+    (graph,) = torch.autograd.grad(energies, f, grad_out, create_graph=True)
+    (second,) = torch.autograd.grad((graph**2).sum(), f)  # through the frozen path: autograd's own
     return energies, gradient, second
 
 
@@ -50,10 +51,12 @@ def test_frozen_delta_networks_equal_the_plain_composition(backend, dtype, corre
     torch.testing.assert_close(frozen[0], plain[0], **tolerance)
     torch.testing.assert_close(frozen[0], separate, **tolerance)
     # autograd's CELU derivative scales by 1/α rounded to float32 (see test_kernels)
-    torch.testing.assert_close(frozen[1], plain[1], **(tolerance if dtype == torch.float32 else
-                                                       dict(rtol=1e-6, atol=1e-9)))
-    torch.testing.assert_close(frozen[2], plain[2], **(tolerance if dtype == torch.float32 else
-                                                       dict(rtol=1e-6, atol=1e-9)))
+    torch.testing.assert_close(
+        frozen[1], plain[1], **(tolerance if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9))
+    )
+    torch.testing.assert_close(
+        frozen[2], plain[2], **(tolerance if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9))
+    )
 
 
 def test_frozen_element_networks_without_atoms():

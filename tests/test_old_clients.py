@@ -13,10 +13,10 @@ import uuid
 
 import numpy as np
 import pytest
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, ethanol_xyz, ipi_input
 
 from aniserve import ANICalculator
 from aniserve.embedded import DEFAULT_MODEL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, ethanol_xyz, ipi_input
 
 OLD = os.environ.get("ANISERVE_OLD_CLIENTS", "")
 pytestmark = [pytest.mark.old_clients, pytest.mark.slow]
@@ -40,9 +40,26 @@ print(json.dumps({{"ase": ase.__version__, "results": out}}))
 def drive(tmp_path, name, *args):
     structure = tmp_path / "ethanol.xyz"
     structure.write_text(ethanol_xyz())
-    return subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", DEFAULT_MODEL, "--dtype", "float64",
-                             "--structure", str(structure), "--unix", name, *args], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "drive",
+            "--model",
+            DEFAULT_MODEL,
+            "--dtype",
+            "float64",
+            "--structure",
+            str(structure),
+            "--unix",
+            name,
+            *args,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_ase_3_22_with_extras_none_matches_in_process(tmp_path):
@@ -69,12 +86,19 @@ def test_ipi_3_0_with_numpy_1_runs_a_pimd(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
     (tmp_path / "input.xml").write_text(ipi_input(name, "ethanol.xyz", steps=5))
     (tmp_path / "ethanol.xyz").write_text(ethanol_xyz())
-    version = subprocess.run([OLD, "-c", "import importlib.metadata as m, numpy; "
-                                         "print(m.version('ipi'), numpy.__version__)"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    version = subprocess.run(
+        [OLD, "-c", "import importlib.metadata as m, numpy; print(m.version('ipi'), numpy.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert version[0].startswith("3.0") and version[1].startswith("1.")
-    server = subprocess.Popen([str(pathlib.Path(OLD).parent / "i-pi"), "input.xml"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(pathlib.Path(OLD).parent / "i-pi"), "input.xml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     driver = drive(tmp_path, name)
     out = server.communicate(timeout=300)[0].decode()
     assert server.returncode == 0, out

@@ -10,25 +10,33 @@ import sys
 import venv
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
 
 
 def build(kind: str, out: pathlib.Path) -> pathlib.Path:
-    code = (f"import os; os.chdir({str(ROOT)!r}); from setuptools import build_meta as b; "
-            f"print(b.build_{kind}({str(out)!r}))")
-    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=ROOT).stdout.strip().splitlines()[-1]
+    code = (
+        f"import os; os.chdir({str(ROOT)!r}); from setuptools import build_meta as b; "
+        f"print(b.build_{kind}({str(out)!r}))"
+    )
+    name = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return out / name
 
 
 def fresh_venv(folder: pathlib.Path) -> pathlib.Path:
     venv.create(folder, with_pip=True)
     python = folder / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # This environment's packages as plain paths: their .pth files (among them the
     # editable install of aniserve) are not run, so aniserve comes only from the package.
     (pathlib.Path(purelib) / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
@@ -42,19 +50,31 @@ def fresh_venv(folder: pathlib.Path) -> pathlib.Path:
 def test_package_installs_and_runs_from_a_fresh_venv(kind, tmp_path):
     package = build(kind, tmp_path / "dist")
     python = fresh_venv(tmp_path / "venv")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(package)],
-                   check=True, cwd=tmp_path, capture_output=True)
-    probe = ("import aniserve, pathlib, importlib.metadata as m; root = pathlib.Path(aniserve.__file__).parent; "
-             "files = [str(f) for f in m.files('aniserve')]; "
-             "print(root); print(all((root / p).exists() for p in ['py.typed', 'embedded/MODEL_CARD.md', "
-             "'embedded/LICENSE-ani-model-zoo', 'kernels/aev.cpp', 'bench/reactions/reactions.json'])); "
-             "print(any(f.endswith('licenses/LICENSE') for f in files))")
-    root, shipped, licence = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True,
-                                            cwd=tmp_path).stdout.split()
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(package)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    probe = (
+        "import aniserve, pathlib, importlib.metadata as m; root = pathlib.Path(aniserve.__file__).parent; "
+        "files = [str(f) for f in m.files('aniserve')]; "
+        "print(root); print(all((root / p).exists() for p in ['py.typed', 'embedded/MODEL_CARD.md', "
+        "'embedded/LICENSE-ani-model-zoo', 'kernels/aev.cpp', 'bench/reactions/reactions.json'])); "
+        "print(any(f.endswith('licenses/LICENSE') for f in files))"
+    )
+    root, shipped, licence = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout.split()
     assert pathlib.Path(root).is_relative_to(tmp_path / "venv"), root
     assert shipped == "True" and licence == "True"
     (tmp_path / "ethanol.xyz").write_text((ROOT / "examples" / "molecules" / "ethanol.xyz").read_text())
-    run = subprocess.run([str(python), "-m", "aniserve", "eval", "ethanol.xyz"], capture_output=True, text=True,
-                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    run = subprocess.run(
+        [str(python), "-m", "aniserve", "eval", "ethanol.xyz"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert run.returncode == 0, run.stderr
     assert "model: aniserve-1x-ccsdt" in run.stdout and "E = -154." in run.stdout

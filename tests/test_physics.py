@@ -5,11 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
 from aniserve import kernels
-
 from aniserve.neighbors import find_pairs
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model, reference
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -27,7 +26,9 @@ def test_forces_are_minus_energy_gradient(ani1ccx):
         plus, minus = x.copy(), x.copy()
         plus[atom, axis] += h
         minus[atom, axis] -= h
-        numeric = -(ani1ccx.evaluate(ETHANOL_NUMBERS, plus).energy - ani1ccx.evaluate(ETHANOL_NUMBERS, minus).energy) / (2 * h)
+        numeric = -(
+            ani1ccx.evaluate(ETHANOL_NUMBERS, plus).energy - ani1ccx.evaluate(ETHANOL_NUMBERS, minus).energy
+        ) / (2 * h)
         assert abs(numeric - forces[atom, axis]) < 1e-6
 
 
@@ -70,7 +71,7 @@ def test_supercell_has_eight_times_the_energy(ani1ccx, name):
     big = ani1ccx.evaluate(np.tile(numbers, 8), (positions[None] + shifts[:, None]).reshape(-1, 3), 2 * cell)
     small = ani1ccx.evaluate(numbers, positions, cell)
     assert abs(big.energy - 8 * small.energy) < 1e-8
-    np.testing.assert_allclose(big.forces[:len(numbers)], small.forces, atol=1e-8)
+    np.testing.assert_allclose(big.forces[: len(numbers)], small.forces, atol=1e-8)
 
 
 def test_wrapping_atoms_into_the_cell_changes_nothing(ani1ccx):
@@ -130,7 +131,9 @@ def test_angular_accumulation_is_twice_differentiable():
     b = torch.rand(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
     index = torch.tensor([0, 2, 2, 1, 0, 3, 2])
     out = _OuterIndexAdd.apply(a, b, index, 4)
-    expected = torch.zeros(4, 6, dtype=torch.float64).index_add_(0, index, (a[:, :, None] * b[:, None, :]).reshape(7, 6))
+    expected = torch.zeros(4, 6, dtype=torch.float64).index_add_(
+        0, index, (a[:, :, None] * b[:, None, :]).reshape(7, 6)
+    )
     assert torch.equal(out, expected)
     assert torch.autograd.gradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))
     assert torch.autograd.gradgradcheck(lambda x, y: _OuterIndexAdd.apply(x, y, index, 4), (a, b))
@@ -140,12 +143,13 @@ def test_angular_terms_derivatives_written_out_are_exact():
     """The angular terms' hand-derived first derivative against finite differences and
     against autograd of the plain composition; second derivatives (training on forces)
     too, with both inputs or one of them differentiable."""
-    from aniserve.aev import _AngularConstants, _AngularTerms, _angular_terms
+    from aniserve.aev import _angular_terms, _AngularConstants, _AngularTerms
 
     g = torch.Generator().manual_seed(1)
     shf_z = torch.tensor([[0.2, 1.0, 2.5]], dtype=torch.float64)
-    k = _AngularConstants(torch.cos(shf_z), torch.sin(shf_z), torch.tensor([[0.9, 1.6]], dtype=torch.float64),
-                          eta_a=8.0, zeta=32.0)
+    k = _AngularConstants(
+        torch.cos(shf_z), torch.sin(shf_z), torch.tensor([[0.9, 1.6]], dtype=torch.float64), eta_a=8.0, zeta=32.0
+    )
 
     def pair_terms(n):
         unit = torch.nn.functional.normalize(torch.randn(n, 3, dtype=torch.float64, generator=g), dim=1)
@@ -154,7 +158,10 @@ def test_angular_terms_derivatives_written_out_are_exact():
 
     a, b = pair_terms(12), pair_terms(12)
     index = torch.randint(0, 5, (12,), generator=g)
-    terms = lambda x, y: _AngularTerms.apply(x, y, index, 5, k)
+
+    def terms(x, y):
+        return _AngularTerms.apply(x, y, index, 5, k)
+
     assert torch.equal(terms(a, b), _angular_terms(a, b, index, 5, k))
     weights = torch.randn(5, 6, dtype=torch.float64, generator=g)
     written = torch.autograd.grad((terms(a, b) * weights).sum(), (a, b))
@@ -245,11 +252,17 @@ def test_absent_species_columns_are_skipped_exactly():
     assert featurizer.nonzero_columns((2, 0)) is featurizer.nonzero_columns((0, 2))
 
     numbers, positions, cell = water_box()
-    cases = [(ETHANOL_NUMBERS, ETHANOL_POSITIONS, None, {}),
-             (np.array([[6, 1, 1, 1, 1, 0], [7, 1, 1, 1, 0, 0]]), np.random.default_rng(1).normal(0, 1.2, (2, 6, 3)),
-              None, {}),
-             (numbers, positions, cell, {"block_pairs": 700}),
-             (np.stack([numbers, numbers]), np.stack([positions, positions + 0.05]), None, {"block_pairs": 700})]
+    cases = [
+        (ETHANOL_NUMBERS, ETHANOL_POSITIONS, None, {}),
+        (
+            np.array([[6, 1, 1, 1, 1, 0], [7, 1, 1, 1, 0, 0]]),
+            np.random.default_rng(1).normal(0, 1.2, (2, 6, 3)),
+            None,
+            {},
+        ),
+        (numbers, positions, cell, {"block_pairs": 700}),
+        (np.stack([numbers, numbers]), np.stack([positions, positions + 0.05]), None, {"block_pairs": 700}),
+    ]
     for numbers, positions, cell, options in cases:
         for key, value in options.items():
             setattr(model, key, value)

@@ -8,16 +8,28 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, ZOO
 
 
 def run_pytest(tmp_path, *tests, **env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ANISERVE_")}
     environment.update(ANISERVE_SHARED=str(tmp_path / "no-shared"), **env)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *(tests or ("tests/test_protocol.py", "tests/test_bad_input.py"))], cwd=ROOT,
-                          env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(tests or ("tests/test_protocol.py", "tests/test_bad_input.py")),
+        ],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_without_shared_the_weight_tests_skip_with_one_reason(tmp_path):
@@ -33,8 +45,7 @@ def test_without_shared_the_weight_tests_skip_with_one_reason(tmp_path):
 @pytest.mark.weights
 def test_the_model_dir_alone_makes_the_weight_tests_run(tmp_path):
     """No shared folder, only ANISERVE_MODEL_DIR: the weight tests run, none skipped."""
-    run = run_pytest(tmp_path, "tests/test_bad_input.py", "tests/test_conformance.py",
-                     ANISERVE_MODEL_DIR=str(ZOO))
+    run = run_pytest(tmp_path, "tests/test_bad_input.py", "tests/test_conformance.py", ANISERVE_MODEL_DIR=str(ZOO))
     assert run.returncode == 0, run.stdout[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary

@@ -48,16 +48,22 @@ def test_forceready_bytes_follow_ipi_layout():
     for b in (1, 2):
         e, f, v = rng.normal(size=b), rng.normal(size=(b, 2, 3)), rng.normal(size=(b, 3, 3))
         extras = ["", "{}"][:b] if b == 2 else ["xyz"]
-        expected = (b"FORCEREADY  " + struct.pack(f"<{b}d", *e) + struct.pack("<i", 2)
-                    + struct.pack(f"<{6 * b}d", *f.ravel()) + struct.pack(f"<{9 * b}d", *v.ravel())
-                    + b"".join(struct.pack("<i", len(x)) + x.encode() for x in extras))
+        expected = (
+            b"FORCEREADY  "
+            + struct.pack(f"<{b}d", *e)
+            + struct.pack("<i", 2)
+            + struct.pack(f"<{6 * b}d", *f.ravel())
+            + struct.pack(f"<{9 * b}d", *v.ravel())
+            + b"".join(struct.pack("<i", len(x)) + x.encode() for x in extras)
+        )
         assert protocol.encode_forceready(e, f, v, extras, protocol.Mode(batch_size=b)) == expected
 
 
 def test_forceready_length_without_decoding():
     for b in (1, 3):
-        data = protocol.encode_forceready(np.zeros(b), np.ones((b, 4, 3)), np.ones((b, 3, 3)),
-                                          ["{}"] * b, protocol.Mode(batch_size=b))
+        data = protocol.encode_forceready(
+            np.zeros(b), np.ones((b, 4, 3)), np.ones((b, 3, 3)), ["{}"] * b, protocol.Mode(batch_size=b)
+        )
         assert protocol.forceready_length(data + protocol.header("STATUS"), b) == len(data)
         assert all(protocol.forceready_length(data[:cut], b) is None for cut in range(len(data)))
     with pytest.raises(protocol.ProtocolError, match="expected FORCEREADY"):
@@ -67,12 +73,15 @@ def test_forceready_length_without_decoding():
         protocol.forceready_length(negative)
 
 
-@pytest.mark.parametrize("payload,match", [
-    (protocol.header("INIT") + struct.pack("<ii", 0, -1), "INIT string length -1"),
-    (protocol.encode_init(0, "batch_size:0"), "batch_size 0"),
-    (protocol.header("FORCEREADY"), "never receives FORCEREADY"),
-    (b"HELLO WORLD!", "unknown message header"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        (protocol.header("INIT") + struct.pack("<ii", 0, -1), "INIT string length -1"),
+        (protocol.encode_init(0, "batch_size:0"), "batch_size 0"),
+        (protocol.header("FORCEREADY"), "never receives FORCEREADY"),
+        (b"HELLO WORLD!", "unknown message header"),
+    ],
+)
 def test_bad_input_is_a_protocol_error(payload, match):
     with pytest.raises(protocol.ProtocolError, match=match):
         protocol.decode(payload, protocol.Mode())

@@ -10,7 +10,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
@@ -30,8 +29,10 @@ def read_records(path, low="hf_sto3g", high="ccsd(t)_sto3g"):
         for group in f.values():
             for c, rid in enumerate(group["record_id"][()]):
                 out[rid.decode()] = {
-                    "numbers": group["atomic_numbers"][()], "positions": group["coordinates"][c],
-                    "low": group[f"{low}.energy"][c], "forces": group[f"{low}.forces"][c],
+                    "numbers": group["atomic_numbers"][()],
+                    "positions": group["coordinates"][c],
+                    "low": group[f"{low}.energy"][c],
+                    "forces": group[f"{low}.forces"][c],
                     "high": group[f"{high}.energy"][c] if f"{high}.energy" in group else np.nan,
                 }
     return out
@@ -41,9 +42,27 @@ def test_energies_match_a_direct_pyscf_call(tmp_path):
     from pyscf import cc, gto, scf
 
     out = tmp_path / "tiny.h5"
-    subprocess.run(GENERATE + ["--molecules", str(molecules(tmp_path)), "--out", str(out), "--conformations", "3",
-                               "--low", "hf/sto-3g", "--high", "ccsd(t)/sto-3g", "--high-every", "2",
-                               "--no-density-fit"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        GENERATE
+        + [
+            "--molecules",
+            str(molecules(tmp_path)),
+            "--out",
+            str(out),
+            "--conformations",
+            "3",
+            "--low",
+            "hf/sto-3g",
+            "--high",
+            "ccsd(t)/sto-3g",
+            "--high-every",
+            "2",
+            "--no-density-fit",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     records = read_records(out)
     assert sorted(records) == ["methane~0", "methane~1", "methane~2", "water~0", "water~1", "water~2"]
     assert np.isnan(records["water~1"]["high"]) and not np.isnan(records["water~2"]["high"])
@@ -68,8 +87,18 @@ def test_energies_match_a_direct_pyscf_call(tmp_path):
 
 def test_killed_run_resumes_without_duplicates(tmp_path):
     out = tmp_path / "resume.h5"
-    args = GENERATE + ["--molecules", str(molecules(tmp_path, ("O water", "C methane", "N ammonia", "CO methanol"))),
-                       "--out", str(out), "--conformations", "6", "--low", "hf/3-21g", "--high", "none"]
+    args = GENERATE + [
+        "--molecules",
+        str(molecules(tmp_path, ("O water", "C methane", "N ammonia", "CO methanol"))),
+        "--out",
+        str(out),
+        "--conformations",
+        "6",
+        "--low",
+        "hf/3-21g",
+        "--high",
+        "none",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     records_dir = tmp_path / "resume.work" / "records"
     deadline = time.monotonic() + 120
@@ -104,24 +133,61 @@ def test_real_dask_cluster_survives_a_killed_worker(tmp_path):
     """dask scheduler + two dask workers on 127.0.0.1; one is SIGKILLed mid-run: the job
     still completes, every record once, values equal to a LocalCluster run."""
     mols = molecules(tmp_path, ("O water", "C methane", "N ammonia"))
-    common = ["--molecules", str(mols), "--conformations", "8", "--low", "hf/6-31g", "--high", "none",
-              "--no-density-fit"]
-    local = subprocess.run(GENERATE + common + ["--out", str(tmp_path / "local.h5")], cwd=ROOT,
-                           capture_output=True, timeout=300)
+    common = [
+        "--molecules",
+        str(mols),
+        "--conformations",
+        "8",
+        "--low",
+        "hf/6-31g",
+        "--high",
+        "none",
+        "--no-density-fit",
+    ]
+    local = subprocess.run(
+        GENERATE + common + ["--out", str(tmp_path / "local.h5")], cwd=ROOT, capture_output=True, timeout=300
+    )
     assert local.returncode == 0, local.stderr.decode()
     port = _free_port()
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    scheduler = subprocess.Popen(dask + ["--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        dask + ["--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                                 "--nworkers", "1", "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", ":0"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--no-nanny",
+                "--host",
+                "127.0.0.1",
+                "--dashboard-address",
+                ":0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     try:
         out = tmp_path / "cluster.h5"
-        job = subprocess.Popen(GENERATE + common + ["--out", str(out), "--scheduler", address], cwd=ROOT,
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        job = subprocess.Popen(
+            GENERATE + common + ["--out", str(out), "--scheduler", address],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+        )
         records_dir = tmp_path / "cluster.work" / "records"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(list(records_dir.glob("*.json"))) < 3:
@@ -153,15 +219,34 @@ def test_label_round_trip_matches_pyscf(tmp_path):
     from aniserve.training import ANIData
     from aniserve.units import BOHR_IN_ANGSTROM
 
-    frames = [ase.Atoms("HOH", positions=[[0.76, 0.59, 0.0], [0.0, 0.0, 0.0], [-0.76, 0.59 + d, 0.0]])
-              for d in (0.0, 0.05)]
-    frames.append(ase.Atoms("NH3", positions=[[0, 0, 0.1], [0.94, 0, -0.25], [-0.47, 0.81, -0.25],
-                                              [-0.47, -0.81, -0.25]]))
+    frames = [
+        ase.Atoms("HOH", positions=[[0.76, 0.59, 0.0], [0.0, 0.0, 0.0], [-0.76, 0.59 + d, 0.0]]) for d in (0.0, 0.05)
+    ]
+    frames.append(
+        ase.Atoms("NH3", positions=[[0, 0, 0.1], [0.94, 0, -0.25], [-0.47, 0.81, -0.25], [-0.47, -0.81, -0.25]])
+    )
     xyz = tmp_path / "collected.extxyz"
     ase.io.write(xyz, frames)
     out = tmp_path / "labelled.h5"
-    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
-                          "--forces", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "data",
+            "label",
+            str(xyz),
+            "--level",
+            "hf/sto-3g",
+            "--forces",
+            "--no-density-fit",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr.decode()
     data = ANIData(out, "hf_sto3g.energy", "hf_sto3g.forces")
     assert len(data) == 3
@@ -172,23 +257,72 @@ def test_label_round_trip_matches_pyscf(tmp_path):
         mf = scf.RHF(gto.M(atom=[(int(z), p) for z, p in zip(numbers, positions)], basis="sto-3g", verbose=0))
         mf.run(conv_tol=1e-10)
         assert abs(mf.e_tot - float(batch.energy[b])) < 1e-8
-        np.testing.assert_allclose(batch.forces[b][real].numpy(), -mf.nuc_grad_method().kernel() / BOHR_IN_ANGSTROM,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            batch.forces[b][real].numpy(), -mf.nuc_grad_method().kernel() / BOHR_IN_ANGSTROM, atol=1e-6
+        )
     # Labelling again at a second level keeps the first and computes nothing twice.
-    again = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(out), "--level", "hf/3-21g",
-                            "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "data",
+            "label",
+            str(out),
+            "--level",
+            "hf/3-21g",
+            "--no-density-fit",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr.decode()
     assert len(ANIData(out, "hf_sto3g.energy", "hf_sto3g.forces")) == 3 and len(ANIData(out, "hf_321g.energy")) == 3
-    same = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
-                           "--forces", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+    same = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "data",
+            "label",
+            str(xyz),
+            "--level",
+            "hf/sto-3g",
+            "--forces",
+            "--no-density-fit",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert same.returncode == 0 and "all already done" in same.stderr.decode()
 
 
 def test_label_refuses_bad_input_with_one_line(tmp_path):
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
-    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(empty), "--level", "hf/sto-3g",
-                          "--out", str(tmp_path / "x.h5")], cwd=ROOT, capture_output=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "data",
+            "label",
+            str(empty),
+            "--level",
+            "hf/sto-3g",
+            "--out",
+            str(tmp_path / "x.h5"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and "empty file" in run.stderr.decode()
     assert "Traceback" not in run.stderr.decode()
 
@@ -202,9 +336,26 @@ def test_failed_calculation_is_retried_then_reported(tmp_path):
     xyz = tmp_path / "mixed.extxyz"
     ase.io.write(xyz, [ase.Atoms("H"), ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])])
     out = tmp_path / "mixed.h5"
-    run = subprocess.run([sys.executable, "-m", "aniserve", "data", "label", str(xyz), "--level", "hf/sto-3g",
-                          "--retries", "1", "--no-density-fit", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "data",
+            "label",
+            str(xyz),
+            "--level",
+            "hf/sto-3g",
+            "--retries",
+            "1",
+            "--no-density-fit",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     log = run.stderr.decode()
     assert run.returncode == 1, log
     assert "1 computed, 0 already done, 1 failed of 2" in log and "failed: mixed~" in log
@@ -223,12 +374,45 @@ def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
     from pyscf import cc, gto, scf
 
     out = tmp_path / "cc.h5"
-    subprocess.run(GENERATE + ["--molecules", str(molecules(tmp_path)), "--out", str(out), "--conformations", "3",
-                               "--low", "hf/sto-3g", "--high", "ccsd(t)/sto-3g", "--high-every", "2",
-                               "--no-density-fit"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        GENERATE
+        + [
+            "--molecules",
+            str(molecules(tmp_path)),
+            "--out",
+            str(out),
+            "--conformations",
+            "3",
+            "--low",
+            "hf/sto-3g",
+            "--high",
+            "ccsd(t)/sto-3g",
+            "--high-every",
+            "2",
+            "--no-density-fit",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     before = read_records(out)
-    label = [sys.executable, "-m", "aniserve", "data", "label", str(out), "--level", "ccsd(t)/sto-3g", "--forces",
-             "--having", "ccsd(t)/sto-3g", "--per-molecule", "1", "--out", str(out)]
+    label = [
+        sys.executable,
+        "-m",
+        "aniserve",
+        "data",
+        "label",
+        str(out),
+        "--level",
+        "ccsd(t)/sto-3g",
+        "--forces",
+        "--having",
+        "ccsd(t)/sto-3g",
+        "--per-molecule",
+        "1",
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(label, cwd=ROOT, capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr.decode()
     with h5py.File(out) as f:
@@ -239,7 +423,8 @@ def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
     for rid in before:  # nothing else changed (the labelled ones' energies come from the gradient's own calculation)
         tolerance = 1e-7 if rid in labelled else 0.0
         assert abs(energies[rid] - before[rid]["high"]) <= tolerance or (
-            np.isnan(energies[rid]) and np.isnan(before[rid]["high"]))
+            np.isnan(energies[rid]) and np.isnan(before[rid]["high"])
+        )
     with h5py.File(out) as f:
         assert "sampling" in f.attrs  # labelling kept how the file was sampled
 

@@ -46,8 +46,9 @@ def test_top_k_concentrates_where_the_band_with_a_cap_spreads():
 def test_band_levels_and_percentiles_bound_the_choice():
     candidates, _ = pool()
     chosen = strategy("band").select(candidates, 50, np.random.default_rng(0), lower=1.0, upper=2.0, cap=100)
-    assert len(chosen) == 50 and np.all((candidates.force_deviation[chosen] >= 1.0)
-                                         & (candidates.force_deviation[chosen] <= 2.0))
+    assert len(chosen) == 50 and np.all(
+        (candidates.force_deviation[chosen] >= 1.0) & (candidates.force_deviation[chosen] <= 2.0)
+    )
     few = strategy("band").select(candidates, 50, np.random.default_rng(0), lower=40.0, upper=60.0)
     assert len(few) <= 6  # fewer than k when the band holds fewer
     with pytest.raises(ValueError, match="lower level 2.0 is above its upper level 1.0"):
@@ -60,8 +61,9 @@ def test_farthest_point_choice_covers_the_descriptor_space():
     # descriptors separate the molecules by 10 units: 8 farthest points are 8 molecules
     assert len(np.unique(candidates.group[fps])) == 8
     with pytest.raises(ValueError, match="needs descriptors"):
-        strategy("band-fps").select(Candidates(candidates.force_deviation, candidates.group), 4,
-                                    np.random.default_rng(0))
+        strategy("band-fps").select(
+            Candidates(candidates.force_deviation, candidates.group), 4, np.random.default_rng(0)
+        )
 
 
 @pytest.mark.parametrize("name", ["random", "top-k", "band", "band-fps"])

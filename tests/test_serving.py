@@ -7,13 +7,13 @@ import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
+from test_driver_ipi import FakeServer, ask_forces, ethanol_posdata
 
 from aniserve import protocol
 from aniserve.calculator import ANICalculator
 from aniserve.collect import Collector
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, cached_model
-from test_driver_ipi import FakeServer, ask_forces, ethanol_posdata
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -36,8 +36,9 @@ def serve_steps(server, steps):
 
 def test_drive_collects_above_a_low_threshold_with_the_evaluated_spreads(tmp_path):
     out = tmp_path / "collected.extxyz"
-    server = FakeServer().start_driver("--collect", str(out), "--collect-energy-std", "1e-6",
-                                       "--collect-force-std", "1e-6", "--collect-every", "2")
+    server = FakeServer().start_driver(
+        "--collect", str(out), "--collect-energy-std", "1e-6", "--collect-force-std", "1e-6", "--collect-every", "2"
+    )
     code, log = serve_steps(server, 5)
     assert code == 0, log
     frames = ase.io.read(out, index=":")
@@ -93,16 +94,18 @@ def test_collector_needs_a_threshold():
 def test_driver_and_calculator_share_one_evaluation(tmp_path):
     """Energies, forces and stress of a periodic box from the in-process calculator equal
     the driver's reply (the same evaluator, two edges with their own units)."""
+    from conftest import reference
+
     from aniserve.serving import Evaluator, Structure
     from aniserve.units import HARTREE_IN_EV
-    from conftest import reference
 
     record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
     model = cached_model("ani-1ccx", "float64")
     atoms = Atoms(numbers=record["numbers"], positions=record["positions"], cell=record["cell"], pbc=True)
     atoms.calc = ANICalculator(model)
-    result, = Evaluator(model).evaluate([("k", Structure(np.array(record["numbers"]),
-                                                         np.array(record["positions"]), np.array(record["cell"])))])
+    (result,) = Evaluator(model).evaluate(
+        [("k", Structure(np.array(record["numbers"]), np.array(record["positions"]), np.array(record["cell"])))]
+    )
     assert atoms.get_potential_energy() == result.energy * HARTREE_IN_EV
     np.testing.assert_array_equal(atoms.get_forces(), result.forces * HARTREE_IN_EV)
     stress = -result.virial * HARTREE_IN_EV / atoms.get_volume()
@@ -111,19 +114,24 @@ def test_driver_and_calculator_share_one_evaluation(tmp_path):
 
 def test_non_finite_results_are_never_returned():
     """Two atoms at one point give NaN forces: the calculator raises, naming them."""
-    atoms = Atoms("CH4", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [0.63, -0.63, -0.63],
-                                    [0.63, -0.63, -0.63]])
+    atoms = Atoms(
+        "CH4",
+        positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [0.63, -0.63, -0.63], [0.63, -0.63, -0.63]],
+    )
     atoms.calc = ANICalculator(cached_model("ani-1ccx", "float64"))
     with pytest.raises(ValueError, match=r"non-finite .* \(atoms 3 and 4 are 0 Å apart\)"):
         atoms.get_forces()
 
 
-@pytest.mark.parametrize("numbers,positions,cell,message", [
-    ([], np.zeros((0, 3)), None, "no atoms"),
-    ([6.7, 1, 1, 1, 1], ETHANOL_POSITIONS[:5], None, "must be integers"),
-    ([8, 1, 1] * 3, np.random.default_rng(0).uniform(0, 0.5, (9, 3)), np.eye(3) * 0.5, "cell too thin"),
-    ([8, 1, 1], ETHANOL_POSITIONS[:3], np.diag([12.0, 12.0, 0.001]), "cell too thin"),
-])
+@pytest.mark.parametrize(
+    "numbers,positions,cell,message",
+    [
+        ([], np.zeros((0, 3)), None, "no atoms"),
+        ([6.7, 1, 1, 1, 1], ETHANOL_POSITIONS[:5], None, "must be integers"),
+        ([8, 1, 1] * 3, np.random.default_rng(0).uniform(0, 0.5, (9, 3)), np.eye(3) * 0.5, "cell too thin"),
+        ([8, 1, 1], ETHANOL_POSITIONS[:3], np.diag([12.0, 12.0, 0.001]), "cell too thin"),
+    ],
+)
 def test_bad_structures_are_refused_before_any_work(numbers, positions, cell, message):
     with pytest.raises(ValueError, match=message):
         cached_model("ani-1ccx", "float64").evaluate(numbers, positions, cell)
@@ -170,8 +178,9 @@ def test_driver_replies_go_to_their_own_connections_and_slots():
     batched, single = Connection(address, numbers, _SentBytes()), Connection(address, numbers, _SentBytes())
     for conn, size, first in ((batched, 2, 0), (single, 1, 2)):
         conn.buffer += protocol.encode_init(0, f"batch_size:{size}")
-        conn.buffer += protocol.encode_posdata(np.zeros((size, 3, 3)), np.stack(geometries[first:first + size])
-                                               / BOHR_IN_ANGSTROM, batch_size=size)
+        conn.buffer += protocol.encode_posdata(
+            np.zeros((size, 3, 3)), np.stack(geometries[first : first + size]) / BOHR_IN_ANGSTROM, batch_size=size
+        )
         driver._process(conn)
         assert conn.state == "pending" and len(conn.keys) == size
     driver._compute([batched, single])

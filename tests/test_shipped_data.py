@@ -6,7 +6,6 @@ import re
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 LOW, HIGH = "wb97x_631gd.energy", "ccsd(t)_ccpvdz.energy"
@@ -29,10 +28,13 @@ def contents(name):
     return molecules, low, high, heavy
 
 
-@pytest.mark.parametrize("name,heavy_range,min_molecules,min_low,min_high", [
-    ("qm-train.h5", (1, 4), 60, 2000, 500),
-    ("qm-test.h5", (5, 7), 12, 100, 100),
-])
+@pytest.mark.parametrize(
+    "name,heavy_range,min_molecules,min_low,min_high",
+    [
+        ("qm-train.h5", (1, 4), 60, 2000, 500),
+        ("qm-test.h5", (5, 7), 12, 100, 100),
+    ],
+)
 def test_shipped_set_meets_its_targets_and_readme(name, heavy_range, min_molecules, min_low, min_high):
     molecules, low, high, heavy = contents(name)
     assert len(molecules) >= min_molecules and low >= min_low and high >= min_high
@@ -58,8 +60,10 @@ def test_ring_extension_list_meets_issue_16():
         return {Chem.MolToSmiles(Chem.MolFromSmiles(s.source)): s.name for s in specs}
 
     rings = canonical(read_molecule_list(ROOT / "data" / "molecules" / "train-rings.smi"))
-    others = {**canonical(read_molecule_list(ROOT / "data" / "molecules" / "train.smi")),
-              **canonical(read_molecule_list(ROOT / "data" / "molecules" / "test.smi"))}
+    others = {
+        **canonical(read_molecule_list(ROOT / "data" / "molecules" / "train.smi")),
+        **canonical(read_molecule_list(ROOT / "data" / "molecules" / "test.smi")),
+    }
     assert len(rings) >= 48 and not set(rings) & set(others)
     mols = [Chem.MolFromSmiles(s) for s in rings]
     assert all(3 <= m.GetNumHeavyAtoms() <= 6 and {a.GetSymbol() for a in m.GetAtoms()} <= set("CNO") for m in mols)

@@ -10,12 +10,12 @@ import ase
 import ase.io
 import numpy as np
 import pytest
+from conftest import ROOT, cached_model
 
 from aniserve.calculator import periodic_cell
 from aniserve.embedded import DEFAULT_MODEL
 from aniserve.structures import StructureFileError, read_structures
 from aniserve.units import BOHR_IN_ANGSTROM
-from conftest import ROOT, cached_model
 
 WATER27 = ROOT / "examples" / "ipi-pimd-water" / "water27.xyz"
 
@@ -34,8 +34,12 @@ def test_the_ipi_water_box_is_read_as_a_box_and_eval_gives_its_periodic_energy(t
     want = model.evaluate(atoms.numbers, atoms.positions, np.array(atoms.cell))
     cluster = model.evaluate(atoms.numbers, atoms.positions)
     assert abs(float(want.energy) - float(cluster.energy)) > 1e-3  # the cell matters here
-    run = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(WATER27), "--out", str(tmp_path / "w.json")],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "aniserve", "eval", str(WATER27), "--out", str(tmp_path / "w.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     printed = float(run.stdout.split("E =")[1].split("Ha")[0])
     assert abs(printed - float(want.energy)) < 1e-7 and "periodic" in run.stdout
@@ -48,7 +52,8 @@ def test_every_format_keeps_its_cell(fmt, tmp_path):
     atoms = water_box()
     atoms.set_cell(np.array([[9.3, 0, 0], [0.4, 9.1, 0], [0.2, 0.3, 8.9]]), scale_atoms=False)
     path = tmp_path / {"extxyz": "b.extxyz", "cif": "b.cif", "proteindatabank": "b.pdb", "vasp": "POSCAR"}.get(
-        fmt, "b.xyz")
+        fmt, "b.xyz"
+    )
     if fmt.startswith("ipi"):
         cell = np.array(atoms.cell)
         scale = 1 / BOHR_IN_ANGSTROM if fmt == "ipi-bohr" else 1.0
@@ -59,8 +64,10 @@ def test_every_format_keeps_its_cell(fmt, tmp_path):
         else:
             h = (cell.T * scale).ravel()  # i-PI's h: vectors as columns, written row by row
             comment = f"# CELL(H): {' '.join(repr(float(v)) for v in h)} positions{{{unit}}} cell{{{unit}}}"
-        lines = [f"{s} {float(x) * scale!r} {float(y) * scale!r} {float(z) * scale!r}" for s, (x, y, z) in
-                 zip(atoms.get_chemical_symbols(), atoms.positions)]
+        lines = [
+            f"{s} {float(x) * scale!r} {float(y) * scale!r} {float(z) * scale!r}"
+            for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions)
+        ]
         path.write_text(f"{len(atoms)}\n{comment}\n" + "\n".join(lines) + "\n")
     else:
         ase.io.write(path, atoms, format=fmt)
@@ -91,8 +98,12 @@ def test_eval_out_files_read_back_in_ase_with_the_same_numbers(tmp_path):
     source = tmp_path / "two.extxyz"
     ase.io.write(source, frames)
     for name in ("r.extxyz", "r.json"):
-        run = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(source), "--out", str(tmp_path / name)],
-                             capture_output=True, text=True, cwd=ROOT)
+        run = subprocess.run(
+            [sys.executable, "-m", "aniserve", "eval", str(source), "--out", str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert run.returncode == 0, run.stderr
     back = ase.io.read(tmp_path / "r.extxyz", index=":")
     report = json.loads((tmp_path / "r.json").read_text())["frames"]
@@ -116,7 +127,11 @@ def test_eval_out_keeps_the_frames_before_a_bad_one(tmp_path):
     bad = good.copy()
     bad.positions[1] = bad.positions[0]  # two atoms on top of each other
     ase.io.write(tmp_path / "three.extxyz", [good, good, bad])
-    run = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(tmp_path / "three.extxyz"), "--out",
-                          str(tmp_path / "r.extxyz")], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "aniserve", "eval", str(tmp_path / "three.extxyz"), "--out", str(tmp_path / "r.extxyz")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 3 and "frame 2" in run.stderr and "wrote frames 0–1" in run.stderr
     assert len(ase.io.read(tmp_path / "r.extxyz", index=":")) == 2

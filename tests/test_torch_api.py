@@ -9,17 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model
 
 import aniserve
 from aniserve.embedded import DEFAULT_MODEL
 from aniserve.models import canonical_name
-from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model
 
 
 def test_energies_and_forces_are_differentiable_torch_tensors_equal_to_evaluate():
     model = cached_model(DEFAULT_MODEL, "float64")
-    numbers, x = torch.tensor(ETHANOL_NUMBERS), torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64,
-                                                             requires_grad=True)
+    numbers, x = torch.tensor(ETHANOL_NUMBERS), torch.tensor(ETHANOL_POSITIONS, dtype=torch.float64, requires_grad=True)
     energy = model.energies(numbers, x)
     assert isinstance(energy, torch.Tensor) and energy.requires_grad
     forces = -torch.autograd.grad(energy, x)[0]
@@ -73,8 +72,12 @@ def test_torchscript_file_runs_in_plain_pytorch_like_a_torchani_model(name, tmp_
     """Exported by the CLI, loaded in a fresh process that never imports aniserve:
     energies within 1e-6 Ha (float64; here ~1e-12) and forces by autograd."""
     out = tmp_path / "model.pt"
-    run = subprocess.run([sys.executable, "-m", "aniserve", "export", name, str(out), "--torchscript"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "aniserve", "export", name, str(out), "--torchscript"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     water = [[0.0, 0.0, 0.12], [0.0, 0.76, -0.48], [0.0, -0.76, -0.48]]
     numbers = [ETHANOL_NUMBERS, [8, 1, 1] + [0] * 6]

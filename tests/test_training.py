@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, cached_model, perturbed_molecules
 
 from aniserve.modelfile import load_saved
 from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train, transfer_model
 from aniserve.training.data import write_ani_h5
-from conftest import ROOT, cached_model, perturbed_molecules
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
 
@@ -29,8 +29,12 @@ def teacher_groups(conformations=10, seed=0, shift=0.0):
         result = model.evaluate(np.repeat(numbers[None], conformations, 0), pos)
         energy = result.energy + shift * (numbers > 1).sum() + 0.002 * np.sin(3 * pos[:, 0, 0])
         groups[formula] = {
-            "atomic_numbers": numbers, "coordinates": pos, "wb97x_dz.energy": energy,
-            "wb97x_dz.forces": result.forces, "ccsd(t)_cbs.energy": energy + 0.001 * pos[:, 0, 1]}
+            "atomic_numbers": numbers,
+            "coordinates": pos,
+            "wb97x_dz.energy": energy,
+            "wb97x_dz.forces": result.forces,
+            "ccsd(t)_cbs.energy": energy + 0.001 * pos[:, 0, 1],
+        }
     return groups
 
 
@@ -59,8 +63,10 @@ def digest(tensors) -> str:
 def test_both_layouts_read_the_same_structures(tmp_path):
     groups = teacher_groups(conformations=3)
     write_ani_h5(tmp_path / "ani.h5", groups)
-    torchani_groups = {k: {"atomic_numbers": v["atomic_numbers"], "coordinates": v["coordinates"],
-                           "energies": v["wb97x_dz.energy"]} for k, v in groups.items()}
+    torchani_groups = {
+        k: {"atomic_numbers": v["atomic_numbers"], "coordinates": v["coordinates"], "energies": v["wb97x_dz.energy"]}
+        for k, v in groups.items()
+    }
     write_ani_h5(tmp_path / "torchani.h5", torchani_groups, layout="torchani")
     a = list(ANIData(tmp_path / "ani.h5", "wb97x_dz.energy").batches(64))
     b = list(ANIData(tmp_path / "torchani.h5", "energies").batches(64))
@@ -122,19 +128,21 @@ def pretrained(dft_file, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy, frozen", [
-    ("full", []),
-    ("freeze", ["weights.0", "biases.0", "weights.2", "biases.2"]),
-    ("delta", ["base."]),
-])
+@pytest.mark.parametrize(
+    "strategy, frozen",
+    [
+        ("full", []),
+        ("freeze", ["weights.0", "biases.0", "weights.2", "biases.2"]),
+        ("delta", ["base."]),
+    ],
+)
 def test_strategy_trains_exactly_what_it_claims(strategy, frozen, pretrained, dft_file, tmp_path):
     model, penalty = transfer_model(load_saved(pretrained), strategy, {}, seed=0)
     names = dict(model.named_parameters())
     is_frozen = {n: any(f in n for f in frozen) for n in names}
     assert {n for n, p in names.items() if not p.requires_grad} == {n for n in names if is_frozen[n]}
     before = {n: digest([p]) for n, p in names.items()}
-    train(model, ANIData(dft_file, "ccsd(t)_cbs.energy"), tmp_path / "t.safetensors", quick(epochs=2),
-          penalty=penalty)
+    train(model, ANIData(dft_file, "ccsd(t)_cbs.energy"), tmp_path / "t.safetensors", quick(epochs=2), penalty=penalty)
     after = {n: digest([p]) for n, p in load_saved(tmp_path / "t.safetensors").named_parameters()}
     for n in names:
         assert (before[n] == after[n]) == is_frozen[n], n
@@ -182,13 +190,44 @@ def test_cli_train_then_transfer(dft_file, tmp_path):
     import json
 
     config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
-    result = runner.invoke(main, ["train", "--data", str(dft_file), "--energy-key", "wb97x_dz.energy",
-                                  "--config", str(config), "--out", str(pre), "--epochs", "2"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(dft_file),
+            "--energy-key",
+            "wb97x_dz.energy",
+            "--config",
+            str(config),
+            "--out",
+            str(pre),
+            "--epochs",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "cc.safetensors"
-    result = runner.invoke(main, ["transfer", "--from", str(pre), "--data", str(dft_file), "--energy-key",
-                                  "ccsd(t)_cbs.energy", "--strategy", "freeze", "--freeze-layers", "1,3",
-                                  "--out", str(out), "--epochs", "2"])
+    result = runner.invoke(
+        main,
+        [
+            "transfer",
+            "--from",
+            str(pre),
+            "--data",
+            str(dft_file),
+            "--energy-key",
+            "ccsd(t)_cbs.energy",
+            "--strategy",
+            "freeze",
+            "--freeze-layers",
+            "1,3",
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from aniserve.modelfile import read_description
 
@@ -201,17 +240,60 @@ def test_two_process_ddp_matches_single_process_trend(dft_file, tmp_path):
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
-    common = ["--data", str(dft_file), "--energy-key", "wb97x_dz.energy", "--forces-key", "wb97x_dz.forces",
-              "--config", str(config), "--epochs", "5", "--lr", "3e-3", "--validation", "0.25"]
+    common = [
+        "--data",
+        str(dft_file),
+        "--energy-key",
+        "wb97x_dz.energy",
+        "--forces-key",
+        "wb97x_dz.forces",
+        "--config",
+        str(config),
+        "--epochs",
+        "5",
+        "--lr",
+        "3e-3",
+        "--validation",
+        "0.25",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "aniserve", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp.safetensors")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "aniserve",
+        "train",
+        *common,
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "ddp.safetensors"),
+    ]
     done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stderr
-    single = subprocess.run([sys.executable, "-m", "aniserve", "train", *common, "--batch-size", "16",
-                             "--out", str(tmp_path / "one.safetensors")],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "train",
+            *common,
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "one.safetensors"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     from aniserve.modelfile import read_description
 
@@ -231,8 +313,11 @@ def test_bad_data_is_named(dft_file, tmp_path):
     with pytest.raises(DataError, match="not a readable HDF5 file"):
         ANIData(broken, "wb97x_dz.energy")
     groups = teacher_groups(conformations=2)
-    groups["SH2"] = {"atomic_numbers": np.array([16, 1, 1]), "coordinates": np.array([[[0.0, 0, 0], [1.34, 0, 0], [0, 1.34, 0]]] * 2),
-                     "wb97x_dz.energy": np.zeros(2)}
+    groups["SH2"] = {
+        "atomic_numbers": np.array([16, 1, 1]),
+        "coordinates": np.array([[[0.0, 0, 0], [1.34, 0, 0], [0, 1.34, 0]]] * 2),
+        "wb97x_dz.energy": np.zeros(2),
+    }
     write_ani_h5(tmp_path / "s.h5", groups)
     with pytest.raises(DataError, match=r"does not cover: S \(2 atoms in 2 conformations\)"):
         train(small_model(), ANIData(tmp_path / "s.h5", "wb97x_dz.energy"), tmp_path / "x.safetensors", quick())
@@ -265,9 +350,24 @@ def test_several_data_files_train_as_one_set(tmp_path):
     import json
 
     config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
-    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "a.h5"), "--data", str(tmp_path / "b.h5"),
-                                       "--energy-key", "wb97x_dz.energy", "--config", str(config), "--out", str(out),
-                                       "--epochs", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "a.h5"),
+            "--data",
+            str(tmp_path / "b.h5"),
+            "--energy-key",
+            "wb97x_dz.energy",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from aniserve.modelfile import read_description
 
@@ -285,8 +385,19 @@ def test_train_refuses_to_overwrite_and_writes_readable_files(dft_file, tmp_path
     config = tmp_path / "config.json"
     config.write_text(json.dumps(default_description(hidden=(16, 8, 8), ensemble_size=2)))
     out = tmp_path / "m.safetensors"
-    args = ["train", "--data", str(dft_file), "--energy-key", "wb97x_dz.energy", "--config", str(config),
-            "--out", str(out), "--epochs", "1"]
+    args = [
+        "train",
+        "--data",
+        str(dft_file),
+        "--energy-key",
+        "wb97x_dz.energy",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+    ]
     old = os.umask(0o022)
     try:
         assert CliRunner().invoke(main, args).exit_code == 0

@@ -67,7 +67,7 @@ def spreads(model, data) -> np.ndarray:
 
 
 def _chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _transfer(base_loader, selection, strategy, options, budget: Budget, seed, out):
@@ -75,9 +75,16 @@ def _transfer(base_loader, selection, strategy, options, budget: Budget, seed, o
     from aniserve.training import Settings, train, transfer_model
 
     model, penalty = transfer_model(base_loader(), strategy, dict(options or {}), seed)
-    settings = Settings(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, seed=seed,
-                        early_stop_patience=budget.patience, plateau_patience=max(1, budget.patience // 3),
-                        validation=0.15, selection=budget.selection)
+    settings = Settings(
+        epochs=budget.epochs,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        seed=seed,
+        early_stop_patience=budget.patience,
+        plateau_patience=max(1, budget.patience // 3),
+        validation=0.15,
+        selection=budget.selection,
+    )
     train(model, selection, out, settings, penalty=penalty)
     return load_saved(out).to(torch.float64).eval()
 
@@ -93,11 +100,13 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
     items = pool.items()
     if max(budget.ks) > len(items):
         raise ValueError(f"K = {max(budget.ks)} exceeds the pool's {len(items)} high-level conformations")
-    _say(f"pool: {len(items)} high-level conformations; test: {len(test.high)}; K = {list(budget.ks)}; "
-         f"strategy {strategy}; base {base}")
+    _say(
+        f"pool: {len(items)} high-level conformations; test: {len(test.high)}; K = {list(budget.ks)}; "
+        f"strategy {strategy}; base {base}"
+    )
     base_model = load_base(base).to(torch.float64).eval()
     base_spread = spreads(base_model, pool)
-    runs = {"qbc": {k: [] for k in budget.ks}, "random": {k: [] for k in budget.ks}}
+    runs: dict[str, dict[int, list]] = {"qbc": {k: [] for k in budget.ks}, "random": {k: [] for k in budget.ks}}
     progress = Runs(2 * len(budget.seeds) * len(budget.ks))
     for seed in budget.seeds:
         # Random: one permutation per seed, so the selections are nested.
@@ -105,8 +114,15 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
         for k in budget.ks:
             chosen = [items[i] for i in order[:k]]
             progress.start(f"random  K={k}, seed {seed}")
-            model = _transfer(lambda: load_base(base), pool.select(chosen), strategy, options, budget, seed,
-                              workdir / f"random-k{k}-seed{seed}.safetensors")
+            model = _transfer(
+                lambda: load_base(base),
+                pool.select(chosen),
+                strategy,
+                options,
+                budget,
+                seed,
+                workdir / f"random-k{k}-seed{seed}.safetensors",
+            )
             runs["random"][k].append({"seed": seed, **score(model, test)})
             _say(f"random  K={k:4d} seed {seed}: conformer RMSE {runs['random'][k][-1]['conformer_rmse_kcal']:.3f}")
         # Query by committee in rounds: rank by the current model's spread.
@@ -115,25 +131,43 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
         for k in budget.ks:
             taken = set(chosen_idx)
             ranked = [i for i in np.argsort(-current, kind="stable") if i not in taken]
-            chosen_idx += ranked[:k - len(chosen_idx)]
+            chosen_idx += ranked[: k - len(chosen_idx)]
             progress.start(f"qbc     K={k}, seed {seed}")
-            model = _transfer(lambda: load_base(base), pool.select([items[i] for i in chosen_idx]), strategy, options,
-                              budget, seed, workdir / f"qbc-k{k}-seed{seed}.safetensors")
+            model = _transfer(
+                lambda: load_base(base),
+                pool.select([items[i] for i in chosen_idx]),
+                strategy,
+                options,
+                budget,
+                seed,
+                workdir / f"qbc-k{k}-seed{seed}.safetensors",
+            )
             result = score(model, test)
             result["mean_spread_per_sqrt_atom_kcal"] = float(np.mean(current[chosen_idx]) * HARTREE_IN_KCAL_PER_MOL)
             runs["qbc"][k].append({"seed": seed, **result})
             _say(f"qbc     K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}")
             current = spreads(model, pool)
-    selections = {name: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()}
-    return {"base": str(base), "strategy": strategy, "budget": dataclasses.asdict(budget), "pool": str(train_path),
-            "test": str(test_path), "pool_size": len(items), "selections": selections}
+    selections = {
+        name: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()
+    }
+    return {
+        "base": str(base),
+        "strategy": strategy,
+        "budget": dataclasses.asdict(budget),
+        "pool": str(train_path),
+        "test": str(test_path),
+        "pool_size": len(items),
+        "selections": selections,
+    }
 
 
 def table(result: dict) -> str:
     ks = [row["k"] for row in result["selections"]["qbc"]]
-    lines = [f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} conformations",
-             f"{'K':>6s} {'QBC conformer RMSE':>20s} {'random conformer RMSE':>22s} {'QBC total RMSE':>16s} "
-             f"{'random total RMSE':>18s}"]
+    lines = [
+        f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} conformations",
+        f"{'K':>6s} {'QBC conformer RMSE':>20s} {'random conformer RMSE':>22s} {'QBC total RMSE':>16s} "
+        f"{'random total RMSE':>18s}",
+    ]
     for k in ks:
         q = next(r for r in result["selections"]["qbc"] if r["k"] == k)
         r = next(r for r in result["selections"]["random"] if r["k"] == k)
@@ -141,8 +175,10 @@ def table(result: dict) -> str:
         def cell(m, key, width):
             return f"{m[key]:.2f}±{m[key + '_std']:.2f}".rjust(width)
 
-        lines.append(f"{k:6d} {cell(q, 'conformer_rmse_kcal', 20)} {cell(r, 'conformer_rmse_kcal', 22)} "
-                     f"{cell(q, 'total_rmse_kcal', 16)} {cell(r, 'total_rmse_kcal', 18)}")
+        lines.append(
+            f"{k:6d} {cell(q, 'conformer_rmse_kcal', 20)} {cell(r, 'conformer_rmse_kcal', 22)} "
+            f"{cell(q, 'total_rmse_kcal', 16)} {cell(r, 'total_rmse_kcal', 18)}"
+        )
     lines.append("kcal/mol against the high level on the held-out test molecules; ± is the spread over seeds")
     return "\n".join(lines)
 
@@ -154,12 +190,20 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((axes[0], "conformer_rmse_kcal", "conformer RMSE"),
-                           (axes[1], "total_rmse_kcal", "total-energy RMSE")):
+    for ax, key, title in (
+        (axes[0], "conformer_rmse_kcal", "conformer RMSE"),
+        (axes[1], "total_rmse_kcal", "total-energy RMSE"),
+    ):
         for name, label in (("qbc", "query by committee"), ("random", "random")):
             rows = result["selections"][name]
-            ax.errorbar([r["k"] for r in rows], [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
-                        marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [r["k"] for r in rows],
+                [r[key] for r in rows],
+                yerr=[r[key + "_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labelled conformations K")
         ax.set_ylabel(f"{title} vs high level, kcal/mol")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Any
 
 from aniserve.bench.speed import ETHANOL
 
@@ -52,8 +53,11 @@ def _served(transport: str, model: str, calls: int, warmup: int, folder: pathlib
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         where, server_args = ["--inet", f"127.0.0.1:{port}"], {"port": port}
-    driver = subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure",
-                               str(structure), *where], stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure", str(structure), *where],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         with SocketIOCalculator(**server_args) as calc:
             atoms.calc = calc
@@ -68,7 +72,7 @@ def _served(transport: str, model: str, calls: int, warmup: int, folder: pathlib
 def run(model: str, calls: int = 200, warmup: int = 10) -> list[dict]:
     from aniserve.calculator import ANICalculator
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     atoms = _atoms()
     atoms.calc = ANICalculator(model)
     cases = [("in-process", _time_calls(atoms, calls, warmup))]
@@ -76,9 +80,15 @@ def run(model: str, calls: int = 200, warmup: int = 10) -> list[dict]:
         for transport in ("unix", "inet"):
             cases.append((f"socket-{transport}", _served(transport, model, calls, warmup, pathlib.Path(tmp))))
     for name, times in cases:
-        rows.append({"client": name, "calls": calls, "ms_per_call_mean": 1e3 * statistics.fmean(times),
-                     "ms_per_call_median": 1e3 * statistics.median(times),
-                     "ms_per_call_p90": 1e3 * sorted(times)[int(0.9 * len(times))]})
+        rows.append(
+            {
+                "client": name,
+                "calls": calls,
+                "ms_per_call_mean": 1e3 * statistics.fmean(times),
+                "ms_per_call_median": 1e3 * statistics.median(times),
+                "ms_per_call_p90": 1e3 * sorted(times)[int(0.9 * len(times))],
+            }
+        )
         print(f"{name:12s} {rows[-1]['ms_per_call_median']:8.2f} ms per call (median)", file=sys.stderr, flush=True)
     unix = next(r for r in rows if r["client"] == "socket-unix")
     for r in rows:
@@ -88,6 +98,9 @@ def run(model: str, calls: int = 200, warmup: int = 10) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'client':12s} {'median ms':>9s} {'mean ms':>8s} {'p90 ms':>7s} {'× UNIX':>7s}"]
-    lines += [f"{r['client']:12s} {r['ms_per_call_median']:9.2f} {r['ms_per_call_mean']:8.2f} "
-              f"{r['ms_per_call_p90']:7.2f} {r['ratio_to_unix']:7.2f}" for r in rows]
+    lines += [
+        f"{r['client']:12s} {r['ms_per_call_median']:9.2f} {r['ms_per_call_mean']:8.2f} "
+        f"{r['ms_per_call_p90']:7.2f} {r['ratio_to_unix']:7.2f}"
+        for r in rows
+    ]
     return "\n".join(lines)

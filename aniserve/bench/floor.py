@@ -31,7 +31,7 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 512, seconds: fl
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def _layer_sizes(networks) -> list[tuple[int, dict[int, list[int]]]]:

@@ -48,8 +48,9 @@ def _script(name: str) -> str:
     local = pathlib.Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise FileNotFoundError(f"{name} not found: bench ipi runs i-PI itself; install it with "
-                                f"pip install 'aniserve[ipi]'")
+        raise FileNotFoundError(
+            f"{name} not found: bench ipi runs i-PI itself; install it with pip install 'aniserve[ipi]'"
+        )
     return found
 
 
@@ -57,8 +58,20 @@ def _client(kind: str, address: str, model: str, structure: pathlib.Path) -> lis
     if kind == "harmonic":
         return [_script("i-pi-py_driver"), "-u", "-a", address, "-m", "harmonic", "-o", "1.0"]
     connections = "8" if kind == "aniserve-8-connections" else "1"
-    return [sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure", str(structure),
-            "--unix", address, "--connections", connections]
+    return [
+        sys.executable,
+        "-m",
+        "aniserve",
+        "drive",
+        "--model",
+        model,
+        "--structure",
+        str(structure),
+        "--unix",
+        address,
+        "--connections",
+        connections,
+    ]
 
 
 def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: float) -> float:
@@ -67,22 +80,28 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
     (folder / "input.xml").write_text(INPUT.format(steps=steps, address=address, batch=batch, latency=latency))
     ipi = _script("i-pi")
     start = time.perf_counter()
-    server = subprocess.Popen([ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen(
+        [ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     # Start the client once i-PI's socket exists (i-PI's own driver gives up at once if
     # it does not); the difference of two runs cancels the wait.
-    socket_path = pathlib.Path(Address.unix(address).target)  # i-PI's naming, as the driver knows it
+    socket_path = pathlib.Path(str(Address.unix(address).target))  # i-PI's naming, as the driver knows it
     deadline = time.monotonic() + 120
     while not socket_path.exists():
         if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"i-PI did not open its socket ({kind}): {server.stderr.read()[-2000:]}")
+            raise RuntimeError(f"i-PI did not open its socket ({kind}): {_tail(server)}")
         time.sleep(0.05)
-    client = subprocess.Popen(_client(kind, address, model, folder / "ethanol.xyz"), cwd=folder,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        _client(kind, address, model, folder / "ethanol.xyz"),
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while server.poll() is None:
             if client.poll() not in (None, 0):
-                raise RuntimeError(f"{kind} client exited with {client.returncode}: {client.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{kind} client exited with {client.returncode}: {_tail(client)}")
             time.sleep(0.05)
         code = server.returncode
         elapsed = time.perf_counter() - start
@@ -92,13 +111,18 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
             if process.poll() is None:
                 process.kill()
     if code != 0:
-        raise RuntimeError(f"i-PI failed ({kind}): {server.stderr.read()[-2000:]}")
+        raise RuntimeError(f"i-PI failed ({kind}): {_tail(server)}")
     return elapsed
 
 
-def run(model: str, short: int = 20, long: int = 120,
-        kinds=("harmonic", "aniserve-1-connection", "aniserve-batched", "aniserve-8-connections"),
-        latencies=(1e-3, 1e-4), repeats: int = 1) -> list[dict]:
+def run(
+    model: str,
+    short: int = 20,
+    long: int = 120,
+    kinds=("harmonic", "aniserve-1-connection", "aniserve-batched", "aniserve-8-connections"),
+    latencies=(1e-3, 1e-4),
+    repeats: int = 1,
+) -> list[dict]:
     """Rows per (repeat, socket latency, client); i-PI's default <latency> is 1e-3 s.
 
     Each repeat measures every client once, the harmonic driver first, so a ratio
@@ -110,22 +134,42 @@ def run(model: str, short: int = 20, long: int = 120,
         folder = pathlib.Path(tmp)
         numbers, positions = ETHANOL
         symbols = {1: "H", 6: "C", 8: "O"}
-        (folder / "ethanol.xyz").write_text(f"{len(numbers)}\n# CELL(abcABC): 30 30 30 90 90 90 positions{{angstrom}} cell{{angstrom}}\n" + "".join(
-            f"{symbols[z]} {x:.6f} {y:.6f} {w:.6f}\n" for z, (x, y, w) in zip(numbers, positions)))
+        (folder / "ethanol.xyz").write_text(
+            f"{len(numbers)}\n# CELL(abcABC): 30 30 30 90 90 90 positions{{angstrom}} cell{{angstrom}}\n"
+            + "".join(f"{symbols[z]} {x:.6f} {y:.6f} {w:.6f}\n" for z, (x, y, w) in zip(numbers, positions))
+        )
         for repeat in range(repeats):
             for latency in latencies:
                 for kind in kinds:
                     t_short = _run_once(kind, short, model, folder, latency)
                     t_long = _run_once(kind, long, model, folder, latency)
                     per_step = (t_long - t_short) / (long - short)
-                    rows.append({"client": kind, "latency_s": latency, "repeat": repeat,
-                                 "ms_per_step": per_step * 1e3, "beads": 8, "steps": [short, long],
-                                 "wall_s": [t_short, t_long]})
-                    print(f"repeat {repeat + 1}/{repeats} latency {latency:g} s {kind:24s} "
-                          f"{per_step * 1e3:8.2f} ms per step", file=sys.stderr, flush=True)
+                    rows.append(
+                        {
+                            "client": kind,
+                            "latency_s": latency,
+                            "repeat": repeat,
+                            "ms_per_step": per_step * 1e3,
+                            "beads": 8,
+                            "steps": [short, long],
+                            "wall_s": [t_short, t_long],
+                        }
+                    )
+                    print(
+                        f"repeat {repeat + 1}/{repeats} latency {latency:g} s {kind:24s} "
+                        f"{per_step * 1e3:8.2f} ms per step",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     for r in rows:
-        base = next((b["ms_per_step"] for b in rows if b["client"] == "harmonic" and b["latency_s"] == r["latency_s"]
-                     and b["repeat"] == r["repeat"]), None)
+        base = next(
+            (
+                b["ms_per_step"]
+                for b in rows
+                if b["client"] == "harmonic" and b["latency_s"] == r["latency_s"] and b["repeat"] == r["repeat"]
+            ),
+            None,
+        )
         if base:
             r["ratio_to_harmonic"] = r["ms_per_step"] / base
     return rows
@@ -139,8 +183,13 @@ def summary(rows: list[dict]) -> list[dict]:
         group = [r for r in rows if (r["latency_s"], r["client"]) == key]
         ms = [r["ms_per_step"] for r in group]
         ratios = [r["ratio_to_harmonic"] for r in group if "ratio_to_harmonic" in r]
-        entry = {"latency_s": key[0], "client": key[1], "repeats": len(group), "ms_per_step_median": median(ms),
-                 "ms_per_step_range": [min(ms), max(ms)]}
+        entry = {
+            "latency_s": key[0],
+            "client": key[1],
+            "repeats": len(group),
+            "ms_per_step_median": median(ms),
+            "ms_per_step_range": [min(ms), max(ms)],
+        }
         if ratios:
             entry.update(ratio_median=median(ratios), ratio_range=[min(ratios), max(ratios)])
         out.append(entry)
@@ -149,14 +198,30 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'repeat':>6s} {'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}"]
-    lines += [f"{r['repeat'] + 1:6d} {r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
-              f"{r.get('ratio_to_harmonic', float('nan')):10.2f}" for r in rows]
+    lines += [
+        f"{r['repeat'] + 1:6d} {r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
+        f"{r.get('ratio_to_harmonic', float('nan')):10.2f}"
+        for r in rows
+    ]
     if len({r["repeat"] for r in rows}) > 1:
-        lines += ["", f"{'latency s':>9s} {'client':24s} {'ms/step median (range)':>24s} {'× harmonic median (range)':>28s}"]
+        lines += [
+            "",
+            f"{'latency s':>9s} {'client':24s} {'ms/step median (range)':>24s} {'× harmonic median (range)':>28s}",
+        ]
         for s in summary(rows):
-            ratio = (f"{s['ratio_median']:.2f} ({s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f})"
-                     if "ratio_median" in s else "")
-            lines.append(f"{s['latency_s']:9g} {s['client']:24s} "
-                         f"{s['ms_per_step_median']:7.2f} ({s['ms_per_step_range'][0]:.2f}–"
-                         f"{s['ms_per_step_range'][1]:.2f}) {ratio:>28s}")
+            ratio = (
+                f"{s['ratio_median']:.2f} ({s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f})"
+                if "ratio_median" in s
+                else ""
+            )
+            lines.append(
+                f"{s['latency_s']:9g} {s['client']:24s} "
+                f"{s['ms_per_step_median']:7.2f} ({s['ms_per_step_range'][0]:.2f}–"
+                f"{s['ms_per_step_range'][1]:.2f}) {ratio:>28s}"
+            )
     return "\n".join(lines)
+
+
+def _tail(process: subprocess.Popen) -> str:
+    """The end of a process's captured stderr, for an error message."""
+    return process.stderr.read()[-2000:] if process.stderr else ""

@@ -21,7 +21,10 @@ class Runs:
 
     def start(self, text: str) -> None:
         elapsed = time.perf_counter() - self.t0
-        eta = (f", about {tqdm.format_interval(elapsed / self.begun * (self.total - self.begun))} left"
-               if self.begun else "")
+        eta = (
+            f", about {tqdm.format_interval(elapsed / self.begun * (self.total - self.begun))} left"
+            if self.begun
+            else ""
+        )
         self.begun += 1
         say(f"[run {self.begun}/{self.total}, {tqdm.format_interval(elapsed)} so far{eta}] {text}")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Hashable
 from statistics import median
 
 import numpy as np
@@ -34,8 +35,12 @@ def _variants(count: int = 16, seed: int = 0) -> list[bytes]:
     numbers, positions = ETHANOL
     rng = np.random.default_rng(seed)
     cell = np.zeros((1, 3, 3))
-    return [protocol.encode_posdata(cell, (np.array(positions) + rng.normal(0, 0.01, (len(numbers), 3)))[None]
-                                    / BOHR_IN_ANGSTROM) for _ in range(count)]
+    return [
+        protocol.encode_posdata(
+            cell, (np.array(positions) + rng.normal(0, 0.01, (len(numbers), 3)))[None] / BOHR_IN_ANGSTROM
+        )
+        for _ in range(count)
+    ]
 
 
 class _Client:
@@ -47,15 +52,33 @@ def _driver_rate(model: str, connections: int, seconds: float, folder: pathlib.P
     numbers, positions = ETHANOL
     symbols = {1: "H", 6: "C", 8: "O"}
     structure = folder / "ethanol.xyz"
-    structure.write_text(f"{len(numbers)}\n\n" + "".join(f"{symbols[z]} {x} {y} {w}\n"
-                                                        for z, (x, y, w) in zip(numbers, positions)))
+    structure.write_text(
+        f"{len(numbers)}\n\n" + "".join(f"{symbols[z]} {x} {y} {w}\n" for z, (x, y, w) in zip(numbers, positions))
+    )
     path = str(folder / f"serve{connections}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(connections)
-    driver = subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure",
-                               str(structure), "--unix", path, "--connections", str(connections),
-                               "--reconnect-timeout", "0"], stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "drive",
+            "--model",
+            model,
+            "--structure",
+            str(structure),
+            "--unix",
+            path,
+            "--connections",
+            str(connections),
+            "--reconnect-timeout",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     messages = _variants()
     selector = selectors.DefaultSelector()
     clients: list[_Client] = []
@@ -85,7 +108,9 @@ def _driver_rate(model: str, connections: int, seconds: float, folder: pathlib.P
                 client = key.data
                 data = client.sock.recv(RECV_BYTES)
                 if not data:
-                    raise RuntimeError(f"the driver closed a connection: {driver.stderr.read()[-2000:]}")
+                    raise RuntimeError(
+                        f"the driver closed a connection: {driver.stderr.read()[-2000:] if driver.stderr else ''}"
+                    )
                 client.buffer += data
                 while _step(client, messages):
                     if start is not None:
@@ -93,6 +118,7 @@ def _driver_rate(model: str, connections: int, seconds: float, folder: pathlib.P
             now = time.perf_counter()
             if start is None and now >= warmup_until:
                 start, deadline = now, now + seconds
+        assert start is not None  # the loop ends only after the deadline, set with start
         elapsed = time.perf_counter() - start
         for client in clients:
             client.sock.setblocking(True)
@@ -126,9 +152,9 @@ def _step(client: _Client, messages: list[bytes]) -> bool:
     if client.state == "havedata":
         if len(client.buffer) < protocol.HEADER_LENGTH:
             return False
-        if bytes(client.buffer[:protocol.HEADER_LENGTH]) != protocol.header("HAVEDATA"):
+        if bytes(client.buffer[: protocol.HEADER_LENGTH]) != protocol.header("HAVEDATA"):
             raise RuntimeError(f"expected HAVEDATA, got {bytes(client.buffer[:12])!r}")
-        del client.buffer[:protocol.HEADER_LENGTH]
+        del client.buffer[: protocol.HEADER_LENGTH]
         client.sock.sendall(protocol.header("GETFORCE"))
         client.state = "forces"
         return False
@@ -153,7 +179,9 @@ def _in_process_rate(model: str, connections: int, seconds: float) -> dict:
     calls, start = 0, None
     warmup_until = time.perf_counter() + min(2.0, seconds)
     while True:
-        slots = [((0, c), Structure(np.array(numbers), variants[(calls + c) % 16])) for c in range(connections)]
+        slots: list[tuple[Hashable, Structure]] = [
+            ((0, c), Structure(np.array(numbers), variants[(calls + c) % 16])) for c in range(connections)
+        ]
         evaluator.evaluate(slots)
         now = time.perf_counter()
         if start is None:
@@ -179,29 +207,50 @@ def run(model: str, connections=(1, 8, 64, 256), seconds: float = 5.0, repeats: 
                 local = _in_process_rate(model, n, seconds)
                 driver_rate = served["evaluations"] / served["seconds"] * atoms
                 local_rate = local["evaluations"] / local["seconds"] * atoms
-                samples[n].append({"driver_atoms_per_s": driver_rate, "in_process_atoms_per_s": local_rate,
-                                   "driver_to_in_process": driver_rate / local_rate})
-                print(f"repeat {repeat + 1}/{repeats} {n:4d} connections: driver {driver_rate:10.0f} atoms/s, "
-                      f"in-process {local_rate:10.0f} atoms/s ({driver_rate / local_rate:.0%})", file=sys.stderr,
-                      flush=True)
+                samples[n].append(
+                    {
+                        "driver_atoms_per_s": driver_rate,
+                        "in_process_atoms_per_s": local_rate,
+                        "driver_to_in_process": driver_rate / local_rate,
+                    }
+                )
+                print(
+                    f"repeat {repeat + 1}/{repeats} {n:4d} connections: driver {driver_rate:10.0f} atoms/s, "
+                    f"in-process {local_rate:10.0f} atoms/s ({driver_rate / local_rate:.0%})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     cases = []
     for n in connections:
         ratios = [s["driver_to_in_process"] for s in samples[n]]
         driver = median(s["driver_atoms_per_s"] for s in samples[n])
         local = median(s["in_process_atoms_per_s"] for s in samples[n])
-        cases.append({"connections": n, "driver_atoms_per_s": driver, "driver_evaluations_per_s": driver / atoms,
-                      "in_process_atoms_per_s": local, "in_process_evaluations_per_s": local / atoms,
-                      "driver_to_in_process": median(ratios), "driver_to_in_process_range": [min(ratios), max(ratios)],
-                      "share_outside_model": 1 - median(ratios), "seconds": seconds, "repeats": repeats,
-                      "samples": samples[n]})
+        cases.append(
+            {
+                "connections": n,
+                "driver_atoms_per_s": driver,
+                "driver_evaluations_per_s": driver / atoms,
+                "in_process_atoms_per_s": local,
+                "in_process_evaluations_per_s": local / atoms,
+                "driver_to_in_process": median(ratios),
+                "driver_to_in_process_range": [min(ratios), max(ratios)],
+                "share_outside_model": 1 - median(ratios),
+                "seconds": seconds,
+                "repeats": repeats,
+                "samples": samples[n],
+            }
+        )
     return cases
 
 
 def table(cases: list[dict]) -> str:
     lines = [f"{'connections':>11s} {'driver atoms/s':>15s} {'in-process atoms/s':>19s} {'ratio':>6s} {'range':>11s}"]
-    lines += [f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
-              f"{c['driver_to_in_process']:6.2f} {c['driver_to_in_process_range'][0]:5.2f}–"
-              f"{c['driver_to_in_process_range'][1]:.2f}" for c in cases]
+    lines += [
+        f"{c['connections']:11d} {c['driver_atoms_per_s']:15.0f} {c['in_process_atoms_per_s']:19.0f} "
+        f"{c['driver_to_in_process']:6.2f} {c['driver_to_in_process_range'][0]:5.2f}–"
+        f"{c['driver_to_in_process_range'][1]:.2f}"
+        for c in cases
+    ]
     if any(c["repeats"] > 1 for c in cases):
         lines.append("(medians over repeats; the ratio is the median of each repeat's ratio)")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Cases: single molecules (ethanol 9 atoms, n-hexane 20, n-tritriacontane 101), pe
 water boxes (density 1 g/cm³, random orientations) from 192 to 12,288 atoms, and a batch
 of 100 ethanols.  Each case is timed as the median of repeated full calls of
 ``ANIPotential.evaluate`` (neighbour search, featurizer, networks, autograd forces),
-after warm-up, and again with a reused neighbour list (an MD step between rebuilds).  Peak memory is the process's peak resident set size after the case.
+after warm-up, and again with a reused neighbour list (an MD step between rebuilds).  Peak
+memory is the process's peak resident set size after the case.
 """
 
 from __future__ import annotations
@@ -18,10 +19,20 @@ import time
 import numpy as np
 import torch
 
-ETHANOL = ([6, 6, 8, 1, 1, 1, 1, 1, 1],
-           [[-0.9233, 0.0609, 0.0534], [0.5089, -0.4270, -0.0510], [1.3841, 0.6509, 0.1935],
-            [-1.6032, -0.7930, -0.0236], [-1.1404, 0.6054, 0.9761], [-1.1287, 0.7369, -0.7813],
-            [0.7264, -0.8873, -1.0212], [0.6614, -1.1906, 0.7186], [2.2747, 0.3176, 0.0937]])
+ETHANOL = (
+    [6, 6, 8, 1, 1, 1, 1, 1, 1],
+    [
+        [-0.9233, 0.0609, 0.0534],
+        [0.5089, -0.4270, -0.0510],
+        [1.3841, 0.6509, 0.1935],
+        [-1.6032, -0.7930, -0.0236],
+        [-1.1404, 0.6054, 0.9761],
+        [-1.1287, 0.7369, -0.7813],
+        [0.7264, -0.8873, -1.0212],
+        [0.6614, -1.1906, 0.7186],
+        [2.2747, 0.3176, 0.0937],
+    ],
+)
 
 
 def alkane(carbons: int):
@@ -46,8 +57,13 @@ def water_box(per_side: int, seed: int = 0):
     """per_side³ water molecules on a cubic lattice at 1 g/cm³, randomly oriented."""
     spacing = (18.015 / 0.6022 / 1.0) ** (1 / 3)  # Å per molecule at 1 g/cm³
     rng = np.random.default_rng(seed)
-    local = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [0.9572 * math.cos(math.radians(104.52)),
-                                                             0.9572 * math.sin(math.radians(104.52)), 0.0]])
+    local = np.array(
+        [
+            [0.0, 0.0, 0.0],
+            [0.9572, 0.0, 0.0],
+            [0.9572 * math.cos(math.radians(104.52)), 0.9572 * math.sin(math.radians(104.52)), 0.0],
+        ]
+    )
     numbers, positions = [], []
     for index in np.ndindex(per_side, per_side, per_side):
         q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -76,9 +92,9 @@ def cases(quick: bool):
     yield "ethanol", "molecule", 1, (*ETHANOL, None), 200
     yield "n-hexane", "molecule", 1, (*alkane(6), None), 200
     yield "n-C33H68", "molecule", 1, (*alkane(33), None), 100
-    for n in ((4, 6) if quick else (4, 6, 8, 12, 16)):
+    for n in (4, 6) if quick else (4, 6, 8, 12, 16):
         numbers, positions, cell = water_box(n)
-        yield f"water box {n ** 3}", "periodic", 1, (numbers, positions, cell), (10 if n <= 8 else 3)
+        yield f"water box {n**3}", "periodic", 1, (numbers, positions, cell), (10 if n <= 8 else 3)
     numbers = np.array([ETHANOL[0]] * 100)
     rng = np.random.default_rng(0)
     positions = np.array(ETHANOL[1])[None] + rng.normal(0, 0.02, (100, 9, 3))
@@ -100,25 +116,43 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
         if quick:
             repeats = min(repeats, 3)
         seconds = _time(lambda: model.evaluate(numbers, positions, cell), repeats)
-        row = {"case": name, "kind": kind, "atoms": atoms, "structures": count, "ms_per_call": seconds * 1e3,
-               "atoms_per_s": atoms / seconds}
+        row = {
+            "case": name,
+            "kind": kind,
+            "atoms": atoms,
+            "structures": count,
+            "ms_per_call": seconds * 1e3,
+            "atoms_per_s": atoms / seconds,
+        }
         if gflops:
             flops = network_flops(model, numbers)
-            row.update(network_mflop=flops / 1e6, gemm_gflops=gflops, floor_ms=flops / gflops / 1e6,
-                       fraction_of_floor=flops / gflops / 1e9 / seconds)
+            row.update(
+                network_mflop=flops / 1e6,
+                gemm_gflops=gflops,
+                floor_ms=flops / gflops / 1e6,
+                fraction_of_floor=flops / gflops / 1e9 / seconds,
+            )
         line = f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
         if kind != "batch":
-            pairs = [NeighborList(model.cutoff, skin).pairs(torch.as_tensor(np.asarray(positions, dtype=np.float64)),
-                                                             None if cell is None else torch.as_tensor(cell))]
+            pairs = [
+                NeighborList(model.cutoff, skin).pairs(
+                    torch.as_tensor(np.asarray(positions, dtype=np.float64)),
+                    None if cell is None else torch.as_tensor(cell),
+                )
+            ]
             step = _time(lambda: model.evaluate(numbers, positions, cell, pairs=pairs), repeats)
             row.update(ms_per_md_step=step * 1e3, md_atoms_per_s=atoms / step)
             line += f"  reused list {step * 1e3:9.2f} ms {atoms / step:9.0f} atoms/s"
         row["peak_rss_mb"] = _peak_rss_mb()
         if torchani_model is not None:
             ref = _time(lambda: torchani_model(numbers, positions, cell), repeats)
-            diff = _energy_agreement(*agreement, numbers, positions, cell)
-            row.update(torchani_ms_per_call=ref * 1e3, speedup_vs_torchani=ref / seconds,
-                       torchani_float64_energy_diff_hartree=diff)
+            model64, torchani64 = agreement
+            diff = _energy_agreement(model64, torchani64, numbers, positions, cell)
+            row.update(
+                torchani_ms_per_call=ref * 1e3,
+                speedup_vs_torchani=ref / seconds,
+                torchani_float64_energy_diff_hartree=diff,
+            )
             line += f"  TorchANI {ref * 1e3:9.2f} ms ({ref / seconds:.1f}×; float64 |ΔE| {diff:.1e} Ha)"
         print(line, file=sys.stderr, flush=True)
         rows.append(row)
@@ -134,8 +168,11 @@ def _energy_agreement(model64, torchani64, numbers, positions, cell) -> float:
     numbers = np.asarray(numbers)
     ours = np.asarray(model64.evaluate(numbers, positions, cell).energy)
     theirs = np.asarray(torchani64(numbers, positions, cell))
-    atom = {int(z): float(torchani64([z], [[0.0, 0.0, 0.0]], None)) - float(model64.evaluate([z], [[0.0, 0.0, 0.0]]).energy)
-            for z in np.unique(numbers) if z > 0}
+    atom = {
+        int(z): float(torchani64([z], [[0.0, 0.0, 0.0]], None)) - float(model64.evaluate([z], [[0.0, 0.0, 0.0]]).energy)
+        for z in np.unique(numbers)
+        if z > 0
+    }
     offset = np.vectorize(lambda z: atom.get(int(z), 0.0))(numbers).sum(-1)
     return float(np.max(np.abs(ours + offset - theirs)))
 
@@ -147,9 +184,12 @@ def scaling(rows: list[dict]) -> dict:
     if 1536 not in boxes or max(boxes) <= 1536:
         return {}
     big, base = boxes[max(boxes)], boxes[1536]
-    return {"from_atoms": 1536, "to_atoms": big["atoms"],
-            "per_atom_cost_ratio": (big["ms_per_call"] / big["atoms"]) / (base["ms_per_call"] / 1536),
-            "per_atom_md_step_cost_ratio": (big["ms_per_md_step"] / big["atoms"]) / (base["ms_per_md_step"] / 1536)}
+    return {
+        "from_atoms": 1536,
+        "to_atoms": big["atoms"],
+        "per_atom_cost_ratio": (big["ms_per_call"] / big["atoms"]) / (base["ms_per_call"] / 1536),
+        "per_atom_md_step_cost_ratio": (big["ms_per_md_step"] / big["atoms"]) / (base["ms_per_md_step"] / 1536),
+    }
 
 
 def torchani_runner(model_name: str, dtype: torch.dtype):
@@ -202,14 +242,23 @@ def plot(result: dict, path) -> None:
         sel = [r for r in rows if r["kind"] == kind]
         if sel:
             ax.loglog([r["atoms"] for r in sel], [r["ms_per_call"] for r in sel], marker, label=f"aniserve, {kind}")
-            rate.semilogx([r["atoms"] for r in sel], [r["atoms_per_s"] for r in sel], marker,
-                          label=f"aniserve, {kind}")
+            rate.semilogx([r["atoms"] for r in sel], [r["atoms_per_s"] for r in sel], marker, label=f"aniserve, {kind}")
         ref = [r for r in sel if "torchani_ms_per_call" in r]
         if ref:
-            ax.loglog([r["atoms"] for r in ref], [r["torchani_ms_per_call"] for r in ref], marker, mfc="none",
-                      label=f"TorchANI, {kind}")
-            rate.semilogx([r["atoms"] for r in ref], [r["atoms"] / r["torchani_ms_per_call"] * 1e3 for r in ref],
-                          marker, mfc="none", label=f"TorchANI, {kind}")
+            ax.loglog(
+                [r["atoms"] for r in ref],
+                [r["torchani_ms_per_call"] for r in ref],
+                marker,
+                mfc="none",
+                label=f"TorchANI, {kind}",
+            )
+            rate.semilogx(
+                [r["atoms"] for r in ref],
+                [r["atoms"] / r["torchani_ms_per_call"] * 1e3 for r in ref],
+                marker,
+                mfc="none",
+                label=f"TorchANI, {kind}",
+            )
     boxes = [r for r in rows if r["kind"] == "periodic"]
     if boxes:
         x = np.array([r["atoms"] for r in boxes])
@@ -222,8 +271,11 @@ def plot(result: dict, path) -> None:
     rate.set_ylabel("atoms per second (energy+forces)")
     ax.legend(fontsize=8)
     rate.legend(fontsize=8)
-    fig.suptitle(f"aniserve bench speed: {result['model']}, {result['dtype']}, {result['threads']} threads, "
-                 f"{result['kernels']}{' (--quick: 3-call medians)' if result.get('quick') else ''}", fontsize=10)
+    fig.suptitle(
+        f"aniserve bench speed: {result['model']}, {result['dtype']}, {result['threads']} threads, "
+        f"{result['kernels']}{' (--quick: 3-call medians)' if result.get('quick') else ''}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -231,25 +283,35 @@ def plot(result: dict, path) -> None:
 
 def table(result: dict, compare_torchani: bool = False) -> str:
     """The printed table of ``aniserve bench speed``."""
-    lines = [f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
-             f"{'floor ms':>9s} {'of floor':>8s} {'peak RSS MB':>11s}"
-             + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")]
+    lines = [
+        f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
+        f"{'floor ms':>9s} {'of floor':>8s} {'peak RSS MB':>11s}"
+        + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")
+    ]
     for r in result["cases"]:
-        md = (f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r
-              else f"{'':10s} {'':9s}")
-        floor = (f"{r['floor_ms']:9.2f} {100 * r['fraction_of_floor']:7.0f}%" if "floor_ms" in r
-                 else f"{'':9s} {'':8s}")
-        lines.append(f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
-                     f"{floor} {r['peak_rss_mb']:11.0f}"
-                     + (f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
-                        f"{r['torchani_float64_energy_diff_hartree']:.1e}" if compare_torchani else ""))
+        md = f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r else f"{'':10s} {'':9s}"
+        floor = f"{r['floor_ms']:9.2f} {100 * r['fraction_of_floor']:7.0f}%" if "floor_ms" in r else f"{'':9s} {'':8s}"
+        lines.append(
+            f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
+            f"{floor} {r['peak_rss_mb']:11.0f}"
+            + (
+                f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
+                f"{r['torchani_float64_energy_diff_hartree']:.1e}"
+                if compare_torchani
+                else ""
+            )
+        )
     if result["scaling"]:
         s = result["scaling"]
-        lines.append(f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
-                     f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)")
+        lines.append(
+            f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
+            f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)"
+        )
     rates = {r["gemm_gflops"] for r in result["cases"] if "gemm_gflops" in r}
     if rates:
-        lines.append(f"floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at "
-                     f"this machine's measured {rates.pop():.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / "
-                     f"measured (100% would be pure network arithmetic at that rate)")
+        lines.append(
+            f"floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at "
+            f"this machine's measured {rates.pop():.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / "
+            f"measured (100% would be pure network arithmetic at that rate)"
+        )
     return "\n".join(lines)

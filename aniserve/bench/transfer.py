@@ -22,12 +22,16 @@ import hashlib
 import json
 import pathlib
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 from aniserve.bench.progress import Runs, say
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+if TYPE_CHECKING:
+    from aniserve.potential import ANIPotential
 
 LOW_ENERGY, LOW_FORCES, HIGH_ENERGY = "wb97x_631gd.energy", "wb97x_631gd.forces", "ccsd(t)_ccpvdz.energy"
 HIGH_FORCES = "ccsd(t)_ccpvdz.forces"
@@ -49,24 +53,42 @@ class Budget:
 
     def pretraining(self) -> dict:
         """The fields that decide the pretrained model (its cache key)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("transfer_epochs", "transfer_lr", "seeds")}
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("transfer_epochs", "transfer_lr", "seeds")
+        }
 
 
 #: Chosen on the session-3 data snapshot (docs/notebook.md, "What we tried"): batches of 8 and a
 #: force weight of 1 gave the best DFT model; larger force weights and smaller networks
 #: did worse, and a 10× smaller transfer learning rate barely moved the models.
-FULL = Budget(pretrain_epochs=400, transfer_epochs=400, seeds=(0, 1, 2), ensemble_size=4, batch_size=8,
-              force_weight=1.0, patience=60)
+FULL = Budget(
+    pretrain_epochs=400,
+    transfer_epochs=400,
+    seeds=(0, 1, 2),
+    ensemble_size=4,
+    batch_size=8,
+    force_weight=1.0,
+    patience=60,
+)
 QUICK = Budget(pretrain_epochs=12, transfer_epochs=12, seeds=(0,), ensemble_size=2, hidden=(32, 16, 8))
 #: From a given base model (``--base``): no pretraining; ensemble size and networks are
 #: the base's own.  Epochs are picked (and training stopped) on the validation molecules'
 #: conformer RMSE: chosen by 5-fold cross-validation over the *training* molecules
 #: (docs/notebook.md, "What we tried"), where it beat selection on the validation loss for Δ-learning
 #: from ANI-1x (0.90 against 1.09 kcal/mol; ANI-1x itself 1.13).
-BASE_FULL = Budget(pretrain_epochs=0, transfer_epochs=60, seeds=(0, 1, 2), ensemble_size=0, batch_size=16,
-                   lr=1e-3, patience=15, selection="conformer")
-BASE_QUICK = Budget(pretrain_epochs=0, transfer_epochs=4, seeds=(0,), ensemble_size=0, batch_size=32, patience=4,
-                    selection="conformer")
+BASE_FULL = Budget(
+    pretrain_epochs=0,
+    transfer_epochs=60,
+    seeds=(0, 1, 2),
+    ensemble_size=0,
+    batch_size=16,
+    lr=1e-3,
+    patience=15,
+    selection="conformer",
+)
+BASE_QUICK = Budget(
+    pretrain_epochs=0, transfer_epochs=4, seeds=(0,), ensemble_size=0, batch_size=32, patience=4, selection="conformer"
+)
 
 
 @dataclasses.dataclass
@@ -86,7 +108,8 @@ class TestSet:
 def read_test_set(path) -> TestSet:
     import h5py
 
-    out = TestSet([], [], [], [], [], [], [])
+    out = TestSet([], [], np.array([]), np.array([]), np.array([]), [], [])
+    molecule, high, low = [], [], []
     with h5py.File(path, "r") as f:
         for name in sorted(f):
             g = f[name]
@@ -97,13 +120,13 @@ def read_test_set(path) -> TestSet:
             for row, c in enumerate(keep):
                 out.numbers.append(g["atomic_numbers"][()])
                 out.positions.append(g["coordinates"][c])
-                out.molecule.append(names[row])
-                out.high.append(g[HIGH_ENERGY][c])
-                out.low.append(g[LOW_ENERGY][c] if LOW_ENERGY in g else np.nan)
+                molecule.append(names[row])
+                high.append(g[HIGH_ENERGY][c])
+                low.append(g[LOW_ENERGY][c] if LOW_ENERGY in g else np.nan)
                 missing = np.full((len(g["atomic_numbers"]), 3), np.nan)
                 out.low_forces.append(g[LOW_FORCES][c] if LOW_FORCES in g else missing)
                 out.high_forces.append(g[HIGH_FORCES][c] if HIGH_FORCES in g else missing)
-    out.molecule, out.high, out.low = np.array(out.molecule), np.array(out.high), np.array(out.low)
+    out.molecule, out.high, out.low = np.array(molecule), np.array(high), np.array(low)
     if not len(out.high):
         raise ValueError(f"{path}: no conformation has {HIGH_ENERGY}")
     return out
@@ -120,16 +143,19 @@ def metrics(predicted: np.ndarray, test: TestSet, forces=None, std=None) -> dict
     per_molecule = [mol for mol in np.unique(test.molecule) if (test.molecule == mol).sum() > 1]
     conf = np.concatenate([relative[test.molecule == m] for m in per_molecule]) if per_molecule else np.zeros(0)
     by_molecule = {m: float(np.sqrt(np.mean(relative[test.molecule == m] ** 2))) for m in per_molecule}
-    out = {"conformer_rmse_kcal": float(np.sqrt(np.mean(conf ** 2))) if len(conf) else float("nan"),
-           "conformer_mae_kcal": float(np.mean(np.abs(conf))) if len(conf) else float("nan"),
-           "total_rmse_kcal": float(np.sqrt(np.mean(error ** 2))),
-           "test_conformations": int(len(error)), "test_molecules": int(len(np.unique(test.molecule))),
-           "conformer_rmse_by_molecule": by_molecule}
+    out = {
+        "conformer_rmse_kcal": float(np.sqrt(np.mean(conf**2))) if len(conf) else float("nan"),
+        "conformer_mae_kcal": float(np.mean(np.abs(conf))) if len(conf) else float("nan"),
+        "total_rmse_kcal": float(np.sqrt(np.mean(error**2))),
+        "test_conformations": int(len(error)),
+        "test_molecules": int(len(np.unique(test.molecule))),
+        "conformer_rmse_by_molecule": by_molecule,
+    }
     if forces is not None:
         diff = np.concatenate([(f - r).ravel() for f, r in zip(forces, test.low_forces)])
         diff = diff[np.isfinite(diff)]
         if len(diff):
-            out["force_rmse_vs_dft_kcal_per_a"] = float(np.sqrt(np.mean(diff ** 2)) * HARTREE_IN_KCAL_PER_MOL)
+            out["force_rmse_vs_dft_kcal_per_a"] = float(np.sqrt(np.mean(diff**2)) * HARTREE_IN_KCAL_PER_MOL)
         out.update(_cc_force_errors(forces, test))
     if std is not None:
         out["mean_ensemble_std_kcal"] = float(np.mean(std) * HARTREE_IN_KCAL_PER_MOL)
@@ -146,9 +172,13 @@ def _cc_force_errors(forces, test: TestSet) -> dict:
         return {}
     diff = np.concatenate([forces[i] - test.high_forces[i] for i in have]) * HARTREE_IN_KCAL_PER_MOL
     numbers = np.concatenate([test.numbers[i] for i in have])
-    return {"force_rmse_vs_cc_kcal_per_a": float(np.sqrt(np.mean(diff ** 2))), "cc_force_conformations": len(have),
-            "force_rmse_vs_cc_by_element": {symbol(int(z)): float(np.sqrt(np.mean(diff[numbers == z] ** 2)))
-                                            for z in np.unique(numbers)}}
+    return {
+        "force_rmse_vs_cc_kcal_per_a": float(np.sqrt(np.mean(diff**2))),
+        "cc_force_conformations": len(have),
+        "force_rmse_vs_cc_by_element": {
+            symbol(int(z)): float(np.sqrt(np.mean(diff[numbers == z] ** 2))) for z in np.unique(numbers)
+        },
+    }
 
 
 def predict_test(model, test: TestSet):
@@ -248,17 +278,24 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
 
     hashes = [_file_hash(path) for path in data_paths(train_path)]
     # One file keeps the key it had before several were allowed, so cached models stay valid.
-    key = hashlib.sha256(json.dumps([hashes[0] if len(hashes) == 1 else hashes, budget.pretraining(), seed])
-                         .encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([hashes[0] if len(hashes) == 1 else hashes, budget.pretraining(), seed]).encode()
+    ).hexdigest()
     path = workdir / f"pretrained-{key[:16]}.safetensors"
     if path.exists():
         _say(f"pretrained model from cache: {path}")
         return path
     data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
     description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
-    settings = Settings(epochs=budget.pretrain_epochs, batch_size=budget.batch_size, lr=budget.lr, seed=seed,
-                        force_weight=budget.force_weight, early_stop_patience=budget.patience,
-                        plateau_patience=max(1, budget.patience // 3))
+    settings = Settings(
+        epochs=budget.pretrain_epochs,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        seed=seed,
+        force_weight=budget.force_weight,
+        early_stop_patience=budget.patience,
+        plateau_patience=max(1, budget.patience // 3),
+    )
     _say(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
     # An interrupted pretraining continues from its checkpoint (same data, budget and
     # seed: the key is in the name), exactly as if it had not stopped.
@@ -266,15 +303,16 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
     return path
 
 
-def load_base(base: str) -> "torch.nn.Module":
+def load_base(base: str) -> ANIPotential:
     """A fresh trainable float32 copy of the base model (name or path)."""
     from aniserve.models import load_model
 
     return load_model(base, dtype="float32")
 
 
-def run(train_path, test_path, strategies: list[str] | None, budget: Budget, workdir, options=None,
-        base: str | None = None) -> dict:
+def run(
+    train_path, test_path, strategies: list[str] | None, budget: Budget, workdir, options=None, base: str | None = None
+) -> dict:
     """Every strategy from the same starting point, scored on the test set.
 
     base: None for our own DFT pretraining on the training set's low level (cached per
@@ -291,18 +329,27 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
     strategies = strategies or registry().names("transfer-strategy")
     test = read_test_set(test_path)
     high = ANIData(train_path, HIGH_ENERGY)
-    _say(f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training "
-         f"conformations; {len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules")
+    _say(
+        f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training "
+        f"conformations; {len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules"
+    )
 
     offsets = element_offsets(train_path, test)
-    baselines = {"dft_method": {**metrics(test.low + offsets, test), **_cc_force_errors(test.low_forces, test),
-                                "reactions": reactions.dft_scores()},
-                 **official_baselines(train_path, test)}
-    per_strategy = {name: [] for name in strategies}
+    baselines = {
+        "dft_method": {
+            **metrics(test.low + offsets, test),
+            **_cc_force_errors(test.low_forces, test),
+            "reactions": reactions.dft_scores(),
+        },
+        **official_baselines(train_path, test),
+    }
+    per_strategy: dict[str, list] = {name: [] for name in strategies}
     dft_model_runs = []
     if base is not None:
-        baselines["base_model"] = {**score_with_offsets(load_base(base).to(torch.float64), train_path, test),
-                                   "name": str(base)}
+        baselines["base_model"] = {
+            **score_with_offsets(load_base(base).to(torch.float64), train_path, test),
+            "name": str(base),
+        }
     runs = Runs(len(budget.seeds) * len(strategies))
     for seed in budget.seeds:
         if base is None:
@@ -317,25 +364,45 @@ def run(train_path, test_path, strategies: list[str] | None, budget: Budget, wor
             started = time.perf_counter()
             model, penalty = transfer_model(start_from(), name, dict(options or {}), seed)
             out = workdir / f"{name}-seed{seed}.safetensors"
-            settings = Settings(epochs=budget.transfer_epochs, batch_size=budget.batch_size,
-                                lr=budget.transfer_lr or budget.lr, seed=seed, early_stop_patience=budget.patience,
-                                plateau_patience=max(1, budget.patience // 3), selection=budget.selection)
+            settings = Settings(
+                epochs=budget.transfer_epochs,
+                batch_size=budget.batch_size,
+                lr=budget.transfer_lr or budget.lr,
+                seed=seed,
+                early_stop_patience=budget.patience,
+                plateau_patience=max(1, budget.patience // 3),
+                selection=budget.selection,
+            )
             runs.start(f"transfer: {name}, seed {seed} …")
-            summary = train(model, high, out, settings, penalty=penalty,
-                            extra={"transfer": {"from": origin, "strategy": name, "options": options or {}}})
+            summary = train(
+                model,
+                high,
+                out,
+                settings,
+                penalty=penalty,
+                extra={"transfer": {"from": origin, "strategy": name, "options": options or {}}},
+            )
             trained = load_saved(out).to(torch.float64).eval()
             result = score(trained, test)
             result["reactions"] = reactions.score(trained)
-            result.update(seed=seed, seconds=round(time.perf_counter() - started, 1),
-                          validation_conformer_rmse_kcal=summary["validation_conformer_rmse_kcal"],
-                          trainable_parameters=summary["trainable_parameters"], model=str(out))
+            result.update(
+                seed=seed,
+                seconds=round(time.perf_counter() - started, 1),
+                validation_conformer_rmse_kcal=summary["validation_conformer_rmse_kcal"],
+                trainable_parameters=summary["trainable_parameters"],
+                model=str(out),
+            )
             per_strategy[name].append(result)
     if dft_model_runs:
         baselines["dft_model"] = _aggregate(dft_model_runs)
-    return {"base": str(base) if base is not None else "own DFT pretraining",
-            "budget": dataclasses.asdict(budget), "train": str(high.path), "test": str(test_path),
-            "strategies": [{"name": name, **_aggregate(runs), "runs": runs} for name, runs in per_strategy.items()],
-            "baselines": baselines}
+    return {
+        "base": str(base) if base is not None else "own DFT pretraining",
+        "budget": dataclasses.asdict(budget),
+        "train": str(high.path),
+        "test": str(test_path),
+        "strategies": [{"name": name, **_aggregate(runs), "runs": runs} for name, runs in per_strategy.items()],
+        "baselines": baselines,
+    }
 
 
 def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
@@ -349,9 +416,16 @@ def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
     run = next(r for r in best["runs"] if r["seed"] == 0)
     training = {k: v for k, v in read_description(run["model"]).get("training", {}).items() if k != "history"}
     errors = {k: v for k, v in run.items() if k.endswith(("_kcal", "_kcal_per_a", "_by_molecule")) or k == "reactions"}
-    extra = {"training": training,
-             "benchmark": {"base": result.get("base"), "train": result["train"], "test": result["test"],
-                           "strategy": best["name"], **errors}}
+    extra: dict[str, Any] = {
+        "training": training,
+        "benchmark": {
+            "base": result.get("base"),
+            "train": result["train"],
+            "test": result["test"],
+            "strategy": best["name"],
+            **errors,
+        },
+    }
     if card:
         extra["card"] = card
     save_model(load_saved(run["model"]), path, name, extra)
@@ -386,13 +460,18 @@ def seed_mean(runs: list[dict]) -> dict:
 
 def _aggregate(runs: list[dict]) -> dict:
     out = seed_mean(runs)
-    out["conformer_rmse_by_molecule"] = {m: float(np.mean([r["conformer_rmse_by_molecule"][m] for r in runs]))
-                                         for m in runs[0]["conformer_rmse_by_molecule"]}
+    out["conformer_rmse_by_molecule"] = {
+        m: float(np.mean([r["conformer_rmse_by_molecule"][m] for r in runs]))
+        for m in runs[0]["conformer_rmse_by_molecule"]
+    }
     out["reactions"] = {}
     for set_name in runs[0].get("reactions", {}):
         maes = [r["reactions"][set_name]["mae_kcal"] for r in runs]
-        out["reactions"][set_name] = {"mae_kcal": float(np.mean(maes)), "mae_kcal_std": float(np.std(maes)),
-                                      "reactions": runs[0]["reactions"][set_name]["reactions"]}
+        out["reactions"][set_name] = {
+            "mae_kcal": float(np.mean(maes)),
+            "mae_kcal_std": float(np.std(maes)),
+            "reactions": runs[0]["reactions"][set_name]["reactions"],
+        }
     return out
 
 
@@ -406,15 +485,20 @@ def _rows(result: dict) -> list[tuple[str, str, dict]]:
         name = baselines["base_model"]["name"]
         rows.append((f"base {name}", f"base {name} (+ offsets)", baselines["base_model"]))
     # (An official model that is also the base is shown once, as the base.)
-    rows += [(k, OFFICIAL[k], baselines[k]) for k in OFFICIAL if k in baselines
-             and baselines.get("base_model", {}).get("name") != k]
+    rows += [
+        (k, OFFICIAL[k], baselines[k])
+        for k in OFFICIAL
+        if k in baselines and baselines.get("base_model", {}).get("name") != k
+    ]
     rows += [(s["name"], f"transfer: {s['name']}", s) for s in result["strategies"]]
     return rows
 
 
 def table(result: dict) -> str:
-    head = (f"{'model':32s} {'conformer RMSE':>15s} {'conformer MAE':>14s} {'total RMSE':>12s} "
-            f"{'F RMSE vs CC':>13s} {'F RMSE vs DFT':>14s} {'HC7/11 MAE':>12s} {'ISOL6 MAE':>11s}")
+    head = (
+        f"{'model':32s} {'conformer RMSE':>15s} {'conformer MAE':>14s} {'total RMSE':>12s} "
+        f"{'F RMSE vs CC':>13s} {'F RMSE vs DFT':>14s} {'HC7/11 MAE':>12s} {'ISOL6 MAE':>11s}"
+    )
     lines = [f"base: {result.get('base', 'own DFT pretraining')}", head, "-" * len(head)]
 
     def cell(m, key, width):
@@ -426,14 +510,18 @@ def table(result: dict) -> str:
 
     for _, label, m in _rows(result):
         sets = m.get("reactions", {})
-        lines.append(f"{label:32s} {cell(m, 'conformer_rmse_kcal', 15)} {cell(m, 'conformer_mae_kcal', 14)} "
-                     f"{cell(m, 'total_rmse_kcal', 12)} {cell(m, 'force_rmse_vs_cc_kcal_per_a', 13)} "
-                     f"{cell(m, 'force_rmse_vs_dft_kcal_per_a', 14)} "
-                     f"{cell(sets.get('HC7-11', {}), 'mae_kcal', 12)} {cell(sets.get('ISOL6', {}), 'mae_kcal', 11)}")
+        lines.append(
+            f"{label:32s} {cell(m, 'conformer_rmse_kcal', 15)} {cell(m, 'conformer_mae_kcal', 14)} "
+            f"{cell(m, 'total_rmse_kcal', 12)} {cell(m, 'force_rmse_vs_cc_kcal_per_a', 13)} "
+            f"{cell(m, 'force_rmse_vs_dft_kcal_per_a', 14)} "
+            f"{cell(sets.get('HC7-11', {}), 'mae_kcal', 12)} {cell(sets.get('ISOL6', {}), 'mae_kcal', 11)}"
+        )
     cc = max((m.get("cc_force_conformations", 0) for _, _, m in _rows(result)), default=0)
-    lines.append(f"kcal/mol (forces kcal/mol/Å) against CCSD(T)/cc-pVDZ on the held-out test molecules (forces vs CC "
-                 f"on the {cc} conformations with CCSD(T) forces; vs DFT on all); reaction MAEs against the sets' "
-                 f"coupled-cluster references; ± is the spread over seeds")
+    lines.append(
+        f"kcal/mol (forces kcal/mol/Å) against CCSD(T)/cc-pVDZ on the held-out test molecules (forces vs CC "
+        f"on the {cc} conformations with CCSD(T) forces; vs DFT on all); reaction MAEs against the sets' "
+        f"coupled-cluster references; ± is the spread over seeds"
+    )
     return "\n".join(lines)
 
 
@@ -446,10 +534,13 @@ def plot(result: dict, path) -> None:
     labels, _, rows = zip(*_rows(result))
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
     x = np.arange(len(labels))
-    for offset, key, label in [(-0.2, "conformer_rmse_kcal", "conformer RMSE"),
-                               (0.2, "conformer_mae_kcal", "conformer MAE")]:
-        ax.bar(x + offset, [r[key] for r in rows], 0.4, yerr=[r.get(f"{key}_std", 0) for r in rows],
-               capsize=3, label=label)
+    for offset, key, label in [
+        (-0.2, "conformer_rmse_kcal", "conformer RMSE"),
+        (0.2, "conformer_mae_kcal", "conformer MAE"),
+    ]:
+        ax.bar(
+            x + offset, [r[key] for r in rows], 0.4, yerr=[r.get(f"{key}_std", 0) for r in rows], capsize=3, label=label
+        )
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("error vs CCSD(T), kcal/mol")
     ax.set_title(f"Transfer to CCSD(T) from {result.get('base', 'own DFT pretraining')}, held-out larger molecules")

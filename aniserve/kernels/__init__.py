@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 import warnings
 
 import numpy as np
@@ -43,16 +44,17 @@ _OPTIONAL = [["-fopenmp", *_LIBMVEC], ["-fopenmp"], []]
 #: model's fit.  Others run on the tensor version.
 MAX_RADIAL_SHIFTS, MAX_ANGULAR_SHIFTS = 16, 8
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 class _Constants(ctypes.Structure):
     # The layout of ``Constants`` in aev.cpp.
-    _fields_ = [(name, ctypes.c_int64) for name in ("num_species", "num_shf_r", "num_shf_a", "num_shf_z",
-                                                    "num_pairs")] + \
-               [(name, ctypes.c_double) for name in ("Rcr", "Rca", "EtaR", "EtaA", "Zeta")] + \
-               [(name, ctypes.POINTER(ctypes.c_double)) for name in ("ShfR", "ShfA", "cos_z", "sin_z")] + \
-               [("pair_index", ctypes.POINTER(ctypes.c_int64))]
+    _fields_ = (
+        [(name, ctypes.c_int64) for name in ("num_species", "num_shf_r", "num_shf_a", "num_shf_z", "num_pairs")]
+        + [(name, ctypes.c_double) for name in ("Rcr", "Rca", "EtaR", "EtaA", "Zeta")]
+        + [(name, ctypes.POINTER(ctypes.c_double)) for name in ("ShfR", "ShfA", "cos_z", "sin_z")]
+        + [("pair_index", ctypes.POINTER(ctypes.c_int64))]
+    )
 
 
 #: Kernel backends: ``compiled`` (this folder's C++, on CPU tensors), ``tensor`` (torch
@@ -66,7 +68,8 @@ def _warn(message: str) -> None:
     """A RuntimeWarning attributed to the first frame outside aniserve and torch: the
     user's line that led here, not a line deep inside the packages."""
     inside = (str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(torch.__file__).resolve().parent))
-    frame, level = sys._getframe(0), 1
+    frame: types.FrameType | None = sys._getframe(0)
+    level = 1
     while frame is not None and str(pathlib.Path(frame.f_code.co_filename).resolve()).startswith(inside):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
@@ -79,8 +82,9 @@ def backend() -> str:
         setting = os.environ.get("ANISERVE_KERNELS", "compiled").lower()
         _backend.append("tensor" if setting in ("off", "0", "no", "false", "tensor") else "compiled")
         if _backend[0] == "tensor":
-            _warn("aniserve: compiled CPU kernels switched off (ANISERVE_KERNELS); using tensor "
-                  "operations, slower on CPU")
+            _warn(
+                "aniserve: compiled CPU kernels switched off (ANISERVE_KERNELS); using tensor operations, slower on CPU"
+            )
     return _backend[0]
 
 
@@ -89,8 +93,9 @@ def use(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "cuda":
-        raise NotImplementedError("no CUDA kernel backend yet: on CUDA devices the tensor backend runs, "
-                                  "use('tensor') or leave the default")
+        raise NotImplementedError(
+            "no CUDA kernel backend yet: on CUDA devices the tensor backend runs, use('tensor') or leave the default"
+        )
     _backend[:] = [name]
 
 
@@ -135,45 +140,104 @@ def _cpu_signature() -> str:
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in (*_SOURCES, *_HEADERS)), compiler, version,
-                                    repr((_FLAGS, _OPTIONAL)), platform.machine(), _cpu_signature()]).encode())
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                *(source.read_text() for source in (*_SOURCES, *_HEADERS)),
+                compiler,
+                version,
+                repr((_FLAGS, _OPTIONAL)),
+                platform.machine(),
+                _cpu_signature(),
+            ]
+        ).encode()
+    )
     target = cache_dir() / f"aniserve-kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # A first evaluation otherwise pauses for seconds (tens on a loaded machine) unexplained.
-        print(f"aniserve: compiling the CPU kernels once for this machine ({compiler}, into {target.parent}) …",
-              file=sys.stderr, flush=True)
+        print(
+            f"aniserve: compiling the CPU kernels once for this machine ({compiler}, into {target.parent}) …",
+            file=sys.stderr,
+            flush=True,
+        )
         # Build beside the target and rename: concurrent processes never load half a file.
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = pathlib.Path(tmp) / target.name
             for extra in _OPTIONAL:
-                result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), *extra],
-                                        capture_output=True, text=True)
+                result = subprocess.run(
+                    [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), *extra], capture_output=True, text=True
+                )
                 if result.returncode == 0:
                     break
             else:
-                raise RuntimeError(f"{compiler} failed on {', '.join(s.name for s in _SOURCES)}:\n"
-                                   f"{result.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"{compiler} failed on {', '.join(s.name for s in _SOURCES)}:\n{result.stderr[-2000:]}"
+                )
             os.replace(built, target)
     lib = ctypes.CDLL(str(target))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
         forward, backward = getattr(lib, f"aev_forward_{suffix}"), getattr(lib, f"aev_backward_{suffix}")
-        forward.argtypes = [ctypes.POINTER(_Constants), i64, i64, pointer, pointer, pointer, pointer, pointer,
-                            ctypes.c_int]
-        backward.argtypes = [ctypes.POINTER(_Constants), i64, i64, pointer, pointer, pointer, pointer, pointer,
-                             pointer, ctypes.c_int]
+        forward.argtypes = [
+            ctypes.POINTER(_Constants),
+            i64,
+            i64,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            ctypes.c_int,
+        ]
+        backward.argtypes = [
+            ctypes.POINTER(_Constants),
+            i64,
+            i64,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            ctypes.c_int,
+        ]
         forward.restype = backward.restype = ctypes.c_int
-    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+    for suffix in ("f32", "f64"):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [i64, i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, i64, i64,
-                        pointer, pointer, pointer, ctypes.c_int]
+        mlp.argtypes = [
+            i64,
+            i64,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            i64,
+            i64,
+            pointer,
+            pointer,
+            pointer,
+            ctypes.c_int,
+        ]
         mlp.restype = ctypes.c_int
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
         backward.restype = None
-    lib.neighbors_cell_list.argtypes = [i64, pointer, i64, pointer, pointer, pointer, ctypes.c_double, ctypes.c_int,
-                                        ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))]
+    lib.neighbors_cell_list.argtypes = [
+        i64,
+        pointer,
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        ctypes.c_double,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)),
+    ]
     lib.neighbors_cell_list.restype = i64
     lib.neighbors_free.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     lib.neighbors_free.restype = None
@@ -194,8 +258,7 @@ def library() -> ctypes.CDLL | None:
             try:
                 _loaded["lib"] = _build()
             except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-                _warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations "
-                      f"(slower on CPU): {error}")
+                _warn(f"aniserve: compiled CPU kernels unavailable, using tensor operations (slower on CPU): {error}")
                 _loaded["lib"] = None
         return _loaded["lib"]
 
@@ -203,20 +266,43 @@ def library() -> ctypes.CDLL | None:
 class AEVKernelConstants:
     """The AEV constants in the kernel's layout (arrays kept alive with the struct)."""
 
-    def __init__(self, num_species: int, num_pairs: int, Rcr: float, Rca: float, EtaR: float, EtaA: float,
-                 Zeta: float, ShfR, ShfA, ShfZ, pair_index: torch.Tensor):
+    def __init__(
+        self,
+        num_species: int,
+        num_pairs: int,
+        Rcr: float,
+        Rca: float,
+        EtaR: float,
+        EtaA: float,
+        Zeta: float,
+        ShfR,
+        ShfA,
+        ShfZ,
+        pair_index: torch.Tensor,
+    ):
         as_array = lambda values: np.ascontiguousarray(np.asarray(values, dtype=np.float64).ravel())  # noqa: E731
         shf_z = as_array(ShfZ)
         self._arrays = [as_array(ShfR), as_array(ShfA), np.cos(shf_z), np.sin(shf_z)]
         self._pair_index = np.ascontiguousarray(pair_index.cpu().numpy(), dtype=np.int64)
         double_p = ctypes.POINTER(ctypes.c_double)
-        self.struct = _Constants(num_species, len(self._arrays[0]), len(self._arrays[1]), len(shf_z), num_pairs,
-                                 Rcr, Rca, EtaR, EtaA, Zeta,
-                                 *(a.ctypes.data_as(double_p) for a in self._arrays),
-                                 self._pair_index.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        self.struct = _Constants(
+            num_species,
+            len(self._arrays[0]),
+            len(self._arrays[1]),
+            len(shf_z),
+            num_pairs,
+            Rcr,
+            Rca,
+            EtaR,
+            EtaA,
+            Zeta,
+            *(a.ctypes.data_as(double_p) for a in self._arrays),
+            self._pair_index.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+        )
         self.width = num_species * len(self._arrays[0]) + num_pairs * len(self._arrays[1]) * len(shf_z)
-        self.fits = (len(self._arrays[0]) <= MAX_RADIAL_SHIFTS
-                     and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS)
+        self.fits = (
+            len(self._arrays[0]) <= MAX_RADIAL_SHIFTS and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS
+        )
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -227,13 +313,27 @@ def _suffix(dtype: torch.dtype) -> str:
     raise TypeError(f"the AEV kernel computes in float32 or float64, not {dtype}")
 
 
-def aev_forward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,
-                neighbor: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+def aev_forward(
+    lib: ctypes.CDLL,
+    constants: AEVKernelConstants,
+    species: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    vectors: torch.Tensor,
+) -> torch.Tensor:
     """AEVs (N, width) from species (N,), pairs sorted by center (P,), vectors (P, 3) Å."""
     out = vectors.new_zeros(len(species), constants.width)
     status = getattr(lib, f"aev_forward_{_suffix(vectors.dtype)}")(
-        ctypes.byref(constants.struct), len(species), len(center), species.data_ptr(), center.data_ptr(),
-        neighbor.data_ptr(), vectors.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        ctypes.byref(constants.struct),
+        len(species),
+        len(center),
+        species.data_ptr(),
+        center.data_ptr(),
+        neighbor.data_ptr(),
+        vectors.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status:
         raise ValueError("AEV constant arrays longer than the compiled kernel allows")
     return out
@@ -284,17 +384,25 @@ class MLPKernelNetworks:
         count, array = len(networks), ctypes.c_void_p * len(networks)
         self.layers = np.array([net.layers for net in networks], dtype=np.int64)
         self.alphas = torch.tensor([net.alpha for net in networks], dtype=self.dtype)
-        self.arrays = [array(*(net.sizes.ctypes.data for net in networks)),
-                       array(*(ctypes.addressof(net.weights) for net in networks)),
-                       array(*(ctypes.addressof(net.transposed) for net in networks)),
-                       array(*(ctypes.addressof(net.biases) for net in networks))]
+        self.arrays = [
+            array(*(net.sizes.ctypes.data for net in networks)),
+            array(*(ctypes.addressof(net.weights) for net in networks)),
+            array(*(ctypes.addressof(net.transposed) for net in networks)),
+            array(*(ctypes.addressof(net.biases) for net in networks)),
+        ]
         # (numpy's .ctypes costs ~50 µs a call: the addresses are taken once)
-        self.arguments = (count, self.members, self.layers.ctypes.data, *(ctypes.addressof(a) for a in self.arrays),
-                          self.alphas.data_ptr())
+        self.arguments = (
+            count,
+            self.members,
+            self.layers.ctypes.data,
+            *(ctypes.addressof(a) for a in self.arrays),
+            self.alphas.data_ptr(),
+        )
 
 
-def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, counts: list[int]
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp(
+    lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features
     (n, in) whose rows come in groups of ``counts[g]``, each through ``networks.groups[g]``."""
     features = features.to(networks.dtype).contiguous()
@@ -311,11 +419,20 @@ def mlp(lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, c
     energies = features.new_empty(networks.members, n)
     gradients = features.new_empty(networks.members, n, features.shape[1])
     status = getattr(lib, f"mlp_{_suffix(networks.dtype)}")(
-        *networks.arguments, rows.data_ptr(), rows.data_ptr() + 8 * len(networks.group_of), n, features.shape[1],
-        features.data_ptr(), energies.data_ptr(), gradients.data_ptr(), torch.get_num_threads())
+        *networks.arguments,
+        rows.data_ptr(),
+        rows.data_ptr() + 8 * len(networks.group_of),
+        n,
+        features.shape[1],
+        features.data_ptr(),
+        energies.data_ptr(),
+        gradients.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status:
-        raise ValueError(f"the MLP kernel refused features of shape {tuple(features.shape)}: a network's widths "
-                         f"do not match them")
+        raise ValueError(
+            f"the MLP kernel refused features of shape {tuple(features.shape)}: a network's widths do not match them"
+        )
     return energies, gradients
 
 
@@ -327,41 +444,75 @@ def mlp_backward(lib: ctypes.CDLL, grad: torch.Tensor, gradients: torch.Tensor) 
     if tuple(grad.shape) != (k, n) or not gradients.is_contiguous():
         raise ValueError(f"gradient of shape {tuple(grad.shape)} for input gradients of shape {(k, n, width)}")
     out = gradients.new_empty(n, width)
-    getattr(lib, f"mlp_backward_{_suffix(gradients.dtype)}")(k, n, width, grad.data_ptr(), gradients.data_ptr(),
-                                                            out.data_ptr())
+    getattr(lib, f"mlp_backward_{_suffix(gradients.dtype)}")(
+        k, n, width, grad.data_ptr(), gradients.data_ptr(), out.data_ptr()
+    )
     return out
 
 
-def aev_backward(lib: ctypes.CDLL, constants: AEVKernelConstants, species: torch.Tensor, center: torch.Tensor,
-                 neighbor: torch.Tensor, vectors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def aev_backward(
+    lib: ctypes.CDLL,
+    constants: AEVKernelConstants,
+    species: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    vectors: torch.Tensor,
+    grad: torch.Tensor,
+) -> torch.Tensor:
     """The gradient (P, 3) with respect to the vectors, given that of the AEVs (N, width)."""
     grad = grad.to(vectors.dtype).contiguous()
     out = torch.zeros_like(vectors)
     status = getattr(lib, f"aev_backward_{_suffix(vectors.dtype)}")(
-        ctypes.byref(constants.struct), len(species), len(center), species.data_ptr(), center.data_ptr(),
-        neighbor.data_ptr(), vectors.data_ptr(), grad.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        ctypes.byref(constants.struct),
+        len(species),
+        len(center),
+        species.data_ptr(),
+        center.data_ptr(),
+        neighbor.data_ptr(),
+        vectors.data_ptr(),
+        grad.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status:
         raise ValueError("AEV constant arrays longer than the compiled kernel allows")
     return out
 
 
-def cell_list(lib: ctypes.CDLL, queries: torch.Tensor, sources: torch.Tensor, source_atom: torch.Tensor,
-              central: torch.Tensor | None, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_list(
+    lib: ctypes.CDLL,
+    queries: torch.Tensor,
+    sources: torch.Tensor,
+    source_atom: torch.Tensor,
+    central: torch.Tensor | None,
+    cutoff: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(query, source) index pairs within ``cutoff``, sorted by query, without a query's
     own atom (``source_atom[s] == q`` where ``central[s]``; all sources central when
     None).  queries (Q, 3), sources (S, 3) Å, float64 on the CPU."""
     queries, sources = queries.to(torch.float64).contiguous(), sources.to(torch.float64).contiguous()
     source_atom = source_atom.long().contiguous()
-    central = (torch.ones(len(sources), dtype=torch.uint8) if central is None else central.to(torch.uint8).contiguous())
+    central = torch.ones(len(sources), dtype=torch.uint8) if central is None else central.to(torch.uint8).contiguous()
     found = ctypes.POINTER(ctypes.c_int64)()
-    total = lib.neighbors_cell_list(len(queries), queries.data_ptr(), len(sources), sources.data_ptr(),
-                                    source_atom.data_ptr(), central.data_ptr(), cutoff, torch.get_num_threads(),
-                                    ctypes.byref(found))
+    total = lib.neighbors_cell_list(
+        len(queries),
+        queries.data_ptr(),
+        len(sources),
+        sources.data_ptr(),
+        source_atom.data_ptr(),
+        central.data_ptr(),
+        cutoff,
+        torch.get_num_threads(),
+        ctypes.byref(found),
+    )
     if total < 0:
         raise MemoryError("out of memory in the neighbour search")
     try:
-        pairs = (torch.from_numpy(np.ctypeslib.as_array(found, shape=(2, total)).copy()) if total
-                 else torch.zeros(2, 0, dtype=torch.long))
+        pairs = (
+            torch.from_numpy(np.ctypeslib.as_array(found, shape=(2, total)).copy())
+            if total
+            else torch.zeros(2, 0, dtype=torch.long)
+        )
     finally:
         lib.neighbors_free(found)
     return pairs[0], pairs[1]

@@ -13,12 +13,14 @@ from aniserve.qmdata import sampling
 from aniserve.qmdata.levels import Level
 from aniserve.qmdata.schedule import Task
 
-SAMPLING_NOTE = ("normal-mode sampling around MMFF94 minima (RDKit), T uniform in [50, 600] K; "
-                 "index 0 is the MMFF minimum")
+SAMPLING_NOTE = (
+    "normal-mode sampling around MMFF94 minima (RDKit), T uniform in [50, 600] K; index 0 is the MMFF minimum"
+)
 
 
-def plan(specs, conformations: int, low: Level, high: Level | None, high_every: int,
-         high_forces: bool = False) -> list[tuple]:
+def plan(
+    specs, conformations: int, low: Level, high: Level | None, high_every: int, high_forces: bool = False
+) -> list[tuple]:
     """(spec, index, levels, keys of the levels with forces) in round-robin order over
     molecules, so a partial run covers all of them.  The low level always has forces;
     the high level (CCSD(T): minutes to hours a structure) only with ``high_forces``."""
@@ -26,7 +28,7 @@ def plan(specs, conformations: int, low: Level, high: Level | None, high_every: 
     for index in range(conformations):
         with_high = high is not None and index % high_every == 0
         levels = (low, high) if with_high else (low,)
-        forces = frozenset(lv.key for lv in levels if lv is low or high_forces)
+        forces = frozenset(lv.key for lv in levels if lv is not None and (lv is low or high_forces))
         for spec in specs:
             jobs.append((spec, index, levels, forces))
     return jobs
@@ -52,6 +54,17 @@ def tasks(jobs: list[tuple], done: dict[str, set[str]] | None = None, log=None) 
             equilibria[spec.name] = sampling.optimise(spec)
         eq = equilibria[spec.name]
         positions, temperature = sampling.sample_conformation(eq, index)
-        out.append(Task(rid, tuple(int(z) for z in eq.numbers), tuple(tuple(map(float, p)) for p in positions),
-                        tuple(levels), forces, spec.name, spec.source, index, float(temperature)))
+        out.append(
+            Task(
+                rid,
+                tuple(int(z) for z in eq.numbers),
+                tuple((float(p[0]), float(p[1]), float(p[2])) for p in positions),
+                tuple(levels),
+                forces,
+                spec.name,
+                spec.source,
+                index,
+                float(temperature),
+            )
+        )
     return out

@@ -19,8 +19,9 @@ from aniserve.qmdata.schedule import Task
 
 
 def structure_id(name: str, numbers, positions) -> str:
-    digest = hashlib.sha256(np.asarray(numbers, np.int64).tobytes()
-                            + np.round(np.asarray(positions, float), 8).tobytes()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        np.asarray(numbers, np.int64).tobytes() + np.round(np.asarray(positions, float), 8).tobytes()
+    ).hexdigest()[:12]
     return f"{name}~{digest}"
 
 
@@ -36,9 +37,18 @@ def read_inputs(paths) -> tuple[list[dict], list[dict]]:
             if not records:
                 raise ValueError(f"{path}: no conformations in this HDF5 file")
             kept += records
-            structures += [{"id": r["id"], "name": r["molecule"], "source": r["source"], "index": r["index"],
-                            "temperature_k": r["temperature_k"], "numbers": r["numbers"],
-                            "positions": r["positions"]} for r in records]
+            structures += [
+                {
+                    "id": r["id"],
+                    "name": r["molecule"],
+                    "source": r["source"],
+                    "index": r["index"],
+                    "temperature_k": r["temperature_k"],
+                    "numbers": r["numbers"],
+                    "positions": r["positions"],
+                }
+                for r in records
+            ]
             continue
         structures += _ase_structures(path)
     return structures, kept
@@ -57,13 +67,22 @@ def _ase_structures(path: pathlib.Path) -> list[dict]:
             raise ValueError(f"{path}, frame {i}: positions are not finite")
         order = np.argsort(-numbers, kind="stable")
         name = str(atoms.info.get("molecule") or path.stem)
-        out.append({"name": name, "source": str(path), "index": i, "temperature_k": float("nan"),
-                    "numbers": numbers[order].tolist(), "positions": atoms.positions[order].tolist()})
+        out.append(
+            {
+                "name": name,
+                "source": str(path),
+                "index": i,
+                "temperature_k": float("nan"),
+                "numbers": numbers[order].tolist(),
+                "positions": atoms.positions[order].tolist(),
+            }
+        )
     return out
 
 
-def select(structures: list[dict], kept: list[dict], having: str | None = None,
-           per_molecule: int | None = None) -> list[dict]:
+def select(
+    structures: list[dict], kept: list[dict], having: str | None = None, per_molecule: int | None = None
+) -> list[dict]:
     """The structures to label: only those whose input record already has level key
     ``having`` (e.g. CCSD(T) forces for the conformations with CCSD(T) energies), at
     most ``per_molecule`` of each molecule (lowest indices first), in round-robin order
@@ -73,8 +92,9 @@ def select(structures: list[dict], kept: list[dict], having: str | None = None,
         with_level = {r["id"] for r in kept if having in r["levels"]}
         if not with_level:
             known = sorted({k for r in kept for k in r["levels"]})
-            raise ValueError(f"no input record has level {having!r} (levels in the inputs: "
-                             f"{', '.join(known) or 'none'})")
+            raise ValueError(
+                f"no input record has level {having!r} (levels in the inputs: {', '.join(known) or 'none'})"
+            )
         structures = [s for s in structures if s.get("id") in with_level]
     by_molecule: dict[str, list[dict]] = {}
     for s in sorted(structures, key=lambda s: (s["name"], s["index"])):
@@ -92,7 +112,17 @@ def tasks(structures: list[dict], level: Level, forces: bool) -> list[Task]:
     out = []
     for s in structures:
         rid = s.get("id") or structure_id(s["name"], s["numbers"], s["positions"])
-        out.append(Task(rid, tuple(int(z) for z in s["numbers"]), tuple(tuple(map(float, p)) for p in s["positions"]),
-                        (level,), frozenset({level.key} if forces else ()), s["name"], s["source"], int(s["index"]),
-                        float(s["temperature_k"])))
+        out.append(
+            Task(
+                rid,
+                tuple(int(z) for z in s["numbers"]),
+                tuple((float(p[0]), float(p[1]), float(p[2])) for p in s["positions"]),
+                (level,),
+                frozenset({level.key} if forces else ()),
+                s["name"],
+                s["source"],
+                int(s["index"]),
+                float(s["temperature_k"]),
+            )
+        )
     return out

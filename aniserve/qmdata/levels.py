@@ -27,7 +27,7 @@ class Level:
     density_fit: bool = False
 
     @classmethod
-    def parse(cls, text: str, density_fit: bool = False) -> "Level":
+    def parse(cls, text: str, density_fit: bool = False) -> Level:
         if text.count("/") != 1:
             raise ValueError(f"level {text!r}: write it as METHOD/BASIS, e.g. wb97x/6-31g*")
         method, basis = (t.strip().lower() for t in text.split("/"))
@@ -60,7 +60,11 @@ def compute(level: Level, numbers: np.ndarray, positions: np.ndarray, forces: bo
     start = time.perf_counter()
     mol = gto.M(
         atom=[(int(z), tuple(map(float, p))) for z, p in zip(numbers, positions)],
-        basis=level.basis, unit="Angstrom", charge=0, spin=0, verbose=0,
+        basis=level.basis,
+        unit="Angstrom",
+        charge=0,
+        spin=0,
+        verbose=0,
     )
     if level.method in ("hf", "ccsd(t)"):
         mf = scf.RHF(mol)

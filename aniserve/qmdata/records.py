@@ -66,8 +66,10 @@ class Journal:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"another process is already writing {what} (lock {self.path / 'submit.lock'}); "
-                                   f"wait for it, or stop it and run again") from None
+                raise RuntimeError(
+                    f"another process is already writing {what} (lock {self.path / 'submit.lock'}); "
+                    f"wait for it, or stop it and run again"
+                ) from None
             yield
 
 
@@ -115,21 +117,29 @@ def read_h5(path: pathlib.Path) -> list[dict]:
         if not isinstance(levels, dict):
             raise HDF5Error(f"{path}: its 'levels' attribute is not a JSON object")
         for name, group in conformer_groups(f, path):
-            count, _ = check_group(group, path, name, [f"{key}.{field}" for key in levels
-                                                       for field in ("energy", "forces", "wall_s")])
+            count, _ = check_group(
+                group, path, name, [f"{key}.{field}" for key in levels for field in ("energy", "forces", "wall_s")]
+            )
             for field in ("record_id", "molecule", "source", "index", "temperature_k"):
                 if field in group and group[field].shape != (count,):
                     raise HDF5Error(f"{path}: {name}/{field} has shape {group[field].shape}, not ({count},)")
             numbers = atomic_numbers(group, path, name).tolist()
-            ids = ([i.decode() for i in group["record_id"][()]] if "record_id" in group
-                   else [f"{name}~{c}" for c in range(count)])
+            ids = (
+                [i.decode() for i in group["record_id"][()]]
+                if "record_id" in group
+                else [f"{name}~{c}" for c in range(count)]
+            )
             for c, rid in enumerate(ids):
-                rec = {"id": rid, "molecule": _text(group, "molecule", c, name),
-                       "source": _text(group, "source", c, str(path)),
-                       "index": int(group["index"][c]) if "index" in group else c,
-                       "temperature_k": float(group["temperature_k"][c]) if "temperature_k" in group else float("nan"),
-                       "numbers": numbers,
-                       "positions": group["coordinates"][c].tolist(), "levels": {}}
+                rec = {
+                    "id": rid,
+                    "molecule": _text(group, "molecule", c, name),
+                    "source": _text(group, "source", c, str(path)),
+                    "index": int(group["index"][c]) if "index" in group else c,
+                    "temperature_k": float(group["temperature_k"][c]) if "temperature_k" in group else float("nan"),
+                    "numbers": numbers,
+                    "positions": group["coordinates"][c].tolist(),
+                    "levels": {},
+                }
                 for key, attrs in levels.items():
                     if f"{key}.energy" not in group:
                         continue
@@ -140,8 +150,12 @@ def read_h5(path: pathlib.Path) -> list[dict]:
                     if forces is not None and not np.isfinite(forces).all():
                         forces = None
                     wall = float(group[f"{key}.wall_s"][c]) if f"{key}.wall_s" in group else float("nan")
-                    rec["levels"][key] = {"energy": energy, "forces": None if forces is None else forces.tolist(),
-                                          "wall_s": wall, "attributes": attrs}
+                    rec["levels"][key] = {
+                        "energy": energy,
+                        "forces": None if forces is None else forces.tolist(),
+                        "wall_s": wall,
+                        "attributes": attrs,
+                    }
                 records.append(rec)
     return records
 
@@ -173,7 +187,7 @@ def build(journal: Journal, out: pathlib.Path, sampling_note: str | None = None)
     if sampling_note is None and out.exists():  # (labelling an existing file keeps how it was sampled)
         with h5py.File(out, "r") as f:
             sampling_note = f.attrs.get("sampling")
-    levels = {}
+    levels: dict[str, dict] = {}
     for rec in records.values():
         for key, value in rec["levels"].items():
             levels.setdefault(key, value["attributes"])
@@ -202,6 +216,7 @@ def build(journal: Journal, out: pathlib.Path, sampling_note: str | None = None)
                 g[f"{key}.wall_s"] = np.array([v["wall_s"] if v else np.nan for v in got])
                 if any(v and v["forces"] is not None for v in got):
                     g[f"{key}.forces"] = np.array(
-                        [v["forces"] if v and v["forces"] is not None else np.full((n, 3), np.nan) for v in got])
+                        [v["forces"] if v and v["forces"] is not None else np.full((n, 3), np.nan) for v in got]
+                    )
     os.replace(tmp, out)
     return len(records)

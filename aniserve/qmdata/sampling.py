@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from aniserve.units import HARTREE_IN_KCAL_PER_MOL, BOLTZMANN_HARTREE_PER_K
+from aniserve.units import BOLTZMANN_HARTREE_PER_K, HARTREE_IN_KCAL_PER_MOL
 
 #: k_B in kcal/mol/K, the energy unit of MMFF.
 _KB_KCAL = BOLTZMANN_HARTREE_PER_K * HARTREE_IN_KCAL_PER_MOL
@@ -69,7 +69,7 @@ def read_molecule_list(path: str | pathlib.Path) -> list[MoleculeSpec]:
 
 def _rdkit_molecule(spec: MoleculeSpec):
     from rdkit import Chem
-    from rdkit.Chem import AllChem, rdDetermineBonds
+    from rdkit.Chem import rdDetermineBonds, rdDistGeom
 
     if spec.source.endswith(".xyz"):
         mol = Chem.MolFromXYZFile(spec.source)
@@ -81,7 +81,7 @@ def _rdkit_molecule(spec: MoleculeSpec):
         if mol is None:
             raise ValueError(f"{spec.name}: RDKit cannot parse SMILES {spec.source!r}")
         mol = Chem.AddHs(mol)
-        if AllChem.EmbedMolecule(mol, randomSeed=_stable_seed(spec.source)) != 0:
+        if rdDistGeom.EmbedMolecule(mol, randomSeed=_stable_seed(spec.source)) != 0:
             raise ValueError(f"{spec.name}: RDKit could not embed {spec.source!r} in 3D")
     return mol
 
@@ -94,14 +94,19 @@ def _mmff_hessian(ff, x0: np.ndarray, step: float = 1e-3) -> np.ndarray:
     while energy differences give the expected spectrum.
     """
     n3 = x0.size
-    energy = lambda x: ff.CalcEnergy(x.tolist())
+
+    def energy(x):
+        return ff.CalcEnergy(x.tolist())
+
     unit = np.eye(n3) * step
     hessian = np.empty((n3, n3))
     for i in range(n3):
         for j in range(i, n3):
             hessian[i, j] = hessian[j, i] = (
-                energy(x0 + unit[i] + unit[j]) - energy(x0 + unit[i] - unit[j])
-                - energy(x0 - unit[i] + unit[j]) + energy(x0 - unit[i] - unit[j])
+                energy(x0 + unit[i] + unit[j])
+                - energy(x0 + unit[i] - unit[j])
+                - energy(x0 - unit[i] + unit[j])
+                + energy(x0 - unit[i] - unit[j])
             ) / (4 * step * step)
     return hessian
 
@@ -112,13 +117,13 @@ def _stable_seed(*parts) -> int:
 
 def optimise(spec: MoleculeSpec) -> Equilibrium:
     """MMFF-optimise a molecule and compute its MMFF Hessian by central differences."""
-    from rdkit.Chem import AllChem
+    from rdkit.Chem import rdForceFieldHelpers
 
     mol = _rdkit_molecule(spec)
-    props = AllChem.MMFFGetMoleculeProperties(mol)
+    props = rdForceFieldHelpers.MMFFGetMoleculeProperties(mol)
     if props is None:
         raise ValueError(f"{spec.name}: MMFF94 has no parameters for this molecule")
-    ff = AllChem.MMFFGetMoleculeForceField(mol, props)
+    ff = rdForceFieldHelpers.MMFFGetMoleculeForceField(mol, props)
     # The minimiser can stop on a saddle (eclipsed ethane from a symmetric
     # embedding): push along the negative-curvature mode and minimise again.
     for _ in range(10):
@@ -131,7 +136,7 @@ def optimise(spec: MoleculeSpec) -> Equilibrium:
         pushed = x0 + 0.2 * vectors[:, 0]
         for i, p in enumerate(pushed.reshape(-1, 3)):
             mol.GetConformer().SetAtomPosition(i, p.tolist())
-        ff = AllChem.MMFFGetMoleculeForceField(mol, props)
+        ff = rdForceFieldHelpers.MMFFGetMoleculeForceField(mol, props)
     numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
     order = np.argsort(-numbers, kind="stable")
     idx3 = (3 * order[:, None] + np.arange(3)).ravel()

@@ -56,14 +56,25 @@ def compute_task(task: Task, threads: int = 1) -> dict:
 
     lib.num_threads(threads)
     numbers, positions = np.array(task.numbers), np.array(task.positions)
-    record = {"id": task.id, "molecule": task.molecule, "source": task.source, "index": task.index,
-              "temperature_k": task.temperature_k, "numbers": list(task.numbers),
-              "positions": [list(p) for p in task.positions], "levels": {}}
+    levels: dict[str, dict] = {}
+    record = {
+        "id": task.id,
+        "molecule": task.molecule,
+        "source": task.source,
+        "index": task.index,
+        "temperature_k": task.temperature_k,
+        "numbers": list(task.numbers),
+        "positions": [list(p) for p in task.positions],
+        "levels": levels,
+    }
     for level in task.levels:
         result = compute(level, numbers, positions, forces=level.key in task.forces)
-        record["levels"][level.key] = {
-            "energy": result["energy"], "forces": None if result["forces"] is None else result["forces"].tolist(),
-            "wall_s": result["wall_s"], "attributes": level.attributes()}
+        levels[level.key] = {
+            "energy": result["energy"],
+            "forces": None if result["forces"] is None else result["forces"].tolist(),
+            "wall_s": result["wall_s"],
+            "attributes": level.attributes(),
+        }
     return record
 
 
@@ -77,8 +88,10 @@ class Summary:
     wall_s: float = 0.0  # the calculations' own time, summed
 
     def text(self) -> str:
-        lines = [f"{self.computed} computed, {self.already_done} already done, {len(self.failures)} failed "
-                 f"of {self.total} in {_hms(self.seconds)} (calculations {_hms(self.wall_s)} of CPU time)"]
+        lines = [
+            f"{self.computed} computed, {self.already_done} already done, {len(self.failures)} failed "
+            f"of {self.total} in {_hms(self.seconds)} (calculations {_hms(self.wall_s)} of CPU time)"
+        ]
         lines += [f"  failed: {rid}: {why}" for rid, why in sorted(self.failures.items())]
         return "\n".join(lines)
 
@@ -94,8 +107,12 @@ def connect(workers: int = 1, scheduler: str | None = None, scheduler_file: str 
         return
     # One calculation per worker process; PySCF's own threads are the task's setting.  Worker
     # logs are silenced: a failed calculation is reported once, by record, here.
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=50) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -104,8 +121,17 @@ def pending(tasks: list[Task], journal: Journal, out: pathlib.Path) -> list[Task
     return [t for t in tasks if not t.marks() <= done.get(t.id, set())]
 
 
-def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, threads: int = 1,
-        retries: int = 2, build_every: int = 25, sampling_note: str | None = None, log=sys.stderr) -> Summary:
+def run(
+    tasks: list[Task],
+    out: str | pathlib.Path,
+    journal: Journal,
+    client,
+    threads: int = 1,
+    retries: int = 2,
+    build_every: int = 25,
+    sampling_note: str | None = None,
+    log=sys.stderr,
+) -> Summary:
     """Compute every task not yet done on ``client``; write the journal and ``out``."""
     from dask.distributed import as_completed
 
@@ -113,12 +139,17 @@ def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, th
     with journal.exclusive(str(out)):
         todo = pending(tasks, journal, out)
         summary = Summary(total=len(tasks), already_done=len(tasks) - len(todo))
-        print(f"{len(tasks)} calculations; {summary.already_done} already done; {len(todo)} to compute", file=log,
-              flush=True)
+        print(
+            f"{len(tasks)} calculations; {summary.already_done} already done; {len(todo)} to compute",
+            file=log,
+            flush=True,
+        )
         started = time.perf_counter()
         # Keys name the record, so a scheduler shared by several jobs shows what runs.
-        futures = {client.submit(compute_task, task, threads, key=f"aniserve-qm-{task.id}", pure=False,
-                                 retries=retries): task for task in todo}
+        futures = {
+            client.submit(compute_task, task, threads, key=f"aniserve-qm-{task.id}", pure=False, retries=retries): task
+            for task in todo
+        }
         since_build = 0
         # On a terminal a progress bar; in a log file (a cluster job) one line per record.
         bar = tqdm(total=len(todo), unit="calc", file=log, disable=not getattr(log, "isatty", lambda: False)())
@@ -150,9 +181,17 @@ def run(tasks: list[Task], out: str | pathlib.Path, journal: Journal, client, th
     return summary
 
 
-def run_job(tasks: list[Task], out: str | pathlib.Path, *, workers: int = 1, threads: int = 1,
-            scheduler: str | None = None, scheduler_file: str | None = None, retries: int = 2,
-            sampling_note: str | None = None) -> Summary | None:
+def run_job(
+    tasks: list[Task],
+    out: str | pathlib.Path,
+    *,
+    workers: int = 1,
+    threads: int = 1,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    retries: int = 2,
+    sampling_note: str | None = None,
+) -> Summary | None:
     """Compute ``tasks`` into ``out`` on a local cluster of ``workers`` processes or on
     the given scheduler; None when nothing was left to compute (``out`` rebuilt)."""
     out = pathlib.Path(out)
@@ -181,8 +220,12 @@ def _progress(summary: Summary, rid: str, walls: dict, todo: int, slots: int, lo
     remaining = todo - finished
     eta = remaining * summary.wall_s / summary.computed / slots
     text = ", ".join(f"{k} {v:.1f} s" for k, v in walls.items())
-    print(f"[{summary.already_done + finished}/{summary.total}] {rid}: {text}; {len(summary.failures)} failed; "
-          f"ETA {_hms(eta)} on {slots} worker(s)", file=log, flush=True)
+    print(
+        f"[{summary.already_done + finished}/{summary.total}] {rid}: {text}; {len(summary.failures)} failed; "
+        f"ETA {_hms(eta)} on {slots} worker(s)",
+        file=log,
+        flush=True,
+    )
 
 
 def _hms(seconds: float) -> str:

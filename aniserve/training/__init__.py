@@ -4,4 +4,13 @@ from aniserve.training.data import ANIData, DataError
 from aniserve.training.model import default_description, description_for, new_model, transfer_model
 from aniserve.training.trainer import Settings, train
 
-__all__ = ["ANIData", "DataError", "Settings", "default_description", "description_for", "new_model", "train", "transfer_model"]
+__all__ = [
+    "ANIData",
+    "DataError",
+    "Settings",
+    "default_description",
+    "description_for",
+    "new_model",
+    "train",
+    "transfer_model",
+]

@@ -106,36 +106,43 @@ class ANIData:
                     values = group[key][()].reshape(count, -1)
                     if np.isinf(values).any():
                         c = int(np.nonzero(np.isinf(values).any(1))[0][0])
-                        raise DataError(f"{path}: {name}/{key} is infinite for conformation {c} (NaN marks a missing "
-                                        f"value; infinity is an error)")
+                        raise DataError(
+                            f"{path}: {name}/{key} is infinite for conformation {c} (NaN marks a missing "
+                            f"value; infinity is an error)"
+                        )
                     have |= np.isfinite(values).all(1)
             groups.append(_Group(name, numbers, np.nonzero(have)[0], file))
         missing = [k for k in (self.energy_key, self.forces_key) if k and k not in keys]
         if missing:
-            raise DataError(f"{path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
-                            f"hold: {', '.join(sorted(keys)) or 'nothing (no group has coordinates)'}")
+            raise DataError(
+                f"{path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
+                f"hold: {', '.join(sorted(keys)) or 'nothing (no group has coordinates)'}"
+            )
         return [g for g in groups if len(g.conformations)]
 
     # ------------------------------------------------------------------ views
-    def subset(self, names) -> "ANIData":
+    def subset(self, names) -> ANIData:
         names = set(names)
-        return ANIData(self.paths, self.energy_key, self.forces_key,
-                       _groups=[g for g in self.groups if g.name in names])
+        return ANIData(
+            self.paths, self.energy_key, self.forces_key, _groups=[g for g in self.groups if g.name in names]
+        )
 
     def items(self) -> list[tuple[int, int]]:
         """Every (group index, conformation) of the set, in a fixed order."""
         return [(gi, int(c)) for gi, g in enumerate(self.groups) for c in g.conformations]
 
-    def select(self, items) -> "ANIData":
+    def select(self, items) -> ANIData:
         """A view holding only these (group index, conformation) items."""
         chosen: dict[int, list[int]] = {}
         for gi, c in items:
             chosen.setdefault(gi, []).append(int(c))
-        groups = [dataclasses.replace(self.groups[gi], conformations=np.array(sorted(cs)))
-                  for gi, cs in sorted(chosen.items())]
+        groups = [
+            dataclasses.replace(self.groups[gi], conformations=np.array(sorted(cs)))
+            for gi, cs in sorted(chosen.items())
+        ]
         return ANIData(self.paths, self.energy_key, self.forces_key, _groups=groups)
 
-    def split(self, validation: float, seed: int) -> tuple["ANIData", "ANIData"]:
+    def split(self, validation: float, seed: int) -> tuple[ANIData, ANIData]:
         """(train, validation) by whole groups (molecular formulas), reproducibly.
 
         Data of a single formula (one molecule's trajectory, as active learning on one
@@ -157,7 +164,8 @@ class ANIData:
 
     def element_counts(self) -> dict[str, tuple[int, int]]:
         """Element → (atoms, conformations) over the whole set."""
-        atoms, confs = Counter(), Counter()
+        atoms: Counter[str] = Counter()
+        confs: Counter[str] = Counter()
         for g in self.groups:
             for z, n in Counter(g.numbers.tolist()).items():
                 atoms[symbol(z)] += n * len(g.conformations)
@@ -168,8 +176,10 @@ class ANIData:
         extra = {e: c for e, c in self.element_counts().items() if e not in set(elements)}
         if extra:
             listed = ", ".join(f"{e} ({a} atoms in {c} conformations)" for e, (a, c) in sorted(extra.items()))
-            raise DataError(f"{self.path}: the data holds element(s) the model does not cover: {listed}; "
-                            f"the model covers {', '.join(elements)}")
+            raise DataError(
+                f"{self.path}: the data holds element(s) the model does not cover: {listed}; "
+                f"the model covers {', '.join(elements)}"
+            )
 
     # ----------------------------------------------------------------- batches
     def batches(self, batch_size: int, seed: int | None = None):
@@ -191,7 +201,7 @@ class ANIData:
             rng = np.random.default_rng(seed)
             order = rng.permutation(len(items))
             order = order[np.argsort(sizes[order], kind="stable")]
-        chunks = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        chunks = [[items[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
         if seed is not None:
             chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         return chunks
@@ -223,9 +233,15 @@ class ANIData:
             names = h5["molecule"][confs] if "molecule" in h5 else [g.name] * len(confs)
             for r, m in zip(rows, names):
                 molecule[r] = m.decode() if isinstance(m, bytes) else str(m)
-        return Batch(torch.from_numpy(numbers), torch.from_numpy(positions), torch.from_numpy(energy),
-                     None if forces is None else torch.from_numpy(forces),
-                     [self.groups[gi].name for gi, _ in items], [c for _, c in items], molecule)
+        return Batch(
+            torch.from_numpy(numbers),
+            torch.from_numpy(positions),
+            torch.from_numpy(energy),
+            None if forces is None else torch.from_numpy(forces),
+            [self.groups[gi].name for gi, _ in items],
+            [c for _, c in items],
+            molecule,
+        )
 
 
 #: Atoms closer than this (Å) in a training conformation are an error: no real molecule
@@ -236,11 +252,12 @@ MIN_DISTANCE = 0.1
 def _check_coordinates(dataset, path, name: str, chunk: int = 4096) -> None:
     """Finite coordinates, no two atoms of a conformation closer than MIN_DISTANCE."""
     for start in range(0, dataset.shape[0], chunk):
-        x = np.asarray(dataset[start:start + chunk], dtype=np.float64)
+        x = np.asarray(dataset[start : start + chunk], dtype=np.float64)
         bad = ~np.isfinite(x).all(axis=(1, 2))
         if bad.any():
-            raise DataError(f"{path}: {name}/coordinates of conformation {start + int(np.argmax(bad))} hold NaN or "
-                            f"infinite values")
+            raise DataError(
+                f"{path}: {name}/coordinates of conformation {start + int(np.argmax(bad))} hold NaN or infinite values"
+            )
         if x.shape[1] < 2:
             continue
         d = np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)
@@ -249,8 +266,10 @@ def _check_coordinates(dataset, path, name: str, chunk: int = 4096) -> None:
         if (closest < MIN_DISTANCE).any():
             c = int(np.argmin(closest))
             i, j = np.unravel_index(int(np.argmin(d[c])), d[c].shape)
-            raise DataError(f"{path}: {name} conformation {start + c}: atoms {i} and {j} are {closest[c]:.3g} Å apart "
-                            f"(closer than {MIN_DISTANCE} Å)")
+            raise DataError(
+                f"{path}: {name} conformation {start + c}: atoms {i} and {j} are {closest[c]:.3g} Å apart "
+                f"(closer than {MIN_DISTANCE} Å)"
+            )
 
 
 def _numbers(group, path, name) -> np.ndarray:
@@ -273,4 +292,3 @@ def write_ani_h5(path, structures: dict[str, dict[str, np.ndarray]], layout: str
                     g["species"] = np.array([symbol(int(z)).encode() for z in value])
                 else:
                     g[key] = value
-

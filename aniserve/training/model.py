@@ -12,24 +12,43 @@ from aniserve.potential import ANIPotential
 
 def ani1x_aev(elements) -> dict:
     """ANI-1x's AEV constants (Rcr 5.2 Å, Rca 3.5 Å; 384 features for H, C, N, O)."""
-    return {"elements": list(elements), "Rcr": 5.2, "Rca": 3.5, "EtaR": [16.0],
-            "ShfR": [0.9 + 0.26875 * i for i in range(16)], "EtaA": [8.0], "Zeta": [32.0],
-            "ShfA": [0.9, 1.55, 2.2, 2.85], "ShfZ": [math.pi / 16 + k * math.pi / 8 for k in range(8)]}
+    return {
+        "elements": list(elements),
+        "Rcr": 5.2,
+        "Rca": 3.5,
+        "EtaR": [16.0],
+        "ShfR": [0.9 + 0.26875 * i for i in range(16)],
+        "EtaA": [8.0],
+        "Zeta": [32.0],
+        "ShfA": [0.9, 1.55, 2.2, 2.85],
+        "ShfZ": [math.pi / 16 + k * math.pi / 8 for k in range(8)],
+    }
 
 
-def default_description(elements=("H", "C", "N", "O"), hidden=(64, 48, 24), ensemble_size: int = 4,
-                        name: str = "") -> dict:
+def default_description(
+    elements=("H", "C", "N", "O"), hidden=(64, 48, 24), ensemble_size: int = 4, name: str = ""
+) -> dict:
     """ANI-1x features with small CELU networks: the demonstration-scale architecture
     (ANI-1x itself uses 160-128-96 for H; pass ``hidden`` per element via --config)."""
     from aniserve.aev import AEVFeaturizer, AEVParameters
 
     width = AEVFeaturizer(AEVParameters.from_json(ani1x_aev(elements))).output_width
-    return {"name": name, "elements": list(elements),
-            "featurizer": {"name": "ani-aev", "params": ani1x_aev(elements)},
-            "element_network": {"name": "ani-mlp", "params": {
-                "elements": list(elements), "hidden": {e: list(hidden) for e in elements}, "input_width": width,
-                "ensemble_size": ensemble_size, "celu_alpha": 0.1}},
-            "self_energies": {e: 0.0 for e in elements}}
+    return {
+        "name": name,
+        "elements": list(elements),
+        "featurizer": {"name": "ani-aev", "params": ani1x_aev(elements)},
+        "element_network": {
+            "name": "ani-mlp",
+            "params": {
+                "elements": list(elements),
+                "hidden": {e: list(hidden) for e in elements},
+                "input_width": width,
+                "ensemble_size": ensemble_size,
+                "celu_alpha": 0.1,
+            },
+        },
+        "self_energies": {e: 0.0 for e in elements},
+    }
 
 
 def new_model(description: dict, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ANIPotential:
@@ -62,7 +81,7 @@ def description_for(data, config: dict | None = None, ensemble_size: int | None 
         if ensemble_size:
             description["element_network"]["params"]["ensemble_size"] = ensemble_size
     else:
-        elements = sorted(data.element_counts(), key=NUMBERS.get)
+        elements = sorted(data.element_counts(), key=lambda e: NUMBERS[e])
         description = default_description(elements, ensemble_size=ensemble_size or 4)
     if name and not description.get("name"):
         description["name"] = name

@@ -42,8 +42,10 @@ class FreezeLayers:
     def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
         layers_of = getattr(model.networks, "layers", None)
         if layers_of is None:
-            raise ValueError(f"element network {type(model.networks).__name__} does not number its layers "
-                             f"(no layers() method), so the freeze strategy cannot select them")
+            raise ValueError(
+                f"element network {type(model.networks).__name__} does not number its layers "
+                f"(no layers() method), so the freeze strategy cannot select them"
+            )
         layers = layers_of()
         frozen = tuple(options.get("freeze_layers") or PAPER_FROZEN_LAYERS)
         bad = [n for n in frozen if not 1 <= n <= len(layers)]
@@ -76,16 +78,18 @@ class Delta:
 
     def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
         hidden = list(options.get("correction_hidden") or (32, 16))
-        correction = ElementNetworks(model.elements, {e: hidden for e in model.elements},
-                                     model.featurizer.output_width, model.ensemble_size)
+        correction = ElementNetworks(
+            model.elements, {e: hidden for e in model.elements}, model.featurizer.output_width, model.ensemble_size
+        )
         # Start as the pretrained model exactly: the correction's output layer is zero.
         for mlp in correction.mlps:
             nn.init.zeros_(mlp.weights[-1])
             nn.init.zeros_(mlp.biases[-1])
         networks = DeltaNetworks(model.networks, correction, model.description["element_network"]["name"], "ani-mlp")
         description = dict(model.description, element_network={"name": "delta"})
-        delta = ANIPotential(model.featurizer, networks, dict(zip(model.elements, model.self_energies.tolist())),
-                             description).to(dtype=model.dtype, device=model.device)
+        delta = ANIPotential(
+            model.featurizer, networks, dict(zip(model.elements, model.self_energies.tolist())), description
+        ).to(dtype=model.dtype, device=model.device)
         _all_trainable(delta, False)
         _all_trainable(delta.networks.correction, True)
         return delta

@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from torch import nn
+from tqdm import tqdm
 
 from aniserve.elements import NUMBERS
 from aniserve.modelfile import build, check_description, describe, save_model
@@ -77,8 +77,9 @@ def predict(model: ANIPotential, batch: Batch, forces: bool) -> tuple[torch.Tens
         return energies, None
     out = energies.new_zeros(len(energies), *real.shape, 3)
     for m in range(len(energies)):
-        grad, = torch.autograd.grad(energies[m].sum(), pos, create_graph=torch.is_grad_enabled() and model.training,
-                                    retain_graph=True)
+        (grad,) = torch.autograd.grad(
+            energies[m].sum(), pos, create_graph=torch.is_grad_enabled() and model.training, retain_graph=True
+        )
         out[m][real] = -grad.to(out.dtype)
     return energies, out
 
@@ -98,6 +99,7 @@ def losses(model: ANIPotential, batch: Batch, force_weight: float) -> tuple[torc
         total = total + energy_loss
         parts["energy"] = float(energy_loss.detach()) / len(energies)
     if use_forces:
+        assert batch.forces is not None and forces is not None  # use_forces: the data and the model give them
         ref = batch.forces.to(energies.device)
         has_f = torch.isfinite(ref).flatten(1).all(1) & (batch.numbers > 0).any(1).to(ref.device)
         if has_f.any():
@@ -142,13 +144,14 @@ def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256)
     if not rows:
         raise ValueError("no conformation has the energy target; cannot fit self energies")
     A, y = np.array(rows), np.array(residuals)
-    present = A.any(0)
+    present = np.asarray(A.any(0))
     solution = np.zeros(len(model.elements))
     solution[present] = np.linalg.lstsq(A[:, present], y, rcond=None)[0]
     if not np.isfinite(solution).all():
         raise ValueError("the self-energy fit is not finite; check the data's energies")
-    fitted = {e: float(solution[i]) if present[i] else float(model.self_energies[i])
-              for i, e in enumerate(model.elements)}
+    fitted = {
+        e: float(solution[i]) if present[i] else float(model.self_energies[i]) for i, e in enumerate(model.elements)
+    }
     model.self_energies.copy_(torch.tensor([fitted[e] for e in model.elements], dtype=torch.float64))
     return fitted
 
@@ -172,7 +175,7 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
         de.append(error[keep])
         molecules += [m for m, k in zip(batch.molecule, keep.tolist()) if k]
         per_structure = torch.where(keep, error.nan_to_num() ** 2 / n_atoms, 0.0)
-        if use_forces and batch.forces is not None:
+        if use_forces and batch.forces is not None and predicted_forces is not None:
             mean_f = predicted_forces.mean(0).detach().cpu()
             mask = torch.isfinite(batch.forces).all(-1) & (batch.numbers > 0)
             df.append((mean_f[mask] - batch.forces[mask]).flatten())
@@ -180,11 +183,13 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
             per_structure = per_structure + force_weight * squared.sum((1, 2)) / (3 * n_atoms)
         loss.append(per_structure)
     model.train(was_training)
-    de = torch.cat(de) * HARTREE_IN_KCAL_PER_MOL if de else torch.zeros(0)
-    out = {"energy_rmse_kcal": float(de.pow(2).mean().sqrt()) if len(de) else math.nan,
-           "energy_mae_kcal": float(de.abs().mean()) if len(de) else math.nan,
-           "conformer_rmse_kcal": conformer_rmse(de.numpy(), molecules),
-           "loss": float(torch.cat(loss).mean()) if loss else math.nan}
+    errors = torch.cat(de) * HARTREE_IN_KCAL_PER_MOL if de else torch.zeros(0)
+    out = {
+        "energy_rmse_kcal": float(errors.pow(2).mean().sqrt()) if len(errors) else math.nan,
+        "energy_mae_kcal": float(errors.abs().mean()) if len(errors) else math.nan,
+        "conformer_rmse_kcal": conformer_rmse(errors.numpy(), molecules),
+        "loss": float(torch.cat(loss).mean()) if loss else math.nan,
+    }
     if df:
         f = torch.cat(df) * HARTREE_IN_KCAL_PER_MOL
         out["force_rmse_kcal_per_a"] = float(f.pow(2).mean().sqrt())
@@ -194,9 +199,8 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
 def conformer_rmse(errors: np.ndarray, molecules: list[str]) -> float:
     """RMSE of errors relative to each molecule's mean error (molecules with at least two
     conformations): the error of relative conformer energies, blind to energy zeros."""
-    molecules = np.asarray(molecules)
-    parts = [errors[molecules == m] - errors[molecules == m].mean() for m in np.unique(molecules)
-             if (molecules == m).sum() > 1]
+    names = np.asarray(molecules)
+    parts = [errors[names == m] - errors[names == m].mean() for m in np.unique(names) if (names == m).sum() > 1]
     return float(np.sqrt(np.mean(np.concatenate(parts) ** 2))) if parts else math.nan
 
 
@@ -220,8 +224,9 @@ class _Step(nn.Module):
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("ANISERVE_DDP_BACKEND") != "gloo"
-                                else "gloo")
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() and os.environ.get("ANISERVE_DDP_BACKEND") != "gloo" else "gloo"
+        )
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
@@ -230,9 +235,16 @@ def _say(rank: int, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: Settings,
-          resume: bool = False, extra: dict | None = None, validation_data: ANIData | None = None,
-          penalty=None) -> dict:
+def train(
+    model: ANIPotential,
+    data: ANIData,
+    out: str | os.PathLike,
+    settings: Settings,
+    resume: bool = False,
+    extra: dict | None = None,
+    validation_data: ANIData | None = None,
+    penalty=None,
+) -> dict:
     """Train ``model`` (parameters with requires_grad) on ``data``; write ``out``.
 
     penalty: optional ``penalty(model) -> scalar tensor`` added to every step's loss
@@ -291,13 +303,16 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
             raise _bad_checkpoint(checkpoint_path, error) from None
 
     step_force_weight = settings.force_weight if data.forces_key else 0.0
-    step = _Step(model, step_force_weight, penalty)
+    step: nn.Module = _Step(model, step_force_weight, penalty)
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
     n_params = sum(p.numel() for p in parameters)
-    _say(rank, f"training {n_params} of {sum(p.numel() for p in model.parameters())} parameters "
-               f"({model.ensemble_size} members) on {len(train_data)} conformations, "
-               f"validating on {len(val_data)}; {world} process(es)")
+    _say(
+        rank,
+        f"training {n_params} of {sum(p.numel() for p in model.parameters())} parameters "
+        f"({model.ensemble_size} members) on {len(train_data)} conformations, "
+        f"validating on {len(val_data)}; {world} process(es)",
+    )
 
     for epoch in range(start_epoch, settings.epochs):
         if epoch - best["epoch"] > settings.early_stop_patience or optimizer.param_groups[0]["lr"] < settings.min_lr:
@@ -307,15 +322,22 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         plan = train_data.plan(settings.batch_size, seed=settings.seed * 100_003 + epoch)
         plan = plan[: len(plan) // world * world][rank::world] if world > 1 else plan
         total, count = 0.0, 0
-        with tqdm(total=len(plan), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False,
-                  disable=rank != 0 or not sys.stderr.isatty()) as bar:
+        with tqdm(
+            total=len(plan),
+            desc=f"epoch {epoch + 1}/{settings.epochs}",
+            unit="batch",
+            leave=False,
+            disable=rank != 0 or not sys.stderr.isatty(),
+        ) as bar:
             for items in plan:
                 batch = train_data.read(items)
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = step(batch)
                 if not torch.isfinite(loss):
-                    raise ValueError(f"the training loss is {loss.item()} at epoch {epoch + 1} (molecules "
-                                     f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model")
+                    raise ValueError(
+                        f"the training loss is {loss.item()} at epoch {epoch + 1} (molecules "
+                        f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model"
+                    )
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) / model.ensemble_size
@@ -330,47 +352,95 @@ def train(model: ANIPotential, data: ANIData, out: str | os.PathLike, settings: 
         scheduler.step(criterion)
         improved = criterion < best.get("criterion", best["loss"])
         if improved:
-            best = {"loss": metrics["loss"], "rmse": metrics["energy_rmse_kcal"],
-                    "conformer_rmse": metrics["conformer_rmse_kcal"], "criterion": criterion, "epoch": epoch}
+            best = {
+                "loss": metrics["loss"],
+                "rmse": metrics["energy_rmse_kcal"],
+                "conformer_rmse": metrics["conformer_rmse_kcal"],
+                "criterion": criterion,
+                "epoch": epoch,
+            }
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **metrics,
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
-        force_text = (f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å"
-                      if "force_rmse_kcal_per_a" in metrics else "")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / max(count, 1),
+                **metrics,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        force_text = (
+            f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å" if "force_rmse_kcal_per_a" in metrics else ""
+        )
         spent = time.perf_counter() - started
         left = (settings.epochs - epoch - 1) * sum(h["seconds"] for h in history[-3:]) / len(history[-3:])
-        _say(rank, f"epoch {epoch + 1}/{settings.epochs}: train loss {total / max(count, 1):.3e}, validation loss "
-                   f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
-                   f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, {spent:.1f} s, "
-                   f"at most {tqdm.format_interval(left)} left")
+        _say(
+            rank,
+            f"epoch {epoch + 1}/{settings.epochs}: train loss {total / max(count, 1):.3e}, validation loss "
+            f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
+            f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, {spent:.1f} s, "
+            f"at most {tqdm.format_interval(left)} left",
+        )
         if rank == 0:
-            _atomic_save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-                          "scheduler": json.dumps(scheduler.state_dict()), "epoch": epoch,
-                          "trainable": sorted(trainable), "history": json.dumps(history), "best": json.dumps(best),
-                          "description": json.dumps(describe(model))}, checkpoint_path)
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "best_model": best_state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": json.dumps(scheduler.state_dict()),
+                    "epoch": epoch,
+                    "trainable": sorted(trainable),
+                    "history": json.dumps(history),
+                    "best": json.dumps(best),
+                    "description": json.dumps(describe(model)),
+                },
+                checkpoint_path,
+            )
 
     model.load_state_dict(best_state)
-    summary = {"best_epoch": best["epoch"] + 1, "validation_loss": best["loss"],
-               "validation_energy_rmse_kcal": best["rmse"],
-               "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan), "epochs_run": len(history), "trainable_parameters": n_params, "seed": settings.seed,
-               "data": [str(p) for p in data.paths], "energy_key": data.energy_key, "forces_key": data.forces_key,
-               "history": history}
+    summary = {
+        "best_epoch": best["epoch"] + 1,
+        "validation_loss": best["loss"],
+        "validation_energy_rmse_kcal": best["rmse"],
+        "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan),
+        "epochs_run": len(history),
+        "trainable_parameters": n_params,
+        "seed": settings.seed,
+        "data": [str(p) for p in data.paths],
+        "energy_key": data.energy_key,
+        "forces_key": data.forces_key,
+        "history": history,
+    }
     if rank == 0:
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
-        _say(rank, f"wrote {out} (the weights of epoch {best['epoch'] + 1}, the lowest validation {settings.selection}: energy "
-                   f"RMSE {best['rmse']:.3f}, conformer RMSE {best.get('conformer_rmse', math.nan):.3f} kcal/mol)")
+        _say(
+            rank,
+            f"wrote {out} (the weights of epoch {best['epoch'] + 1}, the lowest validation {settings.selection}: "
+            f"energy RMSE {best['rmse']:.3f}, conformer RMSE {best.get('conformer_rmse', math.nan):.3f} kcal/mol)",
+        )
     if world > 1:
         dist.barrier()
     return summary
 
 
-_CHECKPOINT_ERRORS = (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
-                      pickle.UnpicklingError)
+_CHECKPOINT_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    pickle.UnpicklingError,
+)
 
 
 def _bad_checkpoint(path, error: Exception) -> ValueError:
-    return ValueError(f"{path}: not a usable aniserve checkpoint ({type(error).__name__}: {str(error)[:200]}); "
-                      f"delete it to start afresh")
+    return ValueError(
+        f"{path}: not a usable aniserve checkpoint ({type(error).__name__}: {str(error)[:200]}); "
+        f"delete it to start afresh"
+    )
 
 
 def _atomic_save(obj: dict, path: pathlib.Path) -> None:

@@ -64,15 +64,35 @@ print(f"{'round':>5s} {'model':>24s} {'MD steps':>9s} {'collected':>10s} {'fract
 for round_ in range(args.rounds + 1):
     collected = work / f"collected-{round_}.extxyz"
     collector = md_round(model, collected)
-    print(f"{round_:5d} {pathlib.Path(model).name:>24s} {collector.evaluated:9d} {collector.collected:10d} "
-          f"{collector.fraction:9.1%}", flush=True)
+    print(
+        f"{round_:5d} {pathlib.Path(model).name:>24s} {collector.evaluated:9d} {collector.collected:10d} "
+        f"{collector.fraction:9.1%}",
+        flush=True,
+    )
     if round_ == args.rounds or not collector.collected:
         break
     # Label what was collected (merging into one growing file), then transfer from ANI-1x again.
     aniserve("data", "label", collected, "--level", args.level, "--out", labels, "--workers", "2")
     key = Level.parse(args.level).key  # the file's dataset prefix, e.g. wb97x_631gd
     model = work / f"model-{round_ + 1}.safetensors"
-    aniserve("transfer", "--from", "ani-1x", "--data", labels, "--energy-key", f"{key}.energy", "--strategy", "delta",
-             "--epochs", "30", "--batch-size", "8", "--select", "conformer", "--out", model)
+    aniserve(
+        "transfer",
+        "--from",
+        "ani-1x",
+        "--data",
+        labels,
+        "--energy-key",
+        f"{key}.energy",
+        "--strategy",
+        "delta",
+        "--epochs",
+        "30",
+        "--batch-size",
+        "8",
+        "--select",
+        "conformer",
+        "--out",
+        model,
+    )
     model = str(model)
 print(f"done; the collected structures, labels and models are in {work}")

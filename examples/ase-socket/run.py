@@ -30,8 +30,22 @@ name = f"aniserve-ase-{os.getpid()}"
 
 
 def launch(atoms, properties, port, unixsocket):
-    return subprocess.Popen([sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure",
-                             str(structure), "--unix", unixsocket, "--reconnect-timeout", "1"])
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "drive",
+            "--model",
+            model,
+            "--structure",
+            str(structure),
+            "--unix",
+            unixsocket,
+            "--reconnect-timeout",
+            "1",
+        ]
+    )
 
 
 atoms = read_structures(structure)[0]
@@ -39,8 +53,10 @@ try:
     with SocketIOCalculator(unixsocket=name, launch_client=launch) as calc:
         atoms.calc = calc
         BFGS(atoms, logfile="-").run(fmax=0.01, steps=50)
-        print(f"model {model}: final energy {atoms.get_potential_energy():.6f} eV, "
-              f"max |F| {abs(atoms.get_forces()).max():.4f} eV/Å")
+        print(
+            f"model {model}: final energy {atoms.get_potential_energy():.6f} eV, "
+            f"max |F| {abs(atoms.get_forces()).max():.4f} eV/Å"
+        )
 except OSError as error:  # the driver exited: its own message is on stderr above
     sys.exit(f"stopped: {error}")
 finally:

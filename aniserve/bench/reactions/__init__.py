@@ -39,13 +39,18 @@ def score(model) -> dict[str, dict]:
             numbers = {int(z) for atoms in structures.values() for z in atoms.numbers}
             if not numbers <= {NUMBERS[e] for e in model.elements}:
                 continue
-            energy = sum(c * float(model.evaluate(structures[s].numbers, structures[s].positions).energy)
-                         for s, c in reaction["terms"].items())
+            energy = sum(
+                c * float(model.evaluate(structures[s].numbers, structures[s].positions).energy)
+                for s, c in reaction["terms"].items()
+            )
             errors.append(energy * HARTREE_IN_KCAL_PER_MOL - reaction["reference"])
         if errors:
-            errors = np.array(errors)
-            out[set_name] = {"mae_kcal": float(np.abs(errors).mean()), "rmse_kcal": float(np.sqrt((errors ** 2).mean())),
-                             "reactions": len(errors)}
+            values = np.array(errors)
+            out[set_name] = {
+                "mae_kcal": float(np.abs(values).mean()),
+                "rmse_kcal": float(np.sqrt((values**2).mean())),
+                "reactions": len(errors),
+            }
     return out
 
 
@@ -54,6 +59,9 @@ def dft_scores() -> dict[str, dict]:
     out = {}
     for set_name, reactions in read_sets().items():
         errors = np.array([r["wb97x"] - r["reference"] for r in reactions])
-        out[set_name] = {"mae_kcal": float(np.abs(errors).mean()), "rmse_kcal": float(np.sqrt((errors ** 2).mean())),
-                         "reactions": len(errors)}
+        out[set_name] = {
+            "mae_kcal": float(np.abs(errors).mean()),
+            "rmse_kcal": float(np.sqrt((errors**2).mean())),
+            "reactions": len(errors),
+        }
     return out

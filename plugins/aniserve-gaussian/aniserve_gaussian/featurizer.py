@@ -29,15 +29,20 @@ class GaussianEmbeddingFeaturizer(nn.Module):
         self.sigma = (cutoff - 1.0) / (num_basis - 1)
 
     @classmethod
-    def from_config(cls, params: dict, elements=None) -> "GaussianEmbeddingFeaturizer":
+    def from_config(cls, params: dict, elements=None) -> GaussianEmbeddingFeaturizer:
         if elements is not None and list(params["elements"]) != list(elements):
             raise ValueError(f"featurizer elements {params['elements']} differ from the model's {list(elements)}")
-        return cls(params["elements"], params.get("cutoff", 5.2), params.get("num_basis", 16),
-                   params.get("embedding_dim", 8))
+        return cls(
+            params["elements"], params.get("cutoff", 5.2), params.get("num_basis", 16), params.get("embedding_dim", 8)
+        )
 
     def config(self) -> dict:
-        return {"elements": self.elements, "cutoff": self.cutoff, "num_basis": self.num_basis,
-                "embedding_dim": self.embedding_dim}
+        return {
+            "elements": self.elements,
+            "cutoff": self.cutoff,
+            "num_basis": self.num_basis,
+            "embedding_dim": self.embedding_dim,
+        }
 
     @property
     def output_width(self) -> int:
@@ -48,7 +53,7 @@ class GaussianEmbeddingFeaturizer(nn.Module):
         inside = torch.nonzero(distance <= self.cutoff).squeeze(1)
         r, vec, c = distance[inside], vectors[inside], center[inside]
         cutoff_fn = 0.5 * torch.cos(r * (math.pi / self.cutoff)) + 0.5
-        basis = torch.exp(-((r[:, None] - self.centers) ** 2) / (2 * self.sigma ** 2)) * cutoff_fn[:, None]
+        basis = torch.exp(-((r[:, None] - self.centers) ** 2) / (2 * self.sigma**2)) * cutoff_fn[:, None]
         weights = (self.embedding[species[neighbor[inside]]][:, :, None] * basis[:, None, :]).flatten(1)
         n = species.shape[0]
         scalar = weights.new_zeros(n, weights.shape[1]).index_add_(0, c, weights)

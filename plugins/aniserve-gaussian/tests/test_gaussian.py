@@ -59,8 +59,9 @@ def test_gradients_match_finite_differences():
 
 
 def test_registered_through_its_entry_point():
-    out = subprocess.run([sys.executable, "-m", "aniserve", "plugins", "--json"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "aniserve", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
     rows = {(r["kind"], r["name"]): r for r in json.loads(out.stdout)}
     row = rows[("featurizer", "gaussian-embedding")]
     assert row["plugin"] == "aniserve-gaussian" and row["version"] == "0.1.0" and row["description"]
@@ -73,13 +74,24 @@ def trained(tmp_path_factory):
     data = ANIData(REPO / "data" / "qm-train.h5", "wb97x_631gd.energy", "wb97x_631gd.forces")
     description = {
         "elements": ELEMENTS,
-        "featurizer": {"name": "gaussian-embedding", "params": {"elements": ELEMENTS, "num_basis": 8,
-                                                                "embedding_dim": 4}},
-        "element_network": {"name": "ani-mlp", "params": {"elements": ELEMENTS, "input_width": 64, "ensemble_size": 2,
-                                                          "hidden": {e: [32, 16] for e in ELEMENTS}}}}
+        "featurizer": {
+            "name": "gaussian-embedding",
+            "params": {"elements": ELEMENTS, "num_basis": 8, "embedding_dim": 4},
+        },
+        "element_network": {
+            "name": "ani-mlp",
+            "params": {
+                "elements": ELEMENTS,
+                "input_width": 64,
+                "ensemble_size": 2,
+                "hidden": {e: [32, 16] for e in ELEMENTS},
+            },
+        },
+    }
     path = tmp_path_factory.mktemp("gauss") / "gauss.safetensors"
-    summary = train(new_model(description, seed=0), data, path,
-                    Settings(epochs=6, batch_size=16, lr=3e-3, validation=0.2))
+    summary = train(
+        new_model(description, seed=0), data, path, Settings(epochs=6, batch_size=16, lr=3e-3, validation=0.2)
+    )
     return path, summary
 
 
@@ -104,8 +116,20 @@ def test_model_serves_under_aniserve_drive(trained):
 
 def test_masked_plugin_gives_a_clear_error(trained):
     env = {**os.environ, "ANISERVE_BLOCK_PLUGINS": "gaussian"}
-    out = subprocess.run([sys.executable, "-m", "aniserve", "eval", str(REPO / "examples/molecules/ethanol.xyz"),
-                          "--model", str(trained[0])], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aniserve",
+            "eval",
+            str(REPO / "examples/molecules/ethanol.xyz"),
+            "--model",
+            str(trained[0]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == exits.BAD_MODEL  # a model that cannot be loaded (aniserve.exits)
     assert "no featurizer named 'gaussian-embedding'" in out.stderr
     assert "plugin aniserve-gaussian 0.1.0" in out.stderr

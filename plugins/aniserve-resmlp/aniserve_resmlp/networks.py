@@ -52,13 +52,23 @@ class ResidualElementNetworks(nn.Module):
         return self.nets[0].w_in.shape[0]
 
     @classmethod
-    def from_config(cls, params: dict) -> "ResidualElementNetworks":
-        return cls(params["elements"], params["input_width"], params.get("width", 64), params.get("blocks", 2),
-                   params.get("ensemble_size", 1))
+    def from_config(cls, params: dict) -> ResidualElementNetworks:
+        return cls(
+            params["elements"],
+            params["input_width"],
+            params.get("width", 64),
+            params.get("blocks", 2),
+            params.get("ensemble_size", 1),
+        )
 
     def config(self) -> dict:
-        return {"elements": self.elements, "input_width": self.input_width, "width": self.width,
-                "blocks": self.blocks, "ensemble_size": self.ensemble_size}
+        return {
+            "elements": self.elements,
+            "input_width": self.input_width,
+            "width": self.width,
+            "blocks": self.blocks,
+            "ensemble_size": self.ensemble_size,
+        }
 
     def layers(self) -> list[list[nn.Parameter]]:
         """Input layer, each residual block, output layer (for the freeze strategy)."""

@@ -22,14 +22,20 @@ DATA = REPO / "data" / "qm-train.h5"
 
 
 def description():
-    return {"elements": ELEMENTS, "featurizer": {"name": "ani-aev", "params": ani1x_aev(ELEMENTS)},
-            "element_network": {"name": "residual-mlp", "params": {"elements": ELEMENTS, "input_width": 384,
-                                                                   "width": 24, "blocks": 2, "ensemble_size": 2}}}
+    return {
+        "elements": ELEMENTS,
+        "featurizer": {"name": "ani-aev", "params": ani1x_aev(ELEMENTS)},
+        "element_network": {
+            "name": "residual-mlp",
+            "params": {"elements": ELEMENTS, "input_width": 384, "width": 24, "blocks": 2, "ensemble_size": 2},
+        },
+    }
 
 
 def test_registered_through_its_entry_point():
-    out = subprocess.run([sys.executable, "-m", "aniserve", "plugins", "--json"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "aniserve", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
     rows = {(r["kind"], r["name"]): r for r in json.loads(out.stdout)}
     for key in [("element-network", "residual-mlp"), ("transfer-strategy", "l2sp")]:
         assert rows[key]["plugin"] == "aniserve-resmlp" and rows[key]["version"] == "0.1.0"
@@ -44,15 +50,19 @@ def test_members_are_independent_networks():
     x = torch.randn(4, 10, requires_grad=True)
     out = net(species, x)
     assert out.shape == (3, 4)
-    grad, = torch.autograd.grad(out[1].sum(), [net.nets[1].w_out])
+    (grad,) = torch.autograd.grad(out[1].sum(), [net.nets[1].w_out])
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("res") / "res.safetensors"
-    summary = train(new_model(description(), seed=0), ANIData(DATA, "wb97x_631gd.energy", "wb97x_631gd.forces"),
-                    path, Settings(epochs=6, batch_size=16, lr=3e-3, validation=0.2))
+    summary = train(
+        new_model(description(), seed=0),
+        ANIData(DATA, "wb97x_631gd.energy", "wb97x_631gd.forces"),
+        path,
+        Settings(epochs=6, batch_size=16, lr=3e-3, validation=0.2),
+    )
     return path, summary
 
 
@@ -78,8 +88,9 @@ def test_l2sp_transfers_and_stays_near_the_pretrained_weights(pretrained, tmp_pa
             assert float(penalty(model).detach()) == 0.0
         train(model, data, tmp_path / f"{strategy}.safetensors", settings, penalty=penalty)
         moved = load_saved(tmp_path / f"{strategy}.safetensors")
-        distance[strategy] = sum(float((a - b).detach().pow(2).sum()) for a, b in zip(moved.parameters(),
-                                                                            reference.parameters()))
+        distance[strategy] = sum(
+            float((a - b).detach().pow(2).sum()) for a, b in zip(moved.parameters(), reference.parameters())
+        )
     assert 0 < distance["l2sp"] < distance["full"]
 
 
@@ -102,8 +113,9 @@ def test_a_duplicate_name_is_rejected_naming_both(tmp_path, monkeypatch):
     from aniserve.registry import Registry, RegistryError
 
     clash = tmp_path / "clashing_plugin.py"
-    clash.write_text("from aniserve import hookimpl\n\n@hookimpl\ndef aniserve_transfer_strategies():\n"
-                     "    return {'l2sp': object}\n")
+    clash.write_text(
+        "from aniserve import hookimpl\n\n@hookimpl\ndef aniserve_transfer_strategies():\n    return {'l2sp': object}\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RegistryError, match=r"'l2sp' is registered twice: by ") as caught:
         Registry(("clashing_plugin",))
