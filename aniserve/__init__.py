@@ -1,23 +1,29 @@
 """aniserve: ANI neural-network potentials for i-PI, ASE and training.
 
 Public API: ``load_model`` → ``ANIPotential`` (whose ``evaluate`` returns an
-``Evaluation``), ``ANICalculator`` (imported lazily: ASE is only loaded when the
-calculator is asked for), ``hookimpl`` for plugins (their contracts:
-``aniserve.contracts``).
+``Evaluation``), ``ANICalculator``, ``hookimpl`` for plugins (their contracts:
+``aniserve.contracts``).  All but ``hookimpl`` are imported when first used, so that
+``import aniserve.driver`` (the transport) or ``aniserve.protocol`` loads neither torch
+nor ASE.
 """
 
 __version__ = "0.1.0"
 
 from aniserve.hookspecs import hookimpl  # noqa: E402
-from aniserve.models import load_model  # noqa: E402
-from aniserve.potential import ANIPotential, Evaluation  # noqa: E402
+
+_LAZY = {
+    "load_model": "aniserve.models",
+    "ANIPotential": "aniserve.potential",
+    "Evaluation": "aniserve.potential",
+    "ANICalculator": "aniserve.calculator",
+}
 
 
 def __getattr__(name):
-    if name == "ANICalculator":
-        from aniserve.calculator import ANICalculator
+    if name in _LAZY:
+        import importlib
 
-        return ANICalculator
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'aniserve' has no attribute {name!r}")
 
 

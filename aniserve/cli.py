@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -77,6 +78,9 @@ _EXTRAS = {"pyscf": "qm", "rdkit": "qm", "dask": "qm", "distributed": "qm", "ipi
 )
 def main(plugins):
     """Serve, train and transfer-learn ANI neural-network potentials."""
+    from aniserve import log
+
+    log.to_stderr()
     if plugins:
         from aniserve.registry import add_plugins
 
@@ -364,11 +368,12 @@ def drive(
     import sys
     import threading
 
+    from aniserve import log
     from aniserve.driver import Address, IPIDriver
     from aniserve.models import load_model
     from aniserve.serving import Evaluator
 
-    logging.basicConfig(level=logging.INFO, format="aniserve drive: %(message)s", stream=sys.stderr)
+    log.to_stderr("aniserve drive: ")
     try:
         inet_addresses = [Address.inet(t) for t in inet]
     except ValueError as error:
@@ -640,7 +645,9 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
 
     settings = _settings(kw)
     data = ANIData(kw["data_path"], kw["energy_key"], kw["forces_key"])
-    parsed = dict(_parse_option(item) for item in options)
+    from aniserve.bench.command import parse_items
+
+    parsed = parse_items(options)
     if freeze_layers:
         parsed["freeze_layers"] = [int(x) for x in freeze_layers.split(",")]
     model = load_model(pretrained, device=kw["device"], dtype=kw["dtype"])
@@ -900,367 +907,28 @@ def data_label(
     _run_tasks(label.tasks(structures, level, forces), out, workers, threads, scheduler, scheduler_file, retries)
 
 
-@main.group()
+class _Benchmarks(click.Group):
+    """Each benchmark module (``aniserve.bench.NAME``) defines its own ``command``; they
+    are registered here by name and imported only when used."""
+
+    MODULES = {
+        "transfer": "transfer",
+        "active": "active",
+        "speed": "speed",
+        "serve": "serve",
+        "ase": "ase_socket",
+        "ipi": "ipi",
+    }
+
+    def list_commands(self, ctx):
+        return sorted(self.MODULES)
+
+    def get_command(self, ctx, name):
+        if name not in self.MODULES:
+            return None
+        return importlib.import_module(f"aniserve.bench.{self.MODULES[name]}").command
+
+
+@main.group(cls=_Benchmarks)
 def bench():
     """Built-in benchmarks: measured figures and ratios, printed and saved as JSON."""
-
-
-@bench.command("transfer")
-@click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
-@click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
-@click.option(
-    "--train",
-    "train_path",
-    multiple=True,
-    default=["data/qm-train.h5"],
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Training set (low level + high-level subset); give it more than once to train on several "
-    "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).",
-)
-@click.option(
-    "--test",
-    "test_path",
-    default="data/qm-test.h5",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Held-out test set with both levels.",
-)
-@click.option(
-    "--base",
-    default=None,
-    metavar="NAME_OR_PATH",
-    help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
-    "DFT pretraining on --train's low level.",
-)
-@click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
-@click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
-@click.option(
-    "--budget",
-    "budget_items",
-    multiple=True,
-    metavar="KEY=JSON",
-    help="Override a budget field: pretrain_epochs, transfer_epochs, ensemble_size, hidden, batch_size, "
-    "lr, transfer_lr, force_weight, patience, selection (e.g. --budget transfer_lr=1e-4).",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where pretrained and transferred models go (default $ANISERVE_CACHE/bench-transfer).",
-)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart.")
-@click.option(
-    "--export-best",
-    "export_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Save the best strategy's seed-0 model here (how the embedded model is made).",
-)
-@click.option("--export-name", default="aniserve-1x-ccsdt", show_default=True, help="Name given to the exported model.")
-@click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
-def bench_transfer(
-    quick,
-    strategies,
-    train_path,
-    test_path,
-    base,
-    seeds,
-    options,
-    budget_items,
-    workdir,
-    json_out,
-    plot_out,
-    export_path,
-    export_name,
-    export_card,
-):
-    """Transfer to CCSD(T) with every strategy from one base (own DFT pretraining or --base),
-    score on larger held-out molecules.
-
-    Example: aniserve bench transfer --base ani-1x --quick --json transfer.json --plot transfer.png
-    """
-    from aniserve.bench import transfer
-
-    _data_files(("--train", *train_path), ("--test", test_path))
-    try:
-        budget = transfer.budget_for(base is not None, quick, seeds, dict(_parse_option(item) for item in budget_items))
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--budget") from None
-    parsed = dict(_parse_option(item) for item in options)
-    workdir = workdir or transfer.default_workdir()
-    result = transfer.run(
-        train_path, test_path, strategies.split(",") if strategies else None, budget, workdir, parsed, base=base
-    )
-    click.echo(transfer.table(result))
-    _report_kept(workdir)
-    if json_out:
-        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
-    if plot_out:
-        transfer.plot(result, plot_out)
-    if export_path:
-        best = transfer.export_best(result, export_path, export_name, export_card)
-        click.echo(f"exported {best['name']} (seed 0) as {export_name} to {export_path}")
-
-
-@bench.command("active")
-@click.option(
-    "--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run)."
-)
-@click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
-@click.option(
-    "--strategy",
-    default="delta",
-    show_default=True,
-    help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).",
-)
-@click.option(
-    "--train",
-    "train_path",
-    default="data/qm-train.h5",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="The pool: its high-level conformations.",
-)
-@click.option(
-    "--test",
-    "test_path",
-    default="data/qm-test.h5",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Held-out test set with the high level.",
-)
-@click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
-@click.option("--seeds", default=None, type=int, help="Number of seeds (default 3, or 1 with --quick).")
-@click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where the transferred models go (default $ANISERVE_CACHE/bench-active).",
-)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON.")
-@click.option(
-    "--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write the learning curves (PNG)."
-)
-def bench_active(quick, base, strategy, train_path, test_path, ks, seeds, epochs, workdir, json_out, plot_out):
-    """Query by committee against random selection of K labels: learning curves on held-out molecules.
-
-    Example: aniserve bench active --json active.json --plot active.png
-    """
-    from aniserve.bench import active
-
-    _data_files(("--train", train_path), ("--test", test_path))
-    budget = active.budget_for(quick, ks=[int(k) for k in ks.split(",")] if ks else None, seeds=seeds, epochs=epochs)
-    workdir = workdir or active.default_workdir()
-    result = active.run(train_path, test_path, base, strategy, budget, workdir)
-    click.echo(active.table(result))
-    _report_kept(workdir)
-    if json_out:
-        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
-    if plot_out:
-        active.plot(result, plot_out)
-
-
-def _data_files(*options) -> None:
-    """Each (option, path, …): the files must exist; the defaults (data/…) are the
-    repository's, which a wheel install does not have, and the message says so."""
-    for option, *paths in options:
-        for path in paths:
-            if not pathlib.Path(path).is_file():
-                raise click.BadParameter(
-                    f"{path} does not exist.  The benchmark data sets (data/qm-train.h5, data/qm-test.h5, …) come "
-                    f"with the aniserve repository, not the wheel: run from a clone's root, or give files made with "
-                    f"`aniserve data generate` (data/README.md in the repository)",
-                    param_hint=option,
-                )
-
-
-def _report_kept(folder) -> None:
-    from aniserve.cache import size_mb
-
-    click.echo(f"models kept in {folder} ({size_mb(folder):.0f} MB; `aniserve cache clear` removes them)", err=True)
-
-
-def _parse_option(item: str) -> tuple[str, object]:
-    key, _, value = item.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-@bench.command("speed")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
-@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
-@click.option(
-    "--kernels",
-    type=click.Choice(["on", "off"]),
-    default="on",
-    show_default=True,
-    help="Compiled CPU kernels, or tensor operations only (kernels.use('tensor'), as ANISERVE_KERNELS=off).",
-)
-@click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write every case's figures (and the machine, threads, kernels used) as JSON.",
-)
-@click.option(
-    "--plot",
-    "plot_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write a PNG of time per call and atoms/s against system size.",
-)
-def bench_speed(model, device, dtype, threads, quick, kernels, compare_torchani, json_out, plot_out):
-    """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
-
-    Example: aniserve bench speed --model ani-1ccx --compare-torchani --json speed.json --plot speed.png
-    """
-    import os
-    import platform
-
-    import torch
-
-    from aniserve import kernels as compiled
-    from aniserve.bench import speed
-    from aniserve.models import DTYPES, load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    compiled.use("compiled" if kernels == "on" else "tensor")
-    used = "compiled" if device == "cpu" and compiled.library() is not None else "tensor operations"
-    click.echo(f"CPU kernels: {used}")
-    potential = load_model(model, device=device, dtype=dtype)
-    reference = agreement = None
-    if compare_torchani:
-        reference = speed.torchani_runner(model, DTYPES[dtype])
-        agreement = (load_model(model, device=device, dtype="float64"), speed.torchani_runner(model, torch.float64))
-    rows = speed.run(potential, quick, reference, agreement)
-    load = os.getloadavg()[0]
-    result = {
-        "model": model,
-        "device": device,
-        "dtype": dtype,
-        "threads": torch.get_num_threads(),
-        "kernels": used,
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "quick": quick,
-        "load_average_1min": round(load, 2),
-        "cases": rows,
-        "scaling": speed.scaling(rows),
-    }
-    click.echo(speed.table(result, compare_torchani))
-    if quick:
-        click.echo("note: --quick times each case as the median of 3 calls: a smoke test, not a measurement", err=True)
-    if load > 0.5 * (os.cpu_count() or 1):
-        click.echo(
-            f"warning: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): these times include "
-            f"waiting for the CPU",
-            err=True,
-        )
-    if json_out:
-        pathlib.Path(json_out).write_text(json.dumps(result, indent=1))
-    if plot_out:
-        speed.plot(result, plot_out)
-
-
-@bench.command("serve")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option(
-    "--connections",
-    default="1,8,64,256",
-    show_default=True,
-    help="Comma-separated numbers of connections, one driver process each time.",
-)
-@click.option("--seconds", default=5.0, show_default=True, help="Measured seconds per case (after 2 s warm-up).")
-@click.option(
-    "--repeat",
-    "repeats",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Measure every case this many times (driver and in-process back to back) and report medians.",
-)
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help='Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.',
-)
-def bench_serve(model, connections, seconds, repeats, json_out):
-    """Atoms/s of one driver serving N connections of ethanol, against in-process batches of N.
-
-    Example: aniserve bench serve --repeat 5 --json serve.json
-    """
-    from aniserve.bench import serve
-
-    counts = [int(c) for c in connections.split(",")]
-    cases = serve.run(model, counts, seconds, repeats)
-    click.echo(serve.table(cases))
-    if json_out:
-        pathlib.Path(json_out).write_text(json.dumps({"model": model, "cases": cases}, indent=1))
-
-
-@bench.command("ase")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option("--calls", default=200, show_default=True, help="Timed calls per client (after 10 warm-up calls).")
-@click.option(
-    "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write each client's figures as JSON."
-)
-def bench_ase(model, calls, json_out):
-    """ms per ASE SocketIOCalculator call of ethanol, over UNIX and INET sockets, beside in-process.
-
-    Example: aniserve bench ase --json ase.json
-    """
-    from aniserve.bench import ase
-
-    rows = ase.run(model, calls)
-    click.echo(ase.table(rows))
-    if json_out:
-        pathlib.Path(json_out).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
-
-
-@bench.command("ipi")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
-@click.option(
-    "--steps",
-    default="20,220",
-    show_default=True,
-    help="Short and long run lengths; the per-step time is their difference over the extra steps.",
-)
-@click.option(
-    "--repeat",
-    "repeats",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Run every setting this many times (each time the harmonic driver first) and summarise "
-    "medians and ranges: on a shared machine one run is one sample.",
-)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def bench_ipi(model, steps, repeats, json_out):
-    """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
-
-    Example: aniserve bench ipi --model ani-1ccx --repeat 4 --json ipi.json
-    """
-    from aniserve.bench import ipi
-
-    short, long = (int(s) for s in steps.split(","))
-    if not 0 < short < long:
-        raise click.BadParameter("need 0 < short < long", param_hint="--steps")
-    rows = ipi.run(model, short, long, repeats=repeats)
-    click.echo(ipi.table(rows))
-    if json_out:
-        pathlib.Path(json_out).write_text(
-            json.dumps({"model": model, "rows": rows, "summary": ipi.summary(rows)}, indent=1)
-        )

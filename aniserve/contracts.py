@@ -1,16 +1,23 @@
-"""The plugin contracts, as typed protocols: what a featurizer, element network, transfer
-strategy or model source must offer.  The hook specifications (``aniserve.hookspecs``)
-return these by name; the registry checks each component against its contract when it
-is registered, so a plugin missing a method fails at start-up with the method named.
+"""The contracts, as typed protocols: what a featurizer, element network, transfer
+strategy, selection strategy or model source must offer (plugin components), and what
+a transport needs of the model it serves (``Servable``, with its data types).  The hook
+specifications (``aniserve.hookspecs``) return components by name; the registry checks
+each component against its contract when it is registered, so a plugin missing a method
+fails at start-up with the method named.
 Units: Å and Hartree, as everywhere inside aniserve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:  # (annotations only: the transport side imports this module without torch)
+    import torch
 
 
 class Featurizer(Protocol):
@@ -79,6 +86,49 @@ class ModelSource(Protocol):
 
     def locate(self, name: str) -> tuple[str | os.PathLike | None, list[str]]:
         """(a NeuroChem .info/folder or aniserve model file, or None; the places looked)."""
+
+
+@dataclasses.dataclass
+class Structure:
+    """One structure slot.  cell: (3, 3) Å, rows are lattice vectors, or None (molecule)."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    """energy, energy_std: Hartree; forces (N, 3): Hartree/Å; virial (3, 3): Hartree,
+    −dE/dε symmetrised (zero without a cell).  member_*: per ensemble member, when the
+    evaluator was asked for them."""
+
+    energy: float
+    forces: np.ndarray
+    virial: np.ndarray
+    energy_std: float
+    member_energies: np.ndarray
+    member_forces: np.ndarray | None = None
+    member_virials: np.ndarray | None = None
+
+
+class Servable(Protocol):
+    """What a transport (``aniserve.driver.IPIDriver``, the ASE calculator) needs of the
+    model it serves; ``aniserve.serving.Evaluator`` is the one aniserve provides.  Units
+    are Å in, Hartree and Hartree/Å out."""
+
+    #: Whether results carry per-member forces and virials (i-PI's committee extras).
+    members: bool
+
+    def check_elements(self, numbers) -> None:
+        """ValueError naming any atomic number the model cannot evaluate."""
+
+    def evaluate(self, slots: Sequence[tuple[Hashable, Structure]]) -> list[Result]:
+        """One result per (key, structure) slot, in order; the key names the slot (a bead,
+        an ASE run) so that state such as its neighbour list is kept between calls."""
+
+    def forget(self, key: Hashable) -> None:
+        """Drop what is kept for a slot whose connection has gone."""
 
 
 #: Contract and the members a component must have, by registry kind.

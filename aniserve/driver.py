@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from aniserve import exits, protocol
-from aniserve.serving import Structure
+from aniserve.contracts import Servable, Structure
 from aniserve.shm import Segment, SegmentError, peer_uid
 from aniserve.units import BOHR_IN_ANGSTROM
 
@@ -233,7 +233,8 @@ def connect(address: Address, timeout: float) -> socket.socket:
 
 
 class IPIDriver:
-    """Serve ``evaluator`` (an ``aniserve.serving.Evaluator``) to the servers at ``addresses``.
+    """Serve ``evaluator`` (an ``aniserve.contracts.Servable``, such as
+    ``aniserve.serving.Evaluator``) to the servers at ``addresses``.
 
     numbers: atomic numbers of each connection's system (the protocol never sends
     them), one array per address.  pbc: 'auto' (periodic when the cell sent is
@@ -246,7 +247,7 @@ class IPIDriver:
 
     def __init__(
         self,
-        evaluator,
+        evaluator: Servable,
         addresses: list[Address],
         numbers: list[np.ndarray],
         *,

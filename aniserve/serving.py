@@ -11,42 +11,19 @@ converts its own.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import cast
 
 import numpy as np
 import torch
 
+from aniserve.contracts import Result, Structure
 from aniserve.neighbors import NeighborList
 
 
-@dataclasses.dataclass
-class Structure:
-    """One structure slot.  cell: (3, 3) Å, rows are lattice vectors, or None (molecule)."""
-
-    numbers: np.ndarray
-    positions: np.ndarray
-    cell: np.ndarray | None = None
-
-
-@dataclasses.dataclass
-class Result:
-    """energy, energy_std: Hartree; forces (N, 3): Hartree/Å; virial (3, 3): Hartree,
-    −dE/dε symmetrised (zero without a cell).  member_*: per ensemble member, when the
-    evaluator was asked for them."""
-
-    energy: float
-    forces: np.ndarray
-    virial: np.ndarray
-    energy_std: float
-    member_energies: np.ndarray
-    member_forces: np.ndarray | None = None
-    member_virials: np.ndarray | None = None
-
-
 class Evaluator:
-    """Evaluate structure slots with ``potential`` (an ANIPotential).
+    """Evaluate structure slots with ``potential`` (an ANIPotential): the
+    ``aniserve.contracts.Servable`` the driver and the ASE calculator use.
 
     skin: Å added to each slot's neighbour-list cutoff; a list is reused until an atom
     has moved skin/2.  members: also return per-member forces and virials (k extra
@@ -79,7 +56,7 @@ class Evaluator:
         """Drop a slot's neighbour list (its connection is gone)."""
         self._lists.pop(key, None)
 
-    def evaluate(self, slots: list[tuple[Hashable, Structure]]) -> list[Result]:
+    def evaluate(self, slots: Sequence[tuple[Hashable, Structure]]) -> list[Result]:
         """Results in the order of ``slots`` ((key, structure) pairs; the key names the
         slot's neighbour list and, for collection, its trajectory)."""
         results: list[Result | None] = [None] * len(slots)

@@ -44,6 +44,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    from aniserve import log
+
+    log.to_stderr()  # library progress on stderr, as the command line shows it
     config.addinivalue_line("markers", "weights: needs the official ANI weights and TorchANI references")
     config.addinivalue_line("markers", "slow: training, real i-PI/ASE processes, fuzzing; left out by -m 'not slow'")
     config.addinivalue_line("markers", "old_clients: needs the old ASE/i-PI environment that .ci/run builds")

@@ -139,7 +139,7 @@ def test_quick_transfer_bench_covers_every_strategy(tmp_path):
 def test_element_offsets_of_two_files_are_those_of_their_union(tmp_path):
     import h5py
 
-    from aniserve.bench.transfer import element_offsets, read_test_set
+    from aniserve.bench.scoring import element_offsets, read_test_set
 
     write_levels(tmp_path / "a.h5", TRAIN[:5], conformations=4, high_every=2, seed=0)
     write_levels(tmp_path / "b.h5", TRAIN[5:], conformations=4, high_every=2, seed=2)
@@ -156,7 +156,7 @@ def test_element_offsets_of_two_files_are_those_of_their_union(tmp_path):
 
 
 def test_test_set_reads_only_high_level_conformations(tmp_path):
-    from aniserve.bench.transfer import read_test_set
+    from aniserve.bench.scoring import read_test_set
 
     water = np.array([8, 1, 1])
     pos = np.random.default_rng(0).normal(size=(3, 3, 3))
@@ -315,7 +315,7 @@ def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
 def test_forces_are_scored_against_ccsd_t_where_the_test_set_has_them(tmp_path):
     """bench transfer's force column against coupled cluster: only conformations with
     CCSD(T) forces count, by element too; the DFT method's own forces are scored the same way."""
-    from aniserve.bench.transfer import _cc_force_errors, metrics, read_test_set
+    from aniserve.bench.scoring import cc_force_errors, metrics, read_test_set
     from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
     water = np.array([8, 1, 1])
@@ -344,6 +344,6 @@ def test_forces_are_scored_against_ccsd_t_where_the_test_set_has_them(tmp_path):
     assert out["force_rmse_vs_cc_by_element"]["O"] == pytest.approx(np.sqrt(0.03**2 / 3) * HARTREE_IN_KCAL_PER_MOL)
     assert out["force_rmse_vs_cc_by_element"]["H"] == 0.0
     assert out["force_rmse_vs_dft_kcal_per_a"] > out["force_rmse_vs_cc_kcal_per_a"]  # all three against zeros
-    assert _cc_force_errors(test.low_forces, test)["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(
+    assert cc_force_errors(test.low_forces, test)["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(
         0.01 * HARTREE_IN_KCAL_PER_MOL
     )

@@ -50,7 +50,7 @@ def test_beats_dft_on_the_test_molecules():
     """Conformer RMSE against CCSD(T)/cc-pVDZ on data/qm-test.h5 below ωB97X/6-31G*'s own
     (both computed here from the shipped file)."""
     from aniserve import load_model
-    from aniserve.bench.transfer import element_offsets, metrics, predict_test, read_test_set
+    from aniserve.bench.scoring import element_offsets, metrics, predict_test, read_test_set
 
     test = read_test_set(ROOT / "data" / "qm-test.h5")
     dft = metrics(test.low + element_offsets(ROOT / "data" / "qm-train.h5", test), test)

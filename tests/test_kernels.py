@@ -194,7 +194,7 @@ def test_evaluation_is_the_same_with_kernels_off(monkeypatch):
 
 
 def test_without_a_compiler_one_warning_and_the_tensor_version(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.backends, "_loaded", {})
     monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="compiled CPU kernels unavailable"):
@@ -208,13 +208,13 @@ def test_without_a_compiler_one_warning_and_the_tensor_version(monkeypatch, tmp_
 
 
 def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.backends, "_loaded", {})
     monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
     assert kernels.library() is not None
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.backends, "_loaded", {})
     assert kernels.library() is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
 
@@ -267,8 +267,8 @@ def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypat
     tensor = model.evaluate(numbers, positions, cell)
     kernels.use("compiled")
     monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_OPTIONAL", [[]])
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.build, "_OPTIONAL", [[]])
+    monkeypatch.setattr(kernels.backends, "_loaded", {})
     lib = kernels.library()
     assert lib is not None and str(tmp_path) in lib._name
     plain = model.evaluate(numbers, positions, cell)
@@ -278,13 +278,13 @@ def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypat
 
 
 def test_constants_struct_matches_the_c_side():
-    """kernels._Constants mirrors aev.cpp's Constants by hand: same size, same offsets."""
+    """kernels.build.Constants mirrors aev.cpp's Constants by hand: same size, same offsets."""
     import ctypes
 
     lib = kernels.library()
     out = (ctypes.c_int64 * 16)()
     lib.aev_constants_layout(out)
-    fields = [name for name, _ in kernels._Constants._fields_]
+    fields = [name for name, _ in kernels.build.Constants._fields_]
     assert len(fields) == 15
-    assert out[0] == ctypes.sizeof(kernels._Constants)
-    assert list(out[1:]) == [getattr(kernels._Constants, name).offset for name in fields]
+    assert out[0] == ctypes.sizeof(kernels.build.Constants)
+    assert list(out[1:]) == [getattr(kernels.build.Constants, name).offset for name in fields]

@@ -17,42 +17,20 @@ and total-energy errors).  Seeds change the random draws and the training.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 
+import click
 import numpy as np
 import torch
 
+from aniserve.bench import command as common
+from aniserve.bench.budget import ACTIVE, ACTIVE_QUICK, Budget
 from aniserve.bench.progress import Runs
-from aniserve.bench.progress import say as _say
-from aniserve.bench.transfer import HIGH_ENERGY, read_test_set, score, seed_mean
+from aniserve.bench.scoring import HIGH_ENERGY, read_test_set, score, seed_mean
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
-
-@dataclasses.dataclass
-class Budget:
-    ks: tuple[int, ...]
-    seeds: tuple[int, ...]
-    epochs: int
-    batch_size: int = 16
-    lr: float = 1e-3
-    patience: int = 15
-    selection: str = "conformer"
-
-
-FULL = Budget(ks=(32, 64, 128), seeds=(0, 1, 2), epochs=60)
-QUICK = Budget(ks=(8, 16), seeds=(0,), epochs=3, batch_size=8, patience=3)
-
-
-def budget_for(quick: bool, ks=None, seeds: int | None = None, epochs: int | None = None) -> Budget:
-    """The full or quick budget with the selection sizes, seed count and epochs given."""
-    budget = QUICK if quick else FULL
-    if ks:
-        budget = dataclasses.replace(budget, ks=tuple(sorted(ks)))
-    if seeds:
-        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
-    if epochs:
-        budget = dataclasses.replace(budget, epochs=epochs)
-    return budget
+log = logging.getLogger(__name__)
 
 
 def spreads(model, data) -> np.ndarray:
@@ -72,20 +50,10 @@ def _chunks(items, size):
 
 def _transfer(base_loader, selection, strategy, options, budget: Budget, seed, out):
     from aniserve.modelfile import load_saved
-    from aniserve.training import Settings, train, transfer_model
+    from aniserve.training import train, transfer_model
 
     model, penalty = transfer_model(base_loader(), strategy, dict(options or {}), seed)
-    settings = Settings(
-        epochs=budget.epochs,
-        batch_size=budget.batch_size,
-        lr=budget.lr,
-        seed=seed,
-        early_stop_patience=budget.patience,
-        plateau_patience=max(1, budget.patience // 3),
-        validation=0.15,
-        selection=budget.selection,
-    )
-    train(model, selection, out, settings, penalty=penalty)
+    train(model, selection, out, budget.transfer_settings(seed), penalty=penalty)
     return load_saved(out).to(torch.float64).eval()
 
 
@@ -100,7 +68,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
     items = pool.items()
     if max(budget.ks) > len(items):
         raise ValueError(f"K = {max(budget.ks)} exceeds the pool's {len(items)} high-level conformations")
-    _say(
+    log.info(
         f"pool: {len(items)} high-level conformations; test: {len(test.high)}; K = {list(budget.ks)}; "
         f"strategy {strategy}; base {base}"
     )
@@ -124,7 +92,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
                 workdir / f"random-k{k}-seed{seed}.safetensors",
             )
             runs["random"][k].append({"seed": seed, **score(model, test)})
-            _say(f"random  K={k:4d} seed {seed}: conformer RMSE {runs['random'][k][-1]['conformer_rmse_kcal']:.3f}")
+            log.info(f"random  K={k:4d} seed {seed}: conformer RMSE {runs['random'][k][-1]['conformer_rmse_kcal']:.3f}")
         # Query by committee in rounds: rank by the current model's spread.
         chosen_idx: list[int] = []
         current = base_spread
@@ -145,7 +113,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
             result = score(model, test)
             result["mean_spread_per_sqrt_atom_kcal"] = float(np.mean(current[chosen_idx]) * HARTREE_IN_KCAL_PER_MOL)
             runs["qbc"][k].append({"seed": seed, **result})
-            _say(f"qbc     K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}")
+            log.info(f"qbc     K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}")
             current = spreads(model, pool)
     selections = {
         name: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()
@@ -218,3 +186,55 @@ def default_workdir() -> pathlib.Path:
     from aniserve.bench.transfer import default_workdir as transfer_workdir
 
     return transfer_workdir().parent / "bench-active"
+
+
+@click.command("active")
+@click.option(
+    "--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run)."
+)
+@click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
+@click.option(
+    "--strategy",
+    default="delta",
+    show_default=True,
+    help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).",
+)
+@click.option(
+    "--train",
+    "train_path",
+    default="data/qm-train.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The pool: its high-level conformations.",
+)
+@click.option(
+    "--test",
+    "test_path",
+    default="data/qm-test.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Held-out test set with the high level.",
+)
+@click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
+@common.seeds_option
+@click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
+@common.budget_option
+@common.workdir_option("bench-active")
+@common.json_option()
+@common.plot_option("Write the learning curves (PNG).")
+def command(quick, base, strategy, train_path, test_path, ks, seeds, epochs, budget_items, workdir, json_out, plot_out):
+    """Query by committee against random selection of K labels: learning curves on held-out molecules.
+
+    Example: aniserve bench active --json active.json --plot active.png
+    """
+    common.data_files(("--train", train_path), ("--test", test_path))
+    items = list(budget_items)
+    if ks:
+        items.append(f"ks={[int(k) for k in ks.split(',')]}")
+    if epochs:
+        items.append(f"transfer_epochs={epochs}")
+    budget = common.budget_from(ACTIVE_QUICK if quick else ACTIVE, seeds, items)
+    workdir = workdir or default_workdir()
+    result = run(train_path, test_path, base, strategy, budget, workdir)
+    common.report_kept(workdir)
+    common.finish(result, table(result), json_out, plot_out, plot)

@@ -12,6 +12,7 @@ Each setting runs twice, for ``short`` and ``long`` steps; the per-step time is
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -21,8 +22,13 @@ import time
 import uuid
 from statistics import median
 
+import click
+
+from aniserve.bench import command as common
 from aniserve.bench.speed import ETHANOL
 from aniserve.driver import Address
+
+log = logging.getLogger(__name__)
 
 INPUT = """<simulation verbosity='low'>
   <output prefix='bench'><properties stride='1000' filename='out'> [step, potential] </properties></output>
@@ -155,11 +161,9 @@ def run(
                             "wall_s": [t_short, t_long],
                         }
                     )
-                    print(
+                    log.info(
                         f"repeat {repeat + 1}/{repeats} latency {latency:g} s {kind:24s} "
                         f"{per_step * 1e3:8.2f} ms per step",
-                        file=sys.stderr,
-                        flush=True,
                     )
     for r in rows:
         base = next(
@@ -225,3 +229,33 @@ def table(rows: list[dict]) -> str:
 def _tail(process: subprocess.Popen) -> str:
     """The end of a process's captured stderr, for an error message."""
     return process.stderr.read()[-2000:] if process.stderr else ""
+
+
+@click.command("ipi")
+@common.model_option
+@click.option(
+    "--steps",
+    default="20,220",
+    show_default=True,
+    help="Short and long run lengths; the per-step time is their difference over the extra steps.",
+)
+@click.option(
+    "--repeat",
+    "repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Run every setting this many times (each time the harmonic driver first) and summarise "
+    "medians and ranges: on a shared machine one run is one sample.",
+)
+@common.json_option()
+def command(model, steps, repeats, json_out):
+    """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
+
+    Example: aniserve bench ipi --model ani-1ccx --repeat 4 --json ipi.json
+    """
+    short, long = (int(s) for s in steps.split(","))
+    if not 0 < short < long:
+        raise click.BadParameter("need 0 < short < long", param_hint="--steps")
+    rows = run(model, short, long, repeats=repeats)
+    common.finish({"model": model, "rows": rows, "summary": summary(rows)}, table(rows), json_out)

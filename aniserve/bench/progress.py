@@ -1,16 +1,14 @@
-"""What a long benchmark says while it runs: one line per message on stderr, and for each
-run the count, the time spent and an estimate of the time left (tqdm's formatting)."""
+"""What a long benchmark says while it runs: for each run the count, the time spent and
+an estimate of the time left (tqdm's formatting), logged (``aniserve.log``)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 from tqdm import tqdm
 
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class Runs:
@@ -27,4 +25,4 @@ class Runs:
             else ""
         )
         self.begun += 1
-        say(f"[run {self.begun}/{self.total}, {tqdm.format_interval(elapsed)} so far{eta}] {text}")
+        log.info(f"[run {self.begun}/{self.total}, {tqdm.format_interval(elapsed)} so far{eta}] {text}")

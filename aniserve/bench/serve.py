@@ -12,6 +12,7 @@ each figure is a median over back-to-back pairs of runs.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import selectors
 import socket
@@ -22,12 +23,16 @@ import time
 from collections.abc import Hashable
 from statistics import median
 
+import click
 import numpy as np
 
 from aniserve import protocol
+from aniserve.bench import command as common
 from aniserve.bench.speed import ETHANOL
 from aniserve.driver import RECV_BYTES
 from aniserve.units import BOHR_IN_ANGSTROM
+
+log = logging.getLogger(__name__)
 
 
 def _variants(count: int = 16, seed: int = 0) -> list[bytes]:
@@ -214,11 +219,9 @@ def run(model: str, connections=(1, 8, 64, 256), seconds: float = 5.0, repeats: 
                         "driver_to_in_process": driver_rate / local_rate,
                     }
                 )
-                print(
+                log.info(
                     f"repeat {repeat + 1}/{repeats} {n:4d} connections: driver {driver_rate:10.0f} atoms/s, "
                     f"in-process {local_rate:10.0f} atoms/s ({driver_rate / local_rate:.0%})",
-                    file=sys.stderr,
-                    flush=True,
                 )
     cases = []
     for n in connections:
@@ -254,3 +257,30 @@ def table(cases: list[dict]) -> str:
     if any(c["repeats"] > 1 for c in cases):
         lines.append("(medians over repeats; the ratio is the median of each repeat's ratio)")
     return "\n".join(lines)
+
+
+@click.command("serve")
+@common.model_option
+@click.option(
+    "--connections",
+    default="1,8,64,256",
+    show_default=True,
+    help="Comma-separated numbers of connections, one driver process each time.",
+)
+@click.option("--seconds", default=5.0, show_default=True, help="Measured seconds per case (after 2 s warm-up).")
+@click.option(
+    "--repeat",
+    "repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Measure every case this many times (driver and in-process back to back) and report medians.",
+)
+@common.json_option('Write {"cases": [{"connections": N, "driver_atoms_per_s": …, "in_process_atoms_per_s": …}]}.')
+def command(model, connections, seconds, repeats, json_out):
+    """Atoms/s of one driver serving N connections of ethanol, against in-process batches of N.
+
+    Example: aniserve bench serve --repeat 5 --json serve.json
+    """
+    cases = run(model, [int(c) for c in connections.split(",")], seconds, repeats)
+    common.finish({"model": model, "cases": cases}, table(cases), json_out)

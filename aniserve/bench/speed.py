@@ -10,14 +10,19 @@ memory is the process's peak resident set size after the case.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import statistics
-import sys
 import time
 
+import click
 import numpy as np
 import torch
+
+from aniserve.bench import command as common
+
+log = logging.getLogger(__name__)
 
 ETHANOL = (
     [6, 6, 8, 1, 1, 1, 1, 1, 1],
@@ -154,7 +159,7 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
                 torchani_float64_energy_diff_hartree=diff,
             )
             line += f"  TorchANI {ref * 1e3:9.2f} ms ({ref / seconds:.1f}×; float64 |ΔE| {diff:.1e} Ha)"
-        print(line, file=sys.stderr, flush=True)
+        log.info(line)
         rows.append(row)
     return rows
 
@@ -315,3 +320,66 @@ def table(result: dict, compare_torchani: bool = False) -> str:
             f"measured (100% would be pure network arithmetic at that rate)"
         )
     return "\n".join(lines)
+
+
+@click.command("speed")
+@common.model_option
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
+@click.option("--quick", is_flag=True, help="Fewer sizes and repeats (seconds, for tests).")
+@click.option(
+    "--kernels",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Compiled CPU kernels, or tensor operations only (kernels.use('tensor'), as ANISERVE_KERNELS=off).",
+)
+@click.option("--compare-torchani", is_flag=True, help="Also time TorchANI (pip install torchani) on the same weights.")
+@common.json_option("Write every case's figures (and the machine, threads, kernels used) as JSON.")
+@common.plot_option("Write a PNG of time per call and atoms/s against system size.")
+def command(model, device, dtype, threads, quick, kernels, compare_torchani, json_out, plot_out):
+    """Energy+forces time per call: molecules of 9/20/101 atoms, water boxes up to 12,288 atoms, 100-molecule batch.
+
+    Example: aniserve bench speed --model ani-1ccx --compare-torchani --json speed.json --plot speed.png
+    """
+    import os
+    import platform
+
+    from aniserve import kernels as compiled
+    from aniserve.models import DTYPES, load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    compiled.use("compiled" if kernels == "on" else "tensor")
+    used = "compiled" if device == "cpu" and compiled.library() is not None else "tensor operations"
+    click.echo(f"CPU kernels: {used}")
+    potential = load_model(model, device=device, dtype=dtype)
+    reference = agreement = None
+    if compare_torchani:
+        reference = torchani_runner(model, DTYPES[dtype])
+        agreement = (load_model(model, device=device, dtype="float64"), torchani_runner(model, torch.float64))
+    rows = run(potential, quick, reference, agreement)
+    load = os.getloadavg()[0]
+    result = {
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "kernels": used,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "quick": quick,
+        "load_average_1min": round(load, 2),
+        "cases": rows,
+        "scaling": scaling(rows),
+    }
+    if quick:
+        click.echo("note: --quick times each case as the median of 3 calls: a smoke test, not a measurement", err=True)
+    if load > 0.5 * (os.cpu_count() or 1):
+        click.echo(
+            f"warning: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): these times include "
+            f"waiting for the CPU",
+            err=True,
+        )
+    common.finish(result, table(result, compare_torchani), json_out, plot_out, plot)

@@ -20,212 +20,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import pathlib
 import time
 from typing import TYPE_CHECKING, Any
 
+import click
 import numpy as np
 import torch
 
-from aniserve.bench.progress import Runs, say
-from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+from aniserve.bench import command as common
+from aniserve.bench.budget import FROM_BASE, FROM_BASE_QUICK, TRANSFER, TRANSFER_QUICK, Budget
+from aniserve.bench.progress import Runs
+from aniserve.bench.scoring import (
+    HIGH_ENERGY,
+    LOW_ENERGY,
+    LOW_FORCES,
+    TestSet,
+    cc_force_errors,
+    element_offsets,
+    metrics,
+    read_test_set,
+    score,
+    score_with_offsets,
+    seed_mean,
+)
 
 if TYPE_CHECKING:
     from aniserve.potential import ANIPotential
 
-LOW_ENERGY, LOW_FORCES, HIGH_ENERGY = "wb97x_631gd.energy", "wb97x_631gd.forces", "ccsd(t)_ccpvdz.energy"
-HIGH_FORCES = "ccsd(t)_ccpvdz.forces"
-
-
-@dataclasses.dataclass
-class Budget:
-    pretrain_epochs: int
-    transfer_epochs: int
-    seeds: tuple[int, ...]
-    ensemble_size: int
-    hidden: tuple[int, ...] = (64, 48, 24)
-    batch_size: int = 32
-    lr: float = 1e-3
-    transfer_lr: float | None = None  # default: lr
-    force_weight: float = 0.1  # of the DFT force loss in pretraining
-    patience: int = 30  # epochs without validation improvement before stopping
-    selection: str = "loss"  # of the transfer runs: "loss" or "conformer" (trainer Settings.selection)
-
-    def pretraining(self) -> dict:
-        """The fields that decide the pretrained model (its cache key)."""
-        return {
-            k: v for k, v in dataclasses.asdict(self).items() if k not in ("transfer_epochs", "transfer_lr", "seeds")
-        }
-
-
-#: Chosen on the session-3 data snapshot (docs/notebook.md, "What we tried"): batches of 8 and a
-#: force weight of 1 gave the best DFT model; larger force weights and smaller networks
-#: did worse, and a 10× smaller transfer learning rate barely moved the models.
-FULL = Budget(
-    pretrain_epochs=400,
-    transfer_epochs=400,
-    seeds=(0, 1, 2),
-    ensemble_size=4,
-    batch_size=8,
-    force_weight=1.0,
-    patience=60,
-)
-QUICK = Budget(pretrain_epochs=12, transfer_epochs=12, seeds=(0,), ensemble_size=2, hidden=(32, 16, 8))
-#: From a given base model (``--base``): no pretraining; ensemble size and networks are
-#: the base's own.  Epochs are picked (and training stopped) on the validation molecules'
-#: conformer RMSE: chosen by 5-fold cross-validation over the *training* molecules
-#: (docs/notebook.md, "What we tried"), where it beat selection on the validation loss for Δ-learning
-#: from ANI-1x (0.90 against 1.09 kcal/mol; ANI-1x itself 1.13).
-BASE_FULL = Budget(
-    pretrain_epochs=0,
-    transfer_epochs=60,
-    seeds=(0, 1, 2),
-    ensemble_size=0,
-    batch_size=16,
-    lr=1e-3,
-    patience=15,
-    selection="conformer",
-)
-BASE_QUICK = Budget(
-    pretrain_epochs=0, transfer_epochs=4, seeds=(0,), ensemble_size=0, batch_size=32, patience=4, selection="conformer"
-)
-
-
-@dataclasses.dataclass
-class TestSet:
-    """High-level test conformations with their DFT values, in a fixed order; forces
-    NaN where not computed (CCSD(T) forces exist for some conformations only)."""
-
-    numbers: list[np.ndarray]
-    positions: list[np.ndarray]
-    molecule: np.ndarray
-    high: np.ndarray
-    low: np.ndarray
-    low_forces: list[np.ndarray]
-    high_forces: list[np.ndarray]
-
-
-def read_test_set(path) -> TestSet:
-    import h5py
-
-    out = TestSet([], [], np.array([]), np.array([]), np.array([]), [], [])
-    molecule, high, low = [], [], []
-    with h5py.File(path, "r") as f:
-        for name in sorted(f):
-            g = f[name]
-            if HIGH_ENERGY not in g:  # a group without the high level has nothing to test
-                continue
-            keep = np.nonzero(np.isfinite(g[HIGH_ENERGY][()]))[0]
-            names = [m.decode() for m in g["molecule"][keep]] if "molecule" in g else [name] * len(keep)
-            for row, c in enumerate(keep):
-                out.numbers.append(g["atomic_numbers"][()])
-                out.positions.append(g["coordinates"][c])
-                molecule.append(names[row])
-                high.append(g[HIGH_ENERGY][c])
-                low.append(g[LOW_ENERGY][c] if LOW_ENERGY in g else np.nan)
-                missing = np.full((len(g["atomic_numbers"]), 3), np.nan)
-                out.low_forces.append(g[LOW_FORCES][c] if LOW_FORCES in g else missing)
-                out.high_forces.append(g[HIGH_FORCES][c] if HIGH_FORCES in g else missing)
-    out.molecule, out.high, out.low = np.array(molecule), np.array(high), np.array(low)
-    if not len(out.high):
-        raise ValueError(f"{path}: no conformation has {HIGH_ENERGY}")
-    return out
-
-
-def metrics(predicted: np.ndarray, test: TestSet, forces=None, std=None) -> dict:
-    """kcal/mol (forces kcal/mol/Å) errors against CCSD(T); forces against CCSD(T) where
-    the test set has them (with their count, and by element), and against DFT."""
-    error = (predicted - test.high) * HARTREE_IN_KCAL_PER_MOL
-    relative = np.empty_like(error)
-    for mol in np.unique(test.molecule):
-        sel = test.molecule == mol
-        relative[sel] = error[sel] - error[sel].mean()
-    per_molecule = [mol for mol in np.unique(test.molecule) if (test.molecule == mol).sum() > 1]
-    conf = np.concatenate([relative[test.molecule == m] for m in per_molecule]) if per_molecule else np.zeros(0)
-    by_molecule = {m: float(np.sqrt(np.mean(relative[test.molecule == m] ** 2))) for m in per_molecule}
-    out = {
-        "conformer_rmse_kcal": float(np.sqrt(np.mean(conf**2))) if len(conf) else float("nan"),
-        "conformer_mae_kcal": float(np.mean(np.abs(conf))) if len(conf) else float("nan"),
-        "total_rmse_kcal": float(np.sqrt(np.mean(error**2))),
-        "test_conformations": int(len(error)),
-        "test_molecules": int(len(np.unique(test.molecule))),
-        "conformer_rmse_by_molecule": by_molecule,
-    }
-    if forces is not None:
-        diff = np.concatenate([(f - r).ravel() for f, r in zip(forces, test.low_forces)])
-        diff = diff[np.isfinite(diff)]
-        if len(diff):
-            out["force_rmse_vs_dft_kcal_per_a"] = float(np.sqrt(np.mean(diff**2)) * HARTREE_IN_KCAL_PER_MOL)
-        out.update(_cc_force_errors(forces, test))
-    if std is not None:
-        out["mean_ensemble_std_kcal"] = float(np.mean(std) * HARTREE_IN_KCAL_PER_MOL)
-    return out
-
-
-def _cc_force_errors(forces, test: TestSet) -> dict:
-    """Force RMSE against CCSD(T) over the test conformations that have CCSD(T) forces,
-    overall and by element (kcal/mol/Å), and how many conformations that is."""
-    from aniserve.elements import symbol
-
-    have = [i for i, ref in enumerate(test.high_forces) if np.isfinite(ref).all()]
-    if not have:
-        return {}
-    diff = np.concatenate([forces[i] - test.high_forces[i] for i in have]) * HARTREE_IN_KCAL_PER_MOL
-    numbers = np.concatenate([test.numbers[i] for i in have])
-    return {
-        "force_rmse_vs_cc_kcal_per_a": float(np.sqrt(np.mean(diff**2))),
-        "cc_force_conformations": len(have),
-        "force_rmse_vs_cc_by_element": {
-            symbol(int(z)): float(np.sqrt(np.mean(diff[numbers == z] ** 2))) for z in np.unique(numbers)
-        },
-    }
-
-
-def predict_test(model, test: TestSet):
-    energies, forces, std = [], [], []
-    for numbers, positions in zip(test.numbers, test.positions):
-        result = model.evaluate(numbers, positions)
-        energies.append(float(result.energy))
-        forces.append(result.forces)
-        std.append(float(result.energy_std))
-    return np.array(energies), forces, np.array(std)
-
-
-def score(model, test: TestSet) -> dict:
-    energies, forces, std = predict_test(model, test)
-    return metrics(energies, test, forces, std)
-
-
-def element_offsets(train_path, test: TestSet, base=None) -> np.ndarray:
-    """Per-element offsets (E_high − E_base ≈ Σ n_e c_e) fitted on the training files'
-    high-level conformations, evaluated for each test conformation.  E_base is the low
-    level, or ``base(numbers, positions)`` (Hartree) when given."""
-    import h5py
-
-    from aniserve.training.data import data_paths
-
-    rows, y, elements = [], [], sorted({int(z) for n in test.numbers for z in n})
-    files = [h5py.File(path, "r") for path in data_paths(train_path)]
-    try:
-        groups = [g for f in files for g in f.values()]
-        elements = sorted(set(elements) | {int(z) for g in groups for z in g["atomic_numbers"][()]})
-        for g in groups:
-            if HIGH_ENERGY not in g:
-                continue
-            numbers = g["atomic_numbers"][()]
-            known = np.isfinite(g[HIGH_ENERGY][()])
-            if base is None:
-                known &= np.isfinite(g[LOW_ENERGY][()])
-            counts = [np.sum(numbers == z) for z in elements]
-            for c in np.nonzero(known)[0]:
-                rows.append(counts)
-                reference = g[LOW_ENERGY][c] if base is None else base(numbers, g["coordinates"][c])
-                y.append(g[HIGH_ENERGY][c] - reference)
-    finally:
-        for f in files:
-            f.close()
-    coef = np.linalg.lstsq(np.array(rows, float), np.array(y), rcond=None)[0]
-    return np.array([sum(coef[elements.index(int(z))] for z in n) for n in test.numbers])
+log = logging.getLogger(__name__)
 
 
 #: Released models scored on the same test points when their weights can be found.
@@ -244,20 +68,10 @@ def official_baselines(train_path, test: TestSet) -> dict:
         try:
             model = load_model(name, dtype="float64")
         except ModelNotFoundError:
-            _say(f"official {name} not found (set ANISERVE_MODEL_DIR): its baseline row is left out")
+            log.info(f"official {name} not found (set ANISERVE_MODEL_DIR): its baseline row is left out")
             continue
         out[name] = score_with_offsets(model, train_path, test)
     return out
-
-
-def score_with_offsets(model, train_path, test: TestSet) -> dict:
-    """A fixed model's test errors after per-element offsets to the high level (fitted on
-    the training set's high-level points), and its reaction-energy errors."""
-    from aniserve.bench import reactions
-
-    energies, forces, std = predict_test(model, test)
-    offsets = element_offsets(train_path, test, lambda n, x: float(model.evaluate(n, x).energy))
-    return {**metrics(energies + offsets, test, forces, std), "reactions": reactions.score(model)}
 
 
 def _file_hash(path) -> str:
@@ -268,12 +82,9 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-_say = say
-
-
 def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
     """The DFT model (cached by data hash, budget and seed; resumed if interrupted)."""
-    from aniserve.training import ANIData, Settings, default_description, new_model, train
+    from aniserve.training import ANIData, default_description, new_model, train
     from aniserve.training.data import data_paths
 
     hashes = [_file_hash(path) for path in data_paths(train_path)]
@@ -283,20 +94,12 @@ def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pa
     ).hexdigest()
     path = workdir / f"pretrained-{key[:16]}.safetensors"
     if path.exists():
-        _say(f"pretrained model from cache: {path}")
+        log.info(f"pretrained model from cache: {path}")
         return path
     data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
     description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
-    settings = Settings(
-        epochs=budget.pretrain_epochs,
-        batch_size=budget.batch_size,
-        lr=budget.lr,
-        seed=seed,
-        force_weight=budget.force_weight,
-        early_stop_patience=budget.patience,
-        plateau_patience=max(1, budget.patience // 3),
-    )
-    _say(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
+    settings = budget.pretrain_settings(seed)
+    log.info(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
     # An interrupted pretraining continues from its checkpoint (same data, budget and
     # seed: the key is in the name), exactly as if it had not stopped.
     train(new_model(description, seed), data, path, settings, resume=True)
@@ -321,7 +124,7 @@ def run(
     from aniserve.bench import reactions
     from aniserve.modelfile import load_saved
     from aniserve.registry import registry
-    from aniserve.training import ANIData, Settings, train, transfer_model
+    from aniserve.training import ANIData, train, transfer_model
     from aniserve.training.trainer import fit_self_energies
 
     workdir = pathlib.Path(workdir)
@@ -329,7 +132,7 @@ def run(
     strategies = strategies or registry().names("transfer-strategy")
     test = read_test_set(test_path)
     high = ANIData(train_path, HIGH_ENERGY)
-    _say(
+    log.info(
         f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training "
         f"conformations; {len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules"
     )
@@ -338,7 +141,7 @@ def run(
     baselines = {
         "dft_method": {
             **metrics(test.low + offsets, test),
-            **_cc_force_errors(test.low_forces, test),
+            **cc_force_errors(test.low_forces, test),
             "reactions": reactions.dft_scores(),
         },
         **official_baselines(train_path, test),
@@ -364,15 +167,7 @@ def run(
             started = time.perf_counter()
             model, penalty = transfer_model(start_from(), name, dict(options or {}), seed)
             out = workdir / f"{name}-seed{seed}.safetensors"
-            settings = Settings(
-                epochs=budget.transfer_epochs,
-                batch_size=budget.batch_size,
-                lr=budget.transfer_lr or budget.lr,
-                seed=seed,
-                early_stop_patience=budget.patience,
-                plateau_patience=max(1, budget.patience // 3),
-                selection=budget.selection,
-            )
+            settings = budget.transfer_settings(seed)
             runs.start(f"transfer: {name}, seed {seed} …")
             summary = train(
                 model,
@@ -430,32 +225,6 @@ def export_best(result: dict, path, name: str, card: str | None = None) -> dict:
         extra["card"] = card
     save_model(load_saved(run["model"]), path, name, extra)
     return best
-
-
-def budget_for(from_base: bool, quick: bool, seeds: int | None = None, overrides: dict | None = None) -> Budget:
-    """The budget a run uses: full or quick, from an official base or own pretraining,
-    with ``seeds`` seeds and any fields overridden (ValueError naming unknown ones)."""
-    budget = (BASE_QUICK if quick else BASE_FULL) if from_base else (QUICK if quick else FULL)
-    if seeds:
-        budget = dataclasses.replace(budget, seeds=tuple(range(seeds)))
-    overrides = dict(overrides or {})
-    fields = {f.name for f in dataclasses.fields(budget)} - {"seeds"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown budget field(s) {sorted(unknown)}; known: {sorted(fields)}")
-    if "hidden" in overrides:
-        overrides["hidden"] = tuple(overrides["hidden"])
-    return dataclasses.replace(budget, **overrides)
-
-
-def seed_mean(runs: list[dict]) -> dict:
-    """Mean and spread (population std, ``*_std``) over seeds of every scalar figure
-    (``*_kcal``, ``*_kcal_per_a``), and how many seeds."""
-    keys = [k for k in runs[0] if k.endswith(("_kcal", "_kcal_per_a")) and isinstance(runs[0][k], float)]
-    out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
-    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
-    out["seeds"] = len(runs)
-    return out
 
 
 def _aggregate(runs: list[dict]) -> dict:
@@ -554,3 +323,80 @@ def default_workdir() -> pathlib.Path:
     from aniserve.cache import cache_root
 
     return cache_root() / "bench-transfer"
+
+
+@click.command("transfer")
+@click.option("--quick", is_flag=True, help="Small budget, one seed: minutes on 2 CPU cores (what the tests run).")
+@click.option("--strategies", default=None, help="Comma-separated strategy names; default every registered one.")
+@click.option(
+    "--train",
+    "train_path",
+    multiple=True,
+    default=["data/qm-train.h5"],
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Training set (low level + high-level subset); give it more than once to train on several "
+    "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).",
+)
+@click.option(
+    "--test",
+    "test_path",
+    default="data/qm-test.h5",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Held-out test set with both levels.",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="NAME_OR_PATH",
+    help="Start every strategy from this model (e.g. ani-1x, ani-2x, a model file) instead of our own "
+    "DFT pretraining on --train's low level.",
+)
+@common.seeds_option
+@click.option("--option", "options", multiple=True, metavar="KEY=JSON", help="Option passed to every strategy.")
+@common.budget_option
+@common.workdir_option("bench-transfer")
+@common.json_option()
+@common.plot_option("Write a PNG bar chart.")
+@click.option(
+    "--export-best",
+    "export_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save the best strategy's seed-0 model here (how the embedded model is made).",
+)
+@click.option("--export-name", default="aniserve-1x-ccsdt", show_default=True, help="Name given to the exported model.")
+@click.option("--export-card", default=None, help="Model card path recorded in the exported model's description.")
+def command(
+    quick,
+    strategies,
+    train_path,
+    test_path,
+    base,
+    seeds,
+    options,
+    budget_items,
+    workdir,
+    json_out,
+    plot_out,
+    export_path,
+    export_name,
+    export_card,
+):
+    """Transfer to CCSD(T) with every strategy from one base (own DFT pretraining or --base),
+    score on larger held-out molecules.
+
+    Example: aniserve bench transfer --base ani-1x --quick --json transfer.json --plot transfer.png
+    """
+    common.data_files(("--train", *train_path), ("--test", test_path))
+    preset = (FROM_BASE_QUICK if quick else FROM_BASE) if base is not None else (TRANSFER_QUICK if quick else TRANSFER)
+    budget = common.budget_from(preset, seeds, budget_items)
+    workdir = workdir or default_workdir()
+    names = strategies.split(",") if strategies else None
+    result = run(train_path, test_path, names, budget, workdir, common.parse_items(options), base=base)
+    common.report_kept(workdir)
+    common.finish(result, table(result), json_out, plot_out, plot)
+    if export_path:
+        best = export_best(result, export_path, export_name, export_card)
+        click.echo(f"exported {best['name']} (seed 0) as {export_name} to {export_path}")

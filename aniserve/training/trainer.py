@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -32,12 +33,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from aniserve.bench.scoring import conformer_rmse, fit_offsets
 from aniserve.elements import NUMBERS
 from aniserve.modelfile import build, check_description, describe, save_model
 from aniserve.neighbors import molecule_pairs
 from aniserve.potential import ANIPotential
 from aniserve.training.data import ANIData, Batch
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -141,14 +145,7 @@ def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256)
                 counts[column[z]] += 1
             rows.append(counts)
             residuals.append(float(rest[b]))
-    if not rows:
-        raise ValueError("no conformation has the energy target; cannot fit self energies")
-    A, y = np.array(rows), np.array(residuals)
-    present = np.asarray(A.any(0))
-    solution = np.zeros(len(model.elements))
-    solution[present] = np.linalg.lstsq(A[:, present], y, rcond=None)[0]
-    if not np.isfinite(solution).all():
-        raise ValueError("the self-energy fit is not finite; check the data's energies")
+    solution, present = fit_offsets(np.array(rows).reshape(-1, len(model.elements)), np.array(residuals), "self-energy")
     fitted = {
         e: float(solution[i]) if present[i] else float(model.self_energies[i]) for i, e in enumerate(model.elements)
     }
@@ -196,14 +193,6 @@ def validate(model: ANIPotential, data: ANIData, batch_size: int = 128, force_we
     return out
 
 
-def conformer_rmse(errors: np.ndarray, molecules: list[str]) -> float:
-    """RMSE of errors relative to each molecule's mean error (molecules with at least two
-    conformations): the error of relative conformer energies, blind to energy zeros."""
-    names = np.asarray(molecules)
-    parts = [errors[names == m] - errors[names == m].mean() for m in np.unique(names) if (names == m).sum() > 1]
-    return float(np.sqrt(np.mean(np.concatenate(parts) ** 2))) if parts else math.nan
-
-
 class _Step(nn.Module):
     """The loss as a module, so DistributedDataParallel can wrap it."""
 
@@ -231,8 +220,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def _say(rank: int, text: str) -> None:
+    """Progress, from the first process only (the others train the same epochs)."""
     if rank == 0:
-        print(text, file=sys.stderr, flush=True)
+        log.info(text)
 
 
 def train(

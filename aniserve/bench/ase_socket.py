@@ -8,6 +8,7 @@ socket round trips, the driver's evaluation and ASE's own bookkeeping.  The firs
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import socket
 import statistics
@@ -18,7 +19,12 @@ import time
 import uuid
 from typing import Any
 
+import click
+
+from aniserve.bench import command as common
 from aniserve.bench.speed import ETHANOL
+
+log = logging.getLogger(__name__)
 
 
 def _atoms():
@@ -89,7 +95,7 @@ def run(model: str, calls: int = 200, warmup: int = 10) -> list[dict]:
                 "ms_per_call_p90": 1e3 * sorted(times)[int(0.9 * len(times))],
             }
         )
-        print(f"{name:12s} {rows[-1]['ms_per_call_median']:8.2f} ms per call (median)", file=sys.stderr, flush=True)
+        log.info(f"{name:12s} {rows[-1]['ms_per_call_median']:8.2f} ms per call (median)")
     unix = next(r for r in rows if r["client"] == "socket-unix")
     for r in rows:
         r["ratio_to_unix"] = r["ms_per_call_median"] / unix["ms_per_call_median"]
@@ -104,3 +110,16 @@ def table(rows: list[dict]) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+@click.command("ase")
+@common.model_option
+@click.option("--calls", default=200, show_default=True, help="Timed calls per client (after 10 warm-up calls).")
+@common.json_option("Write each client's figures as JSON.")
+def command(model, calls, json_out):
+    """ms per ASE SocketIOCalculator call of ethanol, over UNIX and INET sockets, beside in-process.
+
+    Example: aniserve bench ase --json ase.json
+    """
+    rows = run(model, calls)
+    common.finish({"model": model, "rows": rows}, table(rows), json_out)

@@ -1,0 +1,270 @@
+"""The compiled kernels' calls, from tensors: checks of what is handed over, the
+constants and weights in the kernels' layouts, and the ctypes calls themselves."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from aniserve.kernels.build import Constants
+
+#: The longest AEV constant arrays (ShfR; ShfA and ShfZ) the kernel takes; every ANI
+#: model's fit.  Others run on the tensor version.
+MAX_RADIAL_SHIFTS, MAX_ANGULAR_SHIFTS = 16, 8
+
+
+class AEVKernelConstants:
+    """The AEV constants in the kernel's layout (arrays kept alive with the struct)."""
+
+    def __init__(
+        self,
+        num_species: int,
+        num_pairs: int,
+        Rcr: float,
+        Rca: float,
+        EtaR: float,
+        EtaA: float,
+        Zeta: float,
+        ShfR,
+        ShfA,
+        ShfZ,
+        pair_index: torch.Tensor,
+    ):
+        as_array = lambda values: np.ascontiguousarray(np.asarray(values, dtype=np.float64).ravel())  # noqa: E731
+        shf_z = as_array(ShfZ)
+        self._arrays = [as_array(ShfR), as_array(ShfA), np.cos(shf_z), np.sin(shf_z)]
+        self._pair_index = np.ascontiguousarray(pair_index.cpu().numpy(), dtype=np.int64)
+        double_p = ctypes.POINTER(ctypes.c_double)
+        self.struct = Constants(
+            num_species,
+            len(self._arrays[0]),
+            len(self._arrays[1]),
+            len(shf_z),
+            num_pairs,
+            Rcr,
+            Rca,
+            EtaR,
+            EtaA,
+            Zeta,
+            *(a.ctypes.data_as(double_p) for a in self._arrays),
+            self._pair_index.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+        )
+        self.width = num_species * len(self._arrays[0]) + num_pairs * len(self._arrays[1]) * len(shf_z)
+        self.fits = (
+            len(self._arrays[0]) <= MAX_RADIAL_SHIFTS and max(len(self._arrays[1]), len(shf_z)) <= MAX_ANGULAR_SHIFTS
+        )
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise TypeError(f"the AEV kernel computes in float32 or float64, not {dtype}")
+
+
+def aev_forward(
+    lib: ctypes.CDLL,
+    constants: AEVKernelConstants,
+    species: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    vectors: torch.Tensor,
+) -> torch.Tensor:
+    """AEVs (N, width) from species (N,), pairs sorted by center (P,), vectors (P, 3) Å."""
+    out = vectors.new_zeros(len(species), constants.width)
+    status = getattr(lib, f"aev_forward_{_suffix(vectors.dtype)}")(
+        ctypes.byref(constants.struct),
+        len(species),
+        len(center),
+        species.data_ptr(),
+        center.data_ptr(),
+        neighbor.data_ptr(),
+        vectors.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError("AEV constant arrays longer than the compiled kernel allows")
+    return out
+
+
+def pack_panels(weights: torch.Tensor) -> torch.Tensor:
+    """(k, K, N) → (k, K·N) in mlp.cpp's column panels: panels of two vectors' width,
+    then at most one of one vector, then single columns (a vector: 8 float32 or 4
+    float64), each panel's K rows stored one after another."""
+    width = 32 // weights.element_size()
+    N = weights.shape[2]
+    wide, narrow = N - N % (2 * width), N - N % width
+    edges = [*range(0, wide, 2 * width), *range(wide, narrow, width), *range(narrow, N + 1)]
+    return torch.cat([weights[:, :, a:b].reshape(weights.shape[0], -1) for a, b in zip(edges, edges[1:])], dim=1)
+
+
+class MLPKernelLayers:
+    """A frozen ensemble's layers as the MLP kernel reads them: each hidden layer's
+    weights (k, in, out) and their transpose, packed in column panels
+    (``pack_panels``), the output layer's (k, in, 1) and the biases (k, 1, out) as they
+    are, and arrays of their addresses (the tensors are kept alive here)."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], alpha: float):
+        hidden = weights[:-1]
+        packed = [pack_panels(w) for w in hidden] + [weights[-1].contiguous()]
+        transposed = [pack_panels(w.transpose(1, 2)) for w in hidden]
+        self.tensors = [*packed, *transposed, *(b.contiguous() for b in biases)]
+        layers = len(weights)
+        self.weights = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in packed))
+        self.transposed = (ctypes.c_void_p * max(1, len(transposed)))(*(t.data_ptr() for t in transposed))
+        self.biases = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in self.tensors[-layers:]))
+        self.sizes = np.array([weights[0].shape[1], *(w.shape[2] for w in weights)], dtype=np.int64)
+        self.layers, self.members, self.dtype, self.alpha = layers, weights[0].shape[0], weights[0].dtype, alpha
+
+
+class MLPKernelNetworks:
+    """Several frozen ensembles as one MLP kernel call reads them: ``groups[g]`` lists
+    the networks (``MLPKernelLayers``, the same member count, dtype and input width)
+    whose outputs add up to the energies of the g-th group of rows."""
+
+    def __init__(self, groups: list[list[MLPKernelLayers]]):
+        networks = [net for group in groups for net in group]
+        if len({(net.members, net.dtype, int(net.sizes[0])) for net in networks}) != 1:
+            raise ValueError("the networks of one kernel call differ in members, dtype or input width")
+        self.groups, self.networks = groups, networks
+        self.members, self.dtype, self.width = networks[0].members, networks[0].dtype, int(networks[0].sizes[0])
+        self.group_of = [g for g, group in enumerate(groups) for _ in group]
+        count, array = len(networks), ctypes.c_void_p * len(networks)
+        self.layers = np.array([net.layers for net in networks], dtype=np.int64)
+        self.alphas = torch.tensor([net.alpha for net in networks], dtype=self.dtype)
+        self.arrays = [
+            array(*(net.sizes.ctypes.data for net in networks)),
+            array(*(ctypes.addressof(net.weights) for net in networks)),
+            array(*(ctypes.addressof(net.transposed) for net in networks)),
+            array(*(ctypes.addressof(net.biases) for net in networks)),
+        ]
+        # (numpy's .ctypes costs ~50 µs a call: the addresses are taken once)
+        self.arguments = (
+            count,
+            self.members,
+            self.layers.ctypes.data,
+            *(ctypes.addressof(a) for a in self.arrays),
+            self.alphas.data_ptr(),
+        )
+
+
+def mlp(
+    lib: ctypes.CDLL, networks: MLPKernelNetworks, features: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member energies (k, n) and input gradients ∂E_mi/∂x_i (k, n, in) of features
+    (n, in) whose rows come in groups of ``counts[g]``, each through ``networks.groups[g]``."""
+    features = features.to(networks.dtype).contiguous()
+    if features.dim() != 2 or features.shape[1] != networks.width:
+        raise ValueError(f"features of shape {tuple(features.shape)} for networks of input width {networks.width}")
+    n = features.shape[0]
+    if sum(counts) != n or len(counts) != len(networks.groups) or min(counts, default=0) < 0:
+        raise ValueError(f"row counts {counts} do not match {n} feature rows in {len(networks.groups)} groups")
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    # Each network's first row and row count, as one int64 array (a tensor: its address is cheap).
+    rows = torch.tensor([starts[g] for g in networks.group_of] + [counts[g] for g in networks.group_of])
+    energies = features.new_empty(networks.members, n)
+    gradients = features.new_empty(networks.members, n, features.shape[1])
+    status = getattr(lib, f"mlp_{_suffix(networks.dtype)}")(
+        *networks.arguments,
+        rows.data_ptr(),
+        rows.data_ptr() + 8 * len(networks.group_of),
+        n,
+        features.shape[1],
+        features.data_ptr(),
+        energies.data_ptr(),
+        gradients.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError(
+            f"the MLP kernel refused features of shape {tuple(features.shape)}: a network's widths do not match them"
+        )
+    return energies, gradients
+
+
+def mlp_backward(lib: ctypes.CDLL, grad: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Σ_m grad[m, i] gradients[m, i, :]: the features' gradient (n, in), given that of
+    the member energies (k, n) and ``mlp``'s input gradients (k, n, in)."""
+    grad = grad.to(gradients.dtype).contiguous()
+    k, n, width = gradients.shape
+    if tuple(grad.shape) != (k, n) or not gradients.is_contiguous():
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} for input gradients of shape {(k, n, width)}")
+    out = gradients.new_empty(n, width)
+    getattr(lib, f"mlp_backward_{_suffix(gradients.dtype)}")(
+        k, n, width, grad.data_ptr(), gradients.data_ptr(), out.data_ptr()
+    )
+    return out
+
+
+def aev_backward(
+    lib: ctypes.CDLL,
+    constants: AEVKernelConstants,
+    species: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    vectors: torch.Tensor,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient (P, 3) with respect to the vectors, given that of the AEVs (N, width)."""
+    grad = grad.to(vectors.dtype).contiguous()
+    out = torch.zeros_like(vectors)
+    status = getattr(lib, f"aev_backward_{_suffix(vectors.dtype)}")(
+        ctypes.byref(constants.struct),
+        len(species),
+        len(center),
+        species.data_ptr(),
+        center.data_ptr(),
+        neighbor.data_ptr(),
+        vectors.data_ptr(),
+        grad.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError("AEV constant arrays longer than the compiled kernel allows")
+    return out
+
+
+def cell_list(
+    lib: ctypes.CDLL,
+    queries: torch.Tensor,
+    sources: torch.Tensor,
+    source_atom: torch.Tensor,
+    central: torch.Tensor | None,
+    cutoff: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, source) index pairs within ``cutoff``, sorted by query, without a query's
+    own atom (``source_atom[s] == q`` where ``central[s]``; all sources central when
+    None).  queries (Q, 3), sources (S, 3) Å, float64 on the CPU."""
+    queries, sources = queries.to(torch.float64).contiguous(), sources.to(torch.float64).contiguous()
+    source_atom = source_atom.long().contiguous()
+    central = torch.ones(len(sources), dtype=torch.uint8) if central is None else central.to(torch.uint8).contiguous()
+    found = ctypes.POINTER(ctypes.c_int64)()
+    total = lib.neighbors_cell_list(
+        len(queries),
+        queries.data_ptr(),
+        len(sources),
+        sources.data_ptr(),
+        source_atom.data_ptr(),
+        central.data_ptr(),
+        cutoff,
+        torch.get_num_threads(),
+        ctypes.byref(found),
+    )
+    if total < 0:
+        raise MemoryError("out of memory in the neighbour search")
+    try:
+        pairs = (
+            torch.from_numpy(np.ctypeslib.as_array(found, shape=(2, total)).copy())
+            if total
+            else torch.zeros(2, 0, dtype=torch.long)
+        )
+    finally:
+        lib.neighbors_free(found)
+    return pairs[0], pairs[1]
