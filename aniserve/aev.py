@@ -103,6 +103,23 @@ def _cosine_cutoff(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
     return 0.5 * torch.cos(distance * (math.pi / cutoff)) + 0.5
 
 
+def ani1x_aev(elements) -> dict:
+    """ANI-1x's AEV parameters for ``elements``, as JSON (``AEVParameters.from_json``):
+    Rcr 5.2 Å, Rca 3.5 Å, 16 radial and 4 × 8 angular terms; 384 features for H, C, N, O.
+    The preset new models start from (what TorchANI calls ``like_1x``)."""
+    return {
+        "elements": list(elements),
+        "Rcr": 5.2,
+        "Rca": 3.5,
+        "EtaR": [16.0],
+        "ShfR": [0.9 + 0.26875 * i for i in range(16)],
+        "EtaA": [8.0],
+        "Zeta": [32.0],
+        "ShfA": [0.9, 1.55, 2.2, 2.85],
+        "ShfZ": [math.pi / 16 + k * math.pi / 8 for k in range(8)],
+    }
+
+
 class AEVFeaturizer(nn.Module):
     """ANI atomic environment vectors (radial + angular, NeuroChem layout).
 

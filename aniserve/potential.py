@@ -271,34 +271,45 @@ class ANIPotential(nn.Module):
         ``NeighborList`` (a cutoff with a skin is fine: pairs beyond it are ignored).
         """
         dtype, device = self._dtype_device
-        batch = _as_batch(numbers, positions, cell, device)
-        num, pos64, cell64 = batch["numbers"], batch["positions"], batch["cell"]
-        n_structures, width = num.shape
-        if batch["padded"]:
-            real = num > 0
-            structure = torch.nonzero(real)[:, 0]
-            flat_numbers, flat_pos64 = num[real], pos64[real]
-            counts = real.sum(1)
-            starts = (torch.cumsum(counts, 0) - counts).tolist()
-        else:  # every row full: flattening is a reshape
-            real = None
-            structure = (
-                torch.zeros(width, dtype=torch.long, device=device)
-                if n_structures == 1
-                else torch.arange(n_structures, device=device).repeat_interleave(width)
-            )
-            flat_numbers, flat_pos64 = num.reshape(-1), pos64.reshape(-1, 3)
-            starts = list(range(0, n_structures * width, width))
-        species = self.species_indices(flat_numbers)
+        batch = _as_batch(numbers, positions, cell, device)  # every input check, before any work
+        num, cell64 = batch["numbers"], batch["cell"]
+        flat = _Flat.of(batch)
+        species = self.species_indices(flat.numbers)
         if cell64 is not None and pairs is not None:
             check_cell(cell64, self.cutoff)  # (without given pairs, the neighbour search checks it)
-        present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
-        all_pairs = batch_pairs(num, pos64, cell64, self.cutoff) if pairs is None else concatenate(pairs, starts)
+        all_pairs = (
+            batch_pairs(num, batch["positions"], cell64, self.cutoff)
+            if pairs is None
+            else concatenate(pairs, flat.starts)
+        )
+        members, grads, member_grads = self._energies_and_gradients(flat, species, all_pairs, cell64, member_forces)
+        std, mean = torch.std_mean(members, dim=0, correction=0)
+        result = Evaluation(
+            energy=mean.cpu().numpy(),
+            forces=_unflatten(-grads[0], flat.real, num.shape),
+            member_energies=members.T.cpu().numpy(),
+            energy_std=std.cpu().numpy(),
+            strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
+        )
+        _check_finite(result, batch)
+        if member_forces:
+            result.member_forces = np.stack([_unflatten(-g[0], flat.real, num.shape) for g in member_grads], axis=1)
+            if cell64 is not None:
+                result.member_strain_derivatives = np.stack(
+                    [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1
+                )
+        return _first(result) if batch["single"] else result
 
+    def _energies_and_gradients(self, flat: _Flat, species, all_pairs: Pairs, cell64, member_forces: bool):
+        """Member energies (k, B) and the gradients of their mean (and, with
+        ``member_forces``, of each member) with respect to the positions and the strain."""
+        dtype, device = self._dtype_device
+        n_structures = flat.n_structures
+        present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
         # Positions stay float64: displacements are formed before the cast to the model's
         # dtype, so a molecule far from the origin loses no precision in float32 (a
         # float32 position 1e4 Å out keeps only ~1e-3 Å).
-        pos = flat_pos64.clone().requires_grad_(True)
+        pos = flat.positions.clone().requires_grad_(True)
         inputs = [pos]
         strain = None
         if cell64 is not None:
@@ -310,7 +321,7 @@ class ANIPotential(nn.Module):
         member_grads = [[torch.zeros_like(x) for x in inputs] for _ in range(k)] if member_forces else []
         # Large systems go in blocks of whole center atoms, each differentiated on its
         # own and accumulated: memory stays bounded and the cost linear in atoms.
-        for block in _blocks(all_pairs, structure, species, self.block_pairs):
+        for block in _blocks(all_pairs, flat.structure, species, self.block_pairs):
             vectors = _displacements(pos, block, cell64, strain, dtype)
             part = self.forward(
                 block.species,
@@ -331,25 +342,39 @@ class ANIPotential(nn.Module):
                         member_grads[m], torch.autograd.grad(part[m].sum(), inputs, retain_graph=m + 1 < k)
                     ):
                         total += g
+        return members, grads, member_grads
 
-        std, mean = torch.std_mean(members, dim=0, correction=0)
-        result = Evaluation(
-            energy=mean.cpu().numpy(),
-            forces=_unflatten(-grads[0], real, num.shape),
-            member_energies=members.T.cpu().numpy(),
-            energy_std=std.cpu().numpy(),
-            strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
+
+@dataclasses.dataclass
+class _Flat:
+    """A checked batch's real atoms in one list: their numbers, float64 positions, the
+    structure each belongs to, where each structure starts, and the mask of real atoms
+    in the (B, N) layout (None when no row is padded)."""
+
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    structure: torch.Tensor
+    starts: list[int]
+    real: torch.Tensor | None
+    n_structures: int
+
+    @classmethod
+    def of(cls, batch: dict) -> _Flat:
+        num, pos64 = batch["numbers"], batch["positions"]
+        n_structures, width = num.shape
+        if batch["padded"]:
+            real = num > 0
+            counts = real.sum(1)
+            starts = (torch.cumsum(counts, 0) - counts).tolist()
+            return cls(num[real], pos64[real], torch.nonzero(real)[:, 0], starts, real, n_structures)
+        # Every row full: flattening is a reshape.
+        structure = (
+            torch.zeros(width, dtype=torch.long, device=num.device)
+            if n_structures == 1
+            else torch.arange(n_structures, device=num.device).repeat_interleave(width)
         )
-        _check_finite(result, batch)
-        if member_forces:
-            result.member_forces = np.stack([_unflatten(-g[0], real, num.shape) for g in member_grads], axis=1)
-            if cell64 is not None:
-                result.member_strain_derivatives = np.stack(
-                    [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1
-                )
-        if batch["single"]:
-            result = _first(result)
-        return result
+        starts = list(range(0, n_structures * width, width))
+        return cls(num.reshape(-1), pos64.reshape(-1, 3), structure, starts, None, n_structures)
 
 
 def _check_finite(result: Evaluation, batch: dict) -> None:

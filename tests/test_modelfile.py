@@ -30,7 +30,7 @@ def test_float64_weights_reload_without_rounding(tmp_path):
     import torch
 
     from aniserve.modelfile import load_saved
-    from aniserve.training.model import default_description, new_model
+    from aniserve.training.architecture import default_description, new_model
 
     model = new_model(default_description(["H", "C"], hidden=(8, 4), ensemble_size=2), seed=0, dtype=torch.float64)
     save_model(model, tmp_path / "m.safetensors")

@@ -1,7 +1,7 @@
 """Training and transfer learning: ANI HDF5 data, the trainer, built-in strategies."""
 
+from aniserve.training.architecture import default_description, description_for, new_model, transfer_model
 from aniserve.training.data import ANIData, DataError
-from aniserve.training.model import default_description, description_for, new_model, transfer_model
 from aniserve.training.trainer import Settings, train
 
 __all__ = [

@@ -225,6 +225,17 @@ def _say(rank: int, text: str) -> None:
         log.info(text)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What a run carries from epoch to epoch, and what a checkpoint restores."""
+
+    trainable: set[str]
+    history: list[dict] = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"loss": math.inf, "rmse": math.inf, "epoch": -1})
+    best_state: dict | None = None
+
+
 def train(
     model: ANIPotential,
     data: ANIData,
@@ -243,34 +254,12 @@ def train(
     rank, world = _distributed()
     out = pathlib.Path(out)
     checkpoint_path = out.with_name(out.name + ".ckpt")
-    data.check_elements(model.elements)
-    if validation_data is None:
-        train_data, val_data = data.split(settings.validation, settings.seed)
-    else:
-        train_data, val_data = data, validation_data
-    if len(val_data) == 0:
-        raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
-    if settings.selection not in ("loss", "conformer"):
-        raise ValueError(f"selection must be 'loss' or 'conformer', got {settings.selection!r}")
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    history, start_epoch, best = [], 0, {"loss": math.inf, "rmse": math.inf, "epoch": -1}
+    train_data, val_data = _splits(model, data, settings, validation_data)
+    progress = _Progress({name for name, p in model.named_parameters() if p.requires_grad})
     model.train()
-
-    state = None
-    if resume and checkpoint_path.exists():
-        try:  # a checkpoint is a file like any other: damaged or foreign ones get a clear error
-            state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
-            description = json.loads(state["description"])
-            check_description(description, checkpoint_path)
-            model = build(description).to(device=settings.device, dtype=model.dtype)
-            model.load_state_dict(state["model"])
-            trainable = set(state["trainable"])
-            history, start_epoch, best = json.loads(state["history"]), state["epoch"] + 1, json.loads(state["best"])
-        except _CHECKPOINT_ERRORS as error:
-            raise _bad_checkpoint(checkpoint_path, error) from None
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in trainable)
-        model.train()
+    state = _load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if state is not None:
+        model = _restore_model(state, checkpoint_path, settings, model.dtype, progress)
         _say(rank, f"resuming from {checkpoint_path} after epoch {state['epoch'] + 1}")
     elif settings.refit_self_energies:
         fitted = fit_self_energies(model, train_data)
@@ -281,16 +270,9 @@ def train(
         raise ValueError("nothing to train: the strategy froze every parameter")
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=settings.plateau_patience)
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    progress.best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(json.loads(state["scheduler"]))
-            best_state = state["best_model"]
-            model.load_state_dict(best_state)  # checks it fits, before any epoch runs
-            model.load_state_dict(state["model"])
-        except _CHECKPOINT_ERRORS as error:
-            raise _bad_checkpoint(checkpoint_path, error) from None
+        _restore_optimiser(state, checkpoint_path, model, optimizer, scheduler, progress)
 
     step_force_weight = settings.force_weight if data.forces_key else 0.0
     step: nn.Module = _Step(model, step_force_weight, penalty)
@@ -304,102 +286,43 @@ def train(
         f"validating on {len(val_data)}; {world} process(es)",
     )
 
-    for epoch in range(start_epoch, settings.epochs):
+    best = progress.best
+    for epoch in range(progress.start_epoch, settings.epochs):
         if epoch - best["epoch"] > settings.early_stop_patience or optimizer.param_groups[0]["lr"] < settings.min_lr:
             _say(rank, f"stopping early at epoch {epoch}: no improvement since epoch {best['epoch'] + 1}")
             break
         started = time.perf_counter()
-        plan = train_data.plan(settings.batch_size, seed=settings.seed * 100_003 + epoch)
-        plan = plan[: len(plan) // world * world][rank::world] if world > 1 else plan
-        total, count = 0.0, 0
-        with tqdm(
-            total=len(plan),
-            desc=f"epoch {epoch + 1}/{settings.epochs}",
-            unit="batch",
-            leave=False,
-            disable=rank != 0 or not sys.stderr.isatty(),
-        ) as bar:
-            for items in plan:
-                batch = train_data.read(items)
-                optimizer.zero_grad(set_to_none=True)
-                loss, parts = step(batch)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"the training loss is {loss.item()} at epoch {epoch + 1} (molecules "
-                        f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model"
-                    )
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) / model.ensemble_size
-                count += 1
-                bar.set_postfix_str(f"loss {total / count:.3e}", refresh=False)
-                bar.update(1)
+        train_loss = _train_epoch(step, optimizer, train_data, settings, epoch, rank, world, model.ensemble_size)
         metrics = validate(model, val_data, force_weight=step_force_weight)
-        criterion = metrics["loss"]
-        if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
-            # (NaN when no validation molecule has two conformations: the loss decides then.)
-            criterion = metrics["conformer_rmse_kcal"]
-        scheduler.step(criterion)
-        improved = criterion < best.get("criterion", best["loss"])
-        if improved:
-            best = {
-                "loss": metrics["loss"],
-                "rmse": metrics["energy_rmse_kcal"],
-                "conformer_rmse": metrics["conformer_rmse_kcal"],
-                "criterion": criterion,
-                "epoch": epoch,
-            }
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append(
+        improved = _select(metrics, settings, epoch, model, scheduler, progress)
+        best = progress.best
+        progress.history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": total / max(count, 1),
+                "train_loss": train_loss,
                 **metrics,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
             }
         )
-        force_text = (
-            f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å" if "force_rmse_kcal_per_a" in metrics else ""
-        )
-        spent = time.perf_counter() - started
-        left = (settings.epochs - epoch - 1) * sum(h["seconds"] for h in history[-3:]) / len(history[-3:])
-        _say(
-            rank,
-            f"epoch {epoch + 1}/{settings.epochs}: train loss {total / max(count, 1):.3e}, validation loss "
-            f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
-            f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, {spent:.1f} s, "
-            f"at most {tqdm.format_interval(left)} left",
-        )
+        _report_epoch(rank, settings, epoch, train_loss, metrics, improved, optimizer, started, progress.history)
         if rank == 0:
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "best_model": best_state,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": json.dumps(scheduler.state_dict()),
-                    "epoch": epoch,
-                    "trainable": sorted(trainable),
-                    "history": json.dumps(history),
-                    "best": json.dumps(best),
-                    "description": json.dumps(describe(model)),
-                },
-                checkpoint_path,
-            )
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, progress)
 
-    model.load_state_dict(best_state)
+    assert progress.best_state is not None
+    model.load_state_dict(progress.best_state)
     summary = {
         "best_epoch": best["epoch"] + 1,
         "validation_loss": best["loss"],
         "validation_energy_rmse_kcal": best["rmse"],
         "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan),
-        "epochs_run": len(history),
+        "epochs_run": len(progress.history),
         "trainable_parameters": n_params,
         "seed": settings.seed,
         "data": [str(p) for p in data.paths],
         "energy_key": data.energy_key,
         "forces_key": data.forces_key,
-        "history": history,
+        "history": progress.history,
     }
     if rank == 0:
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
@@ -411,6 +334,146 @@ def train(
     if world > 1:
         dist.barrier()
     return summary
+
+
+# ------------------------------------------------------------- the steps of a run
+def _splits(model: ANIPotential, data: ANIData, settings: Settings, validation_data: ANIData | None):
+    """(training, validation) data, after the checks that need nothing trained."""
+    data.check_elements(model.elements)
+    if validation_data is None:
+        train_data, val_data = data.split(settings.validation, settings.seed)
+    else:
+        train_data, val_data = data, validation_data
+    if len(val_data) == 0:
+        raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
+    if settings.selection not in ("loss", "conformer"):
+        raise ValueError(f"selection must be 'loss' or 'conformer', got {settings.selection!r}")
+    return train_data, val_data
+
+
+def _load_checkpoint(path: pathlib.Path) -> dict:
+    """A checkpoint's contents (tensors and plain data only); a damaged or foreign file
+    is a ValueError naming it."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except _CHECKPOINT_ERRORS as error:
+        raise _bad_checkpoint(path, error) from None
+
+
+def _restore_model(state: dict, path: pathlib.Path, settings: Settings, dtype, progress: _Progress) -> ANIPotential:
+    """The checkpoint's model, with what trains and where the run stood."""
+    try:  # a checkpoint is a file like any other: damaged or foreign ones get a clear error
+        description = json.loads(state["description"])
+        check_description(description, path)
+        model = build(description).to(device=settings.device, dtype=dtype)
+        model.load_state_dict(state["model"])
+        progress.trainable = set(state["trainable"])
+        progress.history = json.loads(state["history"])
+        progress.start_epoch = state["epoch"] + 1
+        progress.best = json.loads(state["best"])
+    except _CHECKPOINT_ERRORS as error:
+        raise _bad_checkpoint(path, error) from None
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in progress.trainable)
+    model.train()
+    return model
+
+
+def _restore_optimiser(state: dict, path: pathlib.Path, model, optimizer, scheduler, progress: _Progress) -> None:
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(json.loads(state["scheduler"]))
+        progress.best_state = state["best_model"]
+        model.load_state_dict(progress.best_state)  # checks it fits, before any epoch runs
+        model.load_state_dict(state["model"])
+    except _CHECKPOINT_ERRORS as error:
+        raise _bad_checkpoint(path, error) from None
+
+
+def _train_epoch(
+    step, optimizer, train_data: ANIData, settings: Settings, epoch: int, rank: int, world: int, ensemble_size: int
+) -> float:
+    """One pass over this process's share of the batches; the mean training loss."""
+    plan = train_data.plan(settings.batch_size, seed=settings.seed * 100_003 + epoch)
+    plan = plan[: len(plan) // world * world][rank::world] if world > 1 else plan
+    total, count = 0.0, 0
+    with tqdm(
+        total=len(plan),
+        desc=f"epoch {epoch + 1}/{settings.epochs}",
+        unit="batch",
+        leave=False,
+        disable=rank != 0 or not sys.stderr.isatty(),
+    ) as bar:
+        for items in plan:
+            batch = train_data.read(items)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = step(batch)
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"the training loss is {loss.item()} at epoch {epoch + 1} (molecules "
+                    f"{', '.join(sorted(set(batch.group))[:5])}); stopping without writing a model"
+                )
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) / ensemble_size
+            count += 1
+            bar.set_postfix_str(f"loss {total / count:.3e}", refresh=False)
+            bar.update(1)
+    return total / max(count, 1)
+
+
+def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, progress: _Progress) -> bool:
+    """Step the schedule on the selection criterion and keep the epoch's weights when it
+    is the best so far; whether it was."""
+    criterion = metrics["loss"]
+    if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
+        # (NaN when no validation molecule has two conformations: the loss decides then.)
+        criterion = metrics["conformer_rmse_kcal"]
+    scheduler.step(criterion)
+    best = progress.best
+    improved = criterion < best.get("criterion", best["loss"])
+    if improved:
+        progress.best = {
+            "loss": metrics["loss"],
+            "rmse": metrics["energy_rmse_kcal"],
+            "conformer_rmse": metrics["conformer_rmse_kcal"],
+            "criterion": criterion,
+            "epoch": epoch,
+        }
+        progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return improved
+
+
+def _report_epoch(rank, settings, epoch, train_loss, metrics, improved, optimizer, started, history) -> None:
+    force_text = (
+        f", forces {metrics['force_rmse_kcal_per_a']:.2f} kcal/mol/Å" if "force_rmse_kcal_per_a" in metrics else ""
+    )
+    spent = time.perf_counter() - started
+    left = (settings.epochs - epoch - 1) * sum(h["seconds"] for h in history[-3:]) / len(history[-3:])
+    _say(
+        rank,
+        f"epoch {epoch + 1}/{settings.epochs}: train loss {train_loss:.3e}, validation loss "
+        f"{metrics['loss']:.3e} (energy RMSE {metrics['energy_rmse_kcal']:.3f} kcal/mol{force_text})"
+        f"{' *' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.1e}, {spent:.1f} s, "
+        f"at most {tqdm.format_interval(left)} left",
+    )
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch: int, progress: _Progress) -> None:
+    _atomic_save(
+        {
+            "model": model.state_dict(),
+            "best_model": progress.best_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": json.dumps(scheduler.state_dict()),
+            "epoch": epoch,
+            "trainable": sorted(progress.trainable),
+            "history": json.dumps(progress.history),
+            "best": json.dumps(progress.best),
+            "description": json.dumps(describe(model)),
+        },
+        path,
+    )
 
 
 _CHECKPOINT_ERRORS = (

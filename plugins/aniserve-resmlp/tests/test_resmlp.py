@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from aniserve.aev import ani1x_aev
 from aniserve.modelfile import load_saved
 from aniserve.training import ANIData, Settings, new_model, train, transfer_model
-from aniserve.training.model import ani1x_aev
 from aniserve_resmlp import ResidualElementNetworks
 
 pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')

@@ -1,8 +1,8 @@
-"""New models from a description, and pretrained models prepared by a transfer strategy."""
+"""The model a training run starts from: a new one from a description (the default
+architecture: ANI-1x features, small CELU networks), or a pretrained one prepared by a
+transfer strategy."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -10,27 +10,12 @@ from aniserve.modelfile import build
 from aniserve.potential import ANIPotential
 
 
-def ani1x_aev(elements) -> dict:
-    """ANI-1x's AEV constants (Rcr 5.2 Å, Rca 3.5 Å; 384 features for H, C, N, O)."""
-    return {
-        "elements": list(elements),
-        "Rcr": 5.2,
-        "Rca": 3.5,
-        "EtaR": [16.0],
-        "ShfR": [0.9 + 0.26875 * i for i in range(16)],
-        "EtaA": [8.0],
-        "Zeta": [32.0],
-        "ShfA": [0.9, 1.55, 2.2, 2.85],
-        "ShfZ": [math.pi / 16 + k * math.pi / 8 for k in range(8)],
-    }
-
-
 def default_description(
     elements=("H", "C", "N", "O"), hidden=(64, 48, 24), ensemble_size: int = 4, name: str = ""
 ) -> dict:
     """ANI-1x features with small CELU networks: the demonstration-scale architecture
     (ANI-1x itself uses 160-128-96 for H; pass ``hidden`` per element via --config)."""
-    from aniserve.aev import AEVFeaturizer, AEVParameters
+    from aniserve.aev import AEVFeaturizer, AEVParameters, ani1x_aev
 
     width = AEVFeaturizer(AEVParameters.from_json(ani1x_aev(elements))).output_width
     return {
