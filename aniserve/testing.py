@@ -47,6 +47,10 @@ def drive_with_ase(model: str, atoms, moves: int = 2, seed: int = 0, dtype: str 
                 str(structure),
                 "--unix",
                 name,
+                # ASE's calculator closes without EXIT: end then, not after the 10 s wait
+                # for another server.
+                "--reconnect-timeout",
+                "0",
             ],
             stderr=subprocess.PIPE,
             text=True,

@@ -32,13 +32,13 @@ def pytest_addoption(parser):
     parser.addoption(
         "--fuzz-sequences",
         type=int,
-        default=1000,
+        default=300,
         help="sequences the driver fuzz test plays (a longer campaign: e.g. 20000)",
     )
     parser.addoption(
         "--fuzz-files",
         type=int,
-        default=300,
+        default=150,
         help="crafted files the file-reader fuzz test loads (a longer campaign: e.g. 5000)",
     )
 

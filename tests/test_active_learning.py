@@ -12,9 +12,10 @@ from conftest import ROOT
 from aniserve.training import ANIData
 from aniserve.training.data import write_ani_h5
 
-pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
+pytestmark = [pytest.mark.weights]  # the official ANI weights (see conftest)
 
 
+@pytest.mark.slow
 def test_example_loop_runs_shortened(tmp_path):
     run = subprocess.run(
         [

@@ -15,7 +15,7 @@ from aniserve.modelfile import load_saved, read_description
 from aniserve.registry import registry
 from aniserve.training.data import write_ani_h5
 
-pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
+pytestmark = [pytest.mark.weights]  # the official ANI weights (see conftest)
 
 TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]
@@ -40,6 +40,7 @@ def write_levels(path, names, conformations, high_every, seed):
     write_ani_h5(path, groups)
 
 
+@pytest.mark.slow
 def test_quick_transfer_bench_covers_every_strategy(tmp_path):
     write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
@@ -183,6 +184,7 @@ def test_test_set_reads_only_high_level_conformations(tmp_path):
         read_test_set(tmp_path / "dft-only.h5")
 
 
+@pytest.mark.slow
 def test_quick_bench_from_an_official_base(tmp_path):
     """``--base ani-1x`` on a cut-down set: every strategy starts from the official
     ANI-1x (8 members), the base itself is a baseline, reaction-energy errors are scored,
@@ -237,6 +239,7 @@ def test_quick_bench_from_an_official_base(tmp_path):
     assert read_description(tmp_path / "best.safetensors")["benchmark"]["strategy"] == chosen["name"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(registry().names("transfer-strategy")))
 def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     """ANI-2x has seven elements; data with four of them still trains (self energies of
@@ -270,6 +273,7 @@ def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
     write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)

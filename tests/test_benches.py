@@ -9,8 +9,6 @@ from click.testing import CliRunner
 
 from aniserve.cli import main
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
-
 
 def run(tmp_path, *args):
     out = tmp_path / "out.json"
@@ -19,6 +17,7 @@ def run(tmp_path, *args):
     return result.output, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_bench_serve_reports_both_rates(tmp_path):
     output, report = run(tmp_path, "serve", "--connections", "1,4", "--seconds", "0.5", "--repeat", "2")
     assert [c["connections"] for c in report["cases"]] == [1, 4]
@@ -33,6 +32,7 @@ def test_bench_serve_reports_both_rates(tmp_path):
     assert "driver atoms/s" in output and "medians over repeats" in output
 
 
+@pytest.mark.slow
 def test_bench_ase_compares_unix_and_inet(tmp_path):
     output, report = run(tmp_path, "ase", "--calls", "5")
     assert [r["client"] for r in report["rows"]] == ["in-process", "socket-unix", "socket-inet"]
@@ -46,6 +46,7 @@ def test_bench_speed_quick(tmp_path):
     assert all(c["floor_ms"] > 0 and c["fraction_of_floor"] > 0 for c in report["cases"]) and "of floor" in output
 
 
+@pytest.mark.slow
 def test_bench_ipi_repeats_and_summarises():
     """Real i-PI runs (2 and 4 steps), the harmonic driver and aniserve batched, twice:
     each ratio is taken against the harmonic run of its own repeat."""
@@ -68,6 +69,7 @@ def test_bench_ipi_repeats_and_summarises():
     assert "× harmonic median (range)" in ipi.table(rows)
 
 
+@pytest.mark.slow
 def test_bench_speed_plot_says_what_it_measured(tmp_path):
     """The PNG has both panels (ms per call and atoms/s, as --help promises) and a title
     naming model, dtype, threads and kernels; --quick says it is a smoke test."""

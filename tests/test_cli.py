@@ -14,12 +14,14 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "aniserve", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_eval_prints_energy_in_hartree_and_ev():
     out = run("eval", "examples/molecules/ethanol.xyz", "--model", "ani-1ccx")
     assert out.returncode == 0, out.stderr
     assert "C2H6O" in out.stdout and " Ha = " in out.stdout and " eV" in out.stdout
 
 
+@pytest.mark.slow
 def test_models_lists_the_official_models():
     out = run("models")
     assert out.returncode == 0, out.stderr
@@ -28,6 +30,7 @@ def test_models_lists_the_official_models():
     assert "H-C-N-O-S-F-Cl" in out.stdout
 
 
+@pytest.mark.slow
 def test_plugins_json_lists_builtins():
     out = run("plugins", "--json")
     rows = json.loads(out.stdout)
@@ -35,6 +38,7 @@ def test_plugins_json_lists_builtins():
     assert all(set(r) == {"kind", "name", "plugin", "version", "description"} for r in rows)
 
 
+@pytest.mark.slow
 def test_eval_reports_unknown_element_cleanly(tmp_path):
     path = tmp_path / "sih4.xyz"
     path.write_text("5\n\nSi 0 0 0\nH 0.9 0.9 0.9\nH -0.9 -0.9 0.9\nH -0.9 0.9 -0.9\nH 0.9 -0.9 -0.9\n")

@@ -20,8 +20,6 @@ from conftest import ETHANOL_POSITIONS, ROOT
 from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
 
-pytestmark = pytest.mark.slow  # driver processes (the embedded model: no official weights needed)
-
 STRUCTURE = ROOT / "examples" / "molecules" / "ethanol.xyz"
 DRIVE = [
     sys.executable,
@@ -124,6 +122,7 @@ def flood_without_reading(conn, seconds=1.0):
             time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unix", "inet"])
 def test_a_server_that_never_reads_ends_its_connection_within_the_timeout(kind):
     """Before: blocked in sendall for ever, whatever --timeout said."""
@@ -137,6 +136,7 @@ def test_a_server_that_never_reads_ends_its_connection_within_the_timeout(kind):
     assert "has not read our reply" in log and "for 2 s" in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_server_that_never_reads_does_not_starve_the_other_connection():
     """Two connections: one floods and never reads; the other gets its five steps
     answered meanwhile, and ends cleanly.  The wedged one is dropped (exit 2 at the end)."""
@@ -154,6 +154,7 @@ def test_a_server_that_never_reads_does_not_starve_the_other_connection():
     assert code == 2 and "has not read our reply" in log and "sent EXIT" in log, log
 
 
+@pytest.mark.slow
 def test_a_reconnecting_server_does_not_hold_up_the_others():
     """One of two connections drops and its server comes back without greeting for
     several seconds; the other is answered meanwhile (before: every connection waited
@@ -173,6 +174,7 @@ def test_a_reconnecting_server_does_not_hold_up_the_others():
     assert code == 0, log
 
 
+@pytest.mark.slow
 def test_the_log_has_one_line_per_address_and_a_summary():
     """Before: a "connected" and a "sent EXIT" line per connection, and no summary."""
     server = Server().start("--connections", "3", "--timeout", "10")
@@ -193,6 +195,7 @@ def test_the_log_has_one_line_per_address_and_a_summary():
     assert served == 6 and 2 <= steps <= 6 and "ms of evaluation a step" in summary
 
 
+@pytest.mark.slow
 def test_ten_million_atoms_declared_are_refused_before_the_payload():
     """The atom count is checked against the structure as soon as it is read: nothing
     waits for (or buffers) 240 MB of positions that are never sent."""
@@ -271,6 +274,7 @@ def shm_step(conn, segments, structures, first=False):
                 return extras
 
 
+@pytest.mark.slow
 def test_shared_memory_shrunk_between_steps_is_exit_2_not_sigbus():
     segments = Segments(1)
     server = Server("shm").start("--timeout", "5")
@@ -314,6 +318,7 @@ def test_shared_memory_that_others_could_plant_is_refused(damage, message):
     assert code == 2 and message in log and "refused" in log, log
 
 
+@pytest.mark.slow
 def test_shared_memory_after_a_new_init_with_a_larger_batch():
     """A re-INIT from batch size 1 to 2 reads and answers two structures (before: one
     result where two were expected, no error)."""

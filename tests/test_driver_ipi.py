@@ -16,7 +16,7 @@ from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, cached_model, ref
 from aniserve import protocol
 from aniserve.units import BOHR_IN_ANGSTROM
 
-pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
+pytestmark = [pytest.mark.weights]  # the official ANI weights (see conftest)
 
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
 DRIVE = [
@@ -115,6 +115,7 @@ def run_ipi(tmp_path, numbers, positions, cell, mode, drive_args, beads=4, steps
         ("shm", 2, ["--connections", "2"]),
     ],
 )
+@pytest.mark.slow
 def test_ipi_pimd_of_a_molecule(tmp_path, mode, batch, drive_args):
     potentials, log = run_ipi(
         tmp_path, ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, mode, drive_args, batch=batch
@@ -125,6 +126,7 @@ def test_ipi_pimd_of_a_molecule(tmp_path, mode, batch, drive_args):
     assert "sent EXIT" in log
 
 
+@pytest.mark.slow
 def test_ipi_pimd_of_a_periodic_box(tmp_path):
     record = next(r for r in reference()["records"] if r["name"] == "water27-pbc")
     cell = np.array(record["cell"])
@@ -135,6 +137,7 @@ def test_ipi_pimd_of_a_periodic_box(tmp_path):
     assert abs(potentials[0] - record["models"]["ani-1ccx"]["energy"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_two_driver_processes_give_the_same_trajectory_as_one(tmp_path):
     (tmp_path / "a").mkdir()
     one, _ = run_ipi(
@@ -178,6 +181,7 @@ def test_two_driver_processes_give_the_same_trajectory_as_one(tmp_path):
     np.testing.assert_allclose(two, one, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_ase_socketio_calculator_matches_in_process(tmp_path):
     from ase import Atoms
     from ase.calculators.socketio import SocketIOCalculator
@@ -281,6 +285,7 @@ def test_malformed_messages_end_the_driver_cleanly(payload, expected):
     assert code == 2 and expected in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_truncated_message_then_silence_times_out():
     server = FakeServer().start_driver()
     conn = server.accept()
@@ -291,6 +296,7 @@ def test_truncated_message_then_silence_times_out():
     assert code == 2 and "incomplete message" in log and time.monotonic() - start < 20
 
 
+@pytest.mark.slow
 def test_server_closing_mid_message_and_not_coming_back_is_an_error():
     server = FakeServer().start_driver("--reconnect-timeout", "1")
     conn = server.accept()
@@ -303,6 +309,7 @@ def test_server_closing_mid_message_and_not_coming_back_is_an_error():
     assert "no server came back" in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_server_killed_mid_message_is_named_and_the_next_one_served():
     """A server killed while sending (SIGKILL between two writes of POSDATA) is a server
     gone: the half message is named in a warning and dropped, the restarted one is served."""
@@ -319,6 +326,7 @@ def test_server_killed_mid_message_is_named_and_the_next_one_served():
     assert code == 0 and "in the middle of a message (50 bytes of b'POSDATA' received); dropped" in log
 
 
+@pytest.mark.slow
 def test_nan_positions_are_reported_not_evaluated():
     server = FakeServer().start_driver()
     conn = server.accept()
@@ -330,6 +338,7 @@ def test_nan_positions_are_reported_not_evaluated():
     assert code == 3 and "NaN" in log
 
 
+@pytest.mark.slow
 def test_driver_serves_a_restarted_server_and_exits_on_exit():
     server = FakeServer().start_driver("--reconnect-timeout", "20", "--extras", "committee")
     expected = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, ETHANOL_POSITIONS).energy
@@ -364,6 +373,7 @@ NPT_MOTION = """<motion mode='dynamics'>
     </motion>"""
 
 
+@pytest.mark.slow
 def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
     """i-PI's NPT barostat is driven by the virial we send: its printed virial at step 0
     must be ours (−dE/dε over the volume, atomic units), and the cell must then move."""
@@ -409,6 +419,7 @@ def test_ipi_constant_pressure_run_reads_our_virial(tmp_path):
     assert np.all(np.isfinite(data))
 
 
+@pytest.mark.slow
 def test_extras_none_sends_an_empty_string():
     """For clients that cannot take JSON extras (ASE <= 3.22 reads at most one byte)."""
     server = FakeServer().start_driver("--extras", "none")
@@ -424,6 +435,7 @@ def test_extras_none_sends_an_empty_string():
     assert code == 0, log
 
 
+@pytest.mark.slow
 def test_server_killed_while_a_reply_is_pending_is_server_gone():
     """The server sends positions and dies before reading the forces: the driver's reply
     meets a closed socket — 'server gone' (exit 0 after the reconnect window), not a

@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT
 
 from aniserve.embedded import DEFAULT_MODEL
 
 
+@pytest.mark.slow
 def test_loads_offline_by_name_without_the_model_zoo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ANISERVE_MODEL_DIR"}
     env.update(ANISERVE_CACHE=str(tmp_path), ANISERVE_MODEL_ZOO_URL="http://127.0.0.1:9/unreachable.zip")
@@ -28,6 +30,7 @@ def test_loads_offline_by_name_without_the_model_zoo(tmp_path):
     assert out.stdout.startswith(f"model: {DEFAULT_MODEL} (H-C-N-O, 8-member ensemble")
 
 
+@pytest.mark.slow
 def test_serves_under_drive_like_in_process():
     from ase import Atoms
 

@@ -63,6 +63,7 @@ def test_a_missing_optional_dependency_names_the_extra(monkeypatch, tmp_path):
     one_line_error(result, "this command needs pyscf: pip install 'aniserve[qm]'")
 
 
+@pytest.mark.slow
 def test_drive_with_an_element_the_model_lacks_exits_3(tmp_path):
     (tmp_path / "au.xyz").write_text("2\n\nAu 0 0 0\nH 0 0 1.5\n")
     run = subprocess.run(
@@ -75,6 +76,7 @@ def test_drive_with_an_element_the_model_lacks_exits_3(tmp_path):
     assert "does not support element(s) Au" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["off", "tensor"])
 def test_kernels_switched_off_by_environment_say_so(setting):
     run = subprocess.run(
@@ -94,6 +96,7 @@ def test_socket_names_are_plain_names_or_absolute_paths(option, name):
     assert result.exit_code == exits.USAGE and "neither a plain name" in result.output
 
 
+@pytest.mark.slow
 def test_a_plugin_in_the_current_directory_loads_with_dash_dash_plugin(tmp_path):
     """As ``python -m`` does: before, `aniserve --plugin my_plugin` said 'not installed'."""
     (tmp_path / "my_plugin.py").write_text(
@@ -115,6 +118,7 @@ def test_a_plugin_in_the_current_directory_loads_with_dash_dash_plugin(tmp_path)
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_benches_say_what_they_need_and_where_to_get_it(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "aniserve", "bench", "active", "--quick"],

@@ -8,11 +8,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
-
 EXAMPLE = [sys.executable, str(ROOT / "examples" / "ase-socket" / "run.py")]
 
 
+@pytest.mark.slow
 def test_ase_example_optimises_with_the_default_model(tmp_path):
     run = subprocess.run(EXAMPLE, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -21,6 +20,7 @@ def test_ase_example_optimises_with_the_default_model(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written where it was run
 
 
+@pytest.mark.slow
 def test_ase_example_stops_with_the_drivers_message_when_it_cannot_start(tmp_path):
     run = subprocess.run(
         EXAMPLE + ["--model", "nosuchmodel"], capture_output=True, text=True, timeout=120, cwd=tmp_path
@@ -42,6 +42,7 @@ def _ipi_processes() -> int:
     return len(subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split())
 
 
+@pytest.mark.slow
 def test_ipi_example_runs_in_a_scratch_folder_and_prints_units(tmp_path):
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
     before = _source_tree_status()
@@ -55,6 +56,7 @@ def test_ipi_example_runs_in_a_scratch_folder_and_prints_units(tmp_path):
     assert _source_tree_status() == before  # nothing written into the source tree
 
 
+@pytest.mark.slow
 def test_ipi_example_stops_ipi_when_the_driver_fails(tmp_path):
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
     before = _ipi_processes()

@@ -16,8 +16,6 @@ from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, ROOT, ethanol_xyz, ipi_
 
 from aniserve.embedded import DEFAULT_MODEL
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
-
 IPI = [str(pathlib.Path(sys.executable).parent / "i-pi")]
 ASE_SERVER = """
 import sys
@@ -82,6 +80,7 @@ def finish(driver) -> str:
     return log
 
 
+@pytest.mark.slow
 def test_ipi_killed_ten_times_mid_run(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
     driver = start_driver(tmp_path, name)
@@ -107,6 +106,7 @@ def test_ipi_killed_ten_times_mid_run(tmp_path):
     assert log.count("closed the connection; waiting") == 10
 
 
+@pytest.mark.slow
 def test_ase_server_killed_five_times_mid_run(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
     driver = start_driver(tmp_path, name)

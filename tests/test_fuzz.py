@@ -1,4 +1,4 @@
-"""Seeded fuzz campaigns.  The driver (tests/fuzz_driver.py): ≥ 1,000 random, mostly
+"""Seeded fuzz campaigns.  The driver (tests/fuzz_driver.py): 300 random, mostly
 hostile sequences from a fake i-PI server, one ``aniserve drive`` each, in four families
 (random messages, hostile shared-memory names, real segments damaged between steps, a
 server that never reads).  The file readers (tests/fuzz_files.py): crafted model
@@ -14,9 +14,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
 
-
+@pytest.mark.slow
 def test_driver_survives_a_fuzz_campaign(tmp_path, request):
     sequences = request.config.getoption("--fuzz-sequences")
     out = tmp_path / "fuzz.json"
@@ -52,6 +51,7 @@ def test_driver_survives_a_fuzz_campaign(tmp_path, request):
     assert backpressure.get("2", 0) > sum(backpressure.values()) / 2, backpressure
 
 
+@pytest.mark.slow
 @pytest.mark.weights  # the NeuroChem family copies the official ANI-1x folder
 def test_file_readers_survive_a_fuzz_campaign(tmp_path, request):
     tries = request.config.getoption("--fuzz-files")

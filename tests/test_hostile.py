@@ -228,6 +228,7 @@ def test_hostile_descriptions_are_refused_naming_the_field(damage, tmp_path):
     assert peak_rss_mb() - before < 100
 
 
+@pytest.mark.slow
 def test_damaged_model_files_load_or_fail_cleanly(tmp_path):
     """300 seeded damages (truncation, flipped bytes in the header and in the weights):
     each either loads a model that evaluates to finite numbers or is refused with

@@ -228,6 +228,7 @@ def test_the_exit_table_is_documented_where_users_read_it():
     assert len({status for status, _, _ in exits.TABLE}) == len(exits.TABLE)
 
 
+@pytest.mark.slow
 def test_usage_errors_are_64_not_the_protocol_error_2():
     for args in (["--connections", "0", "--unix", "x"], ["--inet", "nohostport"], ["--unix", "../x"], []):
         run = drive(*args)
@@ -235,6 +236,7 @@ def test_usage_errors_are_64_not_the_protocol_error_2():
         assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_loaded_is_5(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
@@ -243,11 +245,13 @@ def test_a_model_that_cannot_be_loaded_is_5(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_no_server_is_4():
     run = drive("--unix", "nobody-listens-here", "--connect-timeout", "0.5")
     assert run.returncode == exits.NO_SERVER and "could not connect" in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, exits.INTERRUPTED), (signal.SIGTERM, exits.TERMINATED)])
 def test_an_interrupted_driver_says_so_and_exits_with_its_status(sig, status):
     process = subprocess.Popen(

@@ -81,6 +81,7 @@ def test_aev_kernel_in_float32_is_as_accurate_as_the_tensor_version():
     assert aev_kernel <= 2 * aev_tensor and grad_kernel <= 2 * grad_tensor
 
 
+@pytest.mark.slow
 def test_aev_kernel_gradients_of_every_order():
     """gradcheck of the kernel's written-out gradient; a second derivative (create_graph)
     differentiates the tensor version, so gradgradcheck holds too."""
@@ -207,6 +208,7 @@ def test_without_a_compiler_one_warning_and_the_tensor_version(monkeypatch, tmp_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels.backends, "_loaded", {})
     monkeypatch.setenv("ANISERVE_CACHE", str(tmp_path))
@@ -258,6 +260,7 @@ def test_structures_without_pairs(monkeypatch):
         assert np.all(results[0].forces == 0)
 
 
+@pytest.mark.slow
 def test_kernels_built_without_openmp_or_libmvec_give_the_same_results(monkeypatch, tmp_path):
     """The plainest build (what a compiler without OpenMP, or a glibc without libmvec,
     falls back to) compiles and computes the same numbers."""

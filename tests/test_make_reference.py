@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, ZOO, reference
 
-pytestmark = [pytest.mark.weights, pytest.mark.slow]
+pytestmark = [pytest.mark.weights]
 
 
+@pytest.mark.slow
 def test_regenerated_references_equal_the_committed_ones(tmp_path):
     names = ["CH3CHO~0", "water27-pbc", "methane-tight-pbc"]
     out = tmp_path / "ref.json"

@@ -71,6 +71,7 @@ def pair_set(pairs, cutoff=None, positions=None, cell=None):
     return {key for key, d in zip(keys, vectors.norm(dim=1).tolist()) if d <= cutoff}
 
 
+@pytest.mark.slow
 def test_constant_pressure_steps_reuse_the_list_while_it_is_complete(ani1ccx):
     """Barostat steps deform the cell (and the positions with it) a little each time: the
     list is reused while the deformation bound allows, and whenever it is reused every

@@ -19,7 +19,7 @@ from aniserve import ANICalculator
 from aniserve.embedded import DEFAULT_MODEL
 
 OLD = os.environ.get("ANISERVE_OLD_CLIENTS", "")
-pytestmark = [pytest.mark.old_clients, pytest.mark.slow]
+pytestmark = [pytest.mark.old_clients]
 
 ASE_CLIENT = """
 import json, sys
@@ -62,9 +62,10 @@ def drive(tmp_path, name, *args):
     )
 
 
+@pytest.mark.slow
 def test_ase_3_22_with_extras_none_matches_in_process(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
-    driver = drive(tmp_path, name, "--extras", "none")
+    driver = drive(tmp_path, name, "--extras", "none", "--reconnect-timeout", "0")  # ASE closes without EXIT
     script = tmp_path / "client.py"
     script.write_text(textwrap.dedent(ASE_CLIENT.format(numbers=ETHANOL_NUMBERS, positions=ETHANOL_POSITIONS)))
     client = subprocess.run([OLD, str(script), name], capture_output=True, text=True, timeout=300)
@@ -82,6 +83,7 @@ def test_ase_3_22_with_extras_none_matches_in_process(tmp_path):
         np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-8, rtol=0)
 
 
+@pytest.mark.slow
 def test_ipi_3_0_with_numpy_1_runs_a_pimd(tmp_path):
     name = f"ani{uuid.uuid4().hex[:8]}"
     (tmp_path / "input.xml").write_text(ipi_input(name, "ethanol.xyz", steps=5))

@@ -12,8 +12,6 @@ import venv
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
-
 
 def build(kind: str, out: pathlib.Path) -> pathlib.Path:
     code = (
@@ -46,6 +44,7 @@ def fresh_venv(folder: pathlib.Path) -> pathlib.Path:
     return python
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["wheel", "sdist"])
 def test_package_installs_and_runs_from_a_fresh_venv(kind, tmp_path):
     package = build(kind, tmp_path / "dist")

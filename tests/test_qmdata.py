@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # left out of the quick run (pytest -m 'not slow')
-
 GENERATE = [sys.executable, "-m", "aniserve", "data", "generate"]
 
 
@@ -38,6 +36,7 @@ def read_records(path, low="hf_sto3g", high="ccsd(t)_sto3g"):
     return out
 
 
+@pytest.mark.slow
 def test_energies_match_a_direct_pyscf_call(tmp_path):
     from pyscf import cc, gto, scf
 
@@ -85,6 +84,7 @@ def test_energies_match_a_direct_pyscf_call(tmp_path):
     assert len(ANIData(out, "ccsd(t)_sto3g.energy")) == 4  # conformations 0 and 2 of each
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(tmp_path):
     out = tmp_path / "resume.h5"
     args = GENERATE + [
@@ -129,6 +129,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_real_dask_cluster_survives_a_killed_worker(tmp_path):
     """dask scheduler + two dask workers on 127.0.0.1; one is SIGKILLed mid-run: the job
     still completes, every record once, values equal to a LocalCluster run."""
@@ -211,6 +212,7 @@ def test_real_dask_cluster_survives_a_killed_worker(tmp_path):
             p.wait()
 
 
+@pytest.mark.slow
 def test_label_round_trip_matches_pyscf(tmp_path):
     import ase
     import ase.io
@@ -303,6 +305,7 @@ def test_label_round_trip_matches_pyscf(tmp_path):
     assert same.returncode == 0 and "all already done" in same.stderr.decode()
 
 
+@pytest.mark.slow
 def test_label_refuses_bad_input_with_one_line(tmp_path):
     empty = tmp_path / "empty.xyz"
     empty.write_text("")
@@ -327,6 +330,7 @@ def test_label_refuses_bad_input_with_one_line(tmp_path):
     assert "Traceback" not in run.stderr.decode()
 
 
+@pytest.mark.slow
 def test_failed_calculation_is_retried_then_reported(tmp_path):
     """A hydrogen atom cannot be a closed shell: the calculation fails on every try, is
     reported by record (exit 1), and the good record is written."""
@@ -366,6 +370,7 @@ def test_failed_calculation_is_retried_then_reported(tmp_path):
         assert list(f) == ["H2"]
 
 
+@pytest.mark.slow
 def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
     """``data label --forces --having`` adds CCSD(T) forces to records that have CCSD(T)
     energies (at most --per-molecule each), in the layout's forces key of that level;

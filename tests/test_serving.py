@@ -34,6 +34,7 @@ def serve_steps(server, steps):
     return code, log
 
 
+@pytest.mark.slow
 def test_drive_collects_above_a_low_threshold_with_the_evaluated_spreads(tmp_path):
     out = tmp_path / "collected.extxyz"
     server = FakeServer().start_driver(
@@ -57,6 +58,7 @@ def test_drive_collects_above_a_low_threshold_with_the_evaluated_spreads(tmp_pat
     assert "collected 3 of 5 structures" in log
 
 
+@pytest.mark.slow
 def test_drive_collects_nothing_above_a_high_threshold(tmp_path):
     out = tmp_path / "collected.extxyz"
     server = FakeServer().start_driver("--collect", str(out), "--collect-energy-std", "1000")

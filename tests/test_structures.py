@@ -26,6 +26,7 @@ def water_box():
     return atoms
 
 
+@pytest.mark.slow
 def test_the_ipi_water_box_is_read_as_a_box_and_eval_gives_its_periodic_energy(tmp_path):
     """Before: eval read water27.xyz as a cluster (−2058.58334 Ha against −2058.56622 Ha
     with the cell, 10.7 kcal/mol), without a word."""
@@ -93,6 +94,7 @@ def test_a_plain_xyz_stays_a_molecule_and_a_bad_cell_comment_is_named(tmp_path):
         read_structures(bad)
 
 
+@pytest.mark.slow
 def test_eval_out_files_read_back_in_ase_with_the_same_numbers(tmp_path):
     frames = [water_box(), read_structures(ROOT / "examples" / "molecules" / "ethanol.xyz")[0]]
     source = tmp_path / "two.extxyz"
@@ -122,6 +124,7 @@ def test_eval_out_files_read_back_in_ase_with_the_same_numbers(tmp_path):
         assert written.info["energy_std"] == pytest.approx(row["energy_std_ev"])
 
 
+@pytest.mark.slow
 def test_eval_out_keeps_the_frames_before_a_bad_one(tmp_path):
     good = read_structures(ROOT / "examples" / "molecules" / "ethanol.xyz")[0]
     bad = good.copy()

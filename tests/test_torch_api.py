@@ -67,6 +67,7 @@ def test_the_hessian_matches_finite_differences_of_the_forces():
         torch.testing.assert_close(numeric.reshape(-1), hessian[3 * atom + axis], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [DEFAULT_MODEL, pytest.param("ani-2x", marks=pytest.mark.weights)])
 def test_torchscript_file_runs_in_plain_pytorch_like_a_torchani_model(name, tmp_path):
     """Exported by the CLI, loaded in a fresh process that never imports aniserve:

@@ -15,7 +15,7 @@ from aniserve.modelfile import load_saved
 from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train, transfer_model
 from aniserve.training.data import write_ani_h5
 
-pytestmark = [pytest.mark.weights, pytest.mark.slow]  # the official ANI weights (see conftest), slow
+pytestmark = [pytest.mark.weights]  # the official ANI weights (see conftest)
 
 MOLECULES = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", "HCOOH", "N2H4", "CH3CHO"]
 
@@ -235,6 +235,7 @@ def test_cli_train_then_transfer(dft_file, tmp_path):
     assert training["transfer"] == {"from": str(pre), "strategy": "freeze", "options": {"freeze_layers": [1, 3]}}
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process_trend(dft_file, tmp_path):
     import json
 

@@ -60,7 +60,9 @@ def _served(transport: str, model: str, calls: int, warmup: int, folder: pathlib
             port = probe.getsockname()[1]
         where, server_args = ["--inet", f"127.0.0.1:{port}"], {"port": port}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure", str(structure), *where],
+        # (--reconnect-timeout 0: ASE's calculator closes without EXIT; end then, not 10 s later)
+        [sys.executable, "-m", "aniserve", "drive", "--model", model, "--structure", str(structure), *where]
+        + ["--reconnect-timeout", "0"],
         stderr=subprocess.PIPE,
         text=True,
     )
