@@ -274,7 +274,10 @@ def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
+def test_quick_active_bench_runs_every_arm_without_a_selection_leak(tmp_path):
+    """Every arm labels K = 8 then 16 in rounds; the epochs are chosen on validation
+    molecules that are fixed, the same for every arm, and never in the pool or any
+    selection (the old loop validated on a split of the selection itself)."""
     write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "active.json"
@@ -300,19 +303,28 @@ def test_quick_active_bench_has_both_selections_for_every_k(tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["base"] == "ani-1x" and data["pool_size"] == 48
-    for name in ("qbc", "random"):
-        rows = data["selections"][name]
-        assert [r["k"] for r in rows] == [8, 16]
+    assert set(data["arms"]) == {"random", "top-k", "band", "band-fps"}
+    validation = set(data["validation_groups"])
+    assert validation and data["pool_size"] + 4 * len(validation) == 48  # 12 formulas × 4 CCSD(T) points
+    for arm, rows in data["arms"].items():
+        assert [r["k"] for r in rows] == [8, 16], arm
         assert all(np.isfinite(r["conformer_rmse_kcal"]) for r in rows)
-    # Query by committee's first round takes the base ensemble's most uncertain points.
-    from aniserve.bench.active import spreads
+        for row in rows:
+            for run in row["runs"]:
+                assert set(run["validation_groups"]) == validation  # fixed, and outside every selection:
+                assert not validation & set(run["labelled_groups"]), (arm, run["labelled_groups"])
+                assert run["labels"] == row["k"] and run["best_epoch"] >= 0
+    assert set(data["labels_to_match_random"]) == set(data["arms"]) and data["labels_to_match_random"]["random"] <= 1
+    # Query by committee's first round takes the start committee's largest force deviations.
+    from aniserve.bench.active import VALIDATION_SEED, VALIDATION_SHARE, candidates
+    from aniserve.modelfile import load_saved
     from aniserve.training import ANIData
 
-    pool = ANIData(tmp_path / "train.h5", "ccsd(t)_ccpvdz.energy")
-    spread = spreads(cached_model("ani-1x", "float64"), pool)
-    first = data["selections"]["qbc"][0]["runs"][0]["mean_spread_per_sqrt_atom_kcal"]
-    assert abs(first - np.sort(spread)[-8:].mean() * 627.5094740631) < 1e-3
+    pool, _ = ANIData(tmp_path / "train.h5", "ccsd(t)_ccpvdz.energy").split(VALIDATION_SHARE, VALIDATION_SEED)
+    start = load_saved(tmp_path / "work" / "start.safetensors").to(torch.float64).eval()
+    deviation = candidates(start, pool, pool.items()).force_deviation
+    first = data["arms"]["top-k"][0]["runs"][0]["selected_force_deviation_kcal_per_a"]
+    assert abs(first - np.sort(deviation)[-8:].mean()) < 1e-6
     assert (tmp_path / "active.png").stat().st_size > 1000
 
 

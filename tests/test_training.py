@@ -409,3 +409,19 @@ def test_train_refuses_to_overwrite_and_writes_readable_files(dft_file, tmp_path
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "give --overwrite" in again.output and out.read_bytes() == before
     assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
+
+
+def test_the_start_competes_with_every_epoch(pretrained, dft_file, tmp_path):
+    """A fine-tune that only makes things worse (a learning rate far too high) returns
+    the model it started from when the start competes (issue #28: "epoch 0"), and the
+    worse trained weights when it does not."""
+    data = ANIData(dft_file, "wb97x_dz.energy")
+    start = load_saved(pretrained)
+    before = digest(start.parameters())
+    kept = train(
+        load_saved(pretrained), data, tmp_path / "kept.safetensors", quick(epochs=2, lr=5.0, start_competes=True)
+    )
+    assert kept["best_epoch"] == 0 and digest(load_saved(tmp_path / "kept.safetensors").parameters()) == before
+    trained = train(load_saved(pretrained), data, tmp_path / "trained.safetensors", quick(epochs=2, lr=5.0))
+    assert trained["best_epoch"] >= 1 and digest(load_saved(tmp_path / "trained.safetensors").parameters()) != before
+    assert trained["validation_loss"] > kept["validation_loss"]

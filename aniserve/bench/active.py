@@ -1,17 +1,27 @@
-"""``aniserve bench active``: does query by committee choose better labels than chance?
+"""``aniserve bench active``: which selection of labels buys the most accuracy?
 
 From a base model (default the official ANI-1x), a pool of conformations with
-high-level labels (the training set's CCSD(T) points) and a held-out test set:
+high-level labels (the training set's CCSD(T) points) and a held-out test set, each
+*arm* labels K conformations in rounds (K₁, then K₂ ⊇ K₁, …) chosen by a selection
+strategy of the registry (``aniserve.selection``): ``random`` (nested draws), ``top-k``
+(the largest force deviations of the current committee: query by committee),
+``band`` (a trust band of force deviation, random inside, a fair share per molecule)
+and ``band-fps`` (the band, farthest-point sampling on mean AEVs inside).
 
-- **qbc**: in rounds — choose the pool conformations with the largest ensemble spread
-  per √atoms (σ_E/√N, ANI-1x's criterion) under the current model until K₁ are chosen,
-  transfer the base to them, rank the rest of the pool by the *retrained* ensemble's
-  spread, add the top ones up to K₂, transfer again from the base, and so on;
-- **random**: K conformations drawn at random (nested: the K₁ drawn are part of K₂).
+The loop is the honest one:
 
-Every selection is transferred from the base with the same strategy and budget and
-scored on the test set against the high level as ``bench transfer`` scores (conformer
-and total-energy errors).  Seeds change the random draws and the training.
+- **validation molecules are fixed and outside the pool**: 15 % of the pool file's
+  formulas, the same for every arm, seed and round, pick the epochs (conformer RMSE);
+  nothing selected is ever validated on, so a selection cannot grade itself;
+- **energy offsets are fitted once**, on the validation molecules, when the start is
+  made; the rounds do not refit them on a handful of selected compositions;
+- **the start competes**: a round that does not beat the model it started from (on the
+  validation molecules) returns that model unchanged;
+- **each round warm-starts** from the previous round's model, whose committee (its
+  retrained correction members) ranks the rest of the pool for the next round.
+
+Every arm is scored on the test set against the high level as ``bench transfer``
+scores; seeds change the draws and the training.
 """
 
 from __future__ import annotations
@@ -32,92 +42,131 @@ from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 log = logging.getLogger(__name__)
 
-
-def spreads(model, data) -> np.ndarray:
-    """σ_E/√N (Hartree) of every conformation of ``data``, in ``data.items()`` order."""
-    out = []
-    for items in _chunks(data.items(), 64):
-        batch = data.read(items)
-        real = batch.numbers > 0
-        result = model.evaluate(batch.numbers.numpy(), batch.positions.numpy())
-        out.append(np.asarray(result.energy_std) / np.sqrt(real.sum(1).numpy()))
-    return np.concatenate(out)
+#: The arms: selection strategies of the registry.
+ARMS = ("random", "top-k", "band", "band-fps")
+#: The validation molecules: this share of the pool file's formulas, always the same ones.
+VALIDATION_SHARE, VALIDATION_SEED = 0.15, 0
 
 
-def _chunks(items, size):
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def candidates(model, pool, items):
+    """The selection strategies' view of ``items`` of ``pool`` under ``model``'s
+    committee: force deviation (the largest over atoms of the members' force spread,
+    kcal/mol/Å), energy spread per atom, molecule, and the mean AEV as descriptor."""
+    from aniserve.neighbors import find_pairs
+    from aniserve.selection import Candidates
+
+    deviation, spread, group, descriptors = [], [], [], []
+    batch = pool.read(items)
+    for numbers, positions, molecule in zip(batch.numbers.numpy(), batch.positions.numpy(), batch.molecule):
+        real = numbers > 0
+        numbers, positions = numbers[real], positions[real]
+        result = model.evaluate(numbers, positions, member_forces=True)
+        members = np.asarray(result.member_forces)  # (k, N, 3)
+        per_atom = np.sqrt(((members - members.mean(0)) ** 2).sum(-1).mean(0))
+        deviation.append(float(per_atom.max()) * HARTREE_IN_KCAL_PER_MOL)
+        spread.append(float(result.energy_std) / len(numbers) * HARTREE_IN_KCAL_PER_MOL)
+        group.append(molecule)
+        with torch.no_grad():
+            x = torch.as_tensor(positions, dtype=torch.float64)
+            pairs = find_pairs(x, model.cutoff)
+            vectors = (x[pairs.neighbor] - x[pairs.center]).to(model.dtype)
+            species = model.species_indices(torch.as_tensor(numbers))
+            features = model.featurizer(species, pairs.center, pairs.neighbor, vectors)
+        descriptors.append(features.mean(0).double().numpy())
+    return Candidates(np.array(deviation), np.array(group), np.array(descriptors), np.array(spread))
 
 
-def _transfer(base_loader, selection, strategy, options, budget: Budget, seed, out):
+def _start(base: str, validation, out: pathlib.Path):
+    """The base with its energy offsets fitted once, on the validation molecules."""
+    from aniserve.bench.transfer import load_base
+    from aniserve.modelfile import save_model
+    from aniserve.training.trainer import fit_self_energies
+
+    model = load_base(base)
+    fit_self_energies(model, validation)
+    save_model(model, out)
+    return out
+
+
+def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed: int, out: pathlib.Path):
+    """One round: warm-start from ``start_path`` (the base, or the previous round's
+    model), train on the labelled set, the start competing, validated on the fixed
+    validation molecules; the trained (or kept) model, float64, and the run's summary."""
     from aniserve.modelfile import load_saved
+    from aniserve.networks import DeltaNetworks
     from aniserve.training import train, transfer_model
 
-    model, penalty = transfer_model(base_loader(), strategy, dict(options or {}), seed)
-    train(model, selection, out, budget.transfer_settings(seed), penalty=penalty)
-    return load_saved(out).to(torch.float64).eval()
+    model = load_saved(start_path)
+    if strategy == "delta" and isinstance(model.networks, DeltaNetworks):  # a previous round's: train on
+        model.requires_grad_(False)
+        model.networks.correction.requires_grad_(True)
+        model.train()
+        penalty = None
+    else:
+        model, penalty = transfer_model(model, strategy, {}, seed)
+    settings = dataclasses.replace(budget.transfer_settings(seed), refit_self_energies=False, start_competes=True)
+    summary = train(model, labelled, out, settings, validation_data=validation, penalty=penalty)
+    return load_saved(out).to(torch.float64).eval(), summary
 
 
-def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir, options=None) -> dict:
-    from aniserve.bench.transfer import load_base
+def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir, arms=None) -> dict:
+    from aniserve.modelfile import load_saved
+    from aniserve.registry import registry
     from aniserve.training import ANIData
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    pool = ANIData(train_path, HIGH_ENERGY)
+    pool, validation = ANIData(train_path, HIGH_ENERGY).split(VALIDATION_SHARE, VALIDATION_SEED)
     test = read_test_set(test_path)
     items = pool.items()
+    arms = list(arms or ARMS)
     if max(budget.ks) > len(items):
         raise ValueError(f"K = {max(budget.ks)} exceeds the pool's {len(items)} high-level conformations")
     log.info(
-        f"pool: {len(items)} high-level conformations; test: {len(test.high)}; K = {list(budget.ks)}; "
-        f"strategy {strategy}; base {base}"
+        f"pool: {len(items)} high-level conformations; validation: {len(validation)} of "
+        f"{len(validation.groups)} other molecules; test: {len(test.high)}; K = {list(budget.ks)}; "
+        f"arms {', '.join(arms)}; strategy {strategy}; base {base}"
     )
-    base_model = load_base(base).to(torch.float64).eval()
-    base_spread = spreads(base_model, pool)
-    runs: dict[str, dict[int, list]] = {"qbc": {k: [] for k in budget.ks}, "random": {k: [] for k in budget.ks}}
-    progress = Runs(2 * len(budget.seeds) * len(budget.ks))
+    start = _start(base, validation, workdir / "start.safetensors")
+    runs: dict[str, dict[int, list]] = {arm: {k: [] for k in budget.ks} for arm in arms}
+    progress = Runs(len(arms) * len(budget.seeds) * len(budget.ks))
     for seed in budget.seeds:
-        # Random: one permutation per seed, so the selections are nested.
-        order = np.random.default_rng(seed).permutation(len(items))
-        for k in budget.ks:
-            chosen = [items[i] for i in order[:k]]
-            progress.start(f"random  K={k}, seed {seed}")
-            model = _transfer(
-                lambda: load_base(base),
-                pool.select(chosen),
-                strategy,
-                options,
-                budget,
-                seed,
-                workdir / f"random-k{k}-seed{seed}.safetensors",
-            )
-            runs["random"][k].append({"seed": seed, **score(model, test)})
-            log.info(f"random  K={k:4d} seed {seed}: conformer RMSE {runs['random'][k][-1]['conformer_rmse_kcal']:.3f}")
-        # Query by committee in rounds: rank by the current model's spread.
-        chosen_idx: list[int] = []
-        current = base_spread
-        for k in budget.ks:
-            taken = set(chosen_idx)
-            ranked = [i for i in np.argsort(-current, kind="stable") if i not in taken]
-            chosen_idx += ranked[: k - len(chosen_idx)]
-            progress.start(f"qbc     K={k}, seed {seed}")
-            model = _transfer(
-                lambda: load_base(base),
-                pool.select([items[i] for i in chosen_idx]),
-                strategy,
-                options,
-                budget,
-                seed,
-                workdir / f"qbc-k{k}-seed{seed}.safetensors",
-            )
-            result = score(model, test)
-            result["mean_spread_per_sqrt_atom_kcal"] = float(np.mean(current[chosen_idx]) * HARTREE_IN_KCAL_PER_MOL)
-            runs["qbc"][k].append({"seed": seed, **result})
-            log.info(f"qbc     K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}")
-            current = spreads(model, pool)
-    selections = {
-        name: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for name, by_k in runs.items()
-    }
+        for arm in arms:
+            selector = registry().get("selection-strategy", arm)()
+            rng = np.random.default_rng(seed)
+            labelled: list[int] = []
+            current, current_path = None, start
+            for k in budget.ks:
+                committee = current if current is not None else load_saved(start).to(torch.float64).eval()
+                taken = set(labelled)
+                rest = [i for i in range(len(items)) if i not in taken]
+                view = candidates(committee, pool, [items[i] for i in rest])
+                chosen = selector.select(view, k - len(labelled), rng)
+                labelled += [rest[i] for i in chosen]
+                progress.start(f"{arm:8s} K={k}, seed {seed}")
+                out = workdir / f"{arm}-k{k}-seed{seed}.safetensors"
+                current, summary = _round(
+                    current_path, strategy, pool.select([items[i] for i in labelled]), validation, budget, seed, out
+                )
+                current_path = out
+                result = score(current, test)
+                result.update(
+                    seed=seed,
+                    labels=len(labelled),
+                    selected_force_deviation_kcal_per_a=float(view.force_deviation[chosen].mean())
+                    if len(chosen)
+                    else None,
+                    molecules_labelled=len({pool.groups[items[i][0]].name for i in labelled}),
+                    best_epoch=summary["best_epoch"],
+                    validation_groups=summary["validation_groups"],
+                    labelled_groups=sorted({pool.groups[items[i][0]].name for i in labelled}),
+                )
+                runs[arm][k].append(result)
+                log.info(
+                    f"{arm:8s} K={k:4d} seed {seed}: conformer RMSE {result['conformer_rmse_kcal']:.3f}, "
+                    f"best epoch {summary['best_epoch']}"
+                )
+    curves = {arm: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for arm, by_k in runs.items()}
     return {
         "base": str(base),
         "strategy": strategy,
@@ -125,29 +174,43 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
         "pool": str(train_path),
         "test": str(test_path),
         "pool_size": len(items),
-        "selections": selections,
+        "validation_groups": sorted({g.name for g in validation.groups}),
+        "arms": curves,
+        "labels_to_match_random": labels_to_match_random(curves),
     }
 
 
+def labels_to_match_random(curves: dict, key: str = "conformer_rmse_kcal") -> dict:
+    """For each arm, the fewest labels (as a fraction of random's largest K) at which its
+    mean error reaches random's final one; NaN when it never does."""
+    if "random" not in curves:
+        return {}
+    final = curves["random"][-1]
+    target, most = final[key], final["k"]
+    out = {}
+    for arm, rows in curves.items():
+        reached = [r["k"] for r in rows if r[key] <= target]
+        out[arm] = min(reached) / most if reached else float("nan")
+    return out
+
+
 def table(result: dict) -> str:
-    ks = [row["k"] for row in result["selections"]["qbc"]]
+    arms = list(result["arms"])
+    ks = [row["k"] for row in result["arms"][arms[0]]]
     lines = [
-        f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} conformations",
-        f"{'K':>6s} {'QBC conformer RMSE':>20s} {'random conformer RMSE':>22s} {'QBC total RMSE':>16s} "
-        f"{'random total RMSE':>18s}",
+        f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} conformations, "
+        f"validation molecules {len(result['validation_groups'])} (outside the pool)",
+        f"{'K':>6s} " + " ".join(f"{arm + ' conformer':>20s}" for arm in arms),
     ]
     for k in ks:
-        q = next(r for r in result["selections"]["qbc"] if r["k"] == k)
-        r = next(r for r in result["selections"]["random"] if r["k"] == k)
-
-        def cell(m, key, width):
-            return f"{m[key]:.2f}±{m[key + '_std']:.2f}".rjust(width)
-
-        lines.append(
-            f"{k:6d} {cell(q, 'conformer_rmse_kcal', 20)} {cell(r, 'conformer_rmse_kcal', 22)} "
-            f"{cell(q, 'total_rmse_kcal', 16)} {cell(r, 'total_rmse_kcal', 18)}"
-        )
-    lines.append("kcal/mol against the high level on the held-out test molecules; ± is the spread over seeds")
+        cells = []
+        for arm in arms:
+            m = next(r for r in result["arms"][arm] if r["k"] == k)
+            cells.append(f"{m['conformer_rmse_kcal']:.2f}±{m['conformer_rmse_kcal_std']:.2f}".rjust(20))
+        lines.append(f"{k:6d} " + " ".join(cells))
+    match = ", ".join(f"{arm} {fraction:.2f}" for arm, fraction in result["labels_to_match_random"].items())
+    lines.append(f"labels needed to reach random's final conformer RMSE (fraction of its K): {match}")
+    lines.append("conformer RMSE, kcal/mol, against the high level on the held-out test molecules; ± over seeds")
     return "\n".join(lines)
 
 
@@ -162,15 +225,14 @@ def plot(result: dict, path) -> None:
         (axes[0], "conformer_rmse_kcal", "conformer RMSE"),
         (axes[1], "total_rmse_kcal", "total-energy RMSE"),
     ):
-        for name, label in (("qbc", "query by committee"), ("random", "random")):
-            rows = result["selections"][name]
+        for arm, rows in result["arms"].items():
             ax.errorbar(
                 [r["k"] for r in rows],
                 [r[key] for r in rows],
                 yerr=[r[key + "_std"] for r in rows],
                 marker="o",
                 capsize=3,
-                label=label,
+                label=arm,
             )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labelled conformations K")
@@ -220,10 +282,13 @@ def default_workdir() -> pathlib.Path:
 @click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
 @common.budget_option
 @common.workdir_option("bench-active")
+@click.option("--arms", default=None, help="Comma-separated selection strategies (default random,top-k,band,band-fps).")
 @common.json_option()
 @common.plot_option("Write the learning curves (PNG).")
-def command(quick, base, strategy, train_path, test_path, ks, seeds, epochs, budget_items, workdir, json_out, plot_out):
-    """Query by committee against random selection of K labels: learning curves on held-out molecules.
+def command(
+    quick, base, strategy, train_path, test_path, ks, seeds, epochs, budget_items, workdir, arms, json_out, plot_out
+):
+    """Selection strategies against each other: K labels in rounds, learning curves on held-out molecules.
 
     Example: aniserve bench active --json active.json --plot active.png
     """
@@ -235,6 +300,6 @@ def command(quick, base, strategy, train_path, test_path, ks, seeds, epochs, bud
         items.append(f"transfer_epochs={epochs}")
     budget = common.budget_from(ACTIVE_QUICK if quick else ACTIVE, seeds, items)
     workdir = workdir or default_workdir()
-    result = run(train_path, test_path, base, strategy, budget, workdir)
+    result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None)
     common.report_kept(workdir)
     common.finish(result, table(result), json_out, plot_out, plot)

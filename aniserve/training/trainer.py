@@ -63,6 +63,10 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     refit_self_energies: bool = True
+    #: Let the starting weights compete with every epoch's on the validation criterion,
+    #: so that training which does not help (a fine-tune on a few labels) returns the
+    #: start ("epoch 0").  Off by default: a run then returns the best trained epoch.
+    start_competes: bool = False
 
 
 # --------------------------------------------------------------------------- steps
@@ -286,6 +290,13 @@ def train(
         f"validating on {len(val_data)}; {world} process(es)",
     )
 
+    if state is None and settings.start_competes:
+        start = validate(model, val_data, force_weight=step_force_weight)
+        _select(start, settings, -1, model, None, progress)
+        _say(
+            rank,
+            f"the start: validation loss {start['loss']:.3e}, energy RMSE {start['energy_rmse_kcal']:.3f} kcal/mol",
+        )
     best = progress.best
     for epoch in range(progress.start_epoch, settings.epochs):
         if epoch - best["epoch"] > settings.early_stop_patience or optimizer.param_groups[0]["lr"] < settings.min_lr:
@@ -320,6 +331,7 @@ def train(
         "trainable_parameters": n_params,
         "seed": settings.seed,
         "data": [str(p) for p in data.paths],
+        "validation_groups": sorted({g.name for g in val_data.groups}),
         "energy_key": data.energy_key,
         "forces_key": data.forces_key,
         "history": progress.history,
@@ -423,13 +435,14 @@ def _train_epoch(
 
 
 def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, progress: _Progress) -> bool:
-    """Step the schedule on the selection criterion and keep the epoch's weights when it
-    is the best so far; whether it was."""
+    """Step the schedule (if given) on the selection criterion and keep the epoch's
+    weights when it is the best so far (epoch −1: the starting weights); whether it was."""
     criterion = metrics["loss"]
     if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
         # (NaN when no validation molecule has two conformations: the loss decides then.)
         criterion = metrics["conformer_rmse_kcal"]
-    scheduler.step(criterion)
+    if scheduler is not None:
+        scheduler.step(criterion)
     best = progress.best
     improved = criterion < best.get("criterion", best["loss"])
     if improved:
