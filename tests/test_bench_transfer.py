@@ -363,3 +363,29 @@ def test_forces_are_scored_against_ccsd_t_where_the_test_set_has_them(tmp_path):
     assert cc_force_errors(test.low_forces, test)["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(
         0.01 * HARTREE_IN_KCAL_PER_MOL
     )
+
+
+def test_cc_force_errors_are_broken_down_by_molecule(tmp_path):
+    """Two molecules with CCSD(T) forces: each gets its own force RMSE, and the overall
+    figure is the atom-weighted mean of their squares."""
+    from aniserve.bench.scoring import cc_force_errors, read_test_set
+
+    rng = np.random.default_rng(2)
+    groups = {}
+    for name, numbers in (("H2O", [8, 1, 1]), ("CH4", [6, 1, 1, 1, 1])):
+        n = len(numbers)
+        groups[name] = {
+            "atomic_numbers": np.array(numbers),
+            "coordinates": rng.normal(size=(2, n, 3)),
+            "ccsd(t)_ccpvdz.energy": np.array([-1.0, -1.1]),
+            "ccsd(t)_ccpvdz.forces": np.zeros((2, n, 3)),
+        }
+    write_ani_h5(tmp_path / "t.h5", groups)
+    test = read_test_set(tmp_path / "t.h5")
+    forces = [np.full((len(n), 3), 0.01 if test.molecule[i] == "H2O" else 0.02) for i, n in enumerate(test.numbers)]
+    out = cc_force_errors(forces, test)
+    by_molecule = out["force_rmse_vs_cc_by_molecule"]
+    assert by_molecule["H2O"] == pytest.approx(0.01 * 627.5094740631)
+    assert by_molecule["CH4"] == pytest.approx(0.02 * 627.5094740631)
+    overall = np.sqrt((3 * by_molecule["H2O"] ** 2 + 5 * by_molecule["CH4"] ** 2) / 8)
+    assert out["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(overall)

@@ -167,11 +167,15 @@ def cc_force_errors(forces, test: TestSet) -> dict:
         return {}
     diff = np.concatenate([forces[i] - test.high_forces[i] for i in have]) * HARTREE_IN_KCAL_PER_MOL
     numbers = np.concatenate([test.numbers[i] for i in have])
+    molecule = np.concatenate([[test.molecule[i]] * len(test.numbers[i]) for i in have])
     return {
         "force_rmse_vs_cc_kcal_per_a": float(np.sqrt(np.mean(diff**2))),
         "cc_force_conformations": len(have),
         "force_rmse_vs_cc_by_element": {
             symbol(int(z)): float(np.sqrt(np.mean(diff[numbers == z] ** 2))) for z in np.unique(numbers)
+        },
+        "force_rmse_vs_cc_by_molecule": {
+            str(m): float(np.sqrt(np.mean(diff[molecule == m] ** 2))) for m in np.unique(molecule)
         },
     }
 
