@@ -269,14 +269,7 @@ def default_workdir() -> pathlib.Path:
     type=click.Path(dir_okay=False),
     help="The pool: its high-level conformations.",
 )
-@click.option(
-    "--test",
-    "test_path",
-    default="data/qm-test.h5",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Held-out test set with the high level.",
-)
+@common.test_option("Held-out test set with the high level.")
 @click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
 @common.seeds_option
 @click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")

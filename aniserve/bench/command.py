@@ -46,6 +46,12 @@ def workdir_option(default_name: str):
     )
 
 
+def test_option(help: str = "Held-out test set with the high level."):
+    return click.option(
+        "--test", "test_path", default="data/qm-test.h5", show_default=True, type=click.Path(dir_okay=False), help=help
+    )
+
+
 def parse_items(items) -> dict:
     """KEY=JSON items as a dict (a value that is not JSON stays text)."""
     out = {}

@@ -338,14 +338,7 @@ def default_workdir() -> pathlib.Path:
     help="Training set (low level + high-level subset); give it more than once to train on several "
     "files as one set (e.g. --train data/qm-train.h5 --train data/qm-train-rings.h5).",
 )
-@click.option(
-    "--test",
-    "test_path",
-    default="data/qm-test.h5",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Held-out test set with both levels.",
-)
+@common.test_option("Held-out test set with both levels.")
 @click.option(
     "--base",
     default=None,
