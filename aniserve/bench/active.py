@@ -13,8 +13,9 @@ The loop is the honest one:
 - **validation molecules are fixed and outside the pool**: 15 % of the pool file's
   formulas, the same for every arm, seed and round, pick the epochs (conformer RMSE);
   nothing selected is ever validated on, so a selection cannot grade itself;
-- **energy offsets are fitted once**, on the validation molecules, when the start is
-  made; the rounds do not refit them on a handful of selected compositions;
+- **energy offsets are fitted on every label there is**, the validation molecules' and
+  all labelled so far, before each round; never on a selection alone (a top-K round
+  may span four compositions);
 - **the start competes**: a round that does not beat the model it started from (on the
   validation molecules) returns that model unchanged;
 - **each round warm-starts** from the previous round's model, whose committee (its
@@ -76,15 +77,12 @@ def candidates(model, pool, items):
     return Candidates(np.array(deviation), np.array(group), np.array(descriptors), np.array(spread))
 
 
-def _start(base: str, validation, out: pathlib.Path):
-    """The base with its energy offsets fitted once, on the validation molecules."""
+def _start(base: str, out: pathlib.Path):
+    """The base, saved where the rounds start from."""
     from aniserve.bench.transfer import load_base
     from aniserve.modelfile import save_model
-    from aniserve.training.trainer import fit_self_energies
 
-    model = load_base(base)
-    fit_self_energies(model, validation)
-    save_model(model, out)
+    save_model(load_base(base), out)
     return out
 
 
@@ -94,7 +92,8 @@ def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed
     validation molecules; the trained (or kept) model, float64, and the run's summary."""
     from aniserve.modelfile import load_saved
     from aniserve.networks import DeltaNetworks
-    from aniserve.training import train, transfer_model
+    from aniserve.training import ANIData, train, transfer_model
+    from aniserve.training.trainer import fit_self_energies
 
     model = load_saved(start_path)
     if strategy == "delta" and isinstance(model.networks, DeltaNetworks):  # a previous round's: train on
@@ -104,6 +103,10 @@ def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed
         penalty = None
     else:
         model, penalty = transfer_model(model, strategy, {}, seed)
+    # Energy offsets from every label there is: the validation molecules' and all labelled
+    # so far (a selection alone may span a handful of compositions).
+    known = ANIData(labelled.paths, labelled.energy_key, _groups=labelled.groups + validation.groups)
+    fit_self_energies(model, known)
     settings = dataclasses.replace(budget.transfer_settings(seed), refit_self_energies=False, start_competes=True)
     summary = train(model, labelled, out, settings, validation_data=validation, penalty=penalty)
     return load_saved(out).to(torch.float64).eval(), summary
@@ -127,7 +130,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
         f"{len(validation.groups)} other molecules; test: {len(test.high)}; K = {list(budget.ks)}; "
         f"arms {', '.join(arms)}; strategy {strategy}; base {base}"
     )
-    start = _start(base, validation, workdir / "start.safetensors")
+    start = _start(base, workdir / "start.safetensors")
     runs: dict[str, dict[int, list]] = {arm: {k: [] for k in budget.ks} for arm in arms}
     progress = Runs(len(arms) * len(budget.seeds) * len(budget.ks))
     for seed in budget.seeds:
