@@ -47,6 +47,13 @@ def pytest_configure(config):
     from aniserve import log
 
     log.to_stderr()  # library progress on stderr, as the command line shows it
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers (-n 2) on two cores: one thread each, here and in what the tests
+        # start, or both oversubscribe the cores (the gradgradcheck took 109 s, not 20).
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "weights: needs the official ANI weights and TorchANI references")
     config.addinivalue_line("markers", "slow: training, real i-PI/ASE processes, fuzzing; left out by -m 'not slow'")
     config.addinivalue_line("markers", "old_clients: needs the old ASE/i-PI environment that .ci/run builds")
