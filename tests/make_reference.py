@@ -1,4 +1,4 @@
-"""Regenerate ``tests/data/ani_reference.json`` with TorchANI from the official weights.
+"""Recompute the shared folder's ``reference/ani_reference.json`` with TorchANI from the official weights.
 
 The conformance tests compare aniserve with these numbers; this script recomputes every
 model field of every record (energy, forces, the strain derivative of periodic records,
@@ -6,11 +6,12 @@ ANI-1ccx's member energies and spread) for the structures already in the file, w
 TorchANI (an optional test dependency: ``pip install torchani==2.9.0``; aniserve itself
 never imports it) in float64:
 
-    python tests/make_reference.py --zoo $ANISERVE_MODEL_DIR [--out tests/data/ani_reference.json]
+    python tests/make_reference.py --zoo $ANISERVE_MODEL_DIR \\
+        --reference ../shared/reference/ani_reference.json --out new.json
 
 Self energies are set from ``sae_linfit.dat`` as written (float64) after the model is
 cast to float64: TorchANI builds them in float32, which would move totals by ~3e-6
-Hartree per heavy atom (tests/data/README.md).
+Hartree per heavy atom.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=os.environ.get("ANISERVE_MODEL_DIR"), help="the official model zoo folder")
     parser.add_argument(
-        "--reference", default=str(HERE / "data" / "ani_reference.json"), help="file whose structures are recomputed"
+        "--reference", required=True, help="file whose structures are recomputed (the shared folder's reference)"
     )
     parser.add_argument("--out", default=None, help="where to write (default: over --reference)")
     parser.add_argument("--records", nargs="*", default=None, help="only these record names")

@@ -1,4 +1,4 @@
-"""The committed TorchANI references (tests/data/ani_reference.json) are what TorchANI
+"""The TorchANI references (the shared folder's reference/ani_reference.json) are what TorchANI
 computes from the official weights: tests/make_reference.py regenerates records and
 gets the same numbers.  TorchANI is a test dependency only; aniserve never imports it."""
 
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, ZOO, reference
+from conftest import REFERENCE, ROOT, ZOO, reference
 
 pytestmark = [pytest.mark.weights]
 
@@ -23,6 +23,8 @@ def test_regenerated_references_equal_the_committed_ones(tmp_path):
             str(ROOT / "tests" / "make_reference.py"),
             "--zoo",
             str(ZOO),
+            "--reference",
+            str(REFERENCE),
             "--records",
             *names,
             "--out",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, ZOO
+from conftest import REFERENCE, ROOT, ZOO
 
 
 def run_pytest(tmp_path, *tests, **env):
@@ -46,8 +46,10 @@ def test_without_shared_the_weight_tests_skip_with_one_reason(tmp_path):
 @pytest.mark.slow
 @pytest.mark.weights
 def test_the_model_dir_alone_makes_the_weight_tests_run(tmp_path):
-    """No shared folder, only ANISERVE_MODEL_DIR: the weight tests run, none skipped."""
-    run = run_pytest(tmp_path, "tests/test_conformance.py", ANISERVE_MODEL_DIR=str(ZOO))
+    """No shared folder, only ANISERVE_MODEL_DIR (and the references' path): the weight tests run, none skipped."""
+    run = run_pytest(
+        tmp_path, "tests/test_conformance.py", ANISERVE_MODEL_DIR=str(ZOO), ANISERVE_REFERENCE=str(REFERENCE)
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
