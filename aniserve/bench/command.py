@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import click
 
+from aniserve.bench.budget import Budget
 from aniserve.embedded import DEFAULT_MODEL
 
 model_option = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name or path.")
@@ -64,7 +65,7 @@ def parse_items(items) -> dict:
     return out
 
 
-def budget_from(preset, seeds: int | None, items) -> object:
+def budget_from(preset: Budget, seeds: int | None, items) -> Budget:
     """The preset budget with the seed count and --budget overrides applied."""
     try:
         return preset.with_changes(seeds, parse_items(items))

@@ -91,50 +91,13 @@ def build() -> ctypes.CDLL:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
         forward, backward = getattr(lib, f"aev_forward_{suffix}"), getattr(lib, f"aev_backward_{suffix}")
-        forward.argtypes = [
-            ctypes.POINTER(Constants),
-            i64,
-            i64,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            ctypes.c_int,
-        ]
-        backward.argtypes = [
-            ctypes.POINTER(Constants),
-            i64,
-            i64,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            ctypes.c_int,
-        ]
+        # (the constants, atoms, pairs, then the arrays; backward has one array more)
+        forward.argtypes = [ctypes.POINTER(Constants), i64, i64, *[pointer] * 5, ctypes.c_int]
+        backward.argtypes = [ctypes.POINTER(Constants), i64, i64, *[pointer] * 6, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
     for suffix in ("f32", "f64"):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [
-            i64,
-            i64,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            i64,
-            i64,
-            pointer,
-            pointer,
-            pointer,
-            ctypes.c_int,
-        ]
+        mlp.argtypes = [i64, i64, *[pointer] * 8, i64, i64, *[pointer] * 3, ctypes.c_int]
         mlp.restype = ctypes.c_int
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
