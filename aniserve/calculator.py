@@ -46,7 +46,7 @@ class ANICalculator(Calculator):
     uncertainty estimate.  model: a name, a path, or a loaded potential (default: the
     embedded model).  skin: Å added to the neighbour-list cutoff; the list is reused
     between calls until an atom moves skin/2 (as in molecular dynamics).  collect: an
-    ``aniserve.collect.Collector`` (or a path, for one with the ANI-1x threshold) that
+    ``aniserve.collect.Collector`` (or a path, for one at the threshold the model states) that
     writes the structures whose ensemble spread is large.
     """
 

@@ -89,7 +89,9 @@ def main(plugins):
 
 @main.command()
 def models():
-    """List the models that resolve by name, where each resolves from, and its elements."""
+    """List the models that resolve by name: elements, members, the spread's calibration
+    (energy_std = scale × the members' std; the collection threshold on ρ, kcal/mol) and
+    where each resolves from."""
     from aniserve.models import catalogue, load_model
 
     entries = catalogue()
@@ -99,8 +101,11 @@ def models():
             click.echo(f"{e['name']:{width}s} not available  (looked: {'; '.join(e['looked'])})")
             continue
         model = load_model(e["path"])
+        from aniserve.collect import stated_threshold
+
         click.echo(
             f"{e['name']:{width}s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
+            f"spread ×{model.energy_std_scale:.2f}, collects ρ > {stated_threshold(model):.2f}  "
             f"[{e['source']}] {e['path']}"
         )
 
@@ -300,9 +305,10 @@ def _write_results(out, rows, model_name: str, dtype: str) -> None:
 )
 @click.option(
     "--collect-energy-std",
-    default=0.23,
-    show_default=True,
-    help="Collect when the energy spread per √atoms exceeds this, kcal/mol (ANI-1x's 0.23); 0 turns it off.",
+    default=None,
+    type=float,
+    help="Collect when the energy spread per √atoms exceeds this, kcal/mol; 0 turns it off.  Default: the "
+    "threshold the model states (fitted with its calibration, on its card), else ANI-1x's 0.23.",
 )
 @click.option(
     "--collect-force-std",
@@ -401,10 +407,13 @@ def drive(
         numbers = numbers * len(addresses)
     collector = None
     if collect_path:
-        from aniserve.collect import Collector
+        from aniserve.collect import MODEL_THRESHOLD, Collector
 
         collector = Collector(
-            collect_path, energy_std=collect_energy_std or None, force_std=collect_force_std, every=collect_every
+            collect_path,
+            energy_std=MODEL_THRESHOLD if collect_energy_std is None else (collect_energy_std or None),
+            force_std=collect_force_std,
+            every=collect_every,
         )
     if threads is not None:
         import torch
@@ -918,6 +927,7 @@ class _Benchmarks(click.Group):
         "serve": "serve",
         "ase": "ase_socket",
         "ipi": "ipi",
+        "md": "md",
     }
 
     def list_commands(self, ctx):

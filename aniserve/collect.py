@@ -5,6 +5,11 @@ per √atoms, ρ = σ_E/√N (ANI-1x: Smith et al., J. Chem. Phys. 148, 241733 (
 chose ρ > 0.23 kcal/mol), and/or the largest per-atom spread of the members' forces.
 Flagged structures are appended to an extended XYZ file, at most one per ``every``
 evaluations of the same trajectory (slot), so a long excursion does not flood it.
+
+A model's spread is only meaningful against its own scale: a calibrated model states the
+threshold on ρ that suits it (``ANIPotential.uncertainty["collect_threshold_kcal"]``,
+fitted on validation molecules: ``aniserve.training.calibration``), and a collector left
+at ``MODEL_THRESHOLD`` uses it; a model stating none gets ANI-1x's 0.23.
 """
 
 from __future__ import annotations
@@ -21,11 +26,20 @@ from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 #: The ANI-1x paper's threshold on σ_E/√N, kcal/mol.
 ANI1X_ENERGY_STD = 0.23
 
+#: A collector's energy threshold that the served model decides (``Collector.bind``).
+MODEL_THRESHOLD = "model"
+
+
+def stated_threshold(model) -> float:
+    """The threshold on ρ, kcal/mol, that ``model`` states (its calibration), else ANI-1x's."""
+    return float(getattr(model, "uncertainty", {}).get("collect_threshold_kcal", ANI1X_ENERGY_STD))
+
 
 class Collector:
     """Append structures whose uncertainty exceeds a threshold to ``path`` (extended XYZ).
 
-    energy_std: threshold on σ_E/√N, kcal/mol (None: not used).  force_std: threshold
+    energy_std: threshold on σ_E/√N, kcal/mol (None: not used; ``MODEL_THRESHOLD``: the
+    served model's stated one, set by ``bind``).  force_std: threshold
     on the largest per-atom force spread, kcal/mol/Å (None: not used; when set, every
     evaluation also computes each member's forces, k extra gradient passes).  Either one
     exceeded collects.  every: at least this many evaluations between two collected
@@ -35,12 +49,14 @@ class Collector:
     def __init__(
         self,
         path: str | os.PathLike,
-        energy_std: float | None = ANI1X_ENERGY_STD,
+        energy_std: float | str | None = MODEL_THRESHOLD,
         force_std: float | None = None,
         every: int = 1,
     ):
         if energy_std is None and force_std is None:
             raise ValueError("collecting needs an energy-spread or a force-spread threshold (or both)")
+        if isinstance(energy_std, str) and energy_std != MODEL_THRESHOLD:
+            raise ValueError(f"energy_std must be a number, None or {MODEL_THRESHOLD!r}, got {energy_std!r}")
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
         self.path = pathlib.Path(path)
@@ -49,6 +65,11 @@ class Collector:
         self.last: dict[Hashable, int] = {}
         self.collected = 0
         self.evaluated = 0
+
+    def bind(self, model) -> None:
+        """Take the served model's stated threshold if none was given."""
+        if self.energy_std == MODEL_THRESHOLD:
+            self.energy_std = stated_threshold(model)
 
     @property
     def needs_member_forces(self) -> bool:
@@ -71,7 +92,9 @@ class Collector:
         n = len(structure.numbers)
         rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
         force_spread = None if result.member_forces is None else _force_spread(result.member_forces)
-        flagged = (self.energy_std is not None and rho > self.energy_std) or (
+        if self.energy_std == MODEL_THRESHOLD:  # never bound to a model: no model states one
+            self.energy_std = ANI1X_ENERGY_STD
+        flagged = (self.energy_std is not None and rho > float(self.energy_std)) or (
             self.force_std is not None and force_spread is not None and force_spread > self.force_std
         )
         if not flagged or (key in self.last and step - self.last[key] < self.every):

@@ -50,6 +50,7 @@ def describe(model: ANIPotential, name: str = "", extra: dict | None = None) -> 
         },
         "self_energies": dict(zip(model.elements, model.self_energies.tolist())),
         "ensemble_size": model.ensemble_size,
+        **({"uncertainty": model.uncertainty} if model.uncertainty else {}),
         **(extra or {}),
     }
 
@@ -163,6 +164,13 @@ def check_description(description: dict, where="model description") -> None:
         fail("ensemble_size", f"must be an integer in 1..{MAX_ENSEMBLE}, got {size!r}")
     if not isinstance(description.get("name", ""), str):
         fail("name", "must be a string")
+    uncertainty = description.get("uncertainty", {})
+    if not isinstance(uncertainty, dict):
+        fail("uncertainty", "must be an object")
+    for key in ("energy_std_scale", "collect_threshold_kcal"):
+        value = uncertainty.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            fail("uncertainty", f"{key} must be a positive finite number, got {value!r}")
 
 
 def build(description: dict) -> ANIPotential:
@@ -192,6 +200,7 @@ def build(description: dict) -> ANIPotential:
                 "name": description.get("name", ""),
                 "featurizer": description["featurizer"],
                 "element_network": description["element_network"],
+                "uncertainty": description.get("uncertainty", {}),
             },
         )
     except (KeyError, TypeError, ValueError, LookupError, ArithmeticError) as error:  # LookupError: a nested name

@@ -26,7 +26,9 @@ class Evaluation:
     energy: ensemble mean, Hartree.  forces: −dE/dr, (N, 3) Hartree/Å (zero on padding).
     strain_derivative: dE/dε, (3, 3) Hartree, for r → r(I+ε) applied to positions and
     cell; None without a cell.  member_energies: (k,) Hartree.  energy_std: population
-    standard deviation over members.  member_forces: (k, N, 3), only when asked for.
+    standard deviation over members, times the model's calibration scale
+    (``ANIPotential.energy_std_scale``; 1 for a model without one).  member_forces:
+    (k, N, 3), only when asked for.
     """
 
     energy: np.ndarray | float
@@ -86,6 +88,9 @@ class ANIPotential(nn.Module):
         self.networks = networks
         self.elements = list(networks.elements)
         self.description = description or {}
+        #: The spread's calibration (``energy_std_scale``, ``collect_threshold_kcal``, what
+        #: they were fitted on): ``aniserve.training.calibration``; empty for none.
+        self.uncertainty: dict = dict(self.description.get("uncertainty") or {})
         # Self energies stay float64 whatever the model's dtype: rounding them to float32
         # moves totals by ~3e-6 Hartree per heavy atom.
         self.register_buffer(
@@ -107,6 +112,11 @@ class ANIPotential(nn.Module):
     @property
     def cutoff(self) -> float:
         return self.featurizer.cutoff
+
+    @property
+    def energy_std_scale(self) -> float:
+        """What the members' population std is multiplied by to give ``energy_std``."""
+        return float(self.uncertainty.get("energy_std_scale", 1.0))
 
     @property
     def ensemble_size(self) -> int:
@@ -288,7 +298,7 @@ class ANIPotential(nn.Module):
             energy=mean.cpu().numpy(),
             forces=_unflatten(-grads[0], flat.real, num.shape),
             member_energies=members.T.cpu().numpy(),
-            energy_std=std.cpu().numpy(),
+            energy_std=std.cpu().numpy() * self.energy_std_scale,
             strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
         )
         _check_finite(result, batch)

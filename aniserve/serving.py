@@ -32,6 +32,8 @@ class Evaluator:
 
     def __init__(self, potential, skin: float = 1.0, members: bool = False, collector=None):
         self.potential, self.skin, self.members, self.collector = potential, skin, members, collector
+        if collector is not None:
+            collector.bind(potential)
         self._lists: dict[Hashable, NeighborList] = {}
 
     @property

@@ -22,3 +22,7 @@ HARTREE_IN_KCAL_PER_MOL = 627.5094738898777
 
 #: Boltzmann constant in Hartree per kelvin.
 BOLTZMANN_HARTREE_PER_K = 3.1668105143562215e-06
+
+#: Harmonic wavenumber (cm⁻¹) of a mass-weighted Hessian eigenvalue of 1 Hartree/(Å² amu):
+#: √(Eh / (Å² u)) / (2π c), with ASE's CODATA 2014 Hartree, atomic mass unit and c.
+WAVENUMBER_CM1_OF_HARTREE_PER_A2_AMU = 2720.228648898766

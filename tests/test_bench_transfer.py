@@ -21,22 +21,28 @@ TRAIN = ["CH4", "H2O", "NH3", "C2H6", "CH3OH", "HCN", "C2H4", "H2CO", "H3CNH2", 
 TEST = ["CH3COOH", "CH3CH2OH", "CH3CONH2", "CH3ONO"]
 
 
-def write_levels(path, names, conformations, high_every, seed):
+def write_levels(path, names, conformations, high_every, seed, high_forces=False):
+    """high_forces: also the high level's forces, on half of its conformations."""
     low, high = cached_model("ani-1x", "float64"), cached_model("ani-1ccx", "float64")
     groups = {}
     for formula, name, numbers, pos in perturbed_molecules(names, conformations, np.random.default_rng(seed), 0.05):
         batch = np.repeat(numbers[None], conformations, 0)
         dft = low.evaluate(batch, pos)
-        cc = high.evaluate(batch, pos).energy
-        cc[np.arange(conformations) % high_every != 0] = np.nan
+        cc = high.evaluate(batch, pos)
+        energy = cc.energy.copy()
+        energy[np.arange(conformations) % high_every != 0] = np.nan
         groups[formula] = {
             "atomic_numbers": numbers,
             "coordinates": pos,
             "molecule": np.array([name.encode()] * conformations),
             "wb97x_631gd.energy": dft.energy,
             "wb97x_631gd.forces": dft.forces,
-            "ccsd(t)_ccpvdz.energy": cc,
+            "ccsd(t)_ccpvdz.energy": energy,
         }
+        if high_forces:
+            forces = cc.forces.copy()
+            forces[np.arange(conformations) % (2 * high_every) != 0] = np.nan
+            groups[formula]["ccsd(t)_ccpvdz.forces"] = forces
     write_ani_h5(path, groups)
 
 
@@ -189,8 +195,9 @@ def test_quick_bench_from_an_official_base(tmp_path):
     """``--base ani-1x`` on a cut-down set: every strategy starts from the official
     ANI-1x (8 members), the base itself is a baseline, reaction-energy errors are scored,
     and the JSON says which base it used.  The training data come as two files (``--train``
-    twice), read as one set."""
-    write_levels(tmp_path / "train.h5", TRAIN[:8], conformations=8, high_every=2, seed=0)
+    twice), read as one set; the first has high-level forces for some conformations, the
+    second none (multi-fidelity transfer, ``high_force_weight``)."""
+    write_levels(tmp_path / "train.h5", TRAIN[:8], conformations=8, high_every=2, seed=0, high_forces=True)
     write_levels(tmp_path / "more.h5", TRAIN[8:], conformations=8, high_every=2, seed=2)
     write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "bench.json"
@@ -216,11 +223,14 @@ def test_quick_bench_from_an_official_base(tmp_path):
             str(out),
             "--export-best",
             str(tmp_path / "best.safetensors"),
+            "--budget",
+            "high_force_weight=1.0",
         ],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["base"] == "ani-1x" and "dft_model" not in data["baselines"]
+    assert data["budget"]["high_force_weight"] == 1.0
     assert data["train"] == f"{tmp_path / 'train.h5'}, {tmp_path / 'more.h5'}"
     assert "data: 96 low-level and 48 high-level training conformations" in result.output
     base = data["baselines"]["base_model"]
@@ -232,7 +242,11 @@ def test_quick_bench_from_an_official_base(tmp_path):
     assert data["baselines"]["dft_method"]["reactions"]["HC7-11"]["reactions"] == 7
     for strategy in data["strategies"]:
         run = strategy["runs"][0]
-        assert load_saved(run["model"]).ensemble_size == 8
+        trained = load_saved(run["model"])
+        assert trained.ensemble_size == 8 and read_description(run["model"])["training"]["forces_key"] == (
+            "ccsd(t)_ccpvdz.forces"
+        )
+        assert trained.uncertainty["energy_std_scale"] > 0  # calibrated on its validation molecules
         assert np.isfinite(run["validation_conformer_rmse_kcal"]) and set(run["reactions"]) == {"HC7-11", "ISOL6"}
     assert "base: ani-1x" in result.output and "base ani-1x (+ offsets)" in result.output
     chosen = min(data["strategies"], key=lambda s: s["validation_conformer_rmse_kcal"])

@@ -201,6 +201,11 @@ DESCRIPTION_DAMAGE = {
     # Found by the file fuzz campaign (tests/fuzz_files.py): a ZeroDivisionError and a RegistryError escaped.
     "zero input width": lambda d: d["element_network"]["params"]["base"]["params"].update(input_width=0),
     "nested network name not text": lambda d: d["element_network"]["params"]["correction"].update(name=-(10**12)),
+    # The spread's calibration multiplies every energy_std and sets the collector's threshold.
+    "uncertainty not an object": lambda d: d.update(uncertainty=[2.0]),
+    "negative spread scale": lambda d: d.update(uncertainty={"energy_std_scale": -1.0}),
+    "nan collection threshold": lambda d: d.update(uncertainty={"collect_threshold_kcal": math.nan}),
+    "text spread scale": lambda d: d.update(uncertainty={"energy_std_scale": "2"}),
 }
 
 

@@ -13,7 +13,7 @@ from test_driver_ipi import FakeServer, ask_forces, ethanol_posdata
 from aniserve import protocol
 from aniserve.calculator import ANICalculator
 from aniserve.collect import Collector
-from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+from aniserve.units import HARTREE_IN_EV, HARTREE_IN_KCAL_PER_MOL
 
 pytestmark = pytest.mark.weights  # the official ANI weights (see conftest)
 
@@ -91,6 +91,62 @@ def test_calculator_collects_like_the_driver(tmp_path):
 def test_collector_needs_a_threshold():
     with pytest.raises(ValueError, match="threshold"):
         Collector("x.extxyz", energy_std=None, force_std=None)
+
+
+def calibrated_ani1ccx(scale: float, threshold: float):
+    """ANI-1ccx with a spread calibration, as training stores it (modelfile ``uncertainty``)."""
+    from aniserve.models import load_model
+
+    model = load_model("ani-1ccx", dtype="float64")
+    model.uncertainty = {"energy_std_scale": scale, "collect_threshold_kcal": threshold}
+    return model
+
+
+def raw_rho(step) -> float:
+    result = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step))
+    return float(np.std(result.member_energies)) * HARTREE_IN_KCAL_PER_MOL / 3.0  # √9 atoms
+
+
+def test_collectors_use_the_threshold_the_model_states(tmp_path):
+    """A collector given no threshold takes the served model's calibrated one and judges
+    the calibrated spread; an explicit threshold wins; a model stating none gets ANI-1x's."""
+    rho = [raw_rho(step) for step in range(6)]
+    threshold = 2.0 * float(np.median(rho))  # with the scale 2: the steps above the median
+    model = calibrated_ani1ccx(2.0, threshold)
+    default, explicit = Collector(tmp_path / "a.extxyz"), Collector(tmp_path / "b.extxyz", energy_std=1e-6)
+    for collector in (default, explicit):
+        atoms = Atoms(numbers=ETHANOL_NUMBERS, positions=ETHANOL_POSITIONS)
+        atoms.calc = ANICalculator(model, collect=collector)
+        for step in range(6):
+            atoms.positions = displaced(step)
+            atoms.get_potential_energy()
+            assert atoms.calc.results["energy_std"] == pytest.approx(
+                2.0 * rho[step] * 3.0 / HARTREE_IN_KCAL_PER_MOL * HARTREE_IN_EV, 1e-6
+            )
+    assert default.energy_std == threshold and explicit.energy_std == 1e-6
+    frames = ase.io.read(tmp_path / "a.extxyz", index=":")
+    assert [f.info["step"] for f in frames] == [s for s in range(6) if rho[s] > np.median(rho)]
+    assert frames[0].info["energy_std_per_sqrt_atom_kcal"] == pytest.approx(2.0 * rho[frames[0].info["step"]], 1e-6)
+    assert len(ase.io.read(tmp_path / "b.extxyz", index=":")) == 6
+    plain = Collector(tmp_path / "c.extxyz")
+    plain.bind(cached_model("ani-1ccx", "float64"))
+    assert plain.energy_std == 0.23
+    with pytest.raises(ValueError, match="energy_std must be a number"):
+        Collector("x.extxyz", energy_std="auto")
+
+
+@pytest.mark.slow
+def test_drive_collects_at_the_saved_models_threshold(tmp_path):
+    """End to end: a calibrated model file served by ``drive --collect`` with no threshold."""
+    from aniserve.modelfile import save_model
+
+    rho = [raw_rho(step) for step in range(4)]
+    path = tmp_path / "calibrated.safetensors"
+    save_model(calibrated_ani1ccx(3.0, 3.0 * float(np.median(rho))), path, name="calibrated")
+    out = tmp_path / "collected.extxyz"
+    code, log = serve_steps(FakeServer().start_driver("--collect", str(out), "--model", str(path)), 4)
+    assert code == 0, log
+    assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho)]
 
 
 def test_driver_and_calculator_share_one_evaluation(tmp_path):

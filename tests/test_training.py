@@ -425,3 +425,47 @@ def test_the_start_competes_with_every_epoch(pretrained, dft_file, tmp_path):
     trained = train(load_saved(pretrained), data, tmp_path / "trained.safetensors", quick(epochs=2, lr=5.0))
     assert trained["best_epoch"] >= 1 and digest(load_saved(tmp_path / "trained.safetensors").parameters()) != before
     assert trained["validation_loss"] > kept["validation_loss"]
+
+
+def test_forces_may_exist_for_part_of_the_data(tmp_path):
+    """Coupled-cluster forces exist for some conformations only: a file without the forces
+    key still trains on its energies (NaN forces), and a key no file holds is an error."""
+    groups = teacher_groups(conformations=4)
+    names = sorted(groups)
+    write_ani_h5(tmp_path / "with.h5", {k: groups[k] for k in names[:6]})
+    write_ani_h5(
+        tmp_path / "without.h5",
+        {k: {f: v for f, v in groups[k].items() if f != "wb97x_dz.forces"} for k in names[6:]},
+    )
+    both = ANIData([tmp_path / "with.h5", tmp_path / "without.h5"], "wb97x_dz.energy", "wb97x_dz.forces")
+    assert len(both) == 4 * len(names)
+    last = both.read([(len(both.groups) - 1, 0)])
+    first = both.read([(0, 0)])
+    assert torch.isnan(last.forces).all() and torch.isfinite(last.energy).all()
+    assert torch.isfinite(first.forces[0, : int((first.numbers > 0).sum())]).all()
+    with pytest.raises(DataError, match="no dataset named 'wb97x_dz.forcez'"):
+        ANIData([tmp_path / "with.h5", tmp_path / "without.h5"], "wb97x_dz.energy", "wb97x_dz.forcez")
+    with pytest.raises(DataError, match="without.h5: no dataset named 'wb97x_dz.forces'"):
+        ANIData(tmp_path / "without.h5", "wb97x_dz.energy", "wb97x_dz.forces")
+
+
+def test_training_calibrates_the_spread_on_validation_molecules(dft_file, tmp_path):
+    """The saved model carries a spread calibration fitted on the run's validation
+    molecules: energy_std is the members' std times the scale, the scale makes the
+    spread's RMS equal the error's RMS there, and the threshold flags 5 % of them."""
+    from aniserve.training.calibration import spread_and_error
+
+    data = ANIData(dft_file, "wb97x_dz.energy")
+    out = tmp_path / "m.safetensors"
+    summary = train(small_model(), data, out, quick(epochs=3))
+    saved = load_saved(out).to(torch.float64)
+    u = saved.uncertainty
+    assert u["energy_std_scale"] > 0 and u["collect_threshold_kcal"] > 0
+    validation = data.subset(summary["validation_groups"])
+    spread, error, atoms = spread_and_error(saved, validation)
+    assert np.sqrt(np.mean((u["energy_std_scale"] * spread) ** 2)) == pytest.approx(np.sqrt(np.mean(error**2)), 1e-3)
+    rho = u["energy_std_scale"] * spread / np.sqrt(atoms)
+    assert np.mean(rho > u["collect_threshold_kcal"]) <= 0.05 + 1 / len(rho)
+    _, _, numbers, positions = next(perturbed_molecules(["CH3OH"], 1, np.random.default_rng(1), 0.05))
+    result = saved.evaluate(numbers, positions[0])
+    assert result.energy_std == pytest.approx(u["energy_std_scale"] * np.std(result.member_energies), 1e-9)

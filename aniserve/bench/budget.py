@@ -21,6 +21,9 @@ class Budget:
     lr: float = 1e-3
     transfer_lr: float | None = None  # default: lr
     force_weight: float = 0.1  # of the DFT force loss in pretraining
+    #: Of the high level's force loss in the transfer runs (multi-fidelity: the
+    #: conformations with coupled-cluster forces add them to their energies); 0: energies only.
+    high_force_weight: float = 0.0
     patience: int = 30  # epochs without validation improvement before stopping
     selection: str = "loss"  # of the transfer runs: "loss" or "conformer" (trainer Settings.selection)
     #: Labelled-set sizes, in rounds (``bench active``).
@@ -40,6 +43,7 @@ class Budget:
             batch_size=self.batch_size,
             lr=self.transfer_lr or self.lr,
             seed=seed,
+            force_weight=self.high_force_weight,
             early_stop_patience=self.patience,
             plateau_patience=max(1, self.patience // 3),
             selection=self.selection,

@@ -34,6 +34,7 @@ from aniserve.bench.budget import FROM_BASE, FROM_BASE_QUICK, TRANSFER, TRANSFER
 from aniserve.bench.progress import Runs
 from aniserve.bench.scoring import (
     HIGH_ENERGY,
+    HIGH_FORCES,
     LOW_ENERGY,
     LOW_FORCES,
     TestSet,
@@ -131,7 +132,7 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     strategies = strategies or registry().names("transfer-strategy")
     test = read_test_set(test_path)
-    high = ANIData(train_path, HIGH_ENERGY)
+    high = ANIData(train_path, HIGH_ENERGY, HIGH_FORCES if budget.high_force_weight else None)
     log.info(
         f"data: {len(ANIData(train_path, LOW_ENERGY))} low-level and {len(high)} high-level training "
         f"conformations; {len(test.high)} test conformations of {len(np.unique(test.molecule))} molecules"

@@ -63,7 +63,9 @@ class ANIData:
     """Conformations of an ANI HDF5 file with an energy target and optional forces.
 
     Conformations lacking every requested target (NaN) are left out; one lacking only
-    some is kept and that loss term is skipped for it.
+    some is kept and that loss term is skipped for it.  Every file must hold the energy
+    key; the forces key may be absent from some files (their conformations then have
+    energies only: coupled-cluster forces exist for a part of the data), not from all.
     """
 
     def __init__(self, path, energy_key: str, forces_key: str | None = None, _groups: list[_Group] | None = None):
@@ -82,10 +84,21 @@ class ANIData:
                 raise DataError(f"{p}: no such file") from None
             except OSError as error:
                 raise DataError(f"{p}: not a readable HDF5 file ({error})") from None
-        self.groups = _groups if _groups is not None else [g for i in range(len(self.paths)) for g in self._index(i)]
+        if _groups is not None:
+            self.groups = _groups
+            return
+        indexed = [self._index(i) for i in range(len(self.paths))]
+        self.groups = [g for groups, _ in indexed for g in groups]
+        if forces_key and not any(forces_key in keys for _, keys in indexed):
+            raise DataError(
+                f"{self.path}: no dataset named {forces_key!r}; the conformer groups hold: "
+                f"{', '.join(sorted(set().union(*(keys for _, keys in indexed)))) or 'nothing'}"
+            )
 
-    def _index(self, file: int) -> list[_Group]:
-        groups, keys = [], set()
+    def _index(self, file: int) -> tuple[list[_Group], set[str]]:
+        """The file's conformer groups with a target, and the dataset names it holds."""
+        groups: list[_Group] = []
+        keys: set[str] = set()
         path = self.paths[file]
         try:
             found = list(conformer_groups(self._files[file], path))
@@ -113,12 +126,12 @@ class ANIData:
                     have |= np.isfinite(values).all(1)
             groups.append(_Group(name, numbers, np.nonzero(have)[0], file))
         missing = [k for k in (self.energy_key, self.forces_key) if k and k not in keys]
-        if missing:
+        if missing and (self.energy_key in missing or len(self.paths) == 1):
             raise DataError(
                 f"{path}: no dataset named {', '.join(map(repr, missing))}; the conformer groups "
                 f"hold: {', '.join(sorted(keys)) or 'nothing (no group has coordinates)'}"
             )
-        return [g for g in groups if len(g.conformations)]
+        return [g for g in groups if len(g.conformations)], keys
 
     # ------------------------------------------------------------------ views
     def subset(self, names) -> ANIData:

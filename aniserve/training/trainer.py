@@ -337,6 +337,8 @@ def train(
         "history": progress.history,
     }
     if rank == 0:
+        if model.ensemble_size > 1:
+            _calibrate(model, val_data, rank)
         save_model(model, out, extra={"training": {**summary, **(extra or {})}})
         _say(
             rank,
@@ -455,6 +457,22 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
         }
         progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return improved
+
+
+def _calibrate(model: ANIPotential, val_data: ANIData, rank: int) -> None:
+    """Fit the spread's calibration on the validation molecules (stored with the model)."""
+    from aniserve.training.calibration import calibrate
+
+    try:
+        fitted = calibrate(model, val_data, f"{len(val_data)} validation conformations of the training run")
+    except ValueError as error:  # e.g. no validation energies (a forces-only set)
+        _say(rank, f"the spread is not calibrated: {error}")
+        return
+    _say(
+        rank,
+        f"spread calibration on the validation molecules: energy_std = {fitted['energy_std_scale']:.3f} × the "
+        f"members' std; collection threshold {fitted['collect_threshold_kcal']:.3f} kcal/mol per √atom",
+    )
 
 
 def _report_epoch(rank, settings, epoch, train_loss, metrics, improved, optimizer, started, history) -> None:

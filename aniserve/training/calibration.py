@@ -1,0 +1,63 @@
+"""Calibrating an ensemble's spread on validation molecules.
+
+The members' population standard deviation σ is an uncertainty in the ensemble's own
+units: a Δ-learnt model's members disagree on each molecule's energy zero far more than
+the official ANI-1x's do (issue #32), so σ alone neither reads as an error bar nor suits
+ANI-1x's collection threshold.  Two numbers, fitted on conformations held out of
+training and stored in the model file (``uncertainty``), fix both uses:
+
+- ``energy_std_scale`` s: ``energy_std`` = s·σ, with s chosen so that on the validation
+  conformations the root mean square of s·σ equals that of the ensemble mean's error
+  against the reference energies (spread ≈ error, in the mean);
+- ``collect_threshold_kcal``: the threshold on ρ = s·σ/√N (kcal/mol) that flags
+  ``FLAG_FRACTION`` of the validation conformations, so structures like those the model
+  was validated on are rarely collected and ones it has not learnt are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from aniserve.potential import ANIPotential
+from aniserve.training.data import ANIData
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
+
+#: The share of validation conformations the stated collection threshold flags.
+FLAG_FRACTION = 0.05
+
+
+def spread_and_error(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(σ, error, atoms) over ``data``'s conformations with an energy: the members' raw
+    population std and the ensemble mean's error, kcal/mol, and each one's atom count."""
+    spread, error, atoms = [], [], []
+    for batch in data.batches(64):
+        real = batch.numbers > 0
+        result = model.evaluate(batch.numbers.numpy(), batch.positions.numpy())
+        members = np.atleast_2d(result.member_energies)
+        keep = np.isfinite(batch.energy.numpy())
+        spread.append(members.std(1)[keep] * HARTREE_IN_KCAL_PER_MOL)
+        error.append((np.atleast_1d(result.energy) - batch.energy.numpy())[keep] * HARTREE_IN_KCAL_PER_MOL)
+        atoms.append(real.sum(1).numpy()[keep])
+    return np.concatenate(spread), np.concatenate(error), np.concatenate(atoms)
+
+
+def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
+    """Fit the spread's scale and the collection threshold on ``data`` (validation
+    molecules, never the training ones), set them on ``model`` and return them."""
+    spread, error, atoms = spread_and_error(model, data) if len(data) else (np.zeros(0),) * 3
+    if len(spread) < 2 or not np.any(spread > 0):
+        raise ValueError("calibrating needs at least two validation conformations on which the members differ")
+    scale = math.sqrt(float(np.mean(error**2)) / float(np.mean(spread**2)))
+    rho = scale * spread / np.sqrt(atoms)
+    uncertainty = {
+        "energy_std_scale": scale,
+        "collect_threshold_kcal": float(np.quantile(rho, 1 - FLAG_FRACTION)),
+        "fitted_on": where or f"{len(spread)} validation conformations",
+        "validation_conformations": len(spread),
+        "validation_error_rmse_kcal": float(np.sqrt(np.mean(error**2))),
+        "validation_raw_spread_rms_kcal": float(np.sqrt(np.mean(spread**2))),
+    }
+    model.uncertainty = uncertainty
+    return uncertainty
