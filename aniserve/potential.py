@@ -48,7 +48,11 @@ class ANIPotential(nn.Module):
     core (pairs and displacement vectors in, per-member energies out, used by training);
     ``evaluate`` is the serving entry point: it checks the input, finds neighbours
     (or reuses given ones), and returns an ``Evaluation`` with energies, forces and the
-    strain derivative, never a NaN.  Components come from the plugin registry by name
+    strain derivative, never a NaN.  On a CPU with the compiled kernels, a frozen model
+    of ANI's own components is evaluated in one compiled step (``kernels.step``: no
+    autograd graph, no Python between AEVs, networks and forces); member forces,
+    plugins' components and GPUs take the autograd path, which the step is tested
+    against.  Components come from the plugin registry by name
     (``description`` records them); ``load_model`` builds one from a file or name.
     """
 
@@ -136,6 +140,7 @@ class ANIPotential(nn.Module):
         result = super()._apply(fn, recurse)
         self.self_energies = sae.to(device=self.species_of_number.device)
         self._dtype_device = (self.dtype, self.device)
+        self.__dict__.pop("_step_plans", None)
         return result
 
     def forward(
@@ -316,6 +321,10 @@ class ANIPotential(nn.Module):
         dtype, device = self._dtype_device
         n_structures = flat.n_structures
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
+        if not member_forces:
+            plan = self._step_plan(present)
+            if plan is not None:
+                return self._compiled_step(plan, flat, species, all_pairs, cell64)
         # Positions stay float64: displacements are formed before the cast to the model's
         # dtype, so a molecule far from the origin loses no precision in float32 (a
         # float32 position 1e4 Å out keeps only ~1e-3 Å).
@@ -353,6 +362,82 @@ class ANIPotential(nn.Module):
                     ):
                         total += g
         return members, grads, member_grads
+
+    def _step_plan(self, present: tuple[int, ...]):
+        """The compiled step's plan for this element set (``kernels.StepPlan``), or None
+        where it does not apply: kernels off or not on a CPU, a featurizer or networks
+        that are not ANI's own (plugins run the autograd path), networks not frozen.
+        Kept until a parameter changes (its storage or version) or the dtype does."""
+        from aniserve import kernels
+
+        lib = kernels.library_for(self.species_of_number)
+        if lib is None:
+            return None
+        # (_apply, which .to() and .float() go through, empties the cache; an in-place
+        # change of a parameter, an optimiser step or load_state_dict, bumps its version)
+        cache = self.__dict__.setdefault("_step_plans", {})
+        params = cache.get("params")
+        versions = None if params is None else [p._version for p in params]
+        if versions is None or cache["versions"] != versions:
+            cache.clear()
+            cache["params"] = params = list(self.networks.parameters())
+            cache["versions"] = [p._version for p in params]
+        if present in cache:
+            return cache[present]
+        plan = None
+        featurizer, terms = self.featurizer, getattr(self.networks, "frozen_terms", lambda: None)()
+        constants = getattr(featurizer, "kernel_constants", lambda: None)()
+        if terms is not None and constants is not None and constants.fits and hasattr(featurizer, "nonzero_columns"):
+            from aniserve.networks import _kernel_networks
+
+            columns = featurizer.nonzero_columns(present)
+            layers = [[mlp.frozen_layers(columns) for mlp in terms[e]] for e in present]
+            plan = (
+                lib,
+                kernels.StepPlan(constants, _kernel_networks(self.networks, layers, columns), list(present), columns),
+            )
+        if len(cache) > 18:  # (params, versions and 16 element sets)
+            cache.clear()
+            return plan
+        cache[present] = plan
+        return plan
+
+    def _compiled_step(self, plan, flat: _Flat, species, all_pairs: Pairs, cell64):
+        """``_energies_and_gradients`` by the compiled step: no autograd graph."""
+        from aniserve import kernels
+
+        lib, step = plan
+        n_structures = flat.n_structures
+        members = torch.zeros(step.members, n_structures, dtype=torch.float64)
+        grad_pos = torch.zeros(len(species), 3, dtype=torch.float64)
+        strain = None if cell64 is None else torch.zeros(n_structures, 3, 3, dtype=torch.float64)
+        positions = flat.positions.contiguous()
+        for block in _blocks(all_pairs, flat.structure, species, self.block_pairs):
+            whole = block.centers is None
+            target = grad_pos if whole else torch.zeros(len(block.atoms), 3, dtype=torch.float64)
+            shift = None if cell64 is None or block.shift is None else block.shift.to(torch.float64).contiguous()
+            kernels.step(
+                lib,
+                step,
+                block.species.contiguous(),
+                block.center.contiguous(),
+                block.neighbor.contiguous(),
+                positions,
+                None if whole else block.atoms.contiguous(),
+                shift,
+                None if shift is None else cell64,
+                block.structure.contiguous(),
+                len(block.atoms) if whole else block.centers,
+                members,
+                target,
+                strain,
+            )
+            if not whole:
+                grad_pos.index_add_(0, block.atoms, target)
+        members += torch.zeros(n_structures, dtype=torch.float64).index_add_(
+            0, flat.structure, self.self_energies.index_select(0, species)
+        )
+        return members, [grad_pos] if strain is None else [grad_pos, strain], []
 
 
 @dataclasses.dataclass

@@ -67,6 +67,14 @@ def test_bench_ipi_repeats_and_summarises():
     assert batched["repeats"] == 2 and batched["ratio_range"] == ratios
     assert batched["ratio_median"] == pytest.approx(sum(ratios) / 2)
     assert "× harmonic median (range)" in ipi.table(rows)
+    # the client's share of a step against the same 8 beads evaluated in-process
+    for r in rows:
+        assert r["in_process_ms"] > 0
+        if r["client"] != "harmonic":
+            harmonic = next(h for h in rows if h["client"] == "harmonic" and h["repeat"] == r["repeat"])
+            assert r["over_harmonic_ms"] == pytest.approx(r["ms_per_step"] - harmonic["ms_per_step"])
+            assert r["over_harmonic_to_in_process"] == pytest.approx(r["over_harmonic_ms"] / r["in_process_ms"])
+    assert len(batched["over_harmonic_to_in_process_range"]) == 2 and "÷ in-process" in ipi.table(rows)
 
 
 @pytest.mark.slow

@@ -145,6 +145,8 @@ def run(
             + "".join(f"{symbols[z]} {x:.6f} {y:.6f} {w:.6f}\n" for z, (x, y, w) in zip(numbers, positions))
         )
         for repeat in range(repeats):
+            in_process = in_process_ms(model)
+            log.info(f"repeat {repeat + 1}/{repeats} in-process evaluation of the 8 beads {in_process:.2f} ms")
             for latency in latencies:
                 for kind in kinds:
                     t_short = _run_once(kind, short, model, folder, latency)
@@ -159,6 +161,7 @@ def run(
                             "beads": 8,
                             "steps": [short, long],
                             "wall_s": [t_short, t_long],
+                            "in_process_ms": in_process,
                         }
                     )
                     log.info(
@@ -176,7 +179,33 @@ def run(
         )
         if base:
             r["ratio_to_harmonic"] = r["ms_per_step"] / base
+            if r["client"] != "harmonic":
+                # What the client adds to i-PI's own step, against what the same 8 beads
+                # cost evaluated in-process: 1 would be a driver with no cost of its own.
+                r["over_harmonic_ms"] = r["ms_per_step"] - base
+                r["over_harmonic_to_in_process"] = r["over_harmonic_ms"] / r["in_process_ms"]
     return rows
+
+
+def in_process_ms(model: str, calls: int = 200) -> float:
+    """Median ms of one in-process evaluation (energy and forces) of 8 ethanol beads in
+    one batch, float32 as the driver serves them, with this process's threads."""
+    import numpy as np
+
+    from aniserve.models import load_model
+
+    potential = load_model(model, dtype="float32")
+    numbers, positions = ETHANOL
+    rng = np.random.default_rng(0)
+    beads = np.asarray(positions)[None] + rng.normal(scale=0.02, size=(8, len(numbers), 3))
+    batch = np.tile(np.asarray(numbers), (8, 1))
+    times = []
+    for i in range(calls + 10):
+        start = time.perf_counter()
+        potential.evaluate(batch, beads)
+        if i >= 10:
+            times.append(time.perf_counter() - start)
+    return median(times) * 1e3
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -187,6 +216,7 @@ def summary(rows: list[dict]) -> list[dict]:
         group = [r for r in rows if (r["latency_s"], r["client"]) == key]
         ms = [r["ms_per_step"] for r in group]
         ratios = [r["ratio_to_harmonic"] for r in group if "ratio_to_harmonic" in r]
+        overheads = [r["over_harmonic_to_in_process"] for r in group if "over_harmonic_to_in_process" in r]
         entry = {
             "latency_s": key[0],
             "client": key[1],
@@ -196,17 +226,31 @@ def summary(rows: list[dict]) -> list[dict]:
         }
         if ratios:
             entry.update(ratio_median=median(ratios), ratio_range=[min(ratios), max(ratios)])
+        if overheads:
+            entry.update(
+                over_harmonic_to_in_process_median=median(overheads),
+                over_harmonic_to_in_process_range=[min(overheads), max(overheads)],
+            )
         out.append(entry)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'repeat':>6s} {'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s}"]
+    lines = [
+        f"{'repeat':>6s} {'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s} "
+        f"{'over harmonic ms':>16s} {'÷ in-process':>12s}"
+    ]
     lines += [
         f"{r['repeat'] + 1:6d} {r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
-        f"{r.get('ratio_to_harmonic', float('nan')):10.2f}"
+        f"{r.get('ratio_to_harmonic', float('nan')):10.2f} {r.get('over_harmonic_ms', float('nan')):16.2f} "
+        f"{r.get('over_harmonic_to_in_process', float('nan')):12.2f}"
         for r in rows
     ]
+    lines.append(
+        "over harmonic: the step minus i-PI's harmonic driver's step (i-PI's own work and socket round trips); "
+        "÷ in-process: that over one in-process evaluation of the same 8 beads, "
+        + ", ".join(f"{ms:.2f} ms" for ms in dict.fromkeys(r["in_process_ms"] for r in rows if "in_process_ms" in r))
+    )
     if len({r["repeat"] for r in rows}) > 1:
         lines += [
             "",

@@ -2,7 +2,7 @@
 
 Cases: single molecules (ethanol 9 atoms, n-hexane 20, n-tritriacontane 101), periodic
 water boxes (density 1 g/cm³, random orientations) from 192 to 12,288 atoms, and a batch
-of 100 ethanols.  Each case is timed as the median of repeated full calls of
+of 8 and of 100 ethanols.  Each case is timed as the median of repeated full calls of
 ``ANIPotential.evaluate`` (neighbour search, featurizer, networks, autograd forces),
 after warm-up, and again with a reused neighbour list (an MD step between rebuilds).  Peak
 memory is the process's peak resident set size after the case.
@@ -100,10 +100,12 @@ def cases(quick: bool):
     for n in (4, 6) if quick else (4, 6, 8, 12, 16):
         numbers, positions, cell = water_box(n)
         yield f"water box {n**3}", "periodic", 1, (numbers, positions, cell), (10 if n <= 8 else 3)
-    numbers = np.array([ETHANOL[0]] * 100)
     rng = np.random.default_rng(0)
-    positions = np.array(ETHANOL[1])[None] + rng.normal(0, 0.02, (100, 9, 3))
-    yield "100 ethanols (batch)", "batch", 100, (numbers, positions, None), 10
+    # 8: one step of an 8-bead path-integral run, beads batched (the i-PI benchmark's case)
+    for count, repeats in ((8, 200), (100, 10)):
+        numbers = np.array([ETHANOL[0]] * count)
+        positions = np.array(ETHANOL[1])[None] + rng.normal(0, 0.02, (count, 9, 3))
+        yield f"{count} ethanols (batch)", "batch", count, (numbers, positions, None), repeats
 
 
 def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: float = 1.0) -> list[dict]:

@@ -4,8 +4,9 @@ On a small molecule the tensor versions of the AEVs and the networks cost a few 
 small operations, each with its fixed cost, and on a large system the AEVs' (triplets ×
 32) intermediate arrays.  Here, in C++: ``aev.cpp`` (the AEVs and their gradient, one
 pass per center), ``mlp.cpp`` (frozen element ensembles' energies and input gradients,
-every element in one call) and ``neighbors.cpp`` (the cell-list pair search).  The
-library is compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels``
+every element in one call) and ``neighbors.cpp`` (the cell-list pair search);
+``step.cpp`` chains the first two into one serving step (energies, forces, strain
+derivative) with no Python between them.  The library is compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels``
 (default ``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called
 through ctypes: no build step at install time and no dependency beyond a compiler.
 Without one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions,
@@ -24,12 +25,14 @@ from aniserve.kernels.wrappers import (
     AEVKernelConstants,
     MLPKernelLayers,
     MLPKernelNetworks,
+    StepPlan,
     aev_backward,
     aev_forward,
     cell_list,
     mlp,
     mlp_backward,
     pack_panels,
+    step,
 )
 
 __all__ = [
@@ -50,6 +53,8 @@ __all__ = [
     "mlp",
     "mlp_backward",
     "pack_panels",
+    "step",
+    "StepPlan",
     "use",
     "using",
 ]

@@ -41,6 +41,7 @@ template <typename T>
 struct Terms {
     int64_t S, R, A, Z, width, angular_start;
     T Rcr, Rca, EtaR, EtaA, Zeta;
+    int zeta_power;  // ζ − 1 when ζ is a whole number up to 65 (ANI-1x's 32), else 0
     alignas(64) T ShfR[kRadialLanes];
     alignas(64) T ShfA[kLanes];
     alignas(64) T cz[kLanes];
@@ -52,6 +53,7 @@ struct Terms {
           width(c.num_species * c.num_shf_r + c.num_pairs * c.num_shf_a * c.num_shf_z),
           angular_start(c.num_species * c.num_shf_r),
           Rcr(T(c.Rcr)), Rca(T(c.Rca)), EtaR(T(c.EtaR)), EtaA(T(c.EtaA)), Zeta(T(c.Zeta)),
+          zeta_power(c.Zeta == std::floor(c.Zeta) && c.Zeta >= 2 && c.Zeta <= 65 ? int(c.Zeta) - 1 : 0),
           pair_index(c.pair_index) {
         for (int r = 0; r < kRadialLanes; ++r) ShfR[r] = r < R ? T(c.ShfR[r]) : T(0);
         for (int a = 0; a < kLanes; ++a) ShfA[a] = a < A ? T(c.ShfA[a]) : T(0);
@@ -139,11 +141,30 @@ struct Triplet {
     Triplet(const Terms<T>& t, const AngularPair<T>& j, const AngularPair<T>& k) {
         cos_t = T(0.95) * (j.u[0] * k.u[0] + j.u[1] * k.u[1] + j.u[2] * k.u[2]);
         sin_t = std::sqrt(1 - cos_t * cos_t);
+        alignas(64) T x[kLanes];
 #pragma omp simd
-        for (int z = 0; z < kLanes; ++z) {
-            const T x = (1 + cos_t * t.cz[z] + sin_t * t.sz[z]) / 2;
-            f1_over_x[z] = std::pow(x, t.Zeta - 1);
-            f1[z] = f1_over_x[z] * x;
+        for (int z = 0; z < kLanes; ++z) x[z] = (1 + cos_t * t.cz[z] + sin_t * t.sz[z]) / 2;
+        if (t.zeta_power) {
+            // A whole power by squaring, in double: a few multiplications where pow
+            // costs a log and an exp, and (rounded once, at the end) as exact as pow.
+            alignas(64) double p[kLanes], base[kLanes];
+#pragma omp simd
+            for (int z = 0; z < kLanes; ++z) p[z] = 1, base[z] = double(x[z]);
+            for (int e = t.zeta_power; e; e >>= 1) {
+#pragma omp simd
+                for (int z = 0; z < kLanes; ++z) {
+                    if (e & 1) p[z] *= base[z];
+                    base[z] *= base[z];
+                }
+            }
+#pragma omp simd
+            for (int z = 0; z < kLanes; ++z) f1_over_x[z] = T(p[z]), f1[z] = T(p[z] * double(x[z]));
+        } else {
+#pragma omp simd
+            for (int z = 0; z < kLanes; ++z) {
+                f1_over_x[z] = std::pow(x[z], t.Zeta - 1);
+                f1[z] = f1_over_x[z] * x[z];
+            }
         }
         const T mean = (j.d + k.d) / 2, cc = 2 * j.fc * k.fc;
 #pragma omp simd

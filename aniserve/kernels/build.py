@@ -102,6 +102,33 @@ def build() -> ctypes.CDLL:
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
         backward.restype = None
+    for suffix in ("f32", "f64"):
+        step = getattr(lib, f"ani_step_{suffix}")
+        # (constants; atoms, centers, pairs; species and pairs; positions, their count,
+        # where each atom's is, shifts, cells; structures and how many; the networks as
+        # mlp_* takes them; group_of, groups, group_species, columns, columns' count; 3
+        # outputs; threads)
+        step.argtypes = [
+            ctypes.POINTER(Constants),
+            i64,
+            i64,
+            i64,
+            *[pointer] * 3,
+            i64,
+            *[pointer] * 5,
+            i64,
+            i64,
+            i64,
+            *[pointer] * 6,
+            pointer,
+            i64,
+            pointer,
+            pointer,
+            i64,
+            *[pointer] * 3,
+            ctypes.c_int,
+        ]
+        step.restype = ctypes.c_int
     lib.neighbors_cell_list.argtypes = [
         i64,
         pointer,

@@ -268,3 +268,111 @@ def cell_list(
     finally:
         lib.neighbors_free(found)
     return pairs[0], pairs[1]
+
+
+class StepPlan:
+    """What ``step`` needs of a frozen model for one set of elements: its AEV constants,
+    its networks in the kernel's layout (``networks.groups[g]`` summed over the atoms of
+    species ``group_species[g]``) and the AEV columns they take (None: all)."""
+
+    def __init__(
+        self,
+        constants: AEVKernelConstants,
+        networks: MLPKernelNetworks,
+        group_species: list[int],
+        columns: torch.Tensor | None,
+    ):
+        if len(group_species) != len(networks.groups):
+            raise ValueError(f"{len(group_species)} element groups for {len(networks.groups)} network groups")
+        width = constants.width if columns is None else len(columns)
+        if width != networks.width:
+            raise ValueError(f"{width} AEV columns for networks of input width {networks.width}")
+        self.constants, self.networks = constants, networks
+        self.dtype, self.members = networks.dtype, networks.members
+        self._arrays = [
+            np.array(networks.group_of, dtype=np.int64),
+            np.array(group_species, dtype=np.int64),
+            np.arange(constants.width, dtype=np.int64)
+            if columns is None
+            else np.ascontiguousarray(columns.cpu().numpy(), dtype=np.int64),
+        ]
+        group_of, species, cols = self._arrays
+        self.arguments = (*networks.arguments, group_of.ctypes.data, len(species), species.ctypes.data)
+        self.columns = (cols.ctypes.data, len(cols))
+        self.constants_ref = ctypes.byref(constants.struct)
+
+
+def step(
+    lib: ctypes.CDLL,
+    plan: StepPlan,
+    species: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    positions: torch.Tensor,
+    position_of: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    cell: torch.Tensor | None,
+    structure: torch.Tensor,
+    n_centers: int,
+    member_energies: torch.Tensor,
+    grad_positions: torch.Tensor,
+    strain_grad: torch.Tensor | None,
+) -> None:
+    """One compiled serving step (step.cpp): adds the member energies (k, B), the
+    gradient of their mean with respect to the atoms' positions (n_atoms, 3) and, given
+    a tensor for it, to the strain (B, 3, 3), all float64.
+
+    species (n_atoms,), the first ``n_centers`` atoms being centers; pairs (center,
+    neighbor) sorted by center; atom i at ``positions[position_of[i]]`` ((n, 3) float64
+    Å; None: at ``positions[i]``); per pair, integer image offsets ``shift`` (P, 3) in
+    units of its structure's ``cell`` ((B, 3, 3), rows), both None when isolated;
+    structure (≥ n_centers,) of each atom."""
+    n_atoms, n_pairs, n_structures = len(species), len(center), member_energies.shape[1]
+    int64, f64 = torch.int64, torch.float64
+    arrays = [species, center, neighbor, positions, structure, member_energies, grad_positions]
+    arrays += [t for t in (position_of, shift, cell, strain_grad) if t is not None]
+    # The kernel checks every index; the sizes of the arrays it is handed are checked here.
+    if not (
+        species.dtype == center.dtype == neighbor.dtype == structure.dtype == int64
+        and positions.dtype == member_energies.dtype == grad_positions.dtype == f64
+        and len(neighbor) == n_pairs
+        and positions.dim() == 2
+        and positions.shape[1] == 3
+        and (position_of is None or (position_of.dtype == int64 and len(position_of) == n_atoms))
+        and (shift is None) == (cell is None)
+        and (shift is None or (shift.dtype == f64 and shift.shape == (n_pairs, 3)))
+        and (cell is None or (cell.dtype == f64 and cell.shape == (n_structures, 3, 3)))
+        and 0 <= n_centers <= min(n_atoms, len(structure))
+        and member_energies.shape[0] == plan.members
+        and grad_positions.shape == (n_atoms, 3)
+        and (strain_grad is None or (strain_grad.dtype == f64 and strain_grad.shape == (n_structures, 3, 3)))
+        and all(t.is_contiguous() and t.device.type == "cpu" for t in arrays)
+    ):
+        raise ValueError("the compiled step was handed arrays of inconsistent shapes, dtypes or layouts")
+    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    status = getattr(lib, f"ani_step_{_suffix(plan.dtype)}")(
+        plan.constants_ref,
+        n_atoms,
+        n_centers,
+        n_pairs,
+        species.data_ptr(),
+        center.data_ptr(),
+        neighbor.data_ptr(),
+        len(positions),
+        positions.data_ptr(),
+        address(position_of),
+        address(shift),
+        address(cell),
+        structure.data_ptr(),
+        n_structures,
+        *plan.arguments,
+        *plan.columns,
+        member_energies.data_ptr(),
+        grad_positions.data_ptr(),
+        address(strain_grad),
+        torch.get_num_threads(),
+    )
+    if status == 1:
+        raise ValueError("the compiled step refused an index out of range (species, pair, structure or column)")
+    if status:
+        raise ValueError("the compiled step's kernels refused the model's constants or network widths")
