@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from aniserve.elements import NUMBERS, symbol
+from aniserve.kernels.threads import Threads
 from aniserve.neighbors import Pairs, batch_pairs, check_cell, concatenate
 
 
@@ -112,6 +113,7 @@ class ANIPotential(nn.Module):
         # molecule; refreshed by _apply (.to, .float(), .double(), .cuda()).
         self._ensemble_size = networks.ensemble_size
         self._dtype_device = (self.dtype, self.device)
+        self._threads = Threads()  # the compiled step's thread counts, chosen by timing
 
     @property
     def cutoff(self) -> float:
@@ -416,9 +418,7 @@ class ANIPotential(nn.Module):
             whole = block.centers is None
             target = grad_pos if whole else torch.zeros(len(block.atoms), 3, dtype=torch.float64)
             shift = None if cell64 is None or block.shift is None else block.shift.to(torch.float64).contiguous()
-            kernels.step(
-                lib,
-                step,
+            arguments = (
                 block.species.contiguous(),
                 block.center.contiguous(),
                 block.neighbor.contiguous(),
@@ -432,6 +432,7 @@ class ANIPotential(nn.Module):
                 target,
                 strain,
             )
+            self._threads.run(len(block.center), lambda count: kernels.step(lib, step, *arguments, threads=count))
             if not whole:
                 grad_pos.index_add_(0, block.atoms, target)
         members += torch.zeros(n_structures, dtype=torch.float64).index_add_(

@@ -173,3 +173,37 @@ def test_step_refuses_indices_out_of_range():
     }.items():
         with pytest.raises(ValueError):
             run(**{field: value})
+
+
+def test_thread_choice_takes_the_faster_and_notices_a_change():
+    """Two threads while they are faster; one once the team turns slow (other processes
+    took the cores), found by the periodic retry; and back."""
+    from aniserve.kernels.threads import ThreadChoice
+
+    choice = ThreadChoice(team=2, window=3, explore=10)
+    cost = {2: 1.0, 1: 1.6}
+    picks = []
+    for call in range(200):
+        if call == 60:
+            cost = {2: 8.0, 1: 1.3}  # the team's barrier waits for a descheduled thread
+        if call == 130:
+            cost = {2: 1.0, 1: 1.6}
+        threads = choice.pick()
+        picks.append(threads)
+        choice.record(threads, cost[threads])
+    assert picks[10:60].count(2) >= 45  # the team, retrying one thread every tenth call
+    assert picks[80:130].count(1) >= 45
+    assert picks[150:].count(2) >= 45
+
+
+def test_large_steps_always_get_every_thread(monkeypatch):
+    from aniserve.kernels.threads import ALWAYS_TEAM, Threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads, seen = Threads(), []
+    for _ in range(20):
+        threads.run(ALWAYS_TEAM, seen.append)
+    assert seen == [2] * 20 and not threads.choices
+    for _ in range(20):
+        threads.run(100, seen.append)
+    assert set(seen[20:]) == {1, 2}  # a small step tries both

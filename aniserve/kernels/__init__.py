@@ -6,19 +6,22 @@ small operations, each with its fixed cost, and on a large system the AEVs' (tri
 pass per center), ``mlp.cpp`` (frozen element ensembles' energies and input gradients,
 every element in one call) and ``neighbors.cpp`` (the cell-list pair search);
 ``step.cpp`` chains the first two into one serving step (energies, forces, strain
-derivative) with no Python between them.  The library is compiled once per source, compiler and CPU into ``$ANISERVE_CACHE/kernels``
-(default ``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called
-through ctypes: no build step at install time and no dependency beyond a compiler.
-Without one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions,
-which give the same results (tested) and remain the ones used for training (second
+derivative) with no Python between them.  The library is compiled once per source,
+compiler and CPU into ``$ANISERVE_CACHE/kernels`` (default
+``~/.cache/aniserve/kernels``) with ``$CXX`` (default ``c++``), and called through
+ctypes: no build step at install time and no dependency beyond a compiler.  Without
+one, or with ``ANISERVE_KERNELS=off``, everything runs on the tensor versions, which
+give the same results (tested) and remain the ones used for training (second
 derivatives) and on GPUs.
 
-The package is three modules: ``backends`` (the switch: ``use``, ``using``,
-``library_for``), ``build`` (compiling and loading) and ``wrappers`` (the calls).
+The package is four modules: ``backends`` (the switch: ``use``, ``using``,
+``library_for``), ``build`` (compiling and loading), ``wrappers`` (the calls) and
+``threads`` (how many threads a step of a given size gets, chosen by timing).
 """
 
 from aniserve.kernels.backends import BACKENDS, backend, enabled, library, library_for, use, using
 from aniserve.kernels.build import cache_dir
+from aniserve.kernels.threads import Threads
 from aniserve.kernels.wrappers import (
     MAX_ANGULAR_SHIFTS,
     MAX_RADIAL_SHIFTS,
@@ -55,6 +58,7 @@ __all__ = [
     "pack_panels",
     "step",
     "StepPlan",
+    "Threads",
     "use",
     "using",
 ]

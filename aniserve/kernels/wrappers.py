@@ -317,6 +317,7 @@ def step(
     member_energies: torch.Tensor,
     grad_positions: torch.Tensor,
     strain_grad: torch.Tensor | None,
+    threads: int | None = None,
 ) -> None:
     """One compiled serving step (step.cpp): adds the member energies (k, B), the
     gradient of their mean with respect to the atoms' positions (n_atoms, 3) and, given
@@ -326,7 +327,7 @@ def step(
     neighbor) sorted by center; atom i at ``positions[position_of[i]]`` ((n, 3) float64
     Å; None: at ``positions[i]``); per pair, integer image offsets ``shift`` (P, 3) in
     units of its structure's ``cell`` ((B, 3, 3), rows), both None when isolated;
-    structure (≥ n_centers,) of each atom."""
+    structure (≥ n_centers,) of each atom.  threads: default torch's count."""
     n_atoms, n_pairs, n_structures = len(species), len(center), member_energies.shape[1]
     int64, f64 = torch.int64, torch.float64
     arrays = [species, center, neighbor, positions, structure, member_energies, grad_positions]
@@ -370,7 +371,7 @@ def step(
         member_energies.data_ptr(),
         grad_positions.data_ptr(),
         address(strain_grad),
-        torch.get_num_threads(),
+        torch.get_num_threads() if threads is None else threads,
     )
     if status == 1:
         raise ValueError("the compiled step refused an index out of range (species, pair, structure or column)")
