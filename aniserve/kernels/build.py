@@ -97,7 +97,7 @@ def build() -> ctypes.CDLL:
         forward.restype = backward.restype = ctypes.c_int
     for suffix in ("f32", "f64"):
         mlp = getattr(lib, f"mlp_{suffix}")
-        mlp.argtypes = [i64, i64, *[pointer] * 8, i64, i64, *[pointer] * 3, ctypes.c_int]
+        mlp.argtypes = [i64, i64, *[pointer] * 9, i64, i64, *[pointer] * 3, ctypes.c_int]
         mlp.restype = ctypes.c_int
         backward = getattr(lib, f"mlp_backward_{suffix}")
         backward.argtypes = [i64, i64, i64, pointer, pointer, pointer]
@@ -119,7 +119,7 @@ def build() -> ctypes.CDLL:
             i64,
             i64,
             i64,
-            *[pointer] * 6,
+            *[pointer] * 7,
             pointer,
             i64,
             pointer,

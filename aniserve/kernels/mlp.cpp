@@ -133,35 +133,59 @@ struct Network {
     T alpha;
 };
 
+// The first layers of a group's networks side by side (a Δ model's base and correction
+// read the same features): weights (members, in, width) and their transpose packed as
+// the hidden layers are, biases (members, width); network j's first layer is columns
+// [column, column + its width).  One product then does what two did, and the narrow
+// correction's first layer runs at the wide one's speed (alone, its 6-row × 2-vector
+// blocks over 32 columns were a quarter as fast per operation as the base's).
+struct FirstLayer {
+    const void* weights;     // null: the network's first layer is its own
+    const void* transposed;
+    const void* biases;
+    int64_t width, column;
+};
+
 // Per-thread buffers, kTaskRows rows each, large enough for any of the networks: every
-// hidden layer's activations and CELU slopes, and the backward pass's gradients.
+// hidden layer's activations and CELU slopes, the backward pass's gradients, and a
+// shared first layer's activations, slopes and gradients.
 template <typename T>
 struct Workspace {
-    int64_t widest = 0, layers = 0;
-    std::vector<T> slopes, acts, g, h;
+    int64_t widest = 0, layers = 0, shared = 0;
+    std::vector<T> slopes, acts, g, h, first_acts, first_slopes, first_grads;
 
-    explicit Workspace(const std::vector<Network<T>>& nets) {
-        for (const Network<T>& net : nets) {
+    Workspace(const std::vector<Network<T>>& nets, const FirstLayer* first) {
+        for (size_t j = 0; j < nets.size(); ++j) {
+            const Network<T>& net = nets[j];
             layers = std::max(layers, net.layers);
             for (int64_t l = 0; l <= net.layers; ++l) widest = std::max(widest, net.sizes[l]);
+            if (first[j].weights) shared = std::max(shared, first[j].width);
         }
         slopes.resize(kTaskRows * widest * layers);
         acts.resize(kTaskRows * widest * layers);
         g.resize(kTaskRows * widest);
         h.resize(kTaskRows * widest);
+        first_acts.resize(kTaskRows * shared);
+        first_slopes.resize(kTaskRows * shared);
+        first_grads.resize(kTaskRows * shared);
     }
 };
 
 // One network's share of a task: member m, atoms [i0, i0 + rows).  Reads their
 // features and writes (with add, adds to) their rows of the energies and gradients.
+// With a shared first layer (first.weights), its activations and slopes are read from
+// the workspace's shared buffers, where the caller computed them, and its gradient
+// (∂E/∂z of the first layer) is left there, at the network's columns, for the caller's
+// one product back to the features.
 template <typename T>
-void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features,
-          T* energies, T* gradients, int64_t n, bool add) {
+void task(const Network<T>& net, const FirstLayer& first, Workspace<T>& work, int64_t m, int64_t i0, int64_t rows,
+          const T* features, T* energies, T* gradients, int64_t n, bool add) {
     const int64_t L = net.layers, in = net.sizes[0], widest = work.widest, stride = kTaskRows * widest;
     T *slopes = work.slopes.data(), *acts = work.acts.data(), *g = work.g.data(), *h = work.h.data();
-    const T* a = features + i0 * in;
-    int64_t lda = in;
-    for (int64_t l = 0; l + 1 < L; ++l) {
+    const bool shared = first.weights != nullptr;
+    const T* a = shared ? work.first_acts.data() + first.column : features + i0 * in;
+    int64_t lda = shared ? first.width : in;
+    for (int64_t l = shared ? 1 : 0; l + 1 < L; ++l) {
         const int64_t K = net.sizes[l], N = net.sizes[l + 1];
         T* z = acts + l * stride;
         product<T>(rows, K, N, a, lda, net.weights[l] + m * K * N, net.biases[l] + m * N, z, widest);
@@ -189,6 +213,14 @@ void task(const Network<T>& net, Workspace<T>& work, int64_t m, int64_t i0, int6
         for (int64_t k = 0; k < K; ++k) g[r * widest + k] = w[k];
     for (int64_t l = L - 2; l >= 0; --l) {
         const int64_t K_in = net.sizes[l], N_out = net.sizes[l + 1];
+        if (shared && l == 0) {  // leave ∂E/∂z of the shared first layer to the caller
+            const int64_t ld = first.width;
+            const T* s = work.first_slopes.data() + first.column;
+            T* out0 = work.first_grads.data() + first.column;
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t k = 0; k < N_out; ++k) out0[r * ld + k] = g[r * widest + k] * s[r * ld + k];
+            return;
+        }
         const T* s = slopes + l * stride;
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < N_out; ++k) g[r * widest + k] *= s[r * widest + k];
@@ -207,26 +239,52 @@ struct Group {
     int64_t start, rows, first, last, blocks;
 };
 
-template <typename T>
-void run(const std::vector<Network<T>>& nets, const int64_t* starts, const int64_t* counts, int64_t n,
-         const T* features, T* energies, T* gradients, int threads) {
-    // Consecutive networks with the same rows form a group (two empty groups merging is
-    // harmless); tasks are numbered group by group, member by member, block by block.
+// Consecutive networks with the same rows form a group (two empty groups merging is
+// harmless).
+inline std::vector<Group> groups_of(int64_t count, const int64_t* starts, const int64_t* counts) {
     std::vector<Group> groups;
+    for (int64_t j = 0; j < count; ++j) {
+        if (groups.empty() || groups.back().start != starts[j] || groups.back().rows != counts[j])
+            groups.push_back({starts[j], counts[j], j, j + 1, (counts[j] + kTaskRows - 1) / kTaskRows});
+        else
+            groups.back().last = j + 1;
+    }
+    return groups;
+}
+
+// A group's task with a shared first layer: one product forward, each network's CELU
+// on its columns, the networks' remaining layers (energies added up), one product back.
+template <typename T>
+void shared_task(const std::vector<Network<T>>& nets, const FirstLayer* first, const Group& group,
+                 Workspace<T>& work, int64_t m, int64_t i0, int64_t rows, const T* features, T* energies,
+                 T* gradients, int64_t n) {
+    const FirstLayer& f = first[group.first];
+    const int64_t in = nets[group.first].sizes[0], W = f.width;
+    const T* weights = static_cast<const T*>(f.weights) + m * in * W;
+    const T* biases = static_cast<const T*>(f.biases) + m * W;
+    product<T>(rows, in, W, features + i0 * in, in, weights, biases, work.first_acts.data(), W);
+    for (int64_t j = group.first; j < group.last; ++j) {
+        const int64_t c = first[j].column, N = nets[j].sizes[1];
+        for (int64_t r = 0; r < rows; ++r)
+            celu(N, work.first_acts.data() + r * W + c, nets[j].alpha, work.first_slopes.data() + r * W + c);
+    }
+    for (int64_t j = group.first; j < group.last; ++j)
+        task<T>(nets[j], first[j], work, m, i0, rows, features, energies, gradients, n, j > group.first);
+    const T* transposed = static_cast<const T*>(f.transposed) + m * W * in;
+    product<T>(rows, W, in, work.first_grads.data(), W, transposed, nullptr, gradients + (m * n + i0) * in, in);
+}
+
+// Tasks are numbered group by group, member by member, block by block.
+template <typename T>
+void run(const std::vector<Network<T>>& nets, const FirstLayer* first, const std::vector<Group>& groups,
+         const T* features, T* energies, T* gradients, int64_t n, int threads) {
     const int64_t members = nets.empty() ? 0 : nets[0].members;
     int64_t tasks = 0;
-    for (int64_t j = 0; j < static_cast<int64_t>(nets.size()); ++j) {
-        if (groups.empty() || groups.back().start != starts[j] || groups.back().rows != counts[j]) {
-            groups.push_back({starts[j], counts[j], j, j + 1, (counts[j] + kTaskRows - 1) / kTaskRows});
-            tasks += members * groups.back().blocks;
-        } else {
-            groups.back().last = j + 1;
-        }
-    }
+    for (const Group& group : groups) tasks += members * group.blocks;
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        Workspace<T> work(nets);
+        Workspace<T> work(nets, first);
         // Tasks are handed out as threads come free: a thread that shares its core (with
         // i-PI's socket thread, say) takes fewer, rather than holding up the rest.
 #pragma omp for schedule(dynamic, 1)
@@ -236,8 +294,12 @@ void run(const std::vector<Network<T>>& nets, const int64_t* starts, const int64
             while (local >= members * group->blocks) local -= members * (group++)->blocks;
             const int64_t m = local / group->blocks, i0 = group->start + (local % group->blocks) * kTaskRows;
             const int64_t rows = std::min(kTaskRows, group->start + group->rows - i0);
+            if (first[group->first].weights) {
+                shared_task<T>(nets, first, *group, work, m, i0, rows, features, energies, gradients, n);
+                continue;
+            }
             for (int64_t j = group->first; j < group->last; ++j)
-                task<T>(nets[j], work, m, i0, rows, features, energies, gradients, n, j > group->first);
+                task<T>(nets[j], first[j], work, m, i0, rows, features, energies, gradients, n, j > group->first);
         }
     }
 }
@@ -248,8 +310,8 @@ void run(const std::vector<Network<T>>& nets, const int64_t* starts, const int64
 template <typename T>
 int run_networks(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
                  const T* const* const* weights, const T* const* const* transposed, const T* const* const* biases,
-                 const T* alphas, const int64_t* starts, const int64_t* counts, int64_t n, int64_t width,
-                 const T* features, T* energies, T* gradients, int threads) {
+                 const T* alphas, const FirstLayer* first, const int64_t* starts, const int64_t* counts, int64_t n,
+                 int64_t width, const T* features, T* energies, T* gradients, int threads) {
     if (count < 1 || members < 1 || n < 0) return 1;
     for (int64_t j = 0; j < count; ++j) {
         if (layers[j] < 1 || sizes[j][0] != width || starts[j] < 0 || counts[j] < 0 || starts[j] > n
@@ -258,10 +320,24 @@ int run_networks(int64_t count, int64_t members, const int64_t* layers, const in
         for (int64_t l = 1; l < layers[j]; ++l)
             if (sizes[j][l] < 1) return 1;
     }
+    const std::vector<Group> groups = groups_of(count, starts, counts);
+    // A shared first layer must be every network's of its group, each network's columns
+    // inside it, each network with a hidden layer.
+    for (const Group& group : groups) {
+        const FirstLayer& f = first[group.first];
+        for (int64_t j = group.first; j < group.last; ++j) {
+            if ((first[j].weights == nullptr) != (f.weights == nullptr)) return 1;
+            if (f.weights
+                && (first[j].weights != f.weights || first[j].transposed != f.transposed
+                    || first[j].biases != f.biases || first[j].width != f.width || layers[j] < 2
+                    || first[j].column < 0 || first[j].column > f.width - sizes[j][1]))
+                return 1;
+        }
+    }
     std::vector<Network<T>> nets;
     for (int64_t j = 0; j < count; ++j)
         nets.push_back({members, layers[j], sizes[j], weights[j], transposed[j], biases[j], alphas[j]});
-    run(nets, starts, counts, n, features, energies, gradients, threads);
+    run(nets, first, groups, features, energies, gradients, n, threads);
     return 0;
 }
 
@@ -297,17 +373,19 @@ extern "C" {
 
 int mlp_f32(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
             const float* const* const* weights, const float* const* const* transposed,
-            const float* const* const* biases, const float* alphas, const int64_t* starts, const int64_t* counts,
-            int64_t n, int64_t width, const float* features, float* energies, float* gradients, int threads) {
-    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n,
+            const float* const* const* biases, const float* alphas, const FirstLayer* first, const int64_t* starts,
+            const int64_t* counts, int64_t n, int64_t width, const float* features, float* energies, float* gradients,
+            int threads) {
+    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, first, starts, counts, n,
                         width, features, energies, gradients, threads);
 }
 
 int mlp_f64(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
             const double* const* const* weights, const double* const* const* transposed,
-            const double* const* const* biases, const double* alphas, const int64_t* starts, const int64_t* counts,
-            int64_t n, int64_t width, const double* features, double* energies, double* gradients, int threads) {
-    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, starts, counts, n,
+            const double* const* const* biases, const double* alphas, const FirstLayer* first, const int64_t* starts,
+            const int64_t* counts, int64_t n, int64_t width, const double* features, double* energies,
+            double* gradients, int threads) {
+    return run_networks(count, members, layers, sizes, weights, transposed, biases, alphas, first, starts, counts, n,
                         width, features, energies, gradients, threads);
 }
 

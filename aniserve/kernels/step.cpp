@@ -16,6 +16,7 @@
 
 // The kernels of aev.cpp and mlp.cpp (same library).
 struct Constants;
+struct FirstLayer;
 extern "C" {
 int aev_forward_f32(const Constants*, int64_t, int64_t, const int64_t*, const int64_t*, const int64_t*, const float*,
                     float*, int);
@@ -26,11 +27,11 @@ int aev_backward_f32(const Constants*, int64_t, int64_t, const int64_t*, const i
 int aev_backward_f64(const Constants*, int64_t, int64_t, const int64_t*, const int64_t*, const int64_t*,
                      const double*, const double*, double*, int);
 int mlp_f32(int64_t, int64_t, const int64_t*, const int64_t* const*, const float* const* const*,
-            const float* const* const*, const float* const* const*, const float*, const int64_t*, const int64_t*,
-            int64_t, int64_t, const float*, float*, float*, int);
+            const float* const* const*, const float* const* const*, const float*, const FirstLayer*, const int64_t*,
+            const int64_t*, int64_t, int64_t, const float*, float*, float*, int);
 int mlp_f64(int64_t, int64_t, const int64_t*, const int64_t* const*, const double* const* const*,
-            const double* const* const*, const double* const* const*, const double*, const int64_t*,
-            const int64_t*, int64_t, int64_t, const double*, double*, double*, int);
+            const double* const* const*, const double* const* const*, const double*, const FirstLayer*,
+            const int64_t*, const int64_t*, int64_t, int64_t, const double*, double*, double*, int);
 void mlp_backward_f32(int64_t, int64_t, int64_t, const float*, const float*, float*);
 void mlp_backward_f64(int64_t, int64_t, int64_t, const double*, const double*, double*);
 }
@@ -55,17 +56,19 @@ inline int aev_backward(const Constants* c, int64_t n, int64_t p, const int64_t*
 }
 inline int mlp(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
                const void* const* w, const void* const* wt, const void* const* b, const float* alphas,
-               const int64_t* starts, const int64_t* counts, int64_t n, int64_t width, const float* x, float* e,
-               float* g, int t) {
+               const FirstLayer* first, const int64_t* starts, const int64_t* counts, int64_t n, int64_t width,
+               const float* x, float* e, float* g, int t) {
     using P = const float* const* const*;
-    return mlp_f32(count, members, layers, sizes, P(w), P(wt), P(b), alphas, starts, counts, n, width, x, e, g, t);
+    return mlp_f32(count, members, layers, sizes, P(w), P(wt), P(b), alphas, first, starts, counts, n, width, x, e,
+                   g, t);
 }
 inline int mlp(int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
                const void* const* w, const void* const* wt, const void* const* b, const double* alphas,
-               const int64_t* starts, const int64_t* counts, int64_t n, int64_t width, const double* x, double* e,
-               double* g, int t) {
+               const FirstLayer* first, const int64_t* starts, const int64_t* counts, int64_t n, int64_t width,
+               const double* x, double* e, double* g, int t) {
     using P = const double* const* const*;
-    return mlp_f64(count, members, layers, sizes, P(w), P(wt), P(b), alphas, starts, counts, n, width, x, e, g, t);
+    return mlp_f64(count, members, layers, sizes, P(w), P(wt), P(b), alphas, first, starts, counts, n, width, x, e,
+                   g, t);
 }
 inline void contract(int64_t k, int64_t n, int64_t w, const float* g, const float* j, float* out) {
     mlp_backward_f32(k, n, w, g, j, out);
@@ -110,8 +113,9 @@ int step(const Constants* constants, int64_t n_atoms, int64_t n_centers, int64_t
          const int64_t* position_of, const double* shift, const double* cell, const int64_t* structure,
          int64_t n_structures, int64_t count, int64_t members, const int64_t* layers, const int64_t* const* sizes,
          const void* const* weights, const void* const* transposed, const void* const* biases, const T* alphas,
-         const int64_t* group_of, int64_t n_groups, const int64_t* group_species, const int64_t* columns,
-         int64_t n_columns, double* member_energies, double* grad_positions, double* strain_grad, int threads) {
+         const FirstLayer* first, const int64_t* group_of, int64_t n_groups, const int64_t* group_species,
+         const int64_t* columns, int64_t n_columns, double* member_energies, double* grad_positions,
+         double* strain_grad, int threads) {
     const auto& head = *reinterpret_cast<const ConstantsHead*>(constants);
     const int64_t S = head.num_species;
     const int64_t width = S * head.num_shf_r + head.num_pairs * head.num_shf_a * head.num_shf_z;
@@ -186,8 +190,8 @@ int step(const Constants* constants, int64_t n_atoms, int64_t n_centers, int64_t
     }
     if (b.energies.size() < size_t(members * n)) b.energies.resize(members * n);
     if (b.jacobian.size() < size_t(members * n * C)) b.jacobian.resize(members * n * C);
-    if (mlp(count, members, layers, sizes, weights, transposed, biases, alphas, b.net_start.data(), b.net_count.data(),
-            n, C, b.x.data(), b.energies.data(), b.jacobian.data(), threads))
+    if (mlp(count, members, layers, sizes, weights, transposed, biases, alphas, first, b.net_start.data(),
+            b.net_count.data(), n, C, b.x.data(), b.energies.data(), b.jacobian.data(), threads))
         return 2;
     for (int64_t m = 0; m < members; ++m)
         for (int64_t r = 0; r < n; ++r)
@@ -245,12 +249,13 @@ int ani_step_f32(const Constants* c, int64_t n_atoms, int64_t n_centers, int64_t
                  const int64_t* position_of, const double* shift, const double* cell, const int64_t* structure,
                  int64_t n_structures, int64_t count, int64_t members, const int64_t* layers,
                  const int64_t* const* sizes, const void* const* weights, const void* const* transposed,
-                 const void* const* biases, const float* alphas, const int64_t* group_of, int64_t n_groups,
+                 const void* const* biases, const float* alphas, const FirstLayer* first, const int64_t* group_of,
+                 int64_t n_groups,
                  const int64_t* group_species, const int64_t* columns, int64_t n_columns, double* member_energies,
                  double* grad_positions, double* strain_grad, int threads) {
     return step<float>(c, n_atoms, n_centers, n_pairs, species, center, neighbor, n_positions, positions,
                        position_of, shift, cell, structure, n_structures, count, members, layers, sizes, weights,
-                       transposed, biases, alphas, group_of, n_groups, group_species, columns, n_columns,
+                       transposed, biases, alphas, first, group_of, n_groups, group_species, columns, n_columns,
                        member_energies, grad_positions, strain_grad, threads);
 }
 
@@ -259,12 +264,13 @@ int ani_step_f64(const Constants* c, int64_t n_atoms, int64_t n_centers, int64_t
                  const int64_t* position_of, const double* shift, const double* cell, const int64_t* structure,
                  int64_t n_structures, int64_t count, int64_t members, const int64_t* layers,
                  const int64_t* const* sizes, const void* const* weights, const void* const* transposed,
-                 const void* const* biases, const double* alphas, const int64_t* group_of, int64_t n_groups,
+                 const void* const* biases, const double* alphas, const FirstLayer* first, const int64_t* group_of,
+                 int64_t n_groups,
                  const int64_t* group_species, const int64_t* columns, int64_t n_columns, double* member_energies,
                  double* grad_positions, double* strain_grad, int threads) {
     return step<double>(c, n_atoms, n_centers, n_pairs, species, center, neighbor, n_positions, positions,
                         position_of, shift, cell, structure, n_structures, count, members, layers, sizes, weights,
-                        transposed, biases, alphas, group_of, n_groups, group_species, columns, n_columns,
+                        transposed, biases, alphas, first, group_of, n_groups, group_species, columns, n_columns,
                         member_energies, grad_positions, strain_grad, threads);
 }
 

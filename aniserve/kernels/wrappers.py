@@ -119,6 +119,28 @@ class MLPKernelLayers:
         self.biases = (ctypes.c_void_p * layers)(*(t.data_ptr() for t in self.tensors[-layers:]))
         self.sizes = np.array([weights[0].shape[1], *(w.shape[2] for w in weights)], dtype=np.int64)
         self.layers, self.members, self.dtype, self.alpha = layers, weights[0].shape[0], weights[0].dtype, alpha
+        self.first = (weights[0], biases[0])  # (as they are: a shared first layer is made from them)
+
+
+class FirstLayer(ctypes.Structure):
+    # The layout of ``FirstLayer`` in mlp.cpp.
+    _fields_ = [
+        ("weights", ctypes.c_void_p),
+        ("transposed", ctypes.c_void_p),
+        ("biases", ctypes.c_void_p),
+        ("width", ctypes.c_int64),
+        ("column", ctypes.c_int64),
+    ]
+
+
+def _shared_first_layer(group: list[MLPKernelLayers]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """The group's first layers side by side (weights (k, in, Σout) and its transpose,
+    packed; biases (k, 1, Σout)), and each network's (width, first column) in it."""
+    weights = torch.cat([net.first[0] for net in group], dim=2)
+    biases = torch.cat([net.first[1] for net in group], dim=2).contiguous()
+    columns = np.cumsum([0, *(int(net.sizes[1]) for net in group)])
+    tensors = [pack_panels(weights), pack_panels(weights.transpose(1, 2)), biases]
+    return tensors, [(int(columns[-1]), int(c)) for c in columns[:-1]]
 
 
 class MLPKernelNetworks:
@@ -143,12 +165,27 @@ class MLPKernelNetworks:
             array(*(ctypes.addressof(net.biases) for net in networks)),
         ]
         # (numpy's .ctypes costs ~50 µs a call: the addresses are taken once)
+        # A group of several networks (a Δ model's base and correction) reads its
+        # features through one first layer holding theirs side by side (mlp.cpp).
+        self.first = (FirstLayer * count)()
+        self.shared: list[torch.Tensor] = []  # (kept alive here)
+        j = 0
+        for group in groups:
+            if len(group) > 1 and all(net.layers >= 2 for net in group):
+                tensors, placement = _shared_first_layer(group)
+                self.shared += tensors
+                for width, column in placement:
+                    self.first[j] = FirstLayer(*(t.data_ptr() for t in tensors), width, column)
+                    j += 1
+            else:
+                j += len(group)
         self.arguments = (
             count,
             self.members,
             self.layers.ctypes.data,
             *(ctypes.addressof(a) for a in self.arrays),
             self.alphas.data_ptr(),
+            ctypes.addressof(self.first),
         )
 
 
