@@ -291,3 +291,46 @@ def test_constants_struct_matches_the_c_side():
     assert len(fields) == 15
     assert out[0] == ctypes.sizeof(kernels.build.Constants)
     assert list(out[1:]) == [getattr(kernels.build.Constants, name).offset for name in fields]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_networks_sharing_a_first_layer_equal_the_sum_of_each(dtype):
+    """A group of networks (a Δ model's base and correction) runs through one first layer
+    holding theirs side by side; its energies and input gradients are those of the
+    networks run one by one, added up, whatever their widths, depths and CELU α."""
+    torch.manual_seed(2)
+    base = EnsembleMLP([40, 24, 16, 1], ensemble_size=3, celu_alpha=0.1).to(dtype).requires_grad_(False).eval()
+    correction = EnsembleMLP([40, 6, 1], ensemble_size=3, celu_alpha=0.3).to(dtype).requires_grad_(False).eval()
+    lone = EnsembleMLP([40, 9, 1], ensemble_size=3).to(dtype).requires_grad_(False).eval()
+    layers = [[net.frozen_layers(None).kernel() for net in group] for group in ([base, correction], [lone])]
+    networks = kernels.MLPKernelNetworks(layers)
+    assert [bool(f.weights) for f in networks.first] == [True, True, False]
+    assert [(f.width, f.column) for f in networks.first[:2]] == [(30, 0), (30, 24)]
+    features = torch.randn(13, 40, dtype=dtype)
+    energies, gradients = kernels.mlp(kernels.library(), networks, features, [7, 6])
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    # The written-out tensor version, network by network (autograd's CELU derivative is
+    # off by ~1e-7 relative in float64, see above), member by member.
+    rows = {0: features[:7], 1: features[7:]}
+    expected_energies, expected_gradients = [], []
+    for g, group in enumerate(([base, correction], [lone])):
+        energy, jacobian = 0, 0
+        for net in group:
+            frozen = net.frozen_layers(None)
+            e, slopes = frozen.tensor_forward(rows[g])
+            one_hot = [torch.zeros_like(e).index_fill_(0, torch.tensor([m]), 1) for m in range(3)]
+            energy = energy + e
+            jacobian = jacobian + torch.stack([frozen.tensor_backward(h, [s.clone() for s in slopes]) for h in one_hot])
+        expected_energies.append(energy)
+        expected_gradients.append(jacobian)
+    torch.testing.assert_close(energies, torch.cat(expected_energies, dim=1), **tolerance)
+    torch.testing.assert_close(gradients, torch.cat(expected_gradients, dim=1), **tolerance)
+
+
+def test_a_shared_first_layer_out_of_place_is_refused():
+    torch.manual_seed(3)
+    nets = [EnsembleMLP([8, 5, 1], ensemble_size=2).requires_grad_(False).eval() for _ in range(2)]
+    networks = kernels.MLPKernelNetworks([[net.frozen_layers(None).kernel() for net in nets]])
+    networks.first[1].column = 6  # 6 + 5 columns do not fit in the 10 side by side
+    with pytest.raises(ValueError, match="refused"):
+        kernels.mlp(kernels.library(), networks, torch.randn(4, 8, dtype=torch.float64), [4])
