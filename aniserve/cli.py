@@ -673,6 +673,64 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
     )
 
 
+@main.command()
+@click.argument("structure", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", default=None, help="The base model: name or path (default: the embedded default).")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="The run's folder (created; rerun to resume)."
+)
+@click.option("--level", default=None, help="Label with PySCF at METHOD/BASIS (e.g. wb97x/6-31g*), on Dask.")
+@click.option("--teacher", default=None, help="Or label with this model's energies and forces (free; for trials).")
+@click.option("--temperatures", default="300,1000", show_default=True, help="Langevin MD temperatures, K.")
+@click.option("--steps", default=400, show_default=True, type=click.IntRange(min=1), help="MD steps per temperature.")
+@click.option("--interval", default=10, show_default=True, type=click.IntRange(min=1), help="Steps between frames.")
+@click.option(
+    "--per-iteration", default=16, show_default=True, type=click.IntRange(min=1), help="Labels per iteration."
+)
+@click.option("--iterations", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--stop-fraction",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Stop when the committee flags fewer of the explored frames than this.",
+)
+@click.option(
+    "--held-out", default=12, show_default=True, type=click.IntRange(min=2), help="Held-out frames per temperature."
+)
+@click.option(
+    "--select", "strategy", default="band-fps", show_default=True, help="Selection strategy (aniserve plugins)."
+)
+@click.option(
+    "--strategy", "transfer", default="delta", show_default=True, help="Transfer strategy for each fine-tune."
+)
+@click.option("--epochs", default=60, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="Dask worker processes for PySCF labels.")
+@click.option("--threads", default=1, show_default=True, help="PySCF threads per calculation.")
+def learn(structure, model, temperatures, **kw):
+    """Active learning on your own molecule: explore with MD, collect what the committee
+    doubts, label it, fine-tune, repeat (docs/active-learning.md).
+
+    Example: aniserve learn examples/learn/formaldoxime.xyz --level wb97x/6-31g* --out learn-run
+    """
+    from aniserve import learn as loop
+    from aniserve.embedded import DEFAULT_MODEL
+
+    try:
+        plan = loop.Plan(
+            structure=structure,
+            model=model or DEFAULT_MODEL,
+            temperatures=tuple(float(t) for t in temperatures.split(",")),
+            **kw,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    summary = loop.run(plan)
+    click.echo(loop.table(summary))
+    click.echo(f"summary: {pathlib.Path(kw['out']) / 'summary.json'}, plot: {pathlib.Path(kw['out']) / 'summary.png'}")
+
+
 @main.group(invoke_without_command=True)
 @click.pass_context
 def cache(ctx):
