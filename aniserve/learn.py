@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -187,6 +186,7 @@ def _label_stage(labeller, here: pathlib.Path, selected: dict) -> dict:
 
 
 def _train_stage(folder: pathlib.Path, i: int, plan: Plan, labeller) -> dict:
+    from aniserve.qmdata.records import write_records
     from aniserve.training import ANIData, Settings, transfer_model
     from aniserve.training import train as fit
 
@@ -196,8 +196,8 @@ def _train_stage(folder: pathlib.Path, i: int, plan: Plan, labeller) -> dict:
     training = [r for r in records if not _validates(r["id"])]
     if not validation or not training:  # (one or two labels: the first validates, and trains if alone)
         validation, training = records[:1], records[1:] or records[:1]
-    _write_records(training, here / "train.h5")
-    _write_records(validation, here / "validation.h5")
+    write_records(training, here / "train.h5")
+    write_records(validation, here / "validation.h5")
     energy, forces = labeller.keys()
     settings = Settings(
         epochs=plan.epochs,
@@ -403,18 +403,6 @@ def _records(path: pathlib.Path) -> list[dict]:
     from aniserve.qmdata.records import read_h5
 
     return read_h5(path) if path.exists() else []
-
-
-def _write_records(records: list[dict], out: pathlib.Path) -> None:
-    from aniserve.qmdata.records import Journal, build
-
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        journal = Journal(tmp)
-        for r in records:
-            journal.write(r)
-        if out.exists():
-            out.unlink()
-        build(journal, out)
 
 
 # ------------------------------------------------------------------ errors

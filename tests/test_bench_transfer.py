@@ -288,6 +288,38 @@ def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
 
 
 @pytest.mark.slow
+def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
+    """--pool md: MD frames (300 and 1,000 K) of the pool file's molecules, explored with
+    the base model and labelled by the teacher; the arms are scored by force RMSE against
+    the teacher, per temperature too, and the validation molecules stay outside."""
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    out = tmp_path / "active.json"
+    arguments = ["bench", "active", "--quick", "--pool", "md", "--teacher", "ani-1ccx", "--md-steps", "30"]
+    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
+    arguments += ["--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["pool_kind"]["kind"] == "md" and data["figure"] == "force_rmse_kcal_per_a"
+    assert data["pool_size"] > 0 and "MD frames labelled by ani-1ccx" in result.output
+    validation = set(data["validation_groups"])
+    from aniserve.qmdata.records import read_h5
+
+    frames = read_h5(next((tmp_path / "work").glob("md-train-*.h5")))
+    assert {r["molecule"].rsplit("@", 1)[1] for r in frames} == {"300K", "1000K"}
+    assert all("teacher" in r["levels"] and r["levels"]["teacher"]["forces"] is not None for r in frames)
+    for arm, rows in data["arms"].items():
+        assert [r["k"] for r in rows] == [4, 8], arm
+        for row in rows:
+            for key in ("force_rmse_kcal_per_a", "force_rmse_300K_kcal_per_a", "force_rmse_1000K_kcal_per_a"):
+                assert np.isfinite(row[key]) and row[key] > 0, (arm, key)
+            for run in row["runs"]:
+                assert not validation & set(run["labelled_groups"])
+    assert set(data["labels_to_match_random"]) == {"random", "band"}
+
+
+@pytest.mark.slow
 def test_quick_active_bench_runs_every_arm_without_a_selection_leak(tmp_path):
     """Every arm labels K = 8 then 16 in rounds; the epochs are chosen on validation
     molecules that are fixed, the same for every arm, and never in the pool or any

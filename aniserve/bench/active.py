@@ -38,7 +38,7 @@ import torch
 from aniserve.bench import command as common
 from aniserve.bench.budget import ACTIVE, ACTIVE_QUICK, Budget
 from aniserve.bench.progress import Runs
-from aniserve.bench.scoring import HIGH_ENERGY, read_test_set, score, seed_mean
+from aniserve.bench.scoring import HIGH_ENERGY, HIGH_FORCES, read_test_set, score, seed_mean, subset
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,44 @@ def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed
     return load_saved(out).to(torch.float64).eval(), summary
 
 
-def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir, arms=None) -> dict:
+@dataclasses.dataclass
+class Pool:
+    """Where the labels come from: ``conformations`` (the pool file's own high-level
+    points, CCSD(T)) or ``md`` (MD frames of its molecules explored with the base model
+    and labelled by ``teacher``: ``bench.md_pool``)."""
+
+    kind: str = "conformations"
+    teacher: str = "ani-1x"
+    steps: int = 200
+    interval: int = 10
+
+    def __post_init__(self):
+        if self.kind not in ("conformations", "md"):
+            raise ValueError(f"the pool is 'conformations' or 'md', not {self.kind!r}")
+
+
+def run(
+    train_path, test_path, base: str, strategy: str, budget: Budget, workdir, arms=None, pool_kind: Pool | None = None
+) -> dict:
+    from aniserve.bench import md_pool
     from aniserve.modelfile import load_saved
     from aniserve.registry import registry
     from aniserve.training import ANIData
 
+    source = pool_kind or Pool()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    pool, validation = ANIData(train_path, HIGH_ENERGY).split(VALIDATION_SHARE, VALIDATION_SEED)
-    test = read_test_set(test_path)
+    energy_key, forces_key = HIGH_ENERGY, (HIGH_FORCES if budget.high_force_weight else None)
+    temperatures: tuple[float, ...] = ()
+    if source.kind == "md":
+        train_path, test_path = (
+            md_pool.build(path, workdir, base, source.teacher, source.steps, source.interval)
+            for path in (train_path, test_path)
+        )
+        energy_key, forces_key = md_pool.TEACHER_ENERGY, md_pool.TEACHER_FORCES
+        temperatures = md_pool.TEMPERATURES
+    pool, validation = ANIData(train_path, energy_key, forces_key).split(VALIDATION_SHARE, VALIDATION_SEED)
+    test = read_test_set(test_path, energy_key, forces_key or HIGH_FORCES)
     items = pool.items()
     arms = list(arms or ARMS)
     if max(budget.ks) > len(items):
@@ -152,7 +181,7 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
                     current_path, strategy, pool.select([items[i] for i in labelled]), validation, budget, seed, out
                 )
                 current_path = out
-                result = score(current, test)
+                result = _score(current, test, temperatures)
                 result.update(
                     seed=seed,
                     labels=len(labelled),
@@ -170,8 +199,11 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
                     f"best epoch {summary['best_epoch']}"
                 )
     curves = {arm: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for arm, by_k in runs.items()}
+    figure = "force_rmse_kcal_per_a" if source.kind == "md" else "conformer_rmse_kcal"
     return {
         "base": str(base),
+        "pool_kind": dataclasses.asdict(source),
+        "figure": figure,
         "strategy": strategy,
         "budget": dataclasses.asdict(budget),
         "pool": str(train_path),
@@ -179,8 +211,21 @@ def run(train_path, test_path, base: str, strategy: str, budget: Budget, workdir
         "pool_size": len(items),
         "validation_groups": sorted({g.name for g in validation.groups}),
         "arms": curves,
-        "labels_to_match_random": labels_to_match_random(curves),
+        "labels_to_match_random": labels_to_match_random(curves, figure),
     }
+
+
+def _score(model, test, temperatures) -> dict:
+    """The test errors, with ``force_rmse_kcal_per_a`` against the pool's own high level
+    (CCSD(T), or the teacher), and per temperature for an MD pool."""
+    result = score(model, test)
+    if "force_rmse_vs_cc_kcal_per_a" in result:
+        result["force_rmse_kcal_per_a"] = result["force_rmse_vs_cc_kcal_per_a"]
+    for temperature in temperatures:
+        part = score(model, subset(test, [m.endswith(f"@{temperature:g}K") for m in test.molecule]))
+        result[f"force_rmse_{temperature:g}K_kcal_per_a"] = part.get("force_rmse_vs_cc_kcal_per_a", float("nan"))
+        result[f"conformer_rmse_{temperature:g}K_kcal"] = part["conformer_rmse_kcal"]
+    return result
 
 
 def labels_to_match_random(curves: dict, key: str = "conformer_rmse_kcal") -> dict:
@@ -200,20 +245,29 @@ def labels_to_match_random(curves: dict, key: str = "conformer_rmse_kcal") -> di
 def table(result: dict) -> str:
     arms = list(result["arms"])
     ks = [row["k"] for row in result["arms"][arms[0]]]
+    figures = [f for f in ("force_rmse_kcal_per_a", "conformer_rmse_kcal") if f in result["arms"][arms[0]][0]]
+    short = {"force_rmse_kcal_per_a": "force", "conformer_rmse_kcal": "conformer"}
+    pool = result.get("pool_kind", {"kind": "conformations"})
     lines = [
-        f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} conformations, "
-        f"validation molecules {len(result['validation_groups'])} (outside the pool)",
-        f"{'K':>6s} " + " ".join(f"{arm + ' conformer':>20s}" for arm in arms),
+        f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} "
+        + ("conformations" if pool["kind"] == "conformations" else f"MD frames labelled by {pool['teacher']}")
+        + f", validation molecules {len(result['validation_groups'])} (outside the pool)",
+        f"{'K':>6s} " + " ".join(f"{arm + ' ' + short[f]:>22s}" for f in figures for arm in arms),
     ]
     for k in ks:
         cells = []
-        for arm in arms:
-            m = next(r for r in result["arms"][arm] if r["k"] == k)
-            cells.append(f"{m['conformer_rmse_kcal']:.2f}±{m['conformer_rmse_kcal_std']:.2f}".rjust(20))
+        for f in figures:
+            for arm in arms:
+                m = next(r for r in result["arms"][arm] if r["k"] == k)
+                cells.append(f"{m[f]:.2f}±{m[f + '_std']:.2f}".rjust(22))
         lines.append(f"{k:6d} " + " ".join(cells))
+    figure = result.get("figure", "conformer_rmse_kcal")
     match = ", ".join(f"{arm} {fraction:.2f}" for arm, fraction in result["labels_to_match_random"].items())
-    lines.append(f"labels needed to reach random's final conformer RMSE (fraction of its K): {match}")
-    lines.append("conformer RMSE, kcal/mol, against the high level on the held-out test molecules; ± over seeds")
+    lines.append(f"labels needed to reach random's final {short[figure]} RMSE (fraction of its K): {match}")
+    lines.append(
+        "force RMSE kcal/mol/Å and conformer RMSE kcal/mol, against the pool's high level on the held-out test "
+        "molecules; ± over seeds"
+    )
     return "\n".join(lines)
 
 
@@ -279,10 +333,36 @@ def default_workdir() -> pathlib.Path:
 @common.budget_option
 @common.workdir_option("bench-active")
 @click.option("--arms", default=None, help="Comma-separated selection strategies (default random,top-k,band,band-fps).")
+@click.option(
+    "--pool",
+    "pool_kind",
+    type=click.Choice(["conformations", "md"]),
+    default="conformations",
+    show_default=True,
+    help="The labels: the pool file's CCSD(T) conformations, or MD frames of its molecules (300 and 1,000 K, "
+    "explored with --base) labelled by --teacher.",
+)
+@click.option("--teacher", default="ani-1x", show_default=True, help="The MD pool's labeller (energies and forces).")
+@click.option("--md-steps", default=200, show_default=True, type=click.IntRange(min=1), help="MD steps a temperature.")
 @common.json_option()
 @common.plot_option("Write the learning curves (PNG).")
 def command(
-    quick, base, strategy, train_path, test_path, ks, seeds, epochs, budget_items, workdir, arms, json_out, plot_out
+    quick,
+    base,
+    strategy,
+    train_path,
+    test_path,
+    ks,
+    seeds,
+    epochs,
+    budget_items,
+    workdir,
+    arms,
+    pool_kind,
+    teacher,
+    md_steps,
+    json_out,
+    plot_out,
 ):
     """Selection strategies against each other: K labels in rounds, learning curves on held-out molecules.
 
@@ -294,8 +374,11 @@ def command(
         items.append(f"ks={[int(k) for k in ks.split(',')]}")
     if epochs:
         items.append(f"transfer_epochs={epochs}")
+    if pool_kind == "md":
+        items.insert(0, "high_force_weight=1.0")  # (the teacher's forces are labels too)
     budget = common.budget_from(ACTIVE_QUICK if quick else ACTIVE, seeds, items)
     workdir = workdir or default_workdir()
-    result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None)
+    source = Pool(pool_kind, teacher, md_steps, 10)
+    result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None, source)
     common.report_kept(workdir)
     common.finish(result, table(result), json_out, plot_out, plot)

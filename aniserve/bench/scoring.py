@@ -105,7 +105,9 @@ class TestSet:
     high_forces: list[np.ndarray]
 
 
-def read_test_set(path) -> TestSet:
+def read_test_set(path, high_energy: str = HIGH_ENERGY, high_forces: str = HIGH_FORCES) -> TestSet:
+    """The test conformations of ``path`` that have the high level (by default
+    CCSD(T)/cc-pVDZ; ``bench active``'s MD pool names its teacher's keys)."""
     import h5py
 
     out = TestSet([], [], np.array([]), np.array([]), np.array([]), [], [])
@@ -113,23 +115,38 @@ def read_test_set(path) -> TestSet:
     with h5py.File(path, "r") as f:
         for name in sorted(f):
             g = f[name]
-            if HIGH_ENERGY not in g:  # a group without the high level has nothing to test
+            if high_energy not in g:  # a group without the high level has nothing to test
                 continue
-            keep = np.nonzero(np.isfinite(g[HIGH_ENERGY][()]))[0]
+            keep = np.nonzero(np.isfinite(g[high_energy][()]))[0]
             names = [m.decode() for m in g["molecule"][keep]] if "molecule" in g else [name] * len(keep)
             for row, c in enumerate(keep):
                 out.numbers.append(g["atomic_numbers"][()])
                 out.positions.append(g["coordinates"][c])
                 molecule.append(names[row])
-                high.append(g[HIGH_ENERGY][c])
+                high.append(g[high_energy][c])
                 low.append(g[LOW_ENERGY][c] if LOW_ENERGY in g else np.nan)
                 missing = np.full((len(g["atomic_numbers"]), 3), np.nan)
                 out.low_forces.append(g[LOW_FORCES][c] if LOW_FORCES in g else missing)
-                out.high_forces.append(g[HIGH_FORCES][c] if HIGH_FORCES in g else missing)
+                out.high_forces.append(g[high_forces][c] if high_forces in g else missing)
     out.molecule, out.high, out.low = np.array(molecule), np.array(high), np.array(low)
     if not len(out.high):
-        raise ValueError(f"{path}: no conformation has {HIGH_ENERGY}")
+        raise ValueError(f"{path}: no conformation has {high_energy}")
     return out
+
+
+def subset(test: TestSet, keep) -> TestSet:
+    """The test conformations where ``keep`` (a boolean per conformation) holds."""
+    index = np.nonzero(np.asarray(keep))[0]
+    pick = lambda items: [items[i] for i in index]  # noqa: E731
+    return TestSet(
+        pick(test.numbers),
+        pick(test.positions),
+        test.molecule[index],
+        test.high[index],
+        test.low[index],
+        pick(test.low_forces),
+        pick(test.high_forces),
+    )
 
 
 def metrics(predicted: np.ndarray, test: TestSet, forces=None, std=None) -> dict:

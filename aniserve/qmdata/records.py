@@ -220,3 +220,17 @@ def build(journal: Journal, out: pathlib.Path, sampling_note: str | None = None)
                     )
     os.replace(tmp, out)
     return len(records)
+
+
+def write_records(records: list[dict], out: pathlib.Path) -> None:
+    """An ANI HDF5 file holding exactly ``records`` (replacing ``out``), by ``build``."""
+    import tempfile
+
+    out = pathlib.Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        journal = Journal(tmp)
+        for r in records:
+            journal.write(r)
+        if out.exists():
+            out.unlink()
+        build(journal, out)

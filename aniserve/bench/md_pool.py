@@ -1,0 +1,120 @@
+"""``bench active --pool md``: a pool with the redundancy of real exploration.
+
+Normal-mode conformations (eight per molecule) leave a selection little to choose
+between; frames of molecular dynamics are what an active-learning run meets.  From the
+first conformation of each molecule of an ANI file, Langevin MD with the *explorer*
+(the committee's own model) at each temperature, a frame every ``interval`` steps; each
+frame labelled by a *teacher* model (energies and forces at the teacher's level; free).
+A frame's molecule is ``name@300K``, so a selection's cap per trajectory and the scores
+per temperature read it.  Built once per setting and kept in the bench's work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pathlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEACHER_ENERGY, TEACHER_FORCES = "teacher.energy", "teacher.forces"
+TEMPERATURES = (300.0, 1000.0)
+TIMESTEP_FS = 0.5
+
+
+def starts(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(molecule, numbers, positions) of the first conformation of each molecule in ``path``."""
+    from aniserve.qmdata.records import read_h5
+
+    first: dict[str, dict] = {}
+    for r in read_h5(path):
+        if r["molecule"] not in first or r["index"] < first[r["molecule"]]["index"]:
+            first[r["molecule"]] = r
+    if not first:
+        raise ValueError(f"{path}: no conformations to start MD from")
+    return [(name, np.array(r["numbers"]), np.array(r["positions"])) for name, r in sorted(first.items())]
+
+
+def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval: int, seed: int = 0) -> pathlib.Path:
+    """The MD frames of ``starts_path``'s molecules with teacher labels, as an ANI file
+    in ``folder`` (named by its settings; made once)."""
+    from aniserve.models import load_model
+    from aniserve.qmdata.label import structure_id
+    from aniserve.qmdata.records import write_records
+
+    settings = {
+        "starts": str(starts_path),
+        "explorer": explorer,
+        "teacher": teacher,
+        "steps": steps,
+        "interval": interval,
+        "seed": seed,
+        "temperatures": TEMPERATURES,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = pathlib.Path(folder) / f"md-{pathlib.Path(starts_path).stem}-{key}.h5"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = load_model(explorer, dtype="float64")
+    labeller = load_model(teacher, dtype="float64")
+    records = []
+    for m, (name, numbers, positions) in enumerate(starts(starts_path)):
+        for t, temperature in enumerate(TEMPERATURES):
+            frames = trajectory(model, numbers, positions, temperature, steps, interval, seed=[seed, m, t])
+            result = labeller.evaluate(np.stack([numbers] * len(frames)), np.stack(frames))
+            trajectory_name = f"{name}@{temperature:g}K"
+            energies = np.atleast_1d(result.energy)
+            for i, (x, energy, forces) in enumerate(zip(frames, energies, result.forces)):
+                records.append(
+                    {
+                        "id": structure_id(trajectory_name, numbers, x),
+                        "molecule": trajectory_name,
+                        "source": f"bench active MD ({explorer})",
+                        "index": i,
+                        "temperature_k": temperature,
+                        "numbers": numbers.tolist(),
+                        "positions": x.tolist(),
+                        "levels": {
+                            "teacher": {
+                                "energy": float(energy),
+                                "forces": forces.tolist(),
+                                "wall_s": 0.0,
+                                "attributes": {"method": "teacher", "model": teacher},
+                            }
+                        },
+                    }
+                )
+        log.info(f"MD pool {out.name}: {name} done ({len(records)} frames so far)")
+    write_records(records, out)
+    return out
+
+
+def trajectory(model, numbers, positions, temperature: float, steps: int, interval: int, seed) -> list[np.ndarray]:
+    """Positions every ``interval`` steps of Langevin MD (the start left out)."""
+    import ase
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from aniserve.calculator import ANICalculator
+
+    atoms = ase.Atoms(numbers=numbers, positions=positions)
+    atoms.calc = ANICalculator(model)
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    dynamics = Langevin(
+        atoms,
+        timestep=TIMESTEP_FS * units.fs,
+        temperature_K=temperature,
+        friction=0.02 / units.fs,
+        rng=rng,
+        fixcm=False,
+    )
+    frames: list[np.ndarray] = []
+    dynamics.attach(lambda: frames.append(atoms.positions.copy()), interval=interval)
+    dynamics.run(steps)
+    return frames[1:]
