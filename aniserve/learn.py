@@ -157,7 +157,7 @@ def _explore_stage(model, atoms, plan: Plan, i: int, yardstick, here: pathlib.Pa
 
 def _select_stage(model, here: pathlib.Path, plan: Plan, i: int) -> dict:
     from aniserve.registry import registry
-    from aniserve.selection import Candidates
+    from aniserve.selection import Candidates, mean_aevs
     from aniserve.structures import read_structures
 
     frames = read_structures(here / "explore.extxyz")
@@ -165,7 +165,7 @@ def _select_stage(model, here: pathlib.Path, plan: Plan, i: int) -> dict:
     candidates = Candidates(
         force_deviation=np.array([frames[k].info["force_std_max_kcal_per_a"] for k in collected]),
         group=np.array([frames[k].info["temperature_k"] for k in collected]),
-        descriptors=_mean_aevs(model, [frames[k] for k in collected]),
+        descriptors=mean_aevs(model, [(frames[k].numbers, frames[k].positions) for k in collected]),
     )
     strategy = registry().get("selection-strategy", plan.strategy)()
     rng = np.random.default_rng([plan.seed, i])
@@ -229,39 +229,46 @@ def _explore(model, atoms, plan: Plan, seed: int, yardstick, frames_per_temperat
     ``frames_per_temperature``, that many, evenly spread over the run), each with its
     spread and collection flag in ``info``, measured by ``yardstick`` (scale of the
     members' std, threshold on ρ)."""
+    frames = []
+    for k, temperature in enumerate(plan.temperatures):
+        every = plan.interval if frames_per_temperature is None else max(1, plan.steps // frames_per_temperature)
+        positions = langevin_frames(
+            model, atoms.numbers, atoms.positions, temperature, plan.steps, every, [seed, k], plan.timestep_fs
+        )
+        if frames_per_temperature is not None:
+            positions = positions[:frames_per_temperature]
+        for step, x in enumerate(positions):
+            frame = atoms.copy()
+            frame.positions = x
+            frame.info.update(temperature_k=temperature, step=(step + 1) * every, seed=seed)
+            frames.append(frame)
+    _score(model, frames, *yardstick)
+    return frames
+
+
+def langevin_frames(
+    model, numbers, positions, temperature: float, steps: int, interval: int, seed, timestep_fs: float = 0.5
+) -> list[np.ndarray]:
+    """Positions (Å) every ``interval`` steps of Langevin MD (ASE, friction 0.02/fs,
+    Maxwell–Boltzmann start, the served evaluation as the calculator), the start left
+    out: the exploration of ``aniserve learn`` and of ``bench active --pool md``."""
+    import ase
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     from aniserve.calculator import ANICalculator
 
-    frames = []
-    for k, temperature in enumerate(plan.temperatures):
-        system = atoms.copy()
-        system.calc = ANICalculator(model)
-        rng = np.random.default_rng([seed, k])
-        MaxwellBoltzmannDistribution(system, temperature_K=temperature, rng=rng)
-        dynamics = Langevin(
-            system,
-            timestep=plan.timestep_fs * units.fs,
-            temperature_K=temperature,
-            friction=0.02 / units.fs,
-            rng=rng,
-            fixcm=False,
-        )
-        every = plan.interval if frames_per_temperature is None else max(1, plan.steps // frames_per_temperature)
-        snapshots: list = []
-        dynamics.attach(lambda s=system, out=snapshots: out.append(s.copy()), interval=every)
-        dynamics.run(plan.steps)
-        snapshots = snapshots[1:]  # (the start is the given structure)
-        if frames_per_temperature is not None:
-            snapshots = snapshots[:frames_per_temperature]
-        for step, frame in enumerate(snapshots):
-            frame.calc = None
-            frame.info.update(temperature_k=temperature, step=(step + 1) * every, seed=seed)
-            frames.append(frame)
-    _score(model, frames, *yardstick)
-    return frames
+    atoms = ase.Atoms(numbers=numbers, positions=positions)
+    atoms.calc = ANICalculator(model)
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    step, friction = timestep_fs * units.fs, 0.02 / units.fs
+    dynamics = Langevin(atoms, timestep=step, temperature_K=temperature, friction=friction, rng=rng, fixcm=False)
+    frames: list[np.ndarray] = []
+    dynamics.attach(lambda: frames.append(atoms.positions.copy()), interval=interval)
+    dynamics.run(steps)
+    return frames[1:]
 
 
 def _score(model, frames, scale: float, threshold: float) -> None:
@@ -287,23 +294,6 @@ def _score(model, frames, scale: float, threshold: float) -> None:
             threshold_kcal=threshold,
             collected=bool(r > threshold),
         )
-
-
-def _mean_aevs(model, frames) -> np.ndarray:
-    """Each frame's mean AEV over its atoms: what farthest-point choice measures."""
-    import torch
-
-    from aniserve.neighbors import find_pairs
-
-    out = []
-    with torch.no_grad():
-        for f in frames:
-            positions = torch.tensor(f.positions, dtype=torch.float64)
-            pairs = find_pairs(positions, model.cutoff)
-            vectors = (positions[pairs.neighbor] - positions[pairs.center]).to(model.dtype)
-            species = model.species_indices(torch.tensor(f.numbers))
-            out.append(model.featurizer(species, pairs.center, pairs.neighbor, vectors).mean(0).double().numpy())
-    return np.stack(out) if out else np.zeros((0, 1))
 
 
 # ------------------------------------------------------------------ labels

@@ -143,6 +143,24 @@ def _farthest_first(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.array(order)
 
 
+def mean_aevs(model, structures) -> np.ndarray:
+    """Each structure's mean AEV over its atoms (``model``'s featurizer), the descriptor
+    farthest-point choice measures distances on; structures: (numbers, positions Å)."""
+    import torch
+
+    from aniserve.neighbors import find_pairs
+
+    out = []
+    with torch.no_grad():
+        for numbers, positions in structures:
+            x = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
+            pairs = find_pairs(x, model.cutoff)
+            vectors = (x[pairs.neighbor] - x[pairs.center]).to(model.dtype)
+            species = model.species_indices(torch.as_tensor(np.asarray(numbers)))
+            out.append(model.featurizer(species, pairs.center, pairs.neighbor, vectors).mean(0).double().numpy())
+    return np.stack(out) if out else np.zeros((0, 1))
+
+
 @hookimpl
 def aniserve_selection_strategies():
     return {"random": RandomSelection, "top-k": TopK, "band": TrustBand, "band-fps": TrustBandFarthest}

@@ -53,10 +53,9 @@ def candidates(model, pool, items):
     """The selection strategies' view of ``items`` of ``pool`` under ``model``'s
     committee: force deviation (the largest over atoms of the members' force spread,
     kcal/mol/Å), energy spread per atom, molecule, and the mean AEV as descriptor."""
-    from aniserve.neighbors import find_pairs
-    from aniserve.selection import Candidates
+    from aniserve.selection import Candidates, mean_aevs
 
-    deviation, spread, group, descriptors = [], [], [], []
+    deviation, spread, group, structures = [], [], [], []
     batch = pool.read(items)
     for numbers, positions, molecule in zip(batch.numbers.numpy(), batch.positions.numpy(), batch.molecule):
         real = numbers > 0
@@ -67,14 +66,8 @@ def candidates(model, pool, items):
         deviation.append(float(per_atom.max()) * HARTREE_IN_KCAL_PER_MOL)
         spread.append(float(result.energy_std) / len(numbers) * HARTREE_IN_KCAL_PER_MOL)
         group.append(molecule)
-        with torch.no_grad():
-            x = torch.as_tensor(positions, dtype=torch.float64)
-            pairs = find_pairs(x, model.cutoff)
-            vectors = (x[pairs.neighbor] - x[pairs.center]).to(model.dtype)
-            species = model.species_indices(torch.as_tensor(numbers))
-            features = model.featurizer(species, pairs.center, pairs.neighbor, vectors)
-        descriptors.append(features.mean(0).double().numpy())
-    return Candidates(np.array(deviation), np.array(group), np.array(descriptors), np.array(spread))
+        structures.append((numbers, positions))
+    return Candidates(np.array(deviation), np.array(group), mean_aevs(model, structures), np.array(spread))
 
 
 def _start(base: str, out: pathlib.Path):

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 TEACHER_ENERGY, TEACHER_FORCES = "teacher.energy", "teacher.forces"
 TEMPERATURES = (300.0, 1000.0)
-TIMESTEP_FS = 0.5
 
 
 def starts(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -41,6 +40,7 @@ def starts(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval: int, seed: int = 0) -> pathlib.Path:
     """The MD frames of ``starts_path``'s molecules with teacher labels, as an ANI file
     in ``folder`` (named by its settings; made once)."""
+    from aniserve.learn import langevin_frames
     from aniserve.models import load_model
     from aniserve.qmdata.label import structure_id
     from aniserve.qmdata.records import write_records
@@ -64,7 +64,7 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
     records = []
     for m, (name, numbers, positions) in enumerate(starts(starts_path)):
         for t, temperature in enumerate(TEMPERATURES):
-            frames = trajectory(model, numbers, positions, temperature, steps, interval, seed=[seed, m, t])
+            frames = langevin_frames(model, numbers, positions, temperature, steps, interval, [seed, m, t])
             result = labeller.evaluate(np.stack([numbers] * len(frames)), np.stack(frames))
             trajectory_name = f"{name}@{temperature:g}K"
             energies = np.atleast_1d(result.energy)
@@ -91,30 +91,3 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
         log.info(f"MD pool {out.name}: {name} done ({len(records)} frames so far)")
     write_records(records, out)
     return out
-
-
-def trajectory(model, numbers, positions, temperature: float, steps: int, interval: int, seed) -> list[np.ndarray]:
-    """Positions every ``interval`` steps of Langevin MD (the start left out)."""
-    import ase
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
-    from aniserve.calculator import ANICalculator
-
-    atoms = ase.Atoms(numbers=numbers, positions=positions)
-    atoms.calc = ANICalculator(model)
-    rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    dynamics = Langevin(
-        atoms,
-        timestep=TIMESTEP_FS * units.fs,
-        temperature_K=temperature,
-        friction=0.02 / units.fs,
-        rng=rng,
-        fixcm=False,
-    )
-    frames: list[np.ndarray] = []
-    dynamics.attach(lambda: frames.append(atoms.positions.copy()), interval=interval)
-    dynamics.run(steps)
-    return frames[1:]
