@@ -52,22 +52,28 @@ VALIDATION_SHARE, VALIDATION_SEED = 0.15, 0
 def candidates(model, pool, items):
     """The selection strategies' view of ``items`` of ``pool`` under ``model``'s
     committee: force deviation (the largest over atoms of the members' force spread,
-    kcal/mol/Å), energy spread per atom, molecule, and the mean AEV as descriptor."""
+    kcal/mol/Å), energy spread per atom, molecule, and the mean AEV as descriptor.
+    Conformations of one molecule are evaluated in one batch."""
     from aniserve.selection import Candidates, mean_aevs
 
-    deviation, spread, group, structures = [], [], [], []
     batch = pool.read(items)
-    for numbers, positions, molecule in zip(batch.numbers.numpy(), batch.positions.numpy(), batch.molecule):
+    structures = []
+    for numbers, positions in zip(batch.numbers.numpy(), batch.positions.numpy()):
         real = numbers > 0
-        numbers, positions = numbers[real], positions[real]
-        result = model.evaluate(numbers, positions, member_forces=True)
-        members = np.asarray(result.member_forces)  # (k, N, 3)
-        per_atom = np.sqrt(((members - members.mean(0)) ** 2).sum(-1).mean(0))
-        deviation.append(float(per_atom.max()) * HARTREE_IN_KCAL_PER_MOL)
-        spread.append(float(result.energy_std) / len(numbers) * HARTREE_IN_KCAL_PER_MOL)
-        group.append(molecule)
-        structures.append((numbers, positions))
-    return Candidates(np.array(deviation), np.array(group), mean_aevs(model, structures), np.array(spread))
+        structures.append((numbers[real], positions[real]))
+    deviation, spread = np.zeros(len(structures)), np.zeros(len(structures))
+    same: dict[tuple, list[int]] = {}
+    for i, (numbers, _) in enumerate(structures):
+        same.setdefault(tuple(numbers.tolist()), []).append(i)
+    for numbers, rows in same.items():
+        result = model.evaluate(
+            np.array([numbers] * len(rows)), np.stack([structures[i][1] for i in rows]), member_forces=True
+        )
+        members = np.asarray(result.member_forces)  # (B, k, N, 3)
+        per_atom = np.sqrt(((members - members.mean(1, keepdims=True)) ** 2).sum(-1).mean(1))  # (B, N)
+        deviation[rows] = per_atom.max(-1) * HARTREE_IN_KCAL_PER_MOL
+        spread[rows] = np.asarray(result.energy_std) / len(numbers) * HARTREE_IN_KCAL_PER_MOL
+    return Candidates(deviation, np.array(batch.molecule), mean_aevs(model, structures), spread)
 
 
 def _start(base: str, out: pathlib.Path):
