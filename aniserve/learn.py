@@ -103,14 +103,16 @@ def run(plan: Plan) -> dict:
         _label(labeller, frames, held / "labels.h5", name="held-out")
         _mark(held / "done.json", {"frames": len(frames)})
     held_records = _records(held / "labels.h5")
-    rows = []
+    rows: list[dict] = []
     model_path: str = plan.model
+    labels = 0
     for i in range(plan.iterations):
         here = folder / f"iter-{i:03d}"
         here.mkdir(exist_ok=True)
         model = _load(model_path)
         explored = _stage(here / "explore.json", lambda: _explore_stage(model, atoms, plan, i, yardstick, here))
-        row = {"iteration": i, "model": str(model_path), **explored, **_errors(model, held_records, labeller)}
+        row = {"iteration": i, "model": str(model_path), "labels": labels, **explored}
+        row.update(_errors(model, held_records, labeller))
         if explored["collected_fraction"] < plan.stop_fraction or not explored["collected"]:
             row["stopped"] = f"collected fraction {explored['collected_fraction']:.3f} below {plan.stop_fraction}"
             rows.append(row)
@@ -118,13 +120,14 @@ def run(plan: Plan) -> dict:
         selected = _stage(here / "select.json", lambda: _select_stage(model, here, plan, i))
         _stage(here / "label.json", lambda: _label_stage(labeller, here, selected))
         trained = _stage(here / "train.json", lambda: _train_stage(folder, i, plan, labeller))
-        row.update(labels=trained["labels"], trained=trained["model"])
+        labels = trained["labels"]
+        row.update(labels=labels, trained=trained["model"])
         rows.append(row)
         model_path = trained["model"]
     else:  # every iteration trained: the last model's figures
         model = _load(model_path)
         last = _explore_stage(model, atoms, plan, plan.iterations, yardstick, None)
-        final = {"iteration": plan.iterations, "model": model_path, "labels": rows[-1]["labels"]}
+        final = {"iteration": plan.iterations, "model": model_path, "labels": labels}
         rows.append({**final, **last, **_errors(model, held_records, labeller)})
     summary = {"plan": dataclasses.asdict(plan), "labels": labeller.describe(), "iterations": rows}
     _atomic_write(folder / "summary.json", json.dumps(summary, indent=1, default=float))
