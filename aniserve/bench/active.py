@@ -114,13 +114,14 @@ def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed
 @dataclasses.dataclass
 class Pool:
     """Where the labels come from: ``conformations`` (the pool file's own high-level
-    points, CCSD(T)) or ``md`` (MD frames of its molecules explored with the base model
-    and labelled by ``teacher``: ``bench.md_pool``)."""
+    points, CCSD(T)) or ``md`` (MD frames of its molecules explored with ``explorer``,
+    by default the base model, and labelled by ``teacher``: ``bench.md_pool``)."""
 
     kind: str = "conformations"
     teacher: str = "ani-1x"
     steps: int = 200
     interval: int = 10
+    explorer: str | None = None  # the model that runs the MD (default: the base)
 
     def __post_init__(self):
         if self.kind not in ("conformations", "md"):
@@ -142,7 +143,7 @@ def run(
     temperatures: tuple[float, ...] = ()
     if source.kind == "md":
         train_path, test_path = (
-            md_pool.build(path, workdir, base, source.teacher, source.steps, source.interval)
+            md_pool.build(path, workdir, source.explorer or base, source.teacher, source.steps, source.interval)
             for path in (train_path, test_path)
         )
         energy_key, forces_key = md_pool.TEACHER_ENERGY, md_pool.TEACHER_FORCES
@@ -342,6 +343,11 @@ def default_workdir() -> pathlib.Path:
     "explored with --base) labelled by --teacher.",
 )
 @click.option("--teacher", default="ani-1x", show_default=True, help="The MD pool's labeller (energies and forces).")
+@click.option(
+    "--explorer",
+    default=None,
+    help="The model that runs the MD pool's dynamics (default: --base; the teacher when the base is a weak student).",
+)
 @click.option("--md-steps", default=200, show_default=True, type=click.IntRange(min=1), help="MD steps a temperature.")
 @common.json_option()
 @common.plot_option("Write the learning curves (PNG).")
@@ -359,6 +365,7 @@ def command(
     arms,
     pool_kind,
     teacher,
+    explorer,
     md_steps,
     json_out,
     plot_out,
@@ -379,7 +386,7 @@ def command(
         items[:0] = ["high_force_weight=1.0", "selection=loss"]
     budget = common.budget_from(ACTIVE_QUICK if quick else ACTIVE, seeds, items)
     workdir = workdir or default_workdir()
-    source = Pool(pool_kind, teacher, md_steps, 10)
+    source = Pool(pool_kind, teacher, md_steps, 10, explorer)
     result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None, source)
     common.report_kept(workdir)
     common.finish(result, table(result), json_out, plot_out, plot)

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 TEACHER_ENERGY, TEACHER_FORCES = "teacher.energy", "teacher.forces"
 TEMPERATURES = (300.0, 1000.0)
+#: Frames with two atoms closer than this (Å) end a trajectory: it has collapsed.
+MIN_DISTANCE = 0.6
 
 
 def starts(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -65,6 +67,14 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
     for m, (name, numbers, positions) in enumerate(starts(starts_path)):
         for t, temperature in enumerate(TEMPERATURES):
             frames = langevin_frames(model, numbers, positions, temperature, steps, interval, [seed, m, t])
+            # A trajectory that collapses (ANI models have no short-range wall: N₂ at 1,000 K
+            # with ANI-1x fused to 0.07 Å) is kept up to its last physical frame.
+            physical = [closest_distance(x) >= MIN_DISTANCE for x in frames]
+            if not all(physical):
+                log.warning(f"MD pool: {name} at {temperature:g} K collapsed after {physical.index(False)} frames")
+                frames = frames[: physical.index(False)]
+            if not frames:
+                continue
             result = labeller.evaluate(np.stack([numbers] * len(frames)), np.stack(frames))
             trajectory_name = f"{name}@{temperature:g}K"
             energies = np.atleast_1d(result.energy)
@@ -91,3 +101,11 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
         log.info(f"MD pool {out.name}: {name} done ({len(records)} frames so far)")
     write_records(records, out)
     return out
+
+
+def closest_distance(positions: np.ndarray) -> float:
+    """The smallest interatomic distance of one structure, Å."""
+    x = np.asarray(positions, float)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return float(d.min())
