@@ -287,6 +287,32 @@ def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     )
 
 
+def test_an_md_pool_trajectory_ends_where_it_collapses(monkeypatch, tmp_path):
+    """ANI-1x's N₂ fuses in MD: the pool keeps a trajectory up to its last frame with all
+    atoms at least MIN_DISTANCE apart, and none of a trajectory that starts collapsed."""
+    from aniserve.bench import md_pool
+    from aniserve.qmdata.records import read_h5
+
+    write_levels(tmp_path / "starts.h5", TRAIN[:2], conformations=2, high_every=1, seed=0)
+    gap = [1.1, 1.0, 0.3, 1.1]  # the third frame has collapsed: it and all after it go
+
+    def frames(model, numbers, positions, temperature, steps, interval, seed, timestep_fs=0.5):
+        x = np.asarray(positions, float)
+        out = []
+        for d in gap:
+            y = x.copy()
+            y[1] = y[0] + [d, 0, 0]
+            out.append(y)
+        return out
+
+    monkeypatch.setattr("aniserve.learn.langevin_frames", frames)
+    out = md_pool.build(tmp_path / "starts.h5", tmp_path / "pool", "ani-1x", "ani-1x", 40, 10)
+    records = read_h5(out)
+    assert len(records) == 2 * len(md_pool.TEMPERATURES) * 2  # 2 molecules × 2 temperatures × 2 frames
+    assert min(md_pool.closest_distance(r["positions"]) for r in records) >= md_pool.MIN_DISTANCE
+    assert md_pool.closest_distance([[0, 0, 0], [0, 0, 0.25], [3, 0, 0]]) == pytest.approx(0.25)
+
+
 @pytest.mark.slow
 def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
     """--pool md: MD frames (300 and 1,000 K) of the pool file's molecules, explored with

@@ -107,6 +107,7 @@ def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict
         temperature_K=temperature,
         friction=0.01 / units.fs,
         rng=np.random.default_rng(seed),
+        fixcm=True,  # (ASE's present default, said explicitly: its default is to change)
     )
     rho, broken, closest = [], set(), math.inf
     n = len(atoms)
