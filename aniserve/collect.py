@@ -91,7 +91,7 @@ class Collector:
         self.evaluated += 1
         n = len(structure.numbers)
         rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
-        force_spread = None if result.member_forces is None else _force_spread(result.member_forces)
+        force_spread = None if result.member_forces is None else max_force_spread(result.member_forces)
         if self.energy_std == MODEL_THRESHOLD:  # never bound to a model: no model states one
             self.energy_std = ANI1X_ENERGY_STD
         flagged = (self.energy_std is not None and rho > float(self.energy_std)) or (
@@ -100,7 +100,7 @@ class Collector:
         if not flagged or (key in self.last and step - self.last[key] < self.every):
             return False
         if force_spread is None and member_forces is not None:
-            force_spread = _force_spread(member_forces())
+            force_spread = max_force_spread(member_forces())
         self.last[key] = step
         self._write(structure, result, model, key, step, rho, force_spread)
         self.collected += 1
@@ -132,8 +132,11 @@ class Collector:
         ase.io.write(self.path, atoms, format="extxyz", append=True)
 
 
-def _force_spread(member_forces: np.ndarray) -> float:
+def max_force_spread(member_forces: np.ndarray):
     """The largest per-atom spread of the members' forces, kcal/mol/Å: for each atom the
-    root mean square over members of |F_m − F̄|."""
-    deviation = member_forces - member_forces.mean(0)
-    return float(np.sqrt((deviation**2).sum(-1).mean(0)).max()) * HARTREE_IN_KCAL_PER_MOL
+    root mean square over members of |F_m − F̄|, then the largest over atoms.
+    member_forces (k, N, 3) Hartree/Å gives a number; (B, k, N, 3) one per structure."""
+    forces = np.asarray(member_forces)
+    deviation = forces - forces.mean(-3, keepdims=True)
+    spread = np.sqrt((deviation**2).sum(-1).mean(-2)).max(-1) * HARTREE_IN_KCAL_PER_MOL
+    return float(spread) if spread.ndim == 0 else spread

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from aniserve.collect import stated_threshold
+from aniserve.collect import max_force_spread, stated_threshold
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,7 @@ def _score(model, frames, scale: float, threshold: float) -> None:
     numbers = np.stack([f.numbers for f in frames])
     positions = np.stack([f.positions for f in frames])
     result = model.evaluate(numbers, positions, member_forces=True)
-    deviation = result.member_forces - result.member_forces.mean(1, keepdims=True)
-    force_std = np.sqrt((deviation**2).sum(-1).mean(1)).max(-1) * HARTREE_IN_KCAL_PER_MOL
+    force_std = max_force_spread(result.member_forces)
     relative = result.member_energies - result.member_energies.mean(0)  # (frames, members)
     rho = relative.std(1) * scale * HARTREE_IN_KCAL_PER_MOL / math.sqrt(numbers.shape[1])
     for f, r, d in zip(frames, rho, force_std):

@@ -369,7 +369,7 @@ class ANIPotential(nn.Module):
         """The compiled step's plan for this element set (``kernels.StepPlan``), or None
         where it does not apply: kernels off or not on a CPU, a featurizer or networks
         that are not ANI's own (plugins run the autograd path), networks not frozen.
-        Kept until a parameter changes (its storage or version) or the dtype does."""
+        Kept until a parameter's version changes (an in-place change) or ``_apply`` runs."""
         from aniserve import kernels
 
         lib = kernels.library_for(self.species_of_number)

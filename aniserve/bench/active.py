@@ -54,6 +54,7 @@ def candidates(model, pool, items):
     committee: force deviation (the largest over atoms of the members' force spread,
     kcal/mol/Å), energy spread per atom, molecule, and the mean AEV as descriptor.
     Conformations of one molecule are evaluated in one batch."""
+    from aniserve.collect import max_force_spread
     from aniserve.selection import Candidates, mean_aevs
 
     batch = pool.read(items)
@@ -69,9 +70,7 @@ def candidates(model, pool, items):
         result = model.evaluate(
             np.array([numbers] * len(rows)), np.stack([structures[i][1] for i in rows]), member_forces=True
         )
-        members = np.asarray(result.member_forces)  # (B, k, N, 3)
-        per_atom = np.sqrt(((members - members.mean(1, keepdims=True)) ** 2).sum(-1).mean(1))  # (B, N)
-        deviation[rows] = per_atom.max(-1) * HARTREE_IN_KCAL_PER_MOL
+        deviation[rows] = max_force_spread(result.member_forces)  # (what collect computes)
         spread[rows] = np.asarray(result.energy_std) / len(numbers) * HARTREE_IN_KCAL_PER_MOL
     return Candidates(deviation, np.array(batch.molecule), mean_aevs(model, structures), spread)
 
