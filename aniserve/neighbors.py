@@ -101,6 +101,14 @@ def _dense_pairs(pos: torch.Tensor, cutoff: float) -> Pairs:
 
 
 def _periodic_pairs(pos: torch.Tensor, cell: torch.Tensor, cutoff: float) -> Pairs:
+    lib = kernels.library_for(pos)
+    if lib is not None:
+        # Compiled, without images: bins of the cell itself (kernels/neighbors.cpp); a
+        # cell with room for fewer than three bins along a direction comes back here.
+        found = kernels.periodic_pairs(lib, pos, cell, cutoff)
+        if found is not None:
+            center, neighbor, shift = found
+            return Pairs(center, neighbor, shift.to(pos.dtype))
     inverse = torch.linalg.inv(cell)
     frac = pos @ inverse
     wrap = -torch.floor(frac)  # integer shift that brings each atom into [0, 1)

@@ -222,17 +222,25 @@ def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):
 
 
 def test_neighbour_search_kernel_finds_the_same_pairs(monkeypatch):
-    """The compiled cell list against the tensor one: the same (center, neighbour, image)
-    set, sorted by center, for a large molecule (cell list, no images), a triclinic box
-    and a cell shorter than the cutoff (an atom sees its own images)."""
+    """The compiled search against the tensor one: the same (center, neighbour, image)
+    set, sorted by center, for a large molecule (cell list, no images), triclinic boxes
+    searched in bins of the cell itself (atoms inside, and scattered over many cells
+    around it) and a cell shorter than the cutoff (an atom sees its own images)."""
     rng = np.random.default_rng(3)
     numbers, positions, cell = water_box(6)
     skew = np.array([[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [-0.2, 0.25, 1.0]])
+    big = np.array([[17.0, 0.0, 0.0], [5.0, 16.5, 0.0], [-3.0, 4.0, 16.0]])
     cases = [
         (rng.uniform(0, 22, (400, 3)), None),
         (positions @ skew, cell @ skew),
+        (rng.uniform(-3, 5, (300, 3)) @ big, big),
         (rng.uniform(0, 3, (5, 3)), np.array([[3.1, 0.0, 0.0], [0.7, 2.9, 0.0], [0.4, -0.6, 3.3]])),
     ]
+    origin, lib = torch.zeros(1, 3, dtype=torch.float64), kernels.library()
+    assert kernels.periodic_pairs(lib, origin, torch.tensor(big), 5.2) is not None  # three bins fit
+    assert kernels.periodic_pairs(lib, origin, torch.eye(3) * 15, 5.2) is None  # two: images are built instead
+    with pytest.raises(ValueError, match="too far outside the periodic cell"):
+        kernels.periodic_pairs(lib, torch.tensor([[1e17, 0.0, 0.0]]), torch.tensor(big), 5.2)
     for positions, cell in cases:
         pos = torch.tensor(positions, dtype=torch.float64)
         cell_t = None if cell is None else torch.tensor(cell, dtype=torch.float64)

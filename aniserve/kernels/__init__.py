@@ -35,6 +35,7 @@ from aniserve.kernels.wrappers import (
     mlp,
     mlp_backward,
     pack_panels,
+    periodic_pairs,
     step,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "mlp",
     "mlp_backward",
     "pack_panels",
+    "periodic_pairs",
     "step",
     "StepPlan",
     "Threads",

@@ -141,6 +141,16 @@ def build() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)),
     ]
     lib.neighbors_cell_list.restype = i64
+    lib.neighbors_periodic.argtypes = [
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        ctypes.c_double,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)),
+    ]
+    lib.neighbors_periodic.restype = i64
     lib.neighbors_free.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     lib.neighbors_free.restype = None
     return lib

@@ -94,6 +94,129 @@ int64_t neighbors_cell_list(int64_t n_queries, const double* queries, int64_t n_
     return total;
 }
 
+// Periodic pairs without images: the cell (rows are lattice vectors, ``inverse`` its
+// inverse) is cut into n_a ≥ 3 bins along each lattice direction, each at least
+// ``cutoff`` wide between its faces, so every neighbour of an atom lies in the 27 bins
+// around its own, counted modulo n_a; the bin step that wraps gives the image.  (A point
+// within the cutoff is within cutoff/width_a of x in fractional coordinate a, whatever
+// the cell's angles.)  Returns the number of pairs P and sets *out to a malloc'ed (5, P)
+// int64 array: centres, neighbours, and the integer shift of the neighbour's image in
+// lattice vectors (x, y, z rows), such that pos[j] + shift·cell − pos[i] is the pair's
+// vector for the caller's (unwrapped) positions; sorted by centre.  −1: out of memory;
+// −2: an atom's fractional coordinate too large to wrap exactly (|s| ≥ 2⁵²); −3: the
+// cell has room for fewer than three bins along some direction (the caller then builds
+// images: aniserve/neighbors.py).
+int64_t neighbors_periodic(int64_t n, const double* positions, const double* cell, const double* inverse, double cutoff,
+                           int threads, int64_t** out) {
+    *out = nullptr;
+    double cross[3][3], volume = 0.0;
+    for (int a = 0; a < 3; ++a) {
+        const double* u = cell + 3 * ((a + 1) % 3);
+        const double* v = cell + 3 * ((a + 2) % 3);
+        cross[a][0] = u[1] * v[2] - u[2] * v[1];
+        cross[a][1] = u[2] * v[0] - u[0] * v[2];
+        cross[a][2] = u[0] * v[1] - u[1] * v[0];
+    }
+    for (int k = 0; k < 3; ++k) volume += cell[k] * cross[0][k];
+    volume = std::fabs(volume);
+    int64_t bins[3];
+    for (int a = 0; a < 3; ++a) {
+        const double width = volume / std::sqrt(cross[a][0] * cross[a][0] + cross[a][1] * cross[a][1] + cross[a][2] * cross[a][2]);
+        const double fit = std::floor(width / cutoff);
+        if (!(fit >= 3.0)) return -3;
+        bins[a] = static_cast<int64_t>(std::min(fit, 1024.0));
+    }
+    // A sparse box need not have a bin per cutoff³: bins no more than ~4 per atom (wider
+    // bins are still correct, only with more candidates).
+    const double cap = std::max(27.0, 4.0 * static_cast<double>(n));
+    while (static_cast<double>(bins[0]) * bins[1] * bins[2] > cap) {
+        int widest = 0;
+        for (int a = 1; a < 3; ++a)
+            if (bins[a] > bins[widest]) widest = a;
+        if (bins[widest] <= 3) break;
+        bins[widest] = std::max<int64_t>(3, bins[widest] * 3 / 4);
+    }
+    const int64_t total_bins = bins[0] * bins[1] * bins[2];
+
+    // Wrapped fractional coordinates, the integer wrap of each atom, its bin.
+    std::vector<double> wrapped(3 * n);  // Cartesian, inside the cell
+    std::vector<int64_t> wrap(3 * n), bin_of(n);
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t b[3];
+        double f[3];
+        for (int a = 0; a < 3; ++a) {
+            const double s = positions[3 * i] * inverse[a] + positions[3 * i + 1] * inverse[3 + a] +
+                             positions[3 * i + 2] * inverse[6 + a];
+            if (!(std::fabs(s) < 4503599627370496.0)) return -2;
+            const double w = -std::floor(s);
+            wrap[3 * i + a] = static_cast<int64_t>(w);
+            f[a] = s + w;
+            b[a] = std::min<int64_t>(bins[a] - 1, std::max<int64_t>(0, static_cast<int64_t>(std::floor(f[a] * bins[a]))));
+        }
+        for (int k = 0; k < 3; ++k) wrapped[3 * i + k] = f[0] * cell[k] + f[1] * cell[3 + k] + f[2] * cell[6 + k];
+        bin_of[i] = (b[2] * bins[1] + b[1]) * bins[0] + b[0];
+    }
+    // Atoms sorted by bin (counting sort): bin t holds order[start[t] .. start[t + 1]).
+    std::vector<int64_t> start(total_bins + 1, 0), order(n);
+    for (int64_t i = 0; i < n; ++i) ++start[bin_of[i] + 1];
+    for (int64_t t = 0; t < total_bins; ++t) start[t + 1] += start[t];
+    {
+        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        for (int64_t i = 0; i < n; ++i) order[fill[bin_of[i]]++] = i;
+    }
+
+    const double cutoff2 = cutoff * cutoff;
+    const int64_t chunk = 256;
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    std::vector<std::vector<int64_t>> found(chunks);  // per chunk: (i, j, sx, sy, sz) interleaved
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        std::vector<int64_t>& pairs = found[c];
+        for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
+            const int64_t own = bin_of[i];
+            const int64_t b[3] = {own % bins[0], (own / bins[0]) % bins[1], own / (bins[0] * bins[1])};
+            const double* x = wrapped.data() + 3 * i;
+            for (int64_t dz = -1; dz <= 1; ++dz)
+                for (int64_t dy = -1; dy <= 1; ++dy)
+                    for (int64_t dx = -1; dx <= 1; ++dx) {
+                        const int64_t step[3] = {dx, dy, dz};
+                        int64_t t[3], image[3];
+                        for (int a = 0; a < 3; ++a) {
+                            const int64_t raw = b[a] + step[a];
+                            image[a] = raw < 0 ? -1 : (raw >= bins[a] ? 1 : 0);
+                            t[a] = raw - image[a] * bins[a];
+                        }
+                        double offset[3];
+                        for (int k = 0; k < 3; ++k)
+                            offset[k] = image[0] * cell[k] + image[1] * cell[3 + k] + image[2] * cell[6 + k] - x[k];
+                        const int64_t target = (t[2] * bins[1] + t[1]) * bins[0] + t[0];
+                        const bool same_image = image[0] == 0 && image[1] == 0 && image[2] == 0;
+                        for (int64_t k = start[target]; k < start[target + 1]; ++k) {
+                            const int64_t j = order[k];
+                            if (j == i && same_image) continue;
+                            const double* y = wrapped.data() + 3 * j;
+                            const double d0 = y[0] + offset[0], d1 = y[1] + offset[1], d2 = y[2] + offset[2];
+                            if (d0 * d0 + d1 * d1 + d2 * d2 > cutoff2) continue;
+                            pairs.push_back(i);
+                            pairs.push_back(j);
+                            for (int a = 0; a < 3; ++a) pairs.push_back(image[a] + wrap[3 * j + a] - wrap[3 * i + a]);
+                        }
+                    }
+        }
+    }
+    int64_t total = 0;
+    for (const auto& pairs : found) total += static_cast<int64_t>(pairs.size()) / 5;
+    int64_t* result = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * std::max<int64_t>(1, 5 * total)));
+    if (!result) return -1;
+    int64_t k = 0;
+    for (const auto& pairs : found)
+        for (size_t p = 0; p < pairs.size(); p += 5, ++k)
+            for (int r = 0; r < 5; ++r) result[r * total + k] = pairs[p + r];
+    *out = result;
+    return total;
+}
+
 void neighbors_free(int64_t* pairs) { std::free(pairs); }
 
 }  // extern "C"

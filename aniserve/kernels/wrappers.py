@@ -307,6 +307,43 @@ def cell_list(
     return pairs[0], pairs[1]
 
 
+def periodic_pairs(
+    lib: ctypes.CDLL, positions: torch.Tensor, cell: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(center, neighbor, shift) of every pair within ``cutoff`` in a periodic ``cell``
+    (rows are lattice vectors; positions (N, 3) Å, float64 on the CPU, finite: the
+    caller checks), sorted by center; None when the cell has room for fewer than three
+    cutoff-wide bins along some direction (the caller then builds images)."""
+    positions = positions.to(torch.float64).contiguous()
+    cell = cell.to(torch.float64).contiguous()
+    inverse = torch.linalg.inv(cell).contiguous()
+    found = ctypes.POINTER(ctypes.c_int64)()
+    total = lib.neighbors_periodic(
+        len(positions),
+        positions.data_ptr(),
+        cell.data_ptr(),
+        inverse.data_ptr(),
+        cutoff,
+        torch.get_num_threads(),
+        ctypes.byref(found),
+    )
+    if total == -3:
+        return None
+    if total == -2:
+        raise ValueError("positions too far outside the periodic cell (fractional coordinates beyond 2^52)")
+    if total < 0:
+        raise MemoryError("out of memory in the neighbour search")
+    try:
+        rows = (
+            torch.from_numpy(np.ctypeslib.as_array(found, shape=(5, total)).copy())
+            if total
+            else torch.zeros(5, 0, dtype=torch.long)
+        )
+    finally:
+        lib.neighbors_free(found)
+    return rows[0], rows[1], rows[2:].T.contiguous()
+
+
 class StepPlan:
     """What ``step`` needs of a frozen model for one set of elements: its AEV constants,
     its networks in the kernel's layout (``networks.groups[g]`` summed over the atoms of
