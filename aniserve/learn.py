@@ -16,8 +16,9 @@ Each iteration, in its own folder ``iter-NNN``:
 3. **label**: PySCF at ``level`` on Dask (``data label``'s machinery), or a teacher model
    (labels that cost nothing, for trying the loop out and for benchmarks).  Records are
    journaled one by one: a killed run loses no finished label.
-4. **train**: the base model transferred (``delta`` by default) to every label so far,
-   energies and forces; validation on a fixed fifth of each iteration's labels.
+4. **train**: the last iteration's model (the base, transferred by ``delta`` by default,
+   in the first) trained on every label so far, energies and forces; validation on a
+   fixed fifth of each iteration's labels.
 
 Before the first iteration, ``held-out`` frames (MD of the base model with another seed,
 both temperatures) are labelled once: each iteration reports its model's error on them.
@@ -110,7 +111,7 @@ def run(plan: Plan) -> dict:
         here = folder / f"iter-{i:03d}"
         here.mkdir(exist_ok=True)
         model = _load(model_path)
-        explored = _stage(here / "explore.json", lambda: _explore_stage(model, atoms, plan, i, yardstick, here))
+        explored = _stage(here / "explore.json", lambda: _explore_stage(model, atoms, plan, yardstick, here))
         row = {"iteration": i, "model": str(model_path), "labels": labels, **explored}
         row.update(_errors(model, held_records, labeller))
         if explored["collected_fraction"] < plan.stop_fraction or not explored["collected"]:
@@ -126,7 +127,7 @@ def run(plan: Plan) -> dict:
         model_path = trained["model"]
     else:  # every iteration trained: the last model's figures
         model = _load(model_path)
-        last = _explore_stage(model, atoms, plan, plan.iterations, yardstick, None)
+        last = _explore_stage(model, atoms, plan, yardstick, None)
         final = {"iteration": plan.iterations, "model": model_path, "labels": labels}
         rows.append({**final, **last, **_errors(model, held_records, labeller)})
     summary = {"plan": dataclasses.asdict(plan), "labels": labeller.describe(), "iterations": rows}
@@ -136,8 +137,11 @@ def run(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- the stages
-def _explore_stage(model, atoms, plan: Plan, i: int, yardstick, here: pathlib.Path | None) -> dict:
-    frames = _explore(model, atoms, plan, plan.seed + i, yardstick, frames_per_temperature=None)
+def _explore_stage(model, atoms, plan: Plan, yardstick, here: pathlib.Path | None) -> dict:
+    # The same MD seeds in every iteration (common random numbers), so that iterations
+    # differ by their model alone: with a new seed each time, the collected fraction of
+    # one model ranged from 0.01 to 1.0 (a trajectory crossing a barrier or not).
+    frames = _explore(model, atoms, plan, plan.seed, yardstick, frames_per_temperature=None)
     if here is not None:
         _write_frames(frames, here / "explore.extxyz")
     rho = np.array([f.info["energy_std_per_sqrt_atom_kcal"] for f in frames])
@@ -190,7 +194,7 @@ def _label_stage(labeller, here: pathlib.Path, selected: dict) -> dict:
 
 def _train_stage(folder: pathlib.Path, i: int, plan: Plan, labeller) -> dict:
     from aniserve.qmdata.records import write_records
-    from aniserve.training import ANIData, Settings, transfer_model
+    from aniserve.training import ANIData, Settings, continue_transfer
     from aniserve.training import train as fit
 
     here = folder / f"iter-{i:03d}"
@@ -210,7 +214,11 @@ def _train_stage(folder: pathlib.Path, i: int, plan: Plan, labeller) -> dict:
         start_competes=True,
         early_stop_patience=max(10, plan.epochs // 4),
     )
-    model, penalty = transfer_model(_load(plan.model), plan.transfer, {}, plan.seed)
+    # Each iteration warm-starts from the last one's model: a new correction from random
+    # weights every time made the committee's disagreement away from the labels vary
+    # from one training to the next, and the collected fraction with it.
+    start = str(folder / f"iter-{i - 1:03d}" / "model.safetensors") if i else plan.model
+    model, penalty = continue_transfer(_load(start), plan.transfer, plan.seed)
     model.description["name"] = f"{pathlib.Path(plan.out).name}-iter-{i:03d}"
     out = here / "model.safetensors"
     fit(
@@ -221,7 +229,7 @@ def _train_stage(folder: pathlib.Path, i: int, plan: Plan, labeller) -> dict:
         resume=out.with_name(out.name + ".ckpt").exists(),
         penalty=penalty,
         validation_data=ANIData(here / "validation.h5", energy, forces),
-        extra={"learn": {"iteration": i, "labels": len(records), "from": plan.model, "strategy": plan.transfer}},
+        extra={"learn": {"iteration": i, "labels": len(records), "from": start, "strategy": plan.transfer}},
     )
     return {"model": str(out), "labels": len(records), "training": len(training), "validation": len(validation)}
 
@@ -245,7 +253,8 @@ def _explore(model, atoms, plan: Plan, seed: int, yardstick, frames_per_temperat
             frame.positions = x
             frame.info.update(temperature_k=temperature, step=(step + 1) * every, seed=seed)
             frames.append(frame)
-    _score(model, frames, *yardstick)
+    scale, threshold = yardstick
+    _score(model, frames, scale, threshold, atoms)
     return frames
 
 
@@ -274,20 +283,23 @@ def langevin_frames(
     return frames[1:]
 
 
-def _score(model, frames, scale: float, threshold: float) -> None:
+def _score(model, frames, scale: float, threshold: float, start) -> None:
     """ρ and force deviation of each frame, and whether ρ exceeds ``threshold``.
 
-    ρ is the members' spread of the frame's energy *relative to each member's mean over
-    the frames* (× ``scale``, per √atoms): members that agree on every conformation but
-    not on the molecule's energy zero do not doubt anything the dynamics feels, and a
-    fine-tune on a few labels of one molecule leaves exactly such offsets (measured on
-    formaldoxime: members ±3 kcal/mol apart in their zero after nine labels, their
-    relative energies as close as before)."""
-    numbers = np.stack([f.numbers for f in frames])
-    positions = np.stack([f.positions for f in frames])
+    ρ is the members' spread of the frame's energy *relative to the starting structure*
+    (``start``, each member's own energy there; × ``scale``, per √atoms): members that
+    agree on every conformation but not on the molecule's energy zero do not doubt
+    anything the dynamics feels, and a fine-tune on a few labels of one molecule leaves
+    exactly such offsets (measured on formaldoxime: members ±3 kcal/mol apart in their
+    zero after nine labels, their relative energies as close as before).  Relative to a
+    fixed structure, not to the frames' mean: the mean moved with what an exploration
+    happened to visit (one trajectory crossing a barrier raised every frame's ρ, at 300 K
+    too: collected fractions 0.01 to 1.0 for one model, by the MD's seed)."""
+    numbers = np.stack([start.numbers] + [f.numbers for f in frames])
+    positions = np.stack([start.positions] + [f.positions for f in frames])
     result = model.evaluate(numbers, positions, member_forces=True)
-    force_std = max_force_spread(result.member_forces)
-    relative = result.member_energies - result.member_energies.mean(0)  # (frames, members)
+    force_std = max_force_spread(result.member_forces[1:])
+    relative = result.member_energies[1:] - result.member_energies[0]  # (frames, members)
     rho = relative.std(1) * scale * HARTREE_IN_KCAL_PER_MOL / math.sqrt(numbers.shape[1])
     for f, r, d in zip(frames, rho, force_std):
         f.info.update(

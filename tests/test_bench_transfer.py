@@ -346,6 +346,55 @@ def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
 
 
 @pytest.mark.slow
+def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path):
+    """--base student: a small ensemble pretrained on the teacher's labels of the pool
+    file's conformations, one per seed; every round trains on its labels and a replayed
+    sample of that data (twice as many); without an MD pool there is no teacher."""
+    from aniserve.bench import active
+
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    out = tmp_path / "active.json"
+    arguments = ["bench", "active", "--quick", "--pool", "md", "--base", "student", "--md-steps", "30"]
+    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
+    arguments += ["--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["base"] == "student" and data["budget"]["pretrain_epochs"] > 0
+    students = list((tmp_path / "work").glob("pretrained-*.safetensors"))
+    assert len(students) == 1 and load_saved(students[0]).ensemble_size == data["budget"]["ensemble_size"]
+    for row in data["arms"]["random"]:
+        (run,) = row["runs"]
+        trained = read_description(tmp_path / "work" / f"random-k{row['k']}-seed0.safetensors")["training"]
+        # the labels plus twice as many replayed conformations of the student's own data
+        assert len(trained["data"]) == 2
+        assert np.isfinite(run["force_rmse_kcal_per_a"])
+    assert f"on {4 + active.REPLAY_PER_LABEL * 4} conformations" in result.output
+    assert f"on {8 + active.REPLAY_PER_LABEL * 8} conformations" in result.output
+    wrong = CliRunner().invoke(main, arguments[:3] + ["--base", "student", "--train", str(tmp_path / "train.h5")])
+    assert wrong.exit_code != 0 and "give --pool md" in wrong.output
+
+
+def test_two_views_of_ani_data_join_into_one_set(tmp_path):
+    """ANIData.union: the conformations of both views, each read from its own file."""
+    from aniserve.training import ANIData
+
+    write_levels(tmp_path / "a.h5", TRAIN[:3], conformations=4, high_every=1, seed=0)
+    write_levels(tmp_path / "b.h5", TRAIN[3:5], conformations=4, high_every=1, seed=1)
+    a = ANIData(tmp_path / "a.h5", "wb97x_631gd.energy")
+    b = ANIData(tmp_path / "b.h5", "wb97x_631gd.energy")
+    joined = a.select(a.items()[:5]).union(b)
+    assert len(joined) == 5 + len(b)
+    batch = joined.read(joined.items())
+    both = np.concatenate([a.read(a.items()[:5]).energy.numpy(), b.read(b.items()).energy.numpy()])
+    assert np.array_equal(np.sort(batch.energy.numpy()), np.sort(both))
+    assert len(a.union(a.select(a.items()[:2])).paths) == 1  # one file read by both: listed once
+    with pytest.raises(ValueError, match="cannot join"):
+        a.union(ANIData(tmp_path / "b.h5", "ccsd(t)_ccpvdz.energy"))
+
+
+@pytest.mark.slow
 def test_quick_active_bench_runs_every_arm_without_a_selection_leak(tmp_path):
     """Every arm labels K = 8 then 16 in rounds; the epochs are chosen on validation
     molecules that are fixed, the same for every arm, and never in the pool or any

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from aniserve import learn
+from aniserve.modelfile import read_description
 
 pytestmark = pytest.mark.weights
 
@@ -52,8 +53,35 @@ def test_learn_with_a_teacher_gets_better_and_resumes_as_a_no_op(tmp_path):
     again = learn.run(plan(tmp_path))  # everything is marked done: nothing is redone
     assert [p.stat().st_mtime_ns for p in trained] == stamps
     assert [r["labels"] for r in again["iterations"]] == [r["labels"] for r in rows]
+    # each iteration warm-starts from the last one's model
+    assert read_description(trained[1])["training"]["learn"]["from"] == str(trained[0])
     with pytest.raises(ValueError, match="other settings"):
         learn.run(plan(tmp_path, per_iteration=11))
+
+
+def test_the_spread_is_measured_relative_to_the_starting_structure():
+    """ρ is the members' spread of E(frame) − E(start): members that disagree only on the
+    energy zero doubt nothing (ρ = 0), and a frame's ρ does not depend on which other
+    frames the exploration visited (it did when taken relative to their mean)."""
+    import ase
+    import numpy as np
+
+    class Members:  # member m's energy: m Hartree of offset + (m + 1) × 1 mHa per Å of x
+        def evaluate(self, numbers, positions, member_forces=False):
+            x = positions[:, 0, 0]
+            energies = np.arange(4)[None, :] + 1e-3 * x[:, None] * (np.arange(4)[None, :] + 1)
+            return type("R", (), {"member_energies": energies, "member_forces": np.zeros((len(x), 4, 2, 3))})
+
+    start = ase.Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]])
+    near, far = start.copy(), start.copy()
+    far.positions[0, 0] = 0.5
+    frames = [near, far]
+    learn._score(Members(), frames, 1.0, 0.1, start)
+    assert frames[0].info["energy_std_per_sqrt_atom_kcal"] == 0.0 and not frames[0].info["collected"]
+    assert frames[1].info["energy_std_per_sqrt_atom_kcal"] > 0.1 and frames[1].info["collected"]
+    alone = [far.copy()]
+    learn._score(Members(), alone, 1.0, 0.1, start)
+    assert alone[0].info["energy_std_per_sqrt_atom_kcal"] == frames[1].info["energy_std_per_sqrt_atom_kcal"]
 
 
 def test_learn_refuses_a_plan_without_labels_or_with_both(tmp_path):

@@ -427,6 +427,47 @@ def test_the_start_competes_with_every_epoch(pretrained, dft_file, tmp_path):
     assert trained["validation_loss"] > kept["validation_loss"]
 
 
+def test_selection_on_forces_keeps_the_epoch_with_the_lowest_validation_force_rmse(pretrained, dft_file, tmp_path):
+    """``selection="forces"`` (what ``bench active --pool md`` uses: its figure is forces)
+    keeps the epoch whose validation force RMSE is lowest, whatever its energies do; it
+    needs force labels and a force weight."""
+    data = ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces")
+    settings = quick(epochs=5, lr=3e-3, force_weight=1.0, selection="forces", early_stop_patience=10)
+    summary = train(load_saved(pretrained), data, tmp_path / "forces.safetensors", settings)
+    rmse = [row["force_rmse_kcal_per_a"] for row in summary["history"]]
+    assert summary["best_epoch"] == 1 + int(np.argmin(rmse))
+    assert summary["validation_force_rmse_kcal_per_a"] == pytest.approx(min(rmse))
+    with pytest.raises(ValueError, match="selection 'forces' needs force labels"):
+        train(load_saved(pretrained), ANIData(dft_file, "wb97x_dz.energy"), tmp_path / "x.safetensors", settings)
+    with pytest.raises(ValueError, match="selection must be one of loss, conformer, forces"):
+        train(load_saved(pretrained), data, tmp_path / "y.safetensors", quick(selection="energy"))
+
+
+def test_self_energies_move_only_as_far_as_the_data_determines(tmp_path):
+    """One composition (one molecule's labels, as ``aniserve learn`` has) fixes only the
+    sum of its self energies: the fit changes them by the least it can and matches the
+    sum; with enough compositions it is the ordinary least-squares fit, wherever it starts."""
+    from aniserve.models import load_model
+    from aniserve.training.trainer import fit_self_energies
+
+    groups = teacher_groups(conformations=4)
+    write_ani_h5(tmp_path / "one.h5", {"CH4O": groups["CH4O"]})
+    write_ani_h5(tmp_path / "many.h5", groups)
+    model = load_model("ani-1x", dtype="float64")
+    before = model.self_energies.clone()
+    fitted = fit_self_energies(model, ANIData(tmp_path / "one.h5", "ccsd(t)_cbs.energy"))
+    change = model.self_energies - before
+    counts = torch.tensor([4.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # H, C, N, O of CH3OH
+    assert fitted["N"] == float(before[2])  # no nitrogen in the data
+    assert float(change.abs().max()) < 0.02  # no element moved far (fitted absolutely, H went to −42 Ha)
+    assert float((change - change @ counts / counts.pow(2).sum() * counts).abs().max()) < 1e-12  # least norm
+    many = ANIData(tmp_path / "many.h5", "ccsd(t)_cbs.energy")
+    first = fit_self_energies(model, many)
+    with torch.no_grad():
+        model.self_energies.copy_(before + 0.3)
+    assert fit_self_energies(model, many) == pytest.approx(first, abs=1e-8)
+
+
 def test_forces_may_exist_for_part_of_the_data(tmp_path):
     """Coupled-cluster forces exist for some conformations only: a file without the forces
     key still trains on its energies (NaN forces), and a key no file holds is an error."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from aniserve.bench import command as common
-from aniserve.bench.budget import ACTIVE, ACTIVE_QUICK, Budget
+from aniserve.bench.budget import ACTIVE, ACTIVE_QUICK, ACTIVE_STUDENT, ACTIVE_STUDENT_QUICK, Budget
 from aniserve.bench.progress import Runs
 from aniserve.bench.scoring import HIGH_ENERGY, HIGH_FORCES, read_test_set, score, seed_mean, subset
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
@@ -75,38 +75,49 @@ def candidates(model, pool, items):
     return Candidates(deviation, np.array(batch.molecule), mean_aevs(model, structures), spread)
 
 
-def _start(base: str, out: pathlib.Path):
-    """The base, saved where the rounds start from."""
-    from aniserve.bench.transfer import load_base
+#: ``--base`` for a student of the bench's own (``--pool md``): a small ensemble
+#: pretrained on the teacher's labels of the pool file's conformations (normal modes,
+#: near equilibrium), one per seed; each round replays a sample of that data beside its
+#: labels, as a real active-learning run retrains on all it has.
+STUDENT = "student"
+#: A round's replayed pretraining conformations, per labelled one.
+REPLAY_PER_LABEL = 2
+
+
+def _start(base: str, budget: Budget, seed: int, workdir: pathlib.Path, replay) -> pathlib.Path:
+    """Where a seed's rounds start from: the base saved as a file, or the bench's own
+    student pretrained on ``replay`` (cached per data, budget and seed)."""
+    from aniserve.bench.transfer import load_base, pretrain
     from aniserve.modelfile import save_model
 
+    if base == STUDENT:
+        return pretrain(replay.path, budget, workdir, seed, (replay.energy_key, replay.forces_key))
+    out = workdir / "start.safetensors"
     save_model(load_base(base), out)
     return out
 
 
-def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed: int, out: pathlib.Path):
+def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed: int, out: pathlib.Path, replay=None):
     """One round: warm-start from ``start_path`` (the base, or the previous round's
-    model), train on the labelled set, the start competing, validated on the fixed
-    validation molecules; the trained (or kept) model, float64, and the run's summary."""
+    model), train on the labelled set (and twice as many conformations drawn from
+    ``replay``, the student's pretraining data, if given), the start competing, validated
+    on the fixed validation molecules; the trained (or kept) model, float64, and the
+    run's summary."""
     from aniserve.modelfile import load_saved
-    from aniserve.networks import DeltaNetworks
-    from aniserve.training import ANIData, train, transfer_model
+    from aniserve.training import continue_transfer, train
     from aniserve.training.trainer import fit_self_energies
 
-    model = load_saved(start_path)
-    if strategy == "delta" and isinstance(model.networks, DeltaNetworks):  # a previous round's: train on
-        model.requires_grad_(False)
-        model.networks.correction.requires_grad_(True)
-        model.train()
-        penalty = None
-    else:
-        model, penalty = transfer_model(model, strategy, {}, seed)
-    # Energy offsets from every label there is: the validation molecules' and all labelled
-    # so far (a selection alone may span a handful of compositions).
-    known = ANIData(labelled.paths, labelled.energy_key, _groups=labelled.groups + validation.groups)
-    fit_self_energies(model, known)
+    model, penalty = continue_transfer(load_saved(start_path), strategy, seed)
+    training = labelled
+    if replay is not None:
+        items = replay.items()
+        draw = np.random.default_rng([seed, len(labelled)]).permutation(len(items))
+        training = labelled.union(replay.select([items[i] for i in draw[: REPLAY_PER_LABEL * len(labelled)]]))
+    # Energy offsets from every label there is: the validation molecules' and all the
+    # round trains on (a selection alone may span a handful of compositions).
+    fit_self_energies(model, training.union(validation))
     settings = dataclasses.replace(budget.transfer_settings(seed), refit_self_energies=False, start_competes=True)
-    summary = train(model, labelled, out, settings, validation_data=validation, penalty=penalty)
+    summary = train(model, training, out, settings, validation_data=validation, penalty=penalty)
     return load_saved(out).to(torch.float64).eval(), summary
 
 
@@ -120,7 +131,9 @@ class Pool:
     teacher: str = "ani-1x"
     steps: int = 200
     interval: int = 10
-    explorer: str | None = None  # the model that runs the MD (default: the base)
+    #: The model that runs the MD: by default the base, or the teacher when the base is
+    #: the bench's own student (one per seed, and too weak to explore stably).
+    explorer: str | None = None
 
     def __post_init__(self):
         if self.kind not in ("conformations", "md"):
@@ -140,9 +153,16 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     energy_key, forces_key = HIGH_ENERGY, (HIGH_FORCES if budget.high_force_weight else None)
     temperatures: tuple[float, ...] = ()
+    replay = None
+    if base == STUDENT:
+        if source.kind != "md":
+            raise ValueError(f"--base {STUDENT} learns from a teacher's labels: give --pool md")
+        normal = md_pool.relabel(train_path, workdir, source.teacher)
+        replay = ANIData(normal, md_pool.TEACHER_ENERGY, md_pool.TEACHER_FORCES)
     if source.kind == "md":
+        explorer = source.explorer or (source.teacher if base == STUDENT else base)
         train_path, test_path = (
-            md_pool.build(path, workdir, source.explorer or base, source.teacher, source.steps, source.interval)
+            md_pool.build(path, workdir, explorer, source.teacher, source.steps, source.interval)
             for path in (train_path, test_path)
         )
         energy_key, forces_key = md_pool.TEACHER_ENERGY, md_pool.TEACHER_FORCES
@@ -158,10 +178,10 @@ def run(
         f"{len(validation.groups)} other molecules; test: {len(test.high)}; K = {list(budget.ks)}; "
         f"arms {', '.join(arms)}; strategy {strategy}; base {base}"
     )
-    start = _start(base, workdir / "start.safetensors")
     runs: dict[str, dict[int, list]] = {arm: {k: [] for k in budget.ks} for arm in arms}
     progress = Runs(len(arms) * len(budget.seeds) * len(budget.ks))
     for seed in budget.seeds:
+        start = _start(base, budget, seed, workdir, replay)
         for arm in arms:
             selector = registry().get("selection-strategy", arm)()
             rng = np.random.default_rng(seed)
@@ -176,9 +196,8 @@ def run(
                 labelled += [rest[i] for i in chosen]
                 progress.start(f"{arm:8s} K={k}, seed {seed}")
                 out = workdir / f"{arm}-k{k}-seed{seed}.safetensors"
-                current, summary = _round(
-                    current_path, strategy, pool.select([items[i] for i in labelled]), validation, budget, seed, out
-                )
+                chosen_data = pool.select([items[i] for i in labelled])
+                current, summary = _round(current_path, strategy, chosen_data, validation, budget, seed, out, replay)
                 current_path = out
                 result = _score(current, test, temperatures)
                 result.update(
@@ -277,10 +296,15 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in (
-        (axes[0], "conformer_rmse_kcal", "conformer RMSE"),
-        (axes[1], "total_rmse_kcal", "total-energy RMSE"),
-    ):
+    panels = {
+        "force_rmse_kcal_per_a": "force RMSE, kcal/mol/Å",
+        "conformer_rmse_kcal": "conformer RMSE, kcal/mol",
+        "total_rmse_kcal": "total-energy RMSE, kcal/mol",
+    }
+    shown = [result.get("figure", "conformer_rmse_kcal")]
+    shown.append("conformer_rmse_kcal" if shown[0] != "conformer_rmse_kcal" else "total_rmse_kcal")
+    for ax, key in zip(axes, shown):
+        title = panels[key]
         for arm, rows in result["arms"].items():
             ax.errorbar(
                 [r["k"] for r in rows],
@@ -292,7 +316,7 @@ def plot(result: dict, path) -> None:
             )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labelled conformations K")
-        ax.set_ylabel(f"{title} vs high level, kcal/mol")
+        ax.set_ylabel(f"{title} (test)")
         ax.legend()
     fig.suptitle(f"Active learning from {result['base']} ({result['strategy']})")
     fig.tight_layout()
@@ -310,7 +334,13 @@ def default_workdir() -> pathlib.Path:
 @click.option(
     "--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run)."
 )
-@click.option("--base", default="ani-1x", show_default=True, help="Model every selection is transferred from.")
+@click.option(
+    "--base",
+    default="ani-1x",
+    show_default=True,
+    help=f"Model every selection is transferred from (a name or a file), or {STUDENT} (with --pool md): a "
+    "small ensemble pretrained here on --teacher's labels of --train's conformations, one per seed.",
+)
 @click.option(
     "--strategy",
     default="delta",
@@ -345,7 +375,7 @@ def default_workdir() -> pathlib.Path:
 @click.option(
     "--explorer",
     default=None,
-    help="The model that runs the MD pool's dynamics (default: --base; the teacher when the base is a weak student).",
+    help=f"The model that runs the MD pool's dynamics (default: --base; the teacher when --base is {STUDENT}).",
 )
 @click.option("--md-steps", default=200, show_default=True, type=click.IntRange(min=1), help="MD steps a temperature.")
 @common.json_option()
@@ -381,9 +411,14 @@ def command(
         items.append(f"transfer_epochs={epochs}")
     if pool_kind == "md":
         # The teacher's forces are labels too, and the epochs are chosen on the validation
-        # loss, forces included: on conformer RMSE alone no round beat its start.
-        items[:0] = ["high_force_weight=1.0", "selection=loss"]
-    budget = common.budget_from(ACTIVE_QUICK if quick else ACTIVE, seeds, items)
+        # molecules' forces, the figure: on their energies, a fine-tune whose per-element
+        # offsets a few compositions pull never beat its start.
+        items[:0] = ["high_force_weight=1.0", "selection=forces"]
+    if base == STUDENT:
+        preset = ACTIVE_STUDENT_QUICK if quick else ACTIVE_STUDENT
+    else:
+        preset = ACTIVE_QUICK if quick else ACTIVE
+    budget = common.budget_from(preset, seeds, items)
     workdir = workdir or default_workdir()
     source = Pool(pool_kind, teacher, md_steps, 10, explorer)
     result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None, source)

@@ -44,7 +44,6 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
     in ``folder`` (named by its settings; made once)."""
     from aniserve.learn import langevin_frames
     from aniserve.models import load_model
-    from aniserve.qmdata.label import structure_id
     from aniserve.qmdata.records import write_records
 
     settings = {
@@ -75,30 +74,64 @@ def build(starts_path, folder, explorer: str, teacher: str, steps: int, interval
                 frames = frames[: physical.index(False)]
             if not frames:
                 continue
-            result = labeller.evaluate(np.stack([numbers] * len(frames)), np.stack(frames))
-            trajectory_name = f"{name}@{temperature:g}K"
-            energies = np.atleast_1d(result.energy)
-            for i, (x, energy, forces) in enumerate(zip(frames, energies, result.forces)):
-                records.append(
-                    {
-                        "id": structure_id(trajectory_name, numbers, x),
-                        "molecule": trajectory_name,
-                        "source": f"bench active MD ({explorer})",
-                        "index": i,
-                        "temperature_k": temperature,
-                        "numbers": numbers.tolist(),
-                        "positions": x.tolist(),
-                        "levels": {
-                            "teacher": {
-                                "energy": float(energy),
-                                "forces": forces.tolist(),
-                                "wall_s": 0.0,
-                                "attributes": {"method": "teacher", "model": teacher},
-                            }
-                        },
-                    }
-                )
+            trajectory = f"{name}@{temperature:g}K"
+            records += _labelled(
+                labeller, teacher, trajectory, numbers, frames, f"bench active MD ({explorer})", temperature
+            )
         log.info(f"MD pool {out.name}: {name} done ({len(records)} frames so far)")
+    write_records(records, out)
+    return out
+
+
+def _labelled(
+    labeller, teacher: str, molecule: str, numbers, frames, source: str, temperature: float = float("nan")
+) -> list[dict]:
+    """Records of ``frames`` (one molecule's positions) with the teacher's energies and forces."""
+    from aniserve.qmdata.label import structure_id
+
+    result = labeller.evaluate(np.stack([numbers] * len(frames)), np.stack(frames))
+    records = []
+    for i, (x, energy, forces) in enumerate(zip(frames, np.atleast_1d(result.energy), result.forces)):
+        record = {
+            "id": structure_id(molecule, numbers, x),
+            "molecule": molecule,
+            "source": source,
+            "index": i,
+            "temperature_k": temperature,
+            "numbers": np.asarray(numbers).tolist(),
+            "positions": np.asarray(x).tolist(),
+            "levels": {
+                "teacher": {
+                    "energy": float(energy),
+                    "forces": np.asarray(forces).tolist(),
+                    "wall_s": 0.0,
+                    "attributes": {"method": "teacher", "model": teacher},
+                }
+            },
+        }
+        records.append(record)
+    return records
+
+
+def relabel(path, folder, teacher: str) -> pathlib.Path:
+    """Every conformation of ``path`` labelled by ``teacher``, as an ANI file in
+    ``folder`` (made once): what a student of the teacher is pretrained on, and replays."""
+    from aniserve.models import load_model
+    from aniserve.qmdata.records import read_h5, write_records
+
+    digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:12]
+    out = pathlib.Path(folder) / f"{pathlib.Path(path).stem}-{teacher}-{digest}.h5"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labeller = load_model(teacher, dtype="float64")
+    by_molecule: dict[str, list[dict]] = {}
+    for r in read_h5(path):
+        by_molecule.setdefault(r["molecule"], []).append(r)
+    records = []
+    for name, rs in sorted(by_molecule.items()):
+        frames = [np.asarray(r["positions"], float) for r in sorted(rs, key=lambda r: r["index"])]
+        records += _labelled(labeller, teacher, name, np.asarray(rs[0]["numbers"]), frames, str(path))
     write_records(records, out)
     return out
 

@@ -83,24 +83,28 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def pretrain(train_path, budget: Budget, workdir: pathlib.Path, seed: int) -> pathlib.Path:
-    """The DFT model (cached by data hash, budget and seed; resumed if interrupted)."""
+def pretrain(
+    train_path, budget: Budget, workdir: pathlib.Path, seed: int, keys: tuple[str, str] = (LOW_ENERGY, LOW_FORCES)
+) -> pathlib.Path:
+    """The DFT model (cached by data hash, budget and seed; resumed if interrupted),
+    trained on the energies and forces ``keys`` (by default the low level, ωB97X)."""
     from aniserve.training import ANIData, default_description, new_model, train
     from aniserve.training.data import data_paths
 
     hashes = [_file_hash(path) for path in data_paths(train_path)]
     # One file keeps the key it had before several were allowed, so cached models stay valid.
-    key = hashlib.sha256(
-        json.dumps([hashes[0] if len(hashes) == 1 else hashes, budget.pretraining(), seed]).encode()
-    ).hexdigest()
+    identity: list = [hashes[0] if len(hashes) == 1 else hashes, budget.pretraining(), seed]
+    if keys != (LOW_ENERGY, LOW_FORCES):  # (the default's key stays what it was: cached models stay valid)
+        identity.append(list(keys))
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     path = workdir / f"pretrained-{key[:16]}.safetensors"
     if path.exists():
         log.info(f"pretrained model from cache: {path}")
         return path
-    data = ANIData(train_path, LOW_ENERGY, LOW_FORCES)
+    data = ANIData(train_path, *keys)
     description = default_description(["H", "C", "N", "O"], budget.hidden, budget.ensemble_size, name="bench-dft")
     settings = budget.pretrain_settings(seed)
-    log.info(f"pretraining on {LOW_ENERGY} + forces, seed {seed} …")
+    log.info(f"pretraining on {keys[0]} + forces, seed {seed} …")
     # An interrupted pretraining continues from its checkpoint (same data, budget and
     # seed: the key is in the name), exactly as if it had not stopped.
     train(new_model(description, seed), data, path, settings, resume=True)

@@ -55,6 +55,20 @@ def transfer_model(pretrained: ANIPotential, strategy: str, options: dict, seed:
     return prepared.train(), getattr(chosen, "penalty", None)
 
 
+def continue_transfer(model: ANIPotential, strategy: str, seed: int):
+    """(model, penalty) for one more round of a transfer (active learning's rounds warm-
+    start): a model that ``delta`` already made (a previous round's) trains its
+    correction on from where it stands, its base frozen; any other is prepared by
+    ``strategy`` as ``transfer_model`` does (for ``delta``, a new correction at zero)."""
+    from aniserve.networks import DeltaNetworks
+
+    if strategy == "delta" and isinstance(model.networks, DeltaNetworks):
+        model.requires_grad_(False)
+        model.networks.correction.requires_grad_(True)
+        return model.train(), None
+    return transfer_model(model, strategy, {}, seed)
+
+
 def description_for(data, config: dict | None = None, ensemble_size: int | None = None, name: str = "") -> dict:
     """The description ``aniserve train`` builds a model from: ``config`` (a description,
     e.g. from --config) with its ensemble size overridden when given, or the default

@@ -155,6 +155,23 @@ class ANIData:
         ]
         return ANIData(self.paths, self.energy_key, self.forces_key, _groups=groups)
 
+    def union(self, other: ANIData) -> ANIData:
+        """One set of this view's conformations and ``other``'s (the same targets; files
+        both read are opened once more, not merged)."""
+        if (self.energy_key, self.forces_key) != (other.energy_key, other.forces_key):
+            raise ValueError(
+                f"cannot join data of {self.energy_key!r}/{self.forces_key!r} with "
+                f"{other.energy_key!r}/{other.forces_key!r}"
+            )
+        paths = list(self.paths)
+        where = []
+        for path in other.paths:
+            if path not in paths:
+                paths.append(path)
+            where.append(paths.index(path))
+        groups = self.groups + [dataclasses.replace(g, file=where[g.file]) for g in other.groups]
+        return ANIData(paths, self.energy_key, self.forces_key, _groups=groups)
+
     def split(self, validation: float, seed: int) -> tuple[ANIData, ANIData]:
         """(train, validation) by whole groups (molecular formulas), reproducibly.
 

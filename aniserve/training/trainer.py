@@ -44,6 +44,10 @@ from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 log = logging.getLogger(__name__)
 
 
+#: What may pick a run's epoch (``Settings.selection``).
+SELECTIONS = ("loss", "conformer", "forces")
+
+
 @dataclasses.dataclass
 class Settings:
     epochs: int = 100
@@ -56,8 +60,9 @@ class Settings:
     min_lr: float = 1e-6
     validation: float = 0.15
     #: What picks the saved epoch and drives the schedule and early stopping: "loss" (the
-    #: training objective on the validation molecules) or "conformer" (their conformer
-    #: RMSE, energies relative to each molecule's mean: blind to energy zeros).
+    #: training objective on the validation molecules), "conformer" (their conformer
+    #: RMSE, energies relative to each molecule's mean: blind to energy zeros) or "forces"
+    #: (their force RMSE: blind to energies, for a model that serves dynamics).
     selection: str = "loss"
     seed: int = 0
     device: str = "cpu"
@@ -149,10 +154,14 @@ def fit_self_energies(model: ANIPotential, data: ANIData, batch_size: int = 256)
                 counts[column[z]] += 1
             rows.append(counts)
             residuals.append(float(rest[b]))
-    solution, present = fit_offsets(np.array(rows).reshape(-1, len(model.elements)), np.array(residuals), "self-energy")
-    fitted = {
-        e: float(solution[i]) if present[i] else float(model.self_energies[i]) for i, e in enumerate(model.elements)
-    }
+    # Fit the change from the current self energies (least squares, minimum norm): where
+    # the data's compositions do not determine every element (one molecule's labels, in
+    # ``aniserve learn``), the rest keeps its value.  Fitted absolutely, one composition
+    # CH₃NO had given H −42.4 Ha and C, N, O −14.1 each.
+    table = np.array(rows).reshape(-1, len(model.elements))
+    current = model.self_energies.detach().cpu().numpy()
+    change, present = fit_offsets(table, np.array(residuals) - table @ current, "self-energy")
+    fitted = {e: float(current[i] + change[i] * present[i]) for i, e in enumerate(model.elements)}
     model.self_energies.copy_(torch.tensor([fitted[e] for e in model.elements], dtype=torch.float64))
     return fitted
 
@@ -327,6 +336,7 @@ def train(
         "validation_loss": best["loss"],
         "validation_energy_rmse_kcal": best["rmse"],
         "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan),
+        "validation_force_rmse_kcal_per_a": best.get("force_rmse", math.nan),
         "epochs_run": len(progress.history),
         "trainable_parameters": n_params,
         "seed": settings.seed,
@@ -360,8 +370,10 @@ def _splits(model: ANIPotential, data: ANIData, settings: Settings, validation_d
         train_data, val_data = data, validation_data
     if len(val_data) == 0:
         raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
-    if settings.selection not in ("loss", "conformer"):
-        raise ValueError(f"selection must be 'loss' or 'conformer', got {settings.selection!r}")
+    if settings.selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
+    if settings.selection == "forces" and (data.forces_key is None or settings.force_weight <= 0):
+        raise ValueError("selection 'forces' needs force labels and a force weight above 0")
     return train_data, val_data
 
 
@@ -443,6 +455,8 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
     if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
         # (NaN when no validation molecule has two conformations: the loss decides then.)
         criterion = metrics["conformer_rmse_kcal"]
+    elif settings.selection == "forces" and math.isfinite(metrics.get("force_rmse_kcal_per_a", math.nan)):
+        criterion = metrics["force_rmse_kcal_per_a"]
     if scheduler is not None:
         scheduler.step(criterion)
     best = progress.best
@@ -452,6 +466,7 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
             "loss": metrics["loss"],
             "rmse": metrics["energy_rmse_kcal"],
             "conformer_rmse": metrics["conformer_rmse_kcal"],
+            "force_rmse": metrics.get("force_rmse_kcal_per_a", math.nan),
             "criterion": criterion,
             "epoch": epoch,
         }
