@@ -313,18 +313,22 @@ def test_an_md_pool_trajectory_ends_where_it_collapses(monkeypatch, tmp_path):
     assert md_pool.closest_distance([[0, 0, 0], [0, 0, 0.25], [3, 0, 0]]) == pytest.approx(0.25)
 
 
+def md_bench_arguments(tmp_path, out, *extra) -> list[str]:
+    """A quick ``bench active --pool md`` on small files written here (K = 4, 8; two arms)."""
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    arguments = ["bench", "active", "--quick", "--pool", "md", "--md-steps", "30", *extra]
+    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
+    return arguments + ["--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"), "--json", str(out)]
+
+
 @pytest.mark.slow
 def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
     """--pool md: MD frames (300 and 1,000 K) of the pool file's molecules, explored with
     the base model and labelled by the teacher; the arms are scored by force RMSE against
     the teacher, per temperature too, and the validation molecules stay outside."""
-    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
-    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "active.json"
-    arguments = ["bench", "active", "--quick", "--pool", "md", "--teacher", "ani-1ccx", "--md-steps", "30"]
-    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
-    arguments += ["--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"), "--json", str(out)]
-    result = CliRunner().invoke(main, arguments)
+    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out, "--teacher", "ani-1ccx"))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["pool_kind"]["kind"] == "md" and data["figure"] == "force_rmse_kcal_per_a"
@@ -352,13 +356,8 @@ def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path
     sample of that data (twice as many); without an MD pool there is no teacher."""
     from aniserve.bench import active
 
-    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
-    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
     out = tmp_path / "active.json"
-    arguments = ["bench", "active", "--quick", "--pool", "md", "--base", "student", "--md-steps", "30"]
-    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
-    arguments += ["--test", str(tmp_path / "test.h5"), "--workdir", str(tmp_path / "work"), "--json", str(out)]
-    result = CliRunner().invoke(main, arguments)
+    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out, "--base", "student"))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["base"] == "student" and data["budget"]["pretrain_epochs"] > 0
@@ -372,7 +371,9 @@ def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path
         assert np.isfinite(run["force_rmse_kcal_per_a"])
     assert f"on {4 + active.REPLAY_PER_LABEL * 4} conformations" in result.output
     assert f"on {8 + active.REPLAY_PER_LABEL * 8} conformations" in result.output
-    wrong = CliRunner().invoke(main, arguments[:3] + ["--base", "student", "--train", str(tmp_path / "train.h5")])
+    wrong = CliRunner().invoke(
+        main, ["bench", "active", "--quick", "--base", "student", "--train", str(tmp_path / "train.h5")]
+    )
     assert wrong.exit_code != 0 and "give --pool md" in wrong.output
 
 

@@ -18,6 +18,21 @@
 
 namespace {
 
+// The per-chunk results (``width`` values per pair, interleaved) as one malloc'ed
+// (width, P) array in *out, rows one after the other; P, or −1 when out of memory.
+int64_t gather(const std::vector<std::vector<int64_t>>& found, int width, int64_t** out) {
+    int64_t total = 0;
+    for (const auto& pairs : found) total += static_cast<int64_t>(pairs.size()) / width;
+    int64_t* result = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * std::max<int64_t>(1, width * total)));
+    if (!result) return -1;
+    int64_t k = 0;
+    for (const auto& pairs : found)
+        for (size_t p = 0; p < pairs.size(); p += width, ++k)
+            for (int r = 0; r < width; ++r) result[r * total + k] = pairs[p + r];
+    *out = result;
+    return total;
+}
+
 struct Grid {
     double origin[3], cutoff;
     int64_t dims[3];  // bins per axis, with a margin of one on each side
@@ -83,15 +98,7 @@ int64_t neighbors_cell_list(int64_t n_queries, const double* queries, int64_t n_
                     }
         }
     }
-    int64_t total = 0;
-    for (const auto& pairs : found) total += static_cast<int64_t>(pairs.size()) / 2;
-    int64_t* result = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * std::max<int64_t>(1, 2 * total)));
-    if (!result) return -1;
-    int64_t k = 0;
-    for (const auto& pairs : found)
-        for (size_t i = 0; i < pairs.size(); i += 2, ++k) result[k] = pairs[i], result[total + k] = pairs[i + 1];
-    *out = result;
-    return total;
+    return gather(found, 2, out);
 }
 
 // Periodic pairs without images: the cell (rows are lattice vectors, ``inverse`` its
@@ -205,16 +212,7 @@ int64_t neighbors_periodic(int64_t n, const double* positions, const double* cel
                     }
         }
     }
-    int64_t total = 0;
-    for (const auto& pairs : found) total += static_cast<int64_t>(pairs.size()) / 5;
-    int64_t* result = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * std::max<int64_t>(1, 5 * total)));
-    if (!result) return -1;
-    int64_t k = 0;
-    for (const auto& pairs : found)
-        for (size_t p = 0; p < pairs.size(); p += 5, ++k)
-            for (int r = 0; r < 5; ++r) result[r * total + k] = pairs[p + r];
-    *out = result;
-    return total;
+    return gather(found, 5, out);
 }
 
 void neighbors_free(int64_t* pairs) { std::free(pairs); }

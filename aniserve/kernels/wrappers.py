@@ -294,17 +294,20 @@ def cell_list(
         torch.get_num_threads(),
         ctypes.byref(found),
     )
-    if total < 0:
-        raise MemoryError("out of memory in the neighbour search")
-    try:
-        pairs = (
-            torch.from_numpy(np.ctypeslib.as_array(found, shape=(2, total)).copy())
-            if total
-            else torch.zeros(2, 0, dtype=torch.long)
-        )
-    finally:
-        lib.neighbors_free(found)
+    pairs = _taken_rows(lib, found, 2, total)
     return pairs[0], pairs[1]
+
+
+def _taken_rows(lib: ctypes.CDLL, found, rows: int, total: int) -> torch.Tensor:
+    """The search's malloc'ed (rows, total) int64 result as a tensor, the C array freed."""
+    try:
+        if total < 0:
+            raise MemoryError("out of memory in the neighbour search")
+        if not total:
+            return torch.zeros(rows, 0, dtype=torch.long)
+        return torch.from_numpy(np.ctypeslib.as_array(found, shape=(rows, total)).copy())
+    finally:
+        lib.neighbors_free(found)  # (a null pointer when nothing was allocated: free ignores it)
 
 
 def periodic_pairs(
@@ -331,16 +334,7 @@ def periodic_pairs(
         return None
     if total == -2:
         raise ValueError("positions too far outside the periodic cell (fractional coordinates beyond 2^52)")
-    if total < 0:
-        raise MemoryError("out of memory in the neighbour search")
-    try:
-        rows = (
-            torch.from_numpy(np.ctypeslib.as_array(found, shape=(5, total)).copy())
-            if total
-            else torch.zeros(5, 0, dtype=torch.long)
-        )
-    finally:
-        lib.neighbors_free(found)
+    rows = _taken_rows(lib, found, 5, total)
     return rows[0], rows[1], rows[2:].T.contiguous()
 
 
