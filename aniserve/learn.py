@@ -267,20 +267,30 @@ def langevin_frames(
     import ase
     from ase import units
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     from aniserve.calculator import ANICalculator
 
     atoms = ase.Atoms(numbers=numbers, positions=positions)
     atoms.calc = ANICalculator(model)
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize(atoms, temperature, rng)
     step, friction = timestep_fs * units.fs, 0.02 / units.fs
     dynamics = Langevin(atoms, timestep=step, temperature_K=temperature, friction=friction, rng=rng, fixcm=False)
     frames: list[np.ndarray] = []
     dynamics.attach(lambda: frames.append(atoms.positions.copy()), interval=interval)
     dynamics.run(steps)
     return frames[1:]
+
+
+def thermalize(atoms, temperature_k: float, rng) -> None:
+    """Maxwell–Boltzmann momenta at ``temperature_k`` (ASE ≥ 3.29 names this
+    ``thermalize_momenta`` and deprecates ``MaxwellBoltzmannDistribution``)."""
+    from ase.md import velocitydistribution
+
+    if hasattr(velocitydistribution, "thermalize_momenta"):
+        velocitydistribution.thermalize_momenta(atoms, temperature_k, rng=rng)
+    else:
+        velocitydistribution.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
 
 
 def _score(model, frames, scale: float, threshold: float, start) -> None:

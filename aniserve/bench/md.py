@@ -69,12 +69,14 @@ def _calculator(model, dtype: str):
 
 def nve(model, name: str, dtype: str, seed: int, steps: int) -> dict:
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
+
+    from aniserve.learn import thermalize
 
     atoms = _start(name)
     atoms.calc = _calculator(model, dtype)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(seed))
+    thermalize(atoms, 300, np.random.default_rng(seed))
     Stationary(atoms)
     ZeroRotation(atoms)
     dyn = VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs)
@@ -92,15 +94,15 @@ def nve(model, name: str, dtype: str, seed: int, steps: int) -> dict:
 def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict:
     from ase import units
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     from aniserve.collect import stated_threshold
+    from aniserve.learn import thermalize
 
     atoms = _start(name)
     calc = _calculator(model, "float64")
     atoms.calc = calc
     pairs, lengths = _bonds(atoms)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    thermalize(atoms, temperature, np.random.default_rng(seed))
     dyn = Langevin(
         atoms,
         TIMESTEP_FS * units.fs,
