@@ -687,7 +687,7 @@ def transfer(pretrained, strategy, freeze_layers, options, **kw):
 @click.option(
     "--per-iteration", default=16, show_default=True, type=click.IntRange(min=1), help="Labels per iteration."
 )
-@click.option("--iterations", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--iterations", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--stop-fraction",
     default=0.05,

@@ -62,7 +62,7 @@ class Plan:
     interval: int = 10  # steps between frames
     timestep_fs: float = 0.5
     per_iteration: int = 16
-    iterations: int = 4
+    iterations: int = 8
     stop_fraction: float = 0.05
     held_out: int = 12  # frames per temperature
     strategy: str = "band-fps"
