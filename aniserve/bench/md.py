@@ -93,6 +93,7 @@ def nve(model, name: str, dtype: str, seed: int, steps: int) -> dict:
 
 def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict:
     from ase import units
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
 
     from aniserve.collect import stated_threshold
@@ -103,13 +104,17 @@ def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict
     atoms.calc = calc
     pairs, lengths = _bonds(atoms)
     thermalize(atoms, temperature, np.random.default_rng(seed))
+    # The centre of mass held by a constraint, not by Langevin's fixcm (which ASE 3.28
+    # deprecates: it does not sample the NVT distribution exactly, most visibly for
+    # small systems such as these).
+    atoms.set_constraint(FixCom())
     dyn = Langevin(
         atoms,
         TIMESTEP_FS * units.fs,
         temperature_K=temperature,
         friction=0.01 / units.fs,
         rng=np.random.default_rng(seed),
-        fixcm=True,  # (ASE's present default, said explicitly: its default is to change)
+        fixcm=False,
     )
     rho, broken, closest = [], set(), math.inf
     n = len(atoms)
