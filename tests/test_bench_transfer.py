@@ -377,6 +377,27 @@ def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path
     assert wrong.exit_code != 0 and "give --pool md" in wrong.output
 
 
+def test_hold_out_splits_the_pool_file_by_formula_the_same_way_every_time(tmp_path):
+    """--hold-out: test molecules from the pool file's own distribution, whole formulas,
+    none left in the pool, the same draw every time; a share that leaves no pool is refused."""
+    from aniserve.bench.active import hold_out
+    from aniserve.qmdata.records import read_h5
+
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=4, high_every=1, seed=0)
+    pool, test = hold_out(tmp_path / "train.h5", 0.3, tmp_path / "a")
+
+    def formulas(path):
+        return {tuple(sorted(r["numbers"])) for r in read_h5(path)}
+
+    assert formulas(pool) and formulas(test) and not formulas(pool) & formulas(test)
+    assert formulas(pool) | formulas(test) == formulas(tmp_path / "train.h5")
+    assert len(read_h5(pool)) + len(read_h5(test)) == len(read_h5(tmp_path / "train.h5"))
+    again = hold_out(tmp_path / "train.h5", 0.3, tmp_path / "b")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in (pool, test)]
+    with pytest.raises(ValueError, match="leaves no formula"):
+        hold_out(tmp_path / "train.h5", 0.99, tmp_path / "c")
+
+
 def test_two_views_of_ani_data_join_into_one_set(tmp_path):
     """ANIData.union: the conformations of both views, each read from its own file."""
     from aniserve.training import ANIData

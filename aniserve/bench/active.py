@@ -27,7 +27,9 @@ scores; seeds change the draws and the training.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import logging
 import pathlib
 
@@ -140,9 +142,50 @@ class Pool:
             raise ValueError(f"the pool is 'conformations' or 'md', not {self.kind!r}")
 
 
+#: ``--hold-out``'s draw of test formulas: always the same ones.
+HOLD_OUT_SEED = 1
+
+
+def hold_out(path, share: float, folder) -> tuple[pathlib.Path, pathlib.Path]:
+    """(pool, test): ``path``'s conformations split by formula, ``share`` of the formulas
+    (drawn with HOLD_OUT_SEED) held out as test molecules, as two ANI files in ``folder``
+    (written once): test molecules from the pool's own distribution."""
+    from aniserve.qmdata.records import read_h5, write_records
+
+    digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:12]
+    stem = f"{pathlib.Path(path).stem}-{digest}-hold-out-{share:g}"
+    out = pathlib.Path(folder) / f"{stem}-pool.h5", pathlib.Path(folder) / f"{stem}-test.h5"
+    if all(p.exists() for p in out):
+        return out
+    records = read_h5(path)
+
+    def formula(record) -> tuple:
+        return tuple(sorted(collections.Counter(record["numbers"]).items()))
+
+    formulas = sorted({formula(r) for r in records})
+    np.random.default_rng(HOLD_OUT_SEED).shuffle(formulas)
+    test = set(formulas[: max(1, round(share * len(formulas)))])
+    if len(test) == len(formulas):
+        raise ValueError(f"--hold-out {share:g} leaves no formula of {path} in the pool")
+    pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+    write_records([r for r in records if formula(r) not in test], out[0])
+    write_records([r for r in records if formula(r) in test], out[1])
+    return out
+
+
 def run(
-    train_path, test_path, base: str, strategy: str, budget: Budget, workdir, arms=None, pool_kind: Pool | None = None
+    train_path,
+    test_path,
+    base: str,
+    strategy: str,
+    budget: Budget,
+    workdir,
+    arms=None,
+    pool_kind: Pool | None = None,
+    held_out: float | None = None,
 ) -> dict:
+    """held_out: test on that share of ``train_path``'s formulas (``hold_out``) instead
+    of ``test_path``."""
     from aniserve.bench import md_pool
     from aniserve.modelfile import load_saved
     from aniserve.registry import registry
@@ -151,6 +194,8 @@ def run(
     source = pool_kind or Pool()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if held_out is not None:
+        train_path, test_path = hold_out(train_path, held_out, workdir)
     energy_key, forces_key = HIGH_ENERGY, (HIGH_FORCES if budget.high_force_weight else None)
     temperatures: tuple[float, ...] = ()
     replay = None
@@ -226,6 +271,7 @@ def run(
         "budget": dataclasses.asdict(budget),
         "pool": str(train_path),
         "test": str(test_path),
+        "held_out_share": held_out,
         "pool_size": len(items),
         "validation_groups": sorted({g.name for g in validation.groups}),
         "arms": curves,
@@ -378,6 +424,14 @@ def default_workdir() -> pathlib.Path:
     help=f"The model that runs the MD pool's dynamics (default: --base; the teacher when --base is {STUDENT}).",
 )
 @click.option("--md-steps", default=200, show_default=True, type=click.IntRange(min=1), help="MD steps a temperature.")
+@click.option(
+    "--hold-out",
+    "held_out_share",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Test on this share of --train's formulas, held out of the pool (test molecules of the pool's own "
+    "distribution), instead of --test.",
+)
 @common.json_option()
 @common.plot_option("Write the learning curves (PNG).")
 def command(
@@ -396,6 +450,7 @@ def command(
     teacher,
     explorer,
     md_steps,
+    held_out_share,
     json_out,
     plot_out,
 ):
@@ -421,6 +476,7 @@ def command(
     budget = common.budget_from(preset, seeds, items)
     workdir = workdir or default_workdir()
     source = Pool(pool_kind, teacher, md_steps, 10, explorer)
-    result = run(train_path, test_path, base, strategy, budget, workdir, arms.split(",") if arms else None, source)
+    chosen = arms.split(",") if arms else None
+    result = run(train_path, test_path, base, strategy, budget, workdir, chosen, source, held_out=held_out_share)
     common.report_kept(workdir)
     common.finish(result, table(result), json_out, plot_out, plot)
