@@ -254,11 +254,17 @@ def test_no_server_is_4():
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, exits.INTERRUPTED), (signal.SIGTERM, exits.TERMINATED)])
 def test_an_interrupted_driver_says_so_and_exits_with_its_status(sig, status):
+    # A process started in the background by a non-interactive shell (CI run as
+    # `cmd &`) inherits SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # the driver would rightly ignore the signal.  The test plays a terminal's
+    # foreground job, which receives Ctrl-C, so the child restores Python's handler
+    # before aniserve starts.
     process = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "aniserve",
+            "-c",
+            "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('aniserve', run_name='__main__')",
             "drive",
             "--structure",
             ETHANOL,
