@@ -328,7 +328,7 @@ def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
     the base model and labelled by the teacher; the arms are scored by force RMSE against
     the teacher, per temperature too, and the validation molecules stay outside."""
     out = tmp_path / "active.json"
-    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out, "--teacher", "ani-1ccx"))
+    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out, "--base", "ani-1x", "--teacher", "ani-1ccx"))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["pool_kind"]["kind"] == "md" and data["figure"] == "force_rmse_kcal_per_a"
@@ -353,14 +353,15 @@ def test_active_bench_on_an_md_pool_scores_forces_against_the_teacher(tmp_path):
 def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path):
     """--base student: a small ensemble pretrained on the teacher's labels of the pool
     file's conformations, one per seed; every round trains on its labels and a replayed
-    sample of that data (twice as many); without an MD pool there is no teacher."""
+    sample of that data (twice as many).  It is the default (and so is the full
+    strategy for it); --test and --hold-out together are refused."""
     from aniserve.bench import active
 
     out = tmp_path / "active.json"
-    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out, "--base", "student"))
+    result = CliRunner().invoke(main, md_bench_arguments(tmp_path, out))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["base"] == "student" and data["budget"]["pretrain_epochs"] > 0
+    assert data["base"] == "student" and data["budget"]["pretrain_epochs"] > 0 and data["strategy"] == "full"
     students = list((tmp_path / "work").glob("pretrained-*.safetensors"))
     assert len(students) == 1 and load_saved(students[0]).ensemble_size == data["budget"]["ensemble_size"]
     for row in data["arms"]["random"]:
@@ -371,10 +372,33 @@ def test_active_bench_with_its_own_student_replays_the_pretraining_data(tmp_path
         assert np.isfinite(run["force_rmse_kcal_per_a"])
     assert f"on {4 + active.REPLAY_PER_LABEL * 4} conformations" in result.output
     assert f"on {8 + active.REPLAY_PER_LABEL * 8} conformations" in result.output
-    wrong = CliRunner().invoke(
-        main, ["bench", "active", "--quick", "--base", "student", "--train", str(tmp_path / "train.h5")]
-    )
-    assert wrong.exit_code != 0 and "give --pool md" in wrong.output
+    both = ["--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"), "--hold-out", "0.2"]
+    wrong = CliRunner().invoke(main, ["bench", "active", "--quick", *both])
+    assert wrong.exit_code != 0 and "give --test or --hold-out, not both" in wrong.output
+
+
+@pytest.mark.slow
+def test_active_bench_learns_the_shipped_dft_labels_of_every_conformation(tmp_path):
+    """The second task: --pool conformations --level wb97x, the pool file's ωB97X
+    energies and forces of every conformation (not only those with CCSD(T)), learnt by
+    the student and scored on forces of held-out formulas' conformations."""
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0)
+    out = tmp_path / "active.json"
+    arguments = ["bench", "active", "--quick", "--pool", "conformations", "--level", "wb97x", "--hold-out", "0.25"]
+    arguments += ["--ks", "4,8", "--arms", "random,band", "--epochs", "2", "--train", str(tmp_path / "train.h5")]
+    result = CliRunner().invoke(main, [*arguments, "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["figure"] == "force_rmse_kcal_per_a" and data["pool_kind"]["level"] == "wb97x"
+    assert "conformations at wb97x" in result.output
+    formulas = len(TRAIN) - round(0.25 * len(TRAIN))  # (the pool's, validation included)
+    validation = set(data["validation_groups"])
+    assert data["pool_size"] == 8 * (formulas - len(validation))  # every conformation, not the 4 with CCSD(T)
+    for rows in data["arms"].values():
+        for row in rows:
+            assert np.isfinite(row["force_rmse_kcal_per_a"]) and row["force_rmse_kcal_per_a"] > 0
+            for run in row["runs"]:
+                assert not validation & set(run["labelled_groups"])
 
 
 def test_hold_out_splits_the_pool_file_by_formula_the_same_way_every_time(tmp_path):
@@ -412,8 +436,14 @@ def test_two_views_of_ani_data_join_into_one_set(tmp_path):
     both = np.concatenate([a.read(a.items()[:5]).energy.numpy(), b.read(b.items()).energy.numpy()])
     assert np.array_equal(np.sort(batch.energy.numpy()), np.sort(both))
     assert len(a.union(a.select(a.items()[:2])).paths) == 1  # one file read by both: listed once
-    with pytest.raises(ValueError, match="cannot join"):
-        a.union(ANIData(tmp_path / "b.h5", "ccsd(t)_ccpvdz.energy"))
+    # Views of other targets join, each read under its own keys; forces on one side only do not.
+    high = ANIData(tmp_path / "b.h5", "ccsd(t)_ccpvdz.energy")
+    mixed = a.select(a.items()[:5]).union(high)
+    energies = np.sort(mixed.read(mixed.items()).energy.numpy())
+    both = np.concatenate([a.read(a.items()[:5]).energy.numpy(), high.read(high.items()).energy.numpy()])
+    assert np.array_equal(energies, np.sort(both)) and mixed.energy_key == "wb97x_631gd.energy"
+    with pytest.raises(ValueError, match="forces on one side only"):
+        a.union(ANIData(tmp_path / "b.h5", "wb97x_631gd.energy", "wb97x_631gd.forces"))
 
 
 @pytest.mark.slow
@@ -430,6 +460,10 @@ def test_quick_active_bench_runs_every_arm_without_a_selection_leak(tmp_path):
             "bench",
             "active",
             "--quick",
+            "--pool",
+            "conformations",
+            "--base",
+            "ani-1x",
             "--epochs",
             "2",
             "--train",
@@ -532,3 +566,15 @@ def test_cc_force_errors_are_broken_down_by_molecule(tmp_path):
     assert by_molecule["CH4"] == pytest.approx(0.02 * 627.5094740631)
     overall = np.sqrt((3 * by_molecule["H2O"] ** 2 + 5 * by_molecule["CH4"] ** 2) / 8)
     assert out["force_rmse_vs_cc_kcal_per_a"] == pytest.approx(overall)
+
+
+def test_budget_overrides_name_unknown_fields_and_can_pick_the_seeds():
+    """--budget KEY=VALUE: a known field changes, seeds=[3, 4] runs those seeds (more
+    seeds of a finished run, without repeating it), an unknown field is named."""
+    from aniserve.bench.budget import ACTIVE_STUDENT
+
+    assert ACTIVE_STUDENT.with_changes(2).seeds == (0, 1)
+    more = ACTIVE_STUDENT.with_changes(None, {"seeds": [3, 4], "ks": [64, 32]})
+    assert more.seeds == (3, 4) and more.ks == (32, 64)
+    with pytest.raises(ValueError, match=r"unknown budget field\(s\) \['epoch'\]"):
+        ACTIVE_STUDENT.with_changes(None, {"epoch": 3})

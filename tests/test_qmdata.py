@@ -450,3 +450,35 @@ def test_ccsd_t_forces_label_the_records_that_have_ccsd_t_energies(tmp_path):
         assert abs(forces["water~0"][atom, axis] - numeric) < 2e-6, (atom, axis)
     again = subprocess.run(label, cwd=ROOT, capture_output=True, timeout=300)
     assert again.returncode == 0 and "all already done" in again.stderr.decode()
+
+
+def test_records_of_an_ani_file_written_elsewhere_keep_every_level(tmp_path):
+    """An ANI file with no 'levels' attribute (written by another program, or by
+    write_ani_h5): its records keep each '<level>.energy'/'.forces' pair, so a split of
+    it (``bench active --hold-out``) loses no label; NaN still means not computed."""
+    from aniserve.qmdata.records import read_h5, write_records
+    from aniserve.training.data import write_ani_h5
+
+    water = np.array([8, 1, 1])
+    positions = np.array([[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]] * 2, float)
+    forces = np.arange(18, dtype=float).reshape(2, 3, 3)
+    write_ani_h5(
+        tmp_path / "plain.h5",
+        {
+            "H2O": {
+                "atomic_numbers": water,
+                "coordinates": positions,
+                "wb97x_631gd.energy": np.array([-76.1, -76.2]),
+                "wb97x_631gd.forces": forces,
+                "ccsd(t)_ccpvdz.energy": np.array([np.nan, -76.3]),
+            }
+        },
+    )
+    records = read_h5(tmp_path / "plain.h5")
+    assert [sorted(r["levels"]) for r in records] == [["wb97x_631gd"], ["ccsd(t)_ccpvdz", "wb97x_631gd"]]
+    assert records[1]["levels"]["wb97x_631gd"]["forces"] == forces[1].tolist()
+    write_records(records, tmp_path / "copy.h5")
+    with h5py.File(tmp_path / "copy.h5") as f:
+        (group,) = f.values()
+        assert np.allclose(group["wb97x_631gd.energy"][()], [-76.1, -76.2])
+        assert np.allclose(group["ccsd(t)_ccpvdz.energy"][()], [np.nan, -76.3], equal_nan=True)

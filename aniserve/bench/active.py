@@ -1,8 +1,14 @@
 """``aniserve bench active``: which selection of labels buys the most accuracy?
 
-From a base model (default the official ANI-1x), a pool of conformations with
-high-level labels (the training set's CCSD(T) points) and a held-out test set, each
-*arm* labels K conformations in rounds (K₁, then K₂ ⊇ K₁, …) chosen by a selection
+By default a *student* (a small ensemble pretrained here on a teacher's labels, the
+official ANI-1x's, of the pool file's conformations) learns the teacher from a pool of
+MD frames (300 and 1,000 K) of the pool file's molecules; a fifth of its formulas are
+held out as test molecules (their MD frames at both temperatures).  Labels cost nothing
+(the teacher computes them), so the selections, not the labelling, are compared.  The
+other pools: ``--pool conformations`` learns the file's own labels, its CCSD(T) points
+from a model base, or (``--level wb97x``) the shipped ωB97X energies and forces.
+
+Each *arm* labels K structures in rounds (K₁, then K₂ ⊇ K₁, …) chosen by a selection
 strategy of the registry (``aniserve.selection``): ``random`` (nested draws), ``top-k``
 (the largest force deviations of the current committee: query by committee),
 ``band`` (a trust band of force deviation, random inside, a fair share per molecule)
@@ -11,7 +17,8 @@ and ``band-fps`` (the band, farthest-point sampling on mean AEVs inside).
 The loop is the honest one:
 
 - **validation molecules are fixed and outside the pool**: 15 % of the pool file's
-  formulas, the same for every arm, seed and round, pick the epochs (conformer RMSE);
+  formulas, the same for every arm, seed and round, pick the epochs (on forces where
+  the labels have them, else conformer RMSE);
   nothing selected is ever validated on, so a selection cannot grade itself;
 - **energy offsets are fitted on every label there is**, the validation molecules' and
   all labelled so far, before each round; never on a selection alone (a top-K round
@@ -19,7 +26,8 @@ The loop is the honest one:
 - **the start competes**: a round that does not beat the model it started from (on the
   validation molecules) returns that model unchanged;
 - **each round warm-starts** from the previous round's model, whose committee (its
-  retrained correction members) ranks the rest of the pool for the next round.
+  retrained members) ranks the rest of the pool for the next round; the student's
+  rounds replay twice as many of its pretraining conformations beside the labels.
 
 Every arm is scored on the test set against the high level as ``bench transfer``
 scores; seeds change the draws and the training.
@@ -40,7 +48,16 @@ import torch
 from aniserve.bench import command as common
 from aniserve.bench.budget import ACTIVE, ACTIVE_QUICK, ACTIVE_STUDENT, ACTIVE_STUDENT_QUICK, Budget
 from aniserve.bench.progress import Runs
-from aniserve.bench.scoring import HIGH_ENERGY, HIGH_FORCES, read_test_set, score, seed_mean, subset
+from aniserve.bench.scoring import (
+    HIGH_ENERGY,
+    HIGH_FORCES,
+    LOW_ENERGY,
+    LOW_FORCES,
+    read_test_set,
+    score,
+    seed_mean,
+    subset,
+)
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 log = logging.getLogger(__name__)
@@ -123,27 +140,41 @@ def _round(start_path, strategy: str, labelled, validation, budget: Budget, seed
     return load_saved(out).to(torch.float64).eval(), summary
 
 
+#: ``--level``: the pool file's labels a conformations pool learns (energy, forces keys).
+LEVELS = {"ccsd(t)": (HIGH_ENERGY, HIGH_FORCES), "wb97x": (LOW_ENERGY, LOW_FORCES)}
+
+
 @dataclasses.dataclass
 class Pool:
-    """Where the labels come from: ``conformations`` (the pool file's own high-level
-    points, CCSD(T)) or ``md`` (MD frames of its molecules explored with ``explorer``,
-    by default the base model, and labelled by ``teacher``: ``bench.md_pool``)."""
+    """Where the labels come from: ``md`` (MD frames of the pool file's molecules
+    explored with ``explorer``, by default the base model, and labelled by ``teacher``:
+    ``bench.md_pool``) or ``conformations`` (the pool file's own points at ``level``:
+    its CCSD(T) points, or every conformation's ωB97X energy and forces)."""
 
-    kind: str = "conformations"
+    kind: str = "md"
     teacher: str = "ani-1x"
     steps: int = 200
     interval: int = 10
     #: The model that runs the MD: by default the base, or the teacher when the base is
     #: the bench's own student (one per seed, and too weak to explore stably).
     explorer: str | None = None
+    level: str = "ccsd(t)"
 
     def __post_init__(self):
         if self.kind not in ("conformations", "md"):
             raise ValueError(f"the pool is 'conformations' or 'md', not {self.kind!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"the level is one of {', '.join(LEVELS)}, not {self.level!r}")
+
+    @property
+    def labels_forces(self) -> bool:
+        """Whether every label has forces (the teacher's, or ωB97X's): the figure is
+        then the force RMSE, and the epochs are chosen on the validation forces."""
+        return self.kind == "md" or self.level == "wb97x"
 
 
-#: ``--hold-out``'s draw of test formulas: always the same ones.
-HOLD_OUT_SEED = 1
+#: ``--hold-out``'s draw of test formulas: always the same ones; and its share by default.
+HOLD_OUT_SEED, HOLD_OUT_SHARE = 1, 0.2
 
 
 def hold_out(path, share: float, folder) -> tuple[pathlib.Path, pathlib.Path]:
@@ -196,12 +227,11 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     if held_out is not None:
         train_path, test_path = hold_out(train_path, held_out, workdir)
-    energy_key, forces_key = HIGH_ENERGY, (HIGH_FORCES if budget.high_force_weight else None)
+    energy_key, level_forces = LEVELS[source.level]
+    forces_key: str | None = level_forces if budget.high_force_weight else None
     temperatures: tuple[float, ...] = ()
     replay = None
     if base == STUDENT:
-        if source.kind != "md":
-            raise ValueError(f"--base {STUDENT} learns from a teacher's labels: give --pool md")
         normal = md_pool.relabel(train_path, workdir, source.teacher)
         replay = ANIData(normal, md_pool.TEACHER_ENERGY, md_pool.TEACHER_FORCES)
     if source.kind == "md":
@@ -262,7 +292,7 @@ def run(
                     f"best epoch {summary['best_epoch']}"
                 )
     curves = {arm: [{"k": k, **seed_mean(rs), "runs": rs} for k, rs in by_k.items()] for arm, by_k in runs.items()}
-    figure = "force_rmse_kcal_per_a" if source.kind == "md" else "conformer_rmse_kcal"
+    figure = "force_rmse_kcal_per_a" if source.labels_forces else "conformer_rmse_kcal"
     return {
         "base": str(base),
         "pool_kind": dataclasses.asdict(source),
@@ -314,7 +344,11 @@ def table(result: dict) -> str:
     pool = result.get("pool_kind", {"kind": "conformations"})
     lines = [
         f"base {result['base']}, strategy {result['strategy']}, pool {result['pool_size']} "
-        + ("conformations" if pool["kind"] == "conformations" else f"MD frames labelled by {pool['teacher']}")
+        + (
+            f"conformations at {pool.get('level', 'ccsd(t)')}"
+            if pool["kind"] == "conformations"
+            else f"MD frames labelled by {pool['teacher']}"
+        )
         + f", validation molecules {len(result['validation_groups'])} (outside the pool)",
         f"{'K':>6s} " + " ".join(f"{arm + ' ' + short[f]:>22s}" for f in figures for arm in arms),
     ]
@@ -378,20 +412,20 @@ def default_workdir() -> pathlib.Path:
 
 @click.command("active")
 @click.option(
-    "--quick", is_flag=True, help="K = 8, 16, one seed, 3 epochs: minutes on 2 CPU cores (what the tests run)."
+    "--quick", is_flag=True, help="K = 8, 16, one seed, a few epochs: minutes on 2 CPU cores (what the tests run)."
 )
 @click.option(
     "--base",
-    default="ani-1x",
+    default=STUDENT,
     show_default=True,
-    help=f"Model every selection is transferred from (a name or a file), or {STUDENT} (with --pool md): a "
-    "small ensemble pretrained here on --teacher's labels of --train's conformations, one per seed.",
+    help=f"Model every selection is transferred from (a name or a file), or {STUDENT}: a small ensemble "
+    "pretrained here on --teacher's labels of --train's conformations, one per seed.",
 )
 @click.option(
     "--strategy",
-    default="delta",
-    show_default=True,
-    help="Transfer strategy used for every selection (delta: the best in cross-validation, docs/notebook.md).",
+    default=None,
+    help=f"Transfer strategy used for every selection (default: full, every weight, for --base {STUDENT}; "
+    "delta, the best in cross-validation (docs/notebook.md), for a model).",
 )
 @click.option(
     "--train",
@@ -399,23 +433,42 @@ def default_workdir() -> pathlib.Path:
     default="data/qm-train.h5",
     show_default=True,
     type=click.Path(dir_okay=False),
-    help="The pool: its high-level conformations.",
+    help="The pool file: its molecules (explored by MD) or its conformations.",
 )
-@common.test_option("Held-out test set with the high level.")
+@click.option(
+    "--test",
+    "test_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Test molecules from another file (such as data/qm-test.h5) instead of --hold-out's.",
+)
+@click.option(
+    "--hold-out",
+    "held_out_share",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help=f"Test on this share of --train's formulas, held out of the pool: test molecules of the pool's own "
+    f"distribution (default {HOLD_OUT_SHARE:g} when --test is not given).",
+)
 @click.option("--ks", default=None, help="Comma-separated selection sizes (default 32,64,128; quick 8,16).")
 @common.seeds_option
-@click.option("--epochs", default=None, type=int, help="Transfer epochs per selection (default 60, quick 3).")
+@click.option(
+    "--epochs",
+    default=None,
+    type=int,
+    help="Transfer epochs per selection (default 40 for the student, 60 for a model; quick 3).",
+)
 @common.budget_option
 @common.workdir_option("bench-active")
 @click.option("--arms", default=None, help="Comma-separated selection strategies (default random,top-k,band,band-fps).")
 @click.option(
     "--pool",
     "pool_kind",
-    type=click.Choice(["conformations", "md"]),
-    default="conformations",
+    type=click.Choice(["md", "conformations"]),
+    default="md",
     show_default=True,
-    help="The labels: the pool file's CCSD(T) conformations, or MD frames of its molecules (300 and 1,000 K, "
-    "explored with --base) labelled by --teacher.",
+    help="The labels: MD frames of --train's molecules (300 and 1,000 K, run by --explorer) labelled by "
+    "--teacher, or --train's own conformations at --level.",
 )
 @click.option("--teacher", default="ani-1x", show_default=True, help="The MD pool's labeller (energies and forces).")
 @click.option(
@@ -425,12 +478,12 @@ def default_workdir() -> pathlib.Path:
 )
 @click.option("--md-steps", default=200, show_default=True, type=click.IntRange(min=1), help="MD steps a temperature.")
 @click.option(
-    "--hold-out",
-    "held_out_share",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=None,
-    help="Test on this share of --train's formulas, held out of the pool (test molecules of the pool's own "
-    "distribution), instead of --test.",
+    "--level",
+    type=click.Choice(list(LEVELS)),
+    default="ccsd(t)",
+    show_default=True,
+    help="With --pool conformations: the file's labels to learn, its CCSD(T) points (energies) or every "
+    "conformation's ωB97X energy and forces (the shipped DFT labels).",
 )
 @common.json_option()
 @common.plot_option("Write the learning curves (PNG).")
@@ -440,6 +493,7 @@ def command(
     strategy,
     train_path,
     test_path,
+    held_out_share,
     ks,
     seeds,
     epochs,
@@ -450,22 +504,31 @@ def command(
     teacher,
     explorer,
     md_steps,
-    held_out_share,
+    level,
     json_out,
     plot_out,
 ):
     """Selection strategies against each other: K labels in rounds, learning curves on held-out molecules.
 
+    By default a student (a small ensemble pretrained on ANI-1x's labels) learns ANI-1x
+    from MD frames of data/qm-train.h5's molecules, tested on a fifth of its formulas
+    held out (docs/bench/active.md).
+
     Example: aniserve bench active --json active.json --plot active.png
     """
-    common.data_files(("--train", train_path), ("--test", test_path))
+    if test_path is not None and held_out_share is not None:
+        raise click.UsageError("give --test or --hold-out, not both")
+    if test_path is None:
+        held_out_share = held_out_share or HOLD_OUT_SHARE
+    common.data_files(("--train", train_path), *((("--test", test_path),) if test_path else ()))
+    source = Pool(pool_kind, teacher, md_steps, 10, explorer, level)
     items = list(budget_items)
     if ks:
         items.append(f"ks={[int(k) for k in ks.split(',')]}")
     if epochs:
         items.append(f"transfer_epochs={epochs}")
-    if pool_kind == "md":
-        # The teacher's forces are labels too, and the epochs are chosen on the validation
+    if source.labels_forces:
+        # The forces are labels too, and the epochs are chosen on the validation
         # molecules' forces, the figure: on their energies, a fine-tune whose per-element
         # offsets a few compositions pull never beat its start.
         items[:0] = ["high_force_weight=1.0", "selection=forces"]
@@ -475,8 +538,8 @@ def command(
         preset = ACTIVE_QUICK if quick else ACTIVE
     budget = common.budget_from(preset, seeds, items)
     workdir = workdir or default_workdir()
-    source = Pool(pool_kind, teacher, md_steps, 10, explorer)
     chosen = arms.split(",") if arms else None
+    strategy = strategy or ("full" if base == STUDENT else "delta")
     result = run(train_path, test_path, base, strategy, budget, workdir, chosen, source, held_out=held_out_share)
     common.report_kept(workdir)
     common.finish(result, table(result), json_out, plot_out, plot)

@@ -65,14 +65,15 @@ class Budget:
 
     def with_changes(self, seeds: int | None = None, overrides: dict[str, Any] | None = None) -> Budget:
         """This budget with ``seeds`` seeds (0 … seeds−1) and fields overridden
-        (ValueError naming unknown ones)."""
+        (ValueError naming unknown ones); ``seeds=[3, 4]`` among the overrides runs those
+        seeds (more seeds of a finished run, without repeating it)."""
         budget = dataclasses.replace(self, seeds=tuple(range(seeds))) if seeds else self
         overrides = dict(overrides or {})
-        fields = {f.name for f in dataclasses.fields(budget)} - {"seeds"}
+        fields = {f.name for f in dataclasses.fields(budget)}
         unknown = set(overrides) - fields
         if unknown:
             raise ValueError(f"unknown budget field(s) {sorted(unknown)}; known: {sorted(fields)}")
-        for key in ("hidden", "ks"):
+        for key in ("hidden", "ks", "seeds"):
             if key in overrides:
                 overrides[key] = tuple(sorted(overrides[key])) if key == "ks" else tuple(overrides[key])
         return dataclasses.replace(budget, **overrides)

@@ -113,10 +113,15 @@ def read_h5(path: pathlib.Path) -> list[dict]:
         return []
     records = []
     with h5py.File(path, "r") as f:
-        levels = json.loads(f.attrs.get("levels", "{}"))
-        if not isinstance(levels, dict):
-            raise HDF5Error(f"{path}: its 'levels' attribute is not a JSON object")
-        for name, group in conformer_groups(f, path):
+        groups = list(conformer_groups(f, path))
+        if "levels" in f.attrs:
+            levels = json.loads(f.attrs["levels"])
+            if not isinstance(levels, dict):
+                raise HDF5Error(f"{path}: its 'levels' attribute is not a JSON object")
+        else:  # an ANI file written by something else: its levels are its energies' keys
+            keys = {key.removesuffix(".energy") for _, group in groups for key in group if key.endswith(".energy")}
+            levels = {key: {} for key in sorted(keys)}
+        for name, group in groups:
             count, _ = check_group(
                 group, path, name, [f"{key}.{field}" for key in levels for field in ("energy", "forces", "wall_s")]
             )

@@ -52,6 +52,7 @@ class _Group:
     numbers: np.ndarray
     conformations: np.ndarray  # indices with at least one finite target
     file: int = 0  # which of the data's files
+    keys: tuple[str, str | None] | None = None  # (energy, forces) where not the data's own (``union``)
 
 
 def data_paths(path) -> list[pathlib.Path]:
@@ -156,12 +157,13 @@ class ANIData:
         return ANIData(self.paths, self.energy_key, self.forces_key, _groups=groups)
 
     def union(self, other: ANIData) -> ANIData:
-        """One set of this view's conformations and ``other``'s (the same targets; files
-        both read are opened once more, not merged)."""
-        if (self.energy_key, self.forces_key) != (other.energy_key, other.forces_key):
+        """One set of this view's conformations and ``other``'s, each read from its own
+        file under its own keys (a student's replayed teacher labels beside DFT labels);
+        both must have forces or neither.  Files both read are opened once more, not merged."""
+        if (self.forces_key is None) != (other.forces_key is None):
             raise ValueError(
                 f"cannot join data of {self.energy_key!r}/{self.forces_key!r} with "
-                f"{other.energy_key!r}/{other.forces_key!r}"
+                f"{other.energy_key!r}/{other.forces_key!r}: forces on one side only"
             )
         paths = list(self.paths)
         where = []
@@ -169,7 +171,11 @@ class ANIData:
             if path not in paths:
                 paths.append(path)
             where.append(paths.index(path))
-        groups = self.groups + [dataclasses.replace(g, file=where[g.file]) for g in other.groups]
+        own = (self.energy_key, self.forces_key)
+        groups = list(self.groups)
+        for g in other.groups:
+            keys = g.keys or (other.energy_key, other.forces_key)
+            groups.append(dataclasses.replace(g, file=where[g.file], keys=None if keys == own else keys))
         return ANIData(paths, self.energy_key, self.forces_key, _groups=groups)
 
     def split(self, validation: float, seed: int) -> tuple[ANIData, ANIData]:
@@ -250,16 +256,17 @@ class ANIData:
         for gi, entries in by_group.items():
             g = self.groups[gi]
             h5 = self._files[g.file][g.name]
+            energy_key, forces_key = g.keys or (self.energy_key, self.forces_key)
             entries.sort()
             confs = [c for c, _ in entries]
             rows = [r for _, r in entries]
             n = len(g.numbers)
             numbers[rows, :n] = g.numbers
             positions[rows, :n] = h5["coordinates"][confs]
-            if self.energy_key in h5:
-                energy[rows] = h5[self.energy_key][confs]
-            if forces is not None and self.forces_key in h5:
-                forces[rows, :n] = h5[self.forces_key][confs]
+            if energy_key in h5:
+                energy[rows] = h5[energy_key][confs]
+            if forces is not None and forces_key in h5:
+                forces[rows, :n] = h5[forces_key][confs]
             names = h5["molecule"][confs] if "molecule" in h5 else [g.name] * len(confs)
             for r, m in zip(rows, names):
                 molecule[r] = m.decode() if isinstance(m, bytes) else str(m)
