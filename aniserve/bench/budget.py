@@ -111,10 +111,10 @@ FROM_BASE = Budget(
 FROM_BASE_QUICK = Budget(
     pretrain_epochs=0, transfer_epochs=4, seeds=(0,), ensemble_size=0, batch_size=32, patience=4, selection="conformer"
 )
-#: ``bench active``: every selection transferred from the base as ``FROM_BASE`` does.
+#: ``bench active --base MODEL``: every selection transferred from the base as ``FROM_BASE`` does.
 ACTIVE = dataclasses.replace(FROM_BASE, ks=(32, 64, 128))
 ACTIVE_QUICK = dataclasses.replace(FROM_BASE, ks=(8, 16), seeds=(0,), transfer_epochs=3, batch_size=8, patience=3)
-#: ``bench active --pool md --base student``: the student is pretrained here, a small
+#: ``bench active`` (its default ``--base student``): the student is pretrained here, a small
 #: ensemble on the teacher's labels of the pool file's normal-mode conformations; its
 #: rounds fine-tune every weight on the labels and a replayed sample of that data.  The
 #: learning rate is lower than the pretraining's: in a first try at 1e-3 the validation
