@@ -24,10 +24,10 @@ import tempfile
 import numpy as np
 from ase import units
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from aniserve import ANICalculator
 from aniserve.collect import Collector
+from aniserve.learn import thermalize
 from aniserve.qmdata.levels import Level
 from aniserve.structures import read_structures
 
@@ -52,7 +52,7 @@ def aniserve(*arguments):
 def md_round(model, collected):
     """Langevin MD at 1,000 K; returns the collector (what it kept, of how many)."""
     atoms = read_structures(here.parent / "molecules" / "ethanol.xyz")[0]
-    MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=np.random.default_rng(0))
+    thermalize(atoms, 1000, np.random.default_rng(0))  # (ASE's name for it changed in 3.29)
     collector = Collector(collected, energy_std=args.threshold, every=args.every)
     atoms.calc = ANICalculator(model, collect=collector)
     Langevin(atoms, 0.5 * units.fs, temperature_K=1000, friction=0.02, rng=np.random.default_rng(1)).run(args.steps)
