@@ -924,6 +924,15 @@ def data_generate(
     help="At most this many structures of each molecule (lowest indices first).",
 )
 @click.option(
+    "--order",
+    type=click.Choice(["coverage", "cheapest"]),
+    default="coverage",
+    show_default=True,
+    help="Submit round-robin over molecules, smallest first in each round (a partial run covers as many "
+    "molecules as it can), or every structure of smaller molecules first (a partial run has finished as many "
+    "as it can).",
+)
+@click.option(
     "--density-fit/--no-density-fit",
     default=True,
     show_default=True,
@@ -937,6 +946,7 @@ def data_label(
     out,
     having_text,
     per_molecule,
+    order,
     density_fit,
     workers,
     threads,
@@ -946,7 +956,8 @@ def data_label(
 ):
     """Compute given structures at one level: extended XYZ or any ASE-readable file, or ANI HDF5 (levels kept).
 
-    Structures are submitted round-robin over molecules, so a partial run covers each.
+    Structures are submitted round-robin over molecules, so a partial run covers each
+    (or, with --order cheapest, smallest molecules first).
 
     Example: aniserve data label collected.extxyz --level wb97x/6-31g* --forces --out labelled.h5
 
@@ -963,7 +974,7 @@ def data_label(
     structures, kept = label.read_inputs(inputs)
     having = None if having_text is None else Level.parse(having_text).key
     try:
-        structures = label.select(structures, kept, having, per_molecule)
+        structures = label.select(structures, kept, having, per_molecule, order)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     journal = Journal(pathlib.Path(out).with_suffix(".work"))

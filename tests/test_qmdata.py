@@ -482,3 +482,23 @@ def test_records_of_an_ani_file_written_elsewhere_keep_every_level(tmp_path):
         (group,) = f.values()
         assert np.allclose(group["wb97x_631gd.energy"][()], [-76.1, -76.2])
         assert np.allclose(group["ccsd(t)_ccpvdz.energy"][()], [np.nan, -76.3], equal_nan=True)
+
+
+def test_label_orders_cover_every_molecule_first_or_finish_the_cheapest_first():
+    """data label's queue: ``coverage`` takes each molecule's first structure (smallest
+    molecules first) before any second; ``cheapest`` takes every structure of a smaller
+    molecule (fewer heavy atoms, then fewer atoms) before any of a larger one; an unknown
+    order is refused."""
+    from aniserve.qmdata.label import select
+
+    def structures(name, numbers, count):
+        return [{"name": name, "index": i, "numbers": numbers, "id": f"{name}~{i}"} for i in range(count)]
+
+    pool = structures("ethanol", [8, 6, 6, 1, 1, 1, 1, 1, 1], 3)
+    pool += structures("water", [8, 1, 1], 3) + structures("methane", [6, 1, 1, 1, 1], 3)
+    coverage = [s["id"] for s in select(pool, [], per_molecule=2)]
+    assert coverage == ["water~0", "methane~0", "ethanol~0", "water~1", "methane~1", "ethanol~1"]
+    cheapest = [s["id"] for s in select(pool, [], per_molecule=2, order="cheapest")]
+    assert cheapest == ["water~0", "water~1", "methane~0", "methane~1", "ethanol~0", "ethanol~1"]
+    with pytest.raises(ValueError, match="the order is one of coverage, cheapest"):
+        select(pool, [], order="largest")

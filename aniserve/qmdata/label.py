@@ -80,14 +80,30 @@ def _ase_structures(path: pathlib.Path) -> list[dict]:
     return out
 
 
+#: ``select``'s orders: ``coverage`` (round-robin over molecules, smallest first in each
+#: round) and ``cheapest`` (every chosen structure of the smallest molecules first).
+ORDERS = ("coverage", "cheapest")
+
+
 def select(
-    structures: list[dict], kept: list[dict], having: str | None = None, per_molecule: int | None = None
+    structures: list[dict],
+    kept: list[dict],
+    having: str | None = None,
+    per_molecule: int | None = None,
+    order: str = "coverage",
 ) -> list[dict]:
     """The structures to label: only those whose input record already has level key
     ``having`` (e.g. CCSD(T) forces for the conformations with CCSD(T) energies), at
-    most ``per_molecule`` of each molecule (lowest indices first), in round-robin order
-    over molecules, smallest molecules first in each round, so that a partial run covers
-    as many molecules as it can (CCSD(T) costs grow as about the 7th power of size)."""
+    most ``per_molecule`` of each molecule (lowest indices first).
+
+    ``coverage`` orders them round-robin over molecules, smallest molecules first in
+    each round, so that a partial run covers as many molecules as it can; ``cheapest``
+    puts every structure of a smaller molecule before any of a larger one, so that a run
+    cut short (a job's time limit, a machine reset) has finished as many as it could:
+    CCSD(T) costs grow as about the 7th power of size, and a few large molecules can
+    hold a round-robin queue for hours."""
+    if order not in ORDERS:
+        raise ValueError(f"the order is one of {', '.join(ORDERS)}, not {order!r}")
     if having is not None:
         with_level = {r["id"] for r in kept if having in r["levels"]}
         if not with_level:
@@ -101,11 +117,18 @@ def select(
         by_molecule.setdefault(s["name"], []).append(s)
     if per_molecule is not None:
         by_molecule = {name: group[:per_molecule] for name, group in by_molecule.items()}
-    groups = sorted(by_molecule.values(), key=lambda group: (len(group[0]["numbers"]), group[0]["name"]))
+    groups = sorted(by_molecule.values(), key=lambda group: (_size(group[0]["numbers"]), group[0]["name"]))
+    if order == "cheapest":
+        return [s for group in groups for s in group]
     out = []
     for rank in range(max(map(len, groups), default=0)):
         out += [group[rank] for group in groups if rank < len(group)]
     return out
+
+
+def _size(numbers) -> tuple[int, int]:
+    """What a correlated calculation's cost grows with: heavy atoms, then all atoms."""
+    return sum(int(z) > 1 for z in numbers), len(numbers)
 
 
 def tasks(structures: list[dict], level: Level, forces: bool) -> list[Task]:
