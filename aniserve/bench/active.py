@@ -470,7 +470,12 @@ def default_workdir() -> pathlib.Path:
     help="The labels: MD frames of --train's molecules (300 and 1,000 K, run by --explorer) labelled by "
     "--teacher, or --train's own conformations at --level.",
 )
-@click.option("--teacher", default="ani-1x", show_default=True, help="The MD pool's labeller (energies and forces).")
+@click.option(
+    "--teacher",
+    default="ani-1x",
+    show_default=True,
+    help="The labeller (energies and forces) of the MD pool and of the student's pretraining.",
+)
 @click.option(
     "--explorer",
     default=None,
