@@ -540,12 +540,13 @@ def _training_options(f):
         click.option(
             "--select",
             "selection",
-            type=click.Choice(["loss", "conformer"]),
+            type=click.Choice(["loss", "conformer", "forces", "balanced"]),
             default="loss",
             show_default=True,
-            help="What picks the saved epoch and drives early stopping: the validation loss, or the "
+            help="What picks the saved epoch and drives early stopping: the validation loss; the "
             "validation molecules' conformer RMSE (relative energies; better for transfer to a "
-            "small high-level set, docs/notebook.md).",
+            "small high-level set, docs/notebook.md); their force RMSE; or 'balanced', conformer "
+            "plus force RMSE, each relative to the starting model's (transfer with forces).",
         ),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 #: What may pick a run's epoch (``Settings.selection``).
-SELECTIONS = ("loss", "conformer", "forces")
+SELECTIONS = ("loss", "conformer", "forces", "balanced")
 
 
 @dataclasses.dataclass
@@ -62,7 +62,10 @@ class Settings:
     #: What picks the saved epoch and drives the schedule and early stopping: "loss" (the
     #: training objective on the validation molecules), "conformer" (their conformer
     #: RMSE, energies relative to each molecule's mean: blind to energy zeros) or "forces"
-    #: (their force RMSE: blind to energies, for a model that serves dynamics).
+    #: (their force RMSE: blind to energies, for a model that serves dynamics) or
+    #: "balanced" (conformer RMSE plus force RMSE, each as a fraction of the starting
+    #: model's: for a transfer that must keep both; the loss weighs absolute energies in
+    #: too, and the conformer RMSE alone keeps epochs before forces are learnt).
     selection: str = "loss"
     seed: int = 0
     device: str = "cpu"
@@ -247,6 +250,8 @@ class _Progress:
     start_epoch: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"loss": math.inf, "rmse": math.inf, "epoch": -1})
     best_state: dict | None = None
+    #: The starting weights' validation metrics ("balanced" selection measures against them).
+    start: dict | None = None
 
 
 def train(
@@ -299,13 +304,14 @@ def train(
         f"validating on {len(val_data)}; {world} process(es)",
     )
 
-    if state is None and settings.start_competes:
-        start = validate(model, val_data, force_weight=step_force_weight)
-        _select(start, settings, -1, model, None, progress)
-        _say(
-            rank,
-            f"the start: validation loss {start['loss']:.3e}, energy RMSE {start['energy_rmse_kcal']:.3f} kcal/mol",
-        )
+    if state is None and (settings.start_competes or settings.selection == "balanced"):
+        start = progress.start = validate(model, val_data, force_weight=step_force_weight)
+        if settings.start_competes:
+            _select(start, settings, -1, model, None, progress)
+            _say(
+                rank,
+                f"the start: validation loss {start['loss']:.3e}, energy RMSE {start['energy_rmse_kcal']:.3f} kcal/mol",
+            )
     best = progress.best
     for epoch in range(progress.start_epoch, settings.epochs):
         if epoch - best["epoch"] > settings.early_stop_patience or optimizer.param_groups[0]["lr"] < settings.min_lr:
@@ -337,6 +343,7 @@ def train(
         "validation_energy_rmse_kcal": best["rmse"],
         "validation_conformer_rmse_kcal": best.get("conformer_rmse", math.nan),
         "validation_force_rmse_kcal_per_a": best.get("force_rmse", math.nan),
+        "validation_start": progress.start,
         "epochs_run": len(progress.history),
         "trainable_parameters": n_params,
         "seed": settings.seed,
@@ -372,8 +379,8 @@ def _splits(model: ANIPotential, data: ANIData, settings: Settings, validation_d
         raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
     if settings.selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
-    if settings.selection == "forces" and (data.forces_key is None or settings.force_weight <= 0):
-        raise ValueError("selection 'forces' needs force labels and a force weight above 0")
+    if settings.selection in ("forces", "balanced") and (data.forces_key is None or settings.force_weight <= 0):
+        raise ValueError(f"selection {settings.selection!r} needs force labels and a force weight above 0")
     return train_data, val_data
 
 
@@ -397,6 +404,7 @@ def _restore_model(state: dict, path: pathlib.Path, settings: Settings, dtype, p
         progress.history = json.loads(state["history"])
         progress.start_epoch = state["epoch"] + 1
         progress.best = json.loads(state["best"])
+        progress.start = json.loads(state.get("start", "null"))
     except _CHECKPOINT_ERRORS as error:
         raise _bad_checkpoint(path, error) from None
     for name, p in model.named_parameters():
@@ -448,6 +456,15 @@ def _train_epoch(
     return total / max(count, 1)
 
 
+def _balanced(metrics: dict, start: dict) -> float:
+    """Conformer RMSE plus force RMSE, each relative to the start's; the loss relative to
+    the start's where either is undefined (no molecule with two conformations, no forces)."""
+    parts = ("conformer_rmse_kcal", "force_rmse_kcal_per_a")
+    if all(0 < start.get(k, math.nan) < math.inf and math.isfinite(metrics.get(k, math.nan)) for k in parts):
+        return sum(metrics[k] / start[k] for k in parts)
+    return metrics["loss"] / start["loss"] if start.get("loss", 0) > 0 else metrics["loss"]
+
+
 def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, progress: _Progress) -> bool:
     """Step the schedule (if given) on the selection criterion and keep the epoch's
     weights when it is the best so far (epoch −1: the starting weights); whether it was."""
@@ -457,6 +474,8 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
         criterion = metrics["conformer_rmse_kcal"]
     elif settings.selection == "forces" and math.isfinite(metrics.get("force_rmse_kcal_per_a", math.nan)):
         criterion = metrics["force_rmse_kcal_per_a"]
+    elif settings.selection == "balanced":
+        criterion = _balanced(metrics, progress.start or {})
     if scheduler is not None:
         scheduler.step(criterion)
     best = progress.best
@@ -516,6 +535,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch: int, progress: _P
             "trainable": sorted(progress.trainable),
             "history": json.dumps(progress.history),
             "best": json.dumps(progress.best),
+            "start": json.dumps(progress.start),
             "description": json.dumps(describe(model)),
         },
         path,
