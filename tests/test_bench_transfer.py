@@ -390,6 +390,7 @@ def test_active_bench_learns_the_shipped_dft_labels_of_every_conformation(tmp_pa
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["figure"] == "force_rmse_kcal_per_a" and data["pool_kind"]["level"] == "wb97x"
+    assert data["pool"] == str(tmp_path / "train.h5") and data["test"] is None  # as given, not the workdir's split
     assert "conformations at wb97x" in result.output
     formulas = len(TRAIN) - round(0.25 * len(TRAIN))  # (the pool's, validation included)
     validation = set(data["validation_groups"])
@@ -420,6 +421,23 @@ def test_hold_out_splits_the_pool_file_by_formula_the_same_way_every_time(tmp_pa
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in (pool, test)]
     with pytest.raises(ValueError, match="leaves no formula"):
         hold_out(tmp_path / "train.h5", 0.99, tmp_path / "c")
+
+
+def test_relabelled_copies_of_one_file_are_the_same_bytes_wherever_they_lie(tmp_path):
+    """The student's cache key is its data file's hash: the teacher's labels of two
+    byte-identical files (two --hold-out runs' splits, in different workdirs) must be
+    byte-identical too, so the second run reuses the first's students."""
+    import shutil
+
+    from aniserve.bench import md_pool
+    from aniserve.embedded import DEFAULT_MODEL
+
+    write_levels(tmp_path / "train.h5", TRAIN[:3], conformations=2, high_every=1, seed=0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "train.h5", tmp_path / name / "pool.h5")
+    a, b = (md_pool.relabel(tmp_path / name / "pool.h5", tmp_path / name / "work", DEFAULT_MODEL) for name in "ab")
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
 
 
 def test_two_views_of_ani_data_join_into_one_set(tmp_path):

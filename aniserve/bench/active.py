@@ -225,6 +225,7 @@ def run(
     source = pool_kind or Pool()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    given = {"pool": str(train_path), "test": None if held_out is not None else str(test_path)}
     if held_out is not None:
         train_path, test_path = hold_out(train_path, held_out, workdir)
     energy_key, level_forces = LEVELS[source.level]
@@ -299,8 +300,8 @@ def run(
         "figure": figure,
         "strategy": strategy,
         "budget": dataclasses.asdict(budget),
-        "pool": str(train_path),
-        "test": str(test_path),
+        # The files as given (the splits and MD pools made from them live in the workdir).
+        **given,
         "held_out_share": held_out,
         "pool_size": len(items),
         "validation_groups": sorted({g.name for g in validation.groups}),

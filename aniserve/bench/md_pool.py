@@ -131,7 +131,9 @@ def relabel(path, folder, teacher: str) -> pathlib.Path:
     records = []
     for name, rs in sorted(by_molecule.items()):
         frames = [np.asarray(r["positions"], float) for r in sorted(rs, key=lambda r: r["index"])]
-        records += _labelled(labeller, teacher, name, np.asarray(rs[0]["numbers"]), frames, str(path))
+        # The file's name, not its path: byte-identical inputs give byte-identical outputs
+        # (a cached student's key), wherever they lie.
+        records += _labelled(labeller, teacher, name, np.asarray(rs[0]["numbers"]), frames, pathlib.Path(path).name)
     write_records(records, out)
     return out
 
