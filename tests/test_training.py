@@ -459,6 +459,12 @@ def test_balanced_selection_weighs_conformer_and_force_errors_against_the_start(
     assert summary["best_epoch"] == 1 + int(np.argmin(score))
     with pytest.raises(ValueError, match="selection 'balanced' needs force labels"):
         train(load_saved(pretrained), ANIData(dft_file, "wb97x_dz.energy"), tmp_path / "x.safetensors", settings)
+    from aniserve.cli import main
+    from aniserve.training.trainer import SELECTIONS
+
+    for command in ("train", "transfer"):  # the CLI offers every selection (its list is spelt out: no torch import)
+        (option,) = [p for p in main.commands[command].params if p.name == "selection"]
+        assert tuple(option.type.choices) == SELECTIONS
 
 
 def test_self_energies_move_only_as_far_as_the_data_determines(tmp_path):
