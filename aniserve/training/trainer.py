@@ -456,26 +456,24 @@ def _train_epoch(
     return total / max(count, 1)
 
 
-def _balanced(metrics: dict, start: dict) -> float:
-    """Conformer RMSE plus force RMSE, each relative to the start's; the loss relative to
-    the start's where either is undefined (no molecule with two conformations, no forces)."""
-    parts = ("conformer_rmse_kcal", "force_rmse_kcal_per_a")
-    if all(0 < start.get(k, math.nan) < math.inf and math.isfinite(metrics.get(k, math.nan)) for k in parts):
-        return sum(metrics[k] / start[k] for k in parts)
-    return metrics["loss"] / start["loss"] if start.get("loss", 0) > 0 else metrics["loss"]
+#: What "balanced" selection adds up, each relative to the starting model's.
+_BALANCED = ("conformer_rmse_kcal", "force_rmse_kcal_per_a")
 
 
 def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, progress: _Progress) -> bool:
     """Step the schedule (if given) on the selection criterion and keep the epoch's
     weights when it is the best so far (epoch −1: the starting weights); whether it was."""
-    criterion = metrics["loss"]
+    criterion, start = metrics["loss"], progress.start or {}
     if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
-        # (NaN when no validation molecule has two conformations: the loss decides then.)
+        # (NaN when no validation molecule has two conformations: the loss decides then,
+        # for "balanced" too.)
         criterion = metrics["conformer_rmse_kcal"]
     elif settings.selection == "forces" and math.isfinite(metrics.get("force_rmse_kcal_per_a", math.nan)):
         criterion = metrics["force_rmse_kcal_per_a"]
-    elif settings.selection == "balanced":
-        criterion = _balanced(metrics, progress.start or {})
+    elif settings.selection == "balanced" and all(
+        math.isfinite(metrics.get(k, math.nan)) and start.get(k, 0) > 0 for k in _BALANCED
+    ):
+        criterion = sum(metrics[k] / start[k] for k in _BALANCED)
     if scheduler is not None:
         scheduler.step(criterion)
     best = progress.best
