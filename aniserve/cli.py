@@ -540,13 +540,14 @@ def _training_options(f):
         click.option(
             "--select",
             "selection",
-            type=click.Choice(["loss", "conformer", "forces", "balanced"]),
+            type=click.Choice(["loss", "conformer", "forces", "balanced", "all"]),
             default="loss",
             show_default=True,
             help="What picks the saved epoch and drives early stopping: the validation loss; the "
             "validation molecules' conformer RMSE (relative energies; better for transfer to a "
-            "small high-level set, docs/notebook.md); their force RMSE; or 'balanced', conformer "
-            "plus force RMSE, each relative to the starting model's (transfer with forces).",
+            "small high-level set, docs/notebook.md); their force RMSE; 'balanced', conformer "
+            "plus force RMSE, each relative to the starting model's (transfer with forces); or "
+            "'all', those two and the total-energy RMSE, each relative to the start's.",
         ),
         click.option("--seed", default=0, show_default=True),
         click.option("--device", default="cpu", show_default=True),

@@ -596,3 +596,15 @@ def test_budget_overrides_name_unknown_fields_and_can_pick_the_seeds():
     assert more.seeds == (3, 4) and more.ks == (32, 64)
     with pytest.raises(ValueError, match=r"unknown budget field\(s\) \['epoch'\]"):
         ACTIVE_STUDENT.with_changes(None, {"epoch": 3})
+
+
+def test_budget_gives_the_transfer_runs_their_own_optimiser_settings_without_touching_pretraining():
+    """transfer_lr and transfer_weight_decay reach the transfer runs' trainer settings and
+    stay out of the pretrained model's cache key (a cached pretraining stays valid)."""
+    from aniserve.bench.budget import ACTIVE_STUDENT
+
+    changed = ACTIVE_STUDENT.with_changes(None, {"transfer_lr": 1e-4, "transfer_weight_decay": 0.5})
+    settings = changed.transfer_settings(seed=2)
+    assert (settings.lr, settings.weight_decay, settings.seed) == (1e-4, 0.5, 2)
+    assert changed.pretraining() == ACTIVE_STUDENT.pretraining()
+    assert changed.pretrain_settings(0).weight_decay == ACTIVE_STUDENT.pretrain_settings(0).weight_decay

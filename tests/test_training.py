@@ -439,32 +439,36 @@ def test_selection_on_forces_keeps_the_epoch_with_the_lowest_validation_force_rm
     assert summary["validation_force_rmse_kcal_per_a"] == pytest.approx(min(rmse))
     with pytest.raises(ValueError, match="selection 'forces' needs force labels"):
         train(load_saved(pretrained), ANIData(dft_file, "wb97x_dz.energy"), tmp_path / "x.safetensors", settings)
-    with pytest.raises(ValueError, match="selection must be one of loss, conformer, forces, balanced"):
+    with pytest.raises(ValueError, match="selection must be one of loss, conformer, forces, balanced, all"):
         train(load_saved(pretrained), data, tmp_path / "y.safetensors", quick(selection="energy"))
-
-
-def test_balanced_selection_weighs_conformer_and_force_errors_against_the_start(pretrained, dft_file, tmp_path):
-    """``selection="balanced"`` (multi-fidelity transfer, issue #32) keeps the epoch with
-    the lowest sum of the validation conformer and force RMSE, each divided by the
-    starting model's; it needs force labels like ``forces``."""
-    data = ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces")
-    settings = quick(epochs=5, lr=3e-3, force_weight=1.0, selection="balanced", early_stop_patience=10)
-    summary = train(load_saved(pretrained), data, tmp_path / "balanced.safetensors", settings)
-    start = summary["validation_start"]
-    score = [
-        row["conformer_rmse_kcal"] / start["conformer_rmse_kcal"]
-        + row["force_rmse_kcal_per_a"] / start["force_rmse_kcal_per_a"]
-        for row in summary["history"]
-    ]
-    assert summary["best_epoch"] == 1 + int(np.argmin(score))
-    with pytest.raises(ValueError, match="selection 'balanced' needs force labels"):
-        train(load_saved(pretrained), ANIData(dft_file, "wb97x_dz.energy"), tmp_path / "x.safetensors", settings)
     from aniserve.cli import main
     from aniserve.training.trainer import SELECTIONS
 
     for command in ("train", "transfer"):  # the CLI offers every selection (its list is spelt out: no torch import)
         (option,) = [p for p in main.commands[command].params if p.name == "selection"]
         assert tuple(option.type.choices) == SELECTIONS
+
+
+@pytest.mark.parametrize(
+    "selection, summed",
+    [
+        ("balanced", ("conformer_rmse_kcal", "force_rmse_kcal_per_a")),
+        ("all", ("energy_rmse_kcal", "conformer_rmse_kcal", "force_rmse_kcal_per_a")),
+    ],
+)
+def test_relative_selections_weigh_each_error_against_the_start(selection, summed, pretrained, dft_file, tmp_path):
+    """``selection="balanced"`` (multi-fidelity transfer, issue #32) keeps the epoch with
+    the lowest sum of the validation conformer and force RMSE, each divided by the
+    starting model's; "all" adds the total-energy RMSE likewise.  Both need force labels
+    like ``forces``."""
+    data = ANIData(dft_file, "wb97x_dz.energy", "wb97x_dz.forces")
+    settings = quick(epochs=5, lr=3e-3, force_weight=1.0, selection=selection, early_stop_patience=10)
+    summary = train(load_saved(pretrained), data, tmp_path / f"{selection}.safetensors", settings)
+    start = summary["validation_start"]
+    score = [sum(row[k] / start[k] for k in summed) for row in summary["history"]]
+    assert summary["best_epoch"] == 1 + int(np.argmin(score))
+    with pytest.raises(ValueError, match=f"selection '{selection}' needs force labels"):
+        train(load_saved(pretrained), ANIData(dft_file, "wb97x_dz.energy"), tmp_path / "x.safetensors", settings)
 
 
 def test_self_energies_move_only_as_far_as_the_data_determines(tmp_path):

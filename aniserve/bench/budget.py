@@ -20,18 +20,20 @@ class Budget:
     batch_size: int = 32
     lr: float = 1e-3
     transfer_lr: float | None = None  # default: lr
+    #: AdamW's decoupled weight decay in the transfer runs (the trainer's default otherwise).
+    transfer_weight_decay: float = 1e-5
     force_weight: float = 0.1  # of the DFT force loss in pretraining
     #: Of the high level's force loss in the transfer runs (multi-fidelity: the
     #: conformations with coupled-cluster forces add them to their energies); 0: energies only.
     high_force_weight: float = 0.0
     patience: int = 30  # epochs without validation improvement before stopping
-    selection: str = "loss"  # of the transfer runs: "loss", "conformer" or "forces" (trainer Settings.selection)
+    selection: str = "loss"  # of the transfer runs: one of the trainer's SELECTIONS
     #: Labelled-set sizes, in rounds (``bench active``).
     ks: tuple[int, ...] = ()
 
     def pretraining(self) -> dict:
         """The fields that decide the pretrained model (its cache key)."""
-        skip = ("transfer_epochs", "transfer_lr", "seeds", "ks")
+        skip = ("transfer_epochs", "transfer_lr", "transfer_weight_decay", "seeds", "ks")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def transfer_settings(self, seed: int):
@@ -42,6 +44,7 @@ class Budget:
             epochs=self.transfer_epochs,
             batch_size=self.batch_size,
             lr=self.transfer_lr or self.lr,
+            weight_decay=self.transfer_weight_decay,
             seed=seed,
             force_weight=self.high_force_weight,
             early_stop_patience=self.patience,

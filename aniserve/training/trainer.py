@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 #: What may pick a run's epoch (``Settings.selection``).
-SELECTIONS = ("loss", "conformer", "forces", "balanced")
+SELECTIONS = ("loss", "conformer", "forces", "balanced", "all")
 
 
 @dataclasses.dataclass
@@ -65,7 +65,10 @@ class Settings:
     #: (their force RMSE: blind to energies, for a model that serves dynamics) or
     #: "balanced" (conformer RMSE plus force RMSE, each as a fraction of the starting
     #: model's: for a transfer that must keep both; the loss weighs absolute energies in
-    #: too, and the conformer RMSE alone keeps epochs before forces are learnt).
+    #: too, and the conformer RMSE alone keeps epochs before forces are learnt) or "all"
+    #: (balanced plus the total-energy RMSE, relative to the start's: force-trained
+    #: corrections picked by "balanced" stop before the energies of larger molecules are
+    #: learnt, docs/notebook.md).
     selection: str = "loss"
     seed: int = 0
     device: str = "cpu"
@@ -304,7 +307,7 @@ def train(
         f"validating on {len(val_data)}; {world} process(es)",
     )
 
-    if state is None and (settings.start_competes or settings.selection == "balanced"):
+    if state is None and (settings.start_competes or settings.selection in _RELATIVE_SUMS):
         start = progress.start = validate(model, val_data, force_weight=step_force_weight)
         if settings.start_competes:
             _select(start, settings, -1, model, None, progress)
@@ -379,7 +382,7 @@ def _splits(model: ANIPotential, data: ANIData, settings: Settings, validation_d
         raise ValueError("the validation split is empty: the data needs at least two molecules (formula groups)")
     if settings.selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
-    if settings.selection in ("forces", "balanced") and (data.forces_key is None or settings.force_weight <= 0):
+    if settings.selection in ("forces", *_RELATIVE_SUMS) and (data.forces_key is None or settings.force_weight <= 0):
         raise ValueError(f"selection {settings.selection!r} needs force labels and a force weight above 0")
     return train_data, val_data
 
@@ -456,8 +459,11 @@ def _train_epoch(
     return total / max(count, 1)
 
 
-#: What "balanced" selection adds up, each relative to the starting model's.
-_BALANCED = ("conformer_rmse_kcal", "force_rmse_kcal_per_a")
+#: What the "balanced" and "all" selections add up, each relative to the starting model's.
+_RELATIVE_SUMS = {
+    "balanced": ("conformer_rmse_kcal", "force_rmse_kcal_per_a"),
+    "all": ("energy_rmse_kcal", "conformer_rmse_kcal", "force_rmse_kcal_per_a"),
+}
 
 
 def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, progress: _Progress) -> bool:
@@ -470,10 +476,10 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
         criterion = metrics["conformer_rmse_kcal"]
     elif settings.selection == "forces" and math.isfinite(metrics.get("force_rmse_kcal_per_a", math.nan)):
         criterion = metrics["force_rmse_kcal_per_a"]
-    elif settings.selection == "balanced" and all(
-        math.isfinite(metrics.get(k, math.nan)) and start.get(k, 0) > 0 for k in _BALANCED
+    elif settings.selection in _RELATIVE_SUMS and all(
+        math.isfinite(metrics.get(k, math.nan)) and start.get(k, 0) > 0 for k in _RELATIVE_SUMS[settings.selection]
     ):
-        criterion = sum(metrics[k] / start[k] for k in _BALANCED)
+        criterion = sum(metrics[k] / start[k] for k in _RELATIVE_SUMS[settings.selection])
     if scheduler is not None:
         scheduler.step(criterion)
     best = progress.best
