@@ -502,3 +502,24 @@ def test_label_orders_cover_every_molecule_first_or_finish_the_cheapest_first():
     assert cheapest == ["water~0", "water~1", "methane~0", "methane~1", "ethanol~0", "ethanol~1"]
     with pytest.raises(ValueError, match="the order is one of coverage, cheapest"):
         select(pool, [], order="largest")
+
+
+def test_ccsd_t_lambda_gets_its_iterations_and_an_unconverged_one_is_named(monkeypatch):
+    """The (T) Λ equations get LAMBDA_MAX_CYCLE iterations (PySCF's 50 left distorted
+    glyoxal unconverged), and a Λ that still does not converge fails the structure with a
+    message naming the cap, never a gradient from unconverged amplitudes."""
+    from pyscf.cc import ccsd_t_lambda
+
+    from aniserve.qmdata.levels import LAMBDA_MAX_CYCLE, Level, compute
+
+    asked = {}
+
+    def unconverged(*args, max_cycle=50, **kw):
+        asked["max_cycle"] = max_cycle
+        return False, None, None
+
+    monkeypatch.setattr(ccsd_t_lambda, "kernel", unconverged)
+    h2 = (np.array([1, 1]), np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.74]]))
+    with pytest.raises(RuntimeError, match=f"lambda equations did not converge in {LAMBDA_MAX_CYCLE} iterations"):
+        compute(Level.parse("ccsd(t)/sto-3g"), *h2, forces=True)
+    assert asked["max_cycle"] == LAMBDA_MAX_CYCLE > 50

@@ -92,13 +92,21 @@ def compute(level: Level, numbers: np.ndarray, positions: np.ndarray, forces: bo
     return {"energy": float(energy), "forces": gradient, "wall_s": time.perf_counter() - start}
 
 
+#: Iterations allowed to the (T) Λ equations.  PySCF's default of 50 left two distorted
+#: glyoxal conformations unconverged; a converged Λ is what the gradient needs, and
+#: more iterations cost only time (each is a fraction of the CCSD step).
+LAMBDA_MAX_CYCLE = 200
+
+
 def _ccsd_t_gradient(coupled) -> np.ndarray:
     """Analytic CCSD(T) nuclear gradient (Hartree/bohr) of a converged (frozen-core) CCSD."""
     from pyscf.cc import ccsd_t_lambda
     from pyscf.grad import ccsd_t as ccsd_t_grad
 
     eris = coupled.ao2mo()
-    converged, l1, l2 = ccsd_t_lambda.kernel(coupled, eris, coupled.t1, coupled.t2, verbose=0)
+    converged, l1, l2 = ccsd_t_lambda.kernel(
+        coupled, eris, coupled.t1, coupled.t2, max_cycle=LAMBDA_MAX_CYCLE, verbose=0
+    )
     if not converged:
-        raise RuntimeError("CCSD(T) lambda equations did not converge")
+        raise RuntimeError(f"CCSD(T) lambda equations did not converge in {LAMBDA_MAX_CYCLE} iterations")
     return ccsd_t_grad.Gradients(coupled).kernel(coupled.t1, coupled.t2, l1, l2, eris=eris)
