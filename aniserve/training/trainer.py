@@ -62,7 +62,7 @@ class Settings:
     #: What picks the saved epoch and drives the schedule and early stopping: "loss" (the
     #: training objective on the validation molecules), "conformer" (their conformer
     #: RMSE, energies relative to each molecule's mean: blind to energy zeros) or "forces"
-    #: (their force RMSE: blind to energies, for a model that serves dynamics) or
+    #: (their force RMSE: blind to energies, for a model that serves dynamics),
     #: "balanced" (conformer RMSE plus force RMSE, each as a fraction of the starting
     #: model's: for a transfer that must keep both; the loss weighs absolute energies in
     #: too, and the conformer RMSE alone keeps epochs before forces are learnt) or "all"
@@ -472,7 +472,7 @@ def _select(metrics: dict, settings: Settings, epoch: int, model, scheduler, pro
     criterion, start = metrics["loss"], progress.start or {}
     if settings.selection == "conformer" and math.isfinite(metrics["conformer_rmse_kcal"]):
         # (NaN when no validation molecule has two conformations: the loss decides then,
-        # for "balanced" too.)
+        # for "balanced" and "all" too.)
         criterion = metrics["conformer_rmse_kcal"]
     elif settings.selection == "forces" and math.isfinite(metrics.get("force_rmse_kcal_per_a", math.nan)):
         criterion = metrics["force_rmse_kcal_per_a"]
