@@ -254,6 +254,35 @@ def test_quick_bench_from_an_official_base(tmp_path):
 
 
 @pytest.mark.slow
+def test_energies_first_trains_the_same_correction_on_with_forces(tmp_path):
+    """``energies_first``: each run first trains on energies alone (epochs by conformer
+    RMSE), then the *same* correction trains on with forces, on the same validation
+    molecules: the second stage starts where the first stopped, and its record says so."""
+    write_levels(tmp_path / "train.h5", TRAIN, conformations=8, high_every=2, seed=0, high_forces=True)
+    write_levels(tmp_path / "test.h5", TEST, conformations=4, high_every=1, seed=1)
+    work = tmp_path / "work"
+    result = CliRunner().invoke(
+        main,
+        ["bench", "transfer", "--base", "ani-1x", "--quick", "--strategies", "delta"]
+        + ["--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5")]
+        + ["--workdir", str(work), "--json", str(tmp_path / "bench.json")]
+        + ["--budget", "high_force_weight=1.0", "--budget", 'selection="all"', "--budget", "energies_first=true"],
+    )
+    assert result.exit_code == 0, result.output
+    first = read_description(work / "delta-seed0-energies.safetensors")["training"]
+    second = read_description(work / "delta-seed0.safetensors")
+    # Stage one scored no forces (weight 0); stage two did, from stage one's weights.
+    assert all("force_rmse_kcal_per_a" not in epoch for epoch in first["history"])
+    assert all("force_rmse_kcal_per_a" in epoch for epoch in second["training"]["history"])
+    assert second["training"]["validation_groups"] == first["validation_groups"]
+    start = second["training"]["validation_start"]
+    assert start["conformer_rmse_kcal"] == pytest.approx(first["validation_conformer_rmse_kcal"], rel=1e-6)
+    assert second["training"]["transfer"]["energies_first"] == "delta-seed0-energies.safetensors"
+    # One correction, not two stacked: the model is still base + one correction network.
+    assert second["element_network"]["params"]["base"]["name"] == "ani-mlp"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(registry().names("transfer-strategy")))
 def test_transfer_from_ani2x_trains_on_chno_data(strategy, tmp_path):
     """ANI-2x has seven elements; data with four of them still trains (self energies of

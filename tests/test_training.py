@@ -179,6 +179,25 @@ def test_delta_model_starts_equal_and_reloads(pretrained, dft_file, tmp_path):
     assert load_saved(tmp_path / "delta.safetensors").description["element_network"]["name"] == "delta"
 
 
+def test_delta_continue_trains_the_existing_correction(pretrained, tmp_path):
+    """Option ``continue``: a delta model's own correction trains on (the second stage of
+    ``energies_first``, active learning's rounds); without it a new one is stacked."""
+    delta, _ = transfer_model(load_saved(pretrained), "delta", {}, seed=0)
+    with torch.no_grad():
+        for p in delta.networks.correction.parameters():
+            p.add_(0.01)  # a correction that has learnt something
+    kept = {k: v.clone() for k, v in delta.networks.correction.state_dict().items()}
+    continued, _ = transfer_model(delta, "delta", {"continue": True}, seed=1)
+    assert continued is delta and continued.networks.correction.state_dict().keys() == kept.keys()
+    assert all(torch.equal(continued.networks.correction.state_dict()[k], v) for k, v in kept.items())
+    trainable = {n for n, p in continued.named_parameters() if p.requires_grad}
+    assert trainable == {f"networks.correction.{n}" for n, _ in continued.networks.correction.named_parameters()}
+    stacked, _ = transfer_model(continued, "delta", {}, seed=1)
+    assert stacked.networks.base is continued.networks  # the whole Δ model became the base
+    with pytest.raises(ValueError, match="needs a model that delta made; .*'ani-mlp'"):
+        transfer_model(load_saved(pretrained), "delta", {"continue": True}, seed=0)
+
+
 def test_cli_train_then_transfer(dft_file, tmp_path):
     from click.testing import CliRunner
 

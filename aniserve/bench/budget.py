@@ -28,6 +28,11 @@ class Budget:
     high_force_weight: float = 0.0
     patience: int = 30  # epochs without validation improvement before stopping
     selection: str = "loss"  # of the transfer runs: one of the trainer's SELECTIONS
+    #: Transfer in two stages: energies only first (force weight 0, epochs by conformer
+    #: RMSE), then the same model trained on with ``high_force_weight`` and ``selection``.
+    #: Trained from the start with forces, a correction stops before the energies of
+    #: larger molecules are learnt (docs/notebook.md, "Forces after energies").
+    energies_first: bool = False
     #: Labelled-set sizes, in rounds (``bench active``).
     ks: tuple[int, ...] = ()
 
@@ -51,6 +56,11 @@ class Budget:
             plateau_patience=max(1, self.patience // 3),
             selection=self.selection,
         )
+
+    def energies_stage_settings(self, seed: int):
+        """The first stage's settings when ``energies_first``: energies only, epochs by
+        conformer RMSE (the embedded default's recipe); same seed, so same validation split."""
+        return dataclasses.replace(self.transfer_settings(seed), force_weight=0.0, selection="conformer")
 
     def pretrain_settings(self, seed: int):
         """The trainer's settings for the DFT pretraining (energies and forces)."""

@@ -129,7 +129,7 @@ def run(
     from aniserve.bench import reactions
     from aniserve.modelfile import load_saved
     from aniserve.registry import registry
-    from aniserve.training import ANIData, train, transfer_model
+    from aniserve.training import ANIData, continue_transfer, train, transfer_model
     from aniserve.training.trainer import fit_self_energies
 
     workdir = pathlib.Path(workdir)
@@ -172,15 +172,22 @@ def run(
             started = time.perf_counter()
             model, penalty = transfer_model(start_from(), name, dict(options or {}), seed)
             out = workdir / f"{name}-seed{seed}.safetensors"
-            settings = budget.transfer_settings(seed)
+            record = {"from": origin, "strategy": name, "options": options or {}}
             runs.start(f"transfer: {name}, seed {seed} …")
+            if budget.energies_first:
+                first = workdir / f"{name}-seed{seed}-energies.safetensors"
+                train(
+                    model,
+                    high,
+                    first,
+                    budget.energies_stage_settings(seed),
+                    penalty=penalty,
+                    extra={"transfer": record},
+                )
+                model, penalty = continue_transfer(load_saved(first), name, seed)
+                record = {**record, "energies_first": first.name}
             summary = train(
-                model,
-                high,
-                out,
-                settings,
-                penalty=penalty,
-                extra={"transfer": {"from": origin, "strategy": name, "options": options or {}}},
+                model, high, out, budget.transfer_settings(seed), penalty=penalty, extra={"transfer": record}
             )
             trained = load_saved(out).to(torch.float64).eval()
             result = score(trained, test)

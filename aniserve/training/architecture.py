@@ -62,11 +62,8 @@ def continue_transfer(model: ANIPotential, strategy: str, seed: int):
     ``strategy`` as ``transfer_model`` does (for ``delta``, a new correction at zero)."""
     from aniserve.networks import DeltaNetworks
 
-    if strategy == "delta" and isinstance(model.networks, DeltaNetworks):
-        model.requires_grad_(False)
-        model.networks.correction.requires_grad_(True)
-        return model.train(), None
-    return transfer_model(model, strategy, {}, seed)
+    options = {"continue": True} if strategy == "delta" and isinstance(model.networks, DeltaNetworks) else {}
+    return transfer_model(model, strategy, options, seed)
 
 
 def description_for(data, config: dict | None = None, ensemble_size: int | None = None, name: str = "") -> dict:

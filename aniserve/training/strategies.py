@@ -77,6 +77,8 @@ class Delta:
     description = "frozen pretrained model plus a trained correction network (Δ-learning)"
 
     def prepare(self, model: ANIPotential, options: dict) -> ANIPotential:
+        if options.get("continue"):
+            return self._continue(model)
         hidden = list(options.get("correction_hidden") or (32, 16))
         correction = ElementNetworks(
             model.elements, {e: hidden for e in model.elements}, model.featurizer.output_width, model.ensemble_size
@@ -93,6 +95,20 @@ class Delta:
         _all_trainable(delta, False)
         _all_trainable(delta.networks.correction, True)
         return delta
+
+    @staticmethod
+    def _continue(model: ANIPotential) -> ANIPotential:
+        """Option ``continue``: a model that ``delta`` made trains its correction on from
+        where it stands (a second stage or round; without it a new correction, at zero,
+        would be stacked on the whole model)."""
+        if not isinstance(model.networks, DeltaNetworks):
+            raise ValueError(
+                f"delta option 'continue' needs a model that delta made; this one's element network is "
+                f"{model.description['element_network'].get('name')!r}"
+            )
+        _all_trainable(model, False)
+        _all_trainable(model.networks.correction, True)
+        return model
 
 
 @hookimpl
