@@ -254,6 +254,39 @@ def test_cli_train_then_transfer(dft_file, tmp_path):
     assert training["transfer"] == {"from": str(pre), "strategy": "freeze", "options": {"freeze_layers": [1, 3]}}
 
 
+def test_cli_energies_then_forces_trains_one_correction(pretrained, dft_file, tmp_path):
+    """docs/training.md's two-stage recipe by hand: ``--option continue=true`` trains the
+    first stage's correction on (its weights are the start) instead of stacking another."""
+    from click.testing import CliRunner
+
+    from aniserve.cli import main
+    from aniserve.modelfile import read_description
+
+    # (the synthetic file's second level has energies only: its forces stand in for them)
+    common = ["--data", str(dft_file), "--energy-key", "ccsd(t)_cbs.energy", "--epochs", "2", "--seed", "3"]
+    first, second = tmp_path / "stage1.safetensors", tmp_path / "stage2.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        ["transfer", "--from", str(pretrained), "--strategy", "delta", "--select", "conformer", "--out", str(first)]
+        + common,
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["transfer", "--from", str(first), "--strategy", "delta", "--option", "continue=true", "--out", str(second)]
+        + common
+        + ["--forces-key", "wb97x_dz.forces", "--force-weight", "1", "--select", "all"],
+    )
+    assert result.exit_code == 0, result.output
+    one, two = read_description(first), read_description(second)
+    assert two["training"]["transfer"]["options"] == {"continue": True}
+    assert two["element_network"]["params"]["base"]["name"] == "ani-mlp"  # not a Δ of a Δ
+    assert two["training"]["validation_groups"] == one["training"]["validation_groups"]
+    start = two["training"]["validation_start"]["conformer_rmse_kcal"]
+    assert start == pytest.approx(one["training"]["validation_conformer_rmse_kcal"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process_trend(dft_file, tmp_path):
     import json
