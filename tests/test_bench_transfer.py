@@ -627,6 +627,21 @@ def test_budget_overrides_name_unknown_fields_and_can_pick_the_seeds():
         ACTIVE_STUDENT.with_changes(None, {"epoch": 3})
 
 
+def test_energies_first_budget_needs_forces_and_its_first_stage_trains_energies_alone():
+    """The first stage of ``energies_first`` trains energies only, epochs by conformer RMSE,
+    on the same seed (so the same validation molecules) as the second; without a force
+    weight there is no second stage to add, and the budget says so."""
+    from aniserve.bench.budget import FROM_BASE
+
+    budget = FROM_BASE.with_changes(None, {"high_force_weight": 2.0, "selection": "all", "energies_first": True})
+    first, second = budget.energies_stage_settings(seed=1), budget.transfer_settings(seed=1)
+    assert (first.force_weight, first.selection) == (0.0, "conformer")
+    assert (second.force_weight, second.selection) == (2.0, "all")
+    assert first.seed == second.seed == 1 and first.validation == second.validation
+    with pytest.raises(ValueError, match="energies_first .* needs high_force_weight above 0"):
+        FROM_BASE.with_changes(None, {"energies_first": True})
+
+
 def test_budget_gives_the_transfer_runs_their_own_optimiser_settings_without_touching_pretraining():
     """transfer_lr and transfer_weight_decay reach the transfer runs' trainer settings and
     stay out of the pretrained model's cache key (a cached pretraining stays valid)."""

@@ -36,6 +36,10 @@ class Budget:
     #: Labelled-set sizes, in rounds (``bench active``).
     ks: tuple[int, ...] = ()
 
+    def __post_init__(self):
+        if self.energies_first and self.high_force_weight <= 0:
+            raise ValueError("energies_first adds a second stage with forces: it needs high_force_weight above 0")
+
     def pretraining(self) -> dict:
         """The fields that decide the pretrained model (its cache key)."""
         skip = ("transfer_epochs", "transfer_lr", "transfer_weight_decay", "seeds", "ks")
