@@ -90,8 +90,8 @@ def main(plugins):
 @main.command()
 def models():
     """List the models that resolve by name: elements, members, the spread's calibration
-    (energy_std = scale × the members' std; the collection threshold on ρ, kcal/mol) and
-    where each resolves from."""
+    (energy_std = scale × the members' std; the collection thresholds on ρ and on ρ relative
+    to a trajectory's first structure, kcal/mol) and where each resolves from."""
     from aniserve.models import catalogue, load_model
 
     entries = catalogue()
@@ -105,7 +105,8 @@ def models():
 
         click.echo(
             f"{e['name']:{width}s} {'-'.join(model.elements):16s} {model.ensemble_size}-member ensemble  "
-            f"spread ×{model.energy_std_scale:.2f}, collects ρ > {stated_threshold(model):.2f}  "
+            f"spread ×{model.energy_std_scale:.2f}, collects ρ > {stated_threshold(model):.2f} "
+            f"(relative > {stated_threshold(model, relative=True):.2f})  "
             f"[{e['source']}] {e['path']}"
         )
 
@@ -320,6 +321,14 @@ def _write_results(out, rows, model_name: str, dtype: str) -> None:
     "written is evaluated again for its force spread.",
 )
 @click.option(
+    "--collect-relative",
+    is_flag=True,
+    help="Judge the energy spread of each structure relative to its trajectory's (bead's) first structure, "
+    "against the threshold the model states for that: the members' disagreement on a molecule's energy "
+    "zero cancels (a Δ-learnt model's absolute spread can flag every frame of one molecule and none of "
+    "another).  Off: absolute, the one that meets new molecules.",
+)
+@click.option(
     "--collect-every",
     default=1,
     show_default=True,
@@ -353,6 +362,7 @@ def drive(
     collect_energy_std,
     collect_force_std,
     collect_every,
+    collect_relative,
     threads,
 ):
     """Serve MODEL to i-PI or ASE (SocketIOCalculator) as an i-PI socket client.
@@ -414,6 +424,7 @@ def drive(
             energy_std=MODEL_THRESHOLD if collect_energy_std is None else (collect_energy_std or None),
             force_std=collect_force_std,
             every=collect_every,
+            relative=collect_relative,
         )
     if threads is not None:
         import torch

@@ -10,6 +10,14 @@ A model's spread is only meaningful against its own scale: a calibrated model st
 threshold on ρ that suits it (``ANIPotential.uncertainty["collect_threshold_kcal"]``,
 fitted on validation molecules: ``aniserve.training.calibration``), and a collector left
 at ``MODEL_THRESHOLD`` uses it; a model stating none gets ANI-1x's 0.23.
+
+``relative``: ρ of each structure's energy relative to its trajectory's first structure
+(each member's energy minus its own energy there).  A Δ-learnt model's members disagree
+on each molecule's energy zero, which absolute ρ includes (the embedded default flags
+every frame of a pyridine trajectory, or none of ethanol's, by the molecule alone);
+relative ρ keeps only what changes along the trajectory, judged against the threshold
+the model states for it.  Absolute ρ is the one for meeting new molecules: relative ρ of
+a trajectory's first structure is 0.
 """
 
 from __future__ import annotations
@@ -30,9 +38,14 @@ ANI1X_ENERGY_STD = 0.23
 MODEL_THRESHOLD = "model"
 
 
-def stated_threshold(model) -> float:
-    """The threshold on ρ, kcal/mol, that ``model`` states (its calibration), else ANI-1x's."""
-    return float(getattr(model, "uncertainty", {}).get("collect_threshold_kcal", ANI1X_ENERGY_STD))
+def stated_threshold(model, relative: bool = False) -> float:
+    """The threshold on ρ, kcal/mol, that ``model`` states (its calibration), else ANI-1x's.
+
+    relative: for ρ of energies relative to a start structure (``aniserve learn``), the
+    model's ``collect_threshold_relative_kcal`` where it states one, else the same."""
+    uncertainty = getattr(model, "uncertainty", {})
+    absolute = float(uncertainty.get("collect_threshold_kcal", ANI1X_ENERGY_STD))
+    return float(uncertainty.get("collect_threshold_relative_kcal", absolute)) if relative else absolute
 
 
 class Collector:
@@ -43,7 +56,8 @@ class Collector:
     on the largest per-atom force spread, kcal/mol/Å (None: not used; when set, every
     evaluation also computes each member's forces, k extra gradient passes).  Either one
     exceeded collects.  every: at least this many evaluations between two collected
-    structures of one trajectory.
+    structures of one trajectory.  relative: ρ relative to each trajectory's first
+    structure (a new one starts where a trajectory's atoms change).
     """
 
     def __init__(
@@ -52,6 +66,7 @@ class Collector:
         energy_std: float | str | None = MODEL_THRESHOLD,
         force_std: float | None = None,
         every: int = 1,
+        relative: bool = False,
     ):
         if energy_std is None and force_std is None:
             raise ValueError("collecting needs an energy-spread or a force-spread threshold (or both)")
@@ -60,16 +75,20 @@ class Collector:
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
         self.path = pathlib.Path(path)
-        self.energy_std, self.force_std, self.every = energy_std, force_std, every
+        self.energy_std, self.force_std, self.every, self.relative = energy_std, force_std, every, relative
+        self.scale = 1.0  # the served model's energy_std scale (``bind``), for relative ρ
+        #: Per trajectory: its first structure's atomic numbers and members' energies.
+        self.starts: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
         self.seen: dict[Hashable, int] = {}
         self.last: dict[Hashable, int] = {}
         self.collected = 0
         self.evaluated = 0
 
     def bind(self, model) -> None:
-        """Take the served model's stated threshold if none was given."""
+        """Take the served model's stated threshold if none was given, and its scale."""
         if self.energy_std == MODEL_THRESHOLD:
-            self.energy_std = stated_threshold(model)
+            self.energy_std = stated_threshold(model, relative=self.relative)
+        self.scale = float(getattr(model, "energy_std_scale", 1.0))
 
     @property
     def needs_member_forces(self) -> bool:
@@ -89,8 +108,7 @@ class Collector:
         step = self.seen.get(key, 0)
         self.seen[key] = step + 1
         self.evaluated += 1
-        n = len(structure.numbers)
-        rho = result.energy_std * HARTREE_IN_KCAL_PER_MOL / math.sqrt(n)
+        rho = self._rho(key, structure, result)
         force_spread = None if result.member_forces is None else max_force_spread(result.member_forces)
         if self.energy_std == MODEL_THRESHOLD:  # never bound to a model: no model states one
             self.energy_std = ANI1X_ENERGY_STD
@@ -106,6 +124,20 @@ class Collector:
         self.collected += 1
         return True
 
+    def _rho(self, key: Hashable, structure, result) -> float:
+        """Calibrated energy spread per √atoms, kcal/mol: absolute, or relative to the
+        trajectory's first structure."""
+        numbers = np.asarray(structure.numbers)
+        scale = HARTREE_IN_KCAL_PER_MOL / math.sqrt(len(numbers))
+        if not self.relative:
+            return float(result.energy_std) * scale
+        members = np.asarray(result.member_energies, dtype=np.float64)
+        start = self.starts.get(key)
+        if start is None or not np.array_equal(start[0], numbers):
+            self.starts[key] = (numbers.copy(), members.copy())
+            return 0.0
+        return self.scale * float(np.std(members - start[1])) * scale
+
     def _write(self, structure, result, model, key, step, rho, force_spread) -> None:
         import ase
         import ase.io
@@ -120,6 +152,7 @@ class Collector:
             {
                 "energy_std_kcal": result.energy_std * HARTREE_IN_KCAL_PER_MOL,
                 "energy_std_per_sqrt_atom_kcal": rho,
+                "rho_relative_to_first_structure": self.relative,
                 "model": model or "unnamed",
                 "source": str(key[0]) if isinstance(key, tuple) else str(key),
                 "slot": int(key[1]) if isinstance(key, tuple) and len(key) > 1 else 0,

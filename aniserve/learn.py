@@ -6,10 +6,10 @@ Each iteration, in its own folder ``iter-NNN``:
    the same evaluation the server runs), at each temperature; every ``interval`` steps a
    frame, with the committee's calibrated spread per √atoms ρ and its force deviation
    (the largest per-atom spread of the members' forces).  A frame is *collected* when ρ
-   exceeds the base model's stated threshold (``collect.stated_threshold``), as
-   ``drive --collect`` decides; ρ is measured with the base model's calibration scale in
-   every iteration, so the collected fraction is one yardstick throughout, and on
-   energies relative to each member's mean over the exploration (``_score``).
+   exceeds the base model's stated threshold for it (``collect.stated_threshold``); ρ is
+   measured with the base model's calibration scale in every iteration, so the collected
+   fraction is one yardstick throughout, and on energies relative to the starting
+   structure (``_score``), which a calibrated model states its own threshold for.
 2. **select**: up to ``per_iteration`` of the collected frames, by a registry selection
    strategy (default ``band-fps``: trust band of force deviation, farthest-point choice on
    the frames' mean AEVs); none collected ends the loop (below ``stop_fraction`` too).
@@ -96,7 +96,7 @@ def run(plan: Plan) -> dict:
     # One yardstick for every iteration: the base model's calibration scale and stated
     # threshold (a fine-tune's own, fitted on a few validation labels, would move it).
     base = _load(plan.model)
-    yardstick = (base.energy_std_scale, stated_threshold(base))
+    yardstick = (base.energy_std_scale, stated_threshold(base, relative=True))
     held = folder / "held-out"
     if not (held / "done.json").exists():
         held.mkdir(exist_ok=True)

@@ -167,7 +167,7 @@ def check_description(description: dict, where="model description") -> None:
     uncertainty = description.get("uncertainty", {})
     if not isinstance(uncertainty, dict):
         fail("uncertainty", "must be an object")
-    for key in ("energy_std_scale", "collect_threshold_kcal"):
+    for key in ("energy_std_scale", "collect_threshold_kcal", "collect_threshold_relative_kcal"):
         value = uncertainty.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             fail("uncertainty", f"{key} must be a positive finite number, got {value!r}")

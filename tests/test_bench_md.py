@@ -69,5 +69,8 @@ def test_bench_md_runs_and_reports_every_figure(tmp_path):
             (run,) = entry[f"langevin_{temperature}"]
             assert run["broken_bonds"] == 0 and run["closest_approach_a"] > 0.7
             assert run["threshold_kcal"] == 0.23 and 0 <= run["flagged_fraction"] <= 1
+            # ρ relative to the first frame (drive --collect-relative): ANI-1x states no
+            # threshold of its own for it, so 0.23 again; the first frame is never flagged.
+            assert run["threshold_relative_kcal"] == 0.23 and 0 <= run["flagged_fraction_relative"] < 1
     assert 0 < report["frequencies"]["mae_cm1"] < 300
     assert png.stat().st_size > 10_000 and "freq MAE" in result.output

@@ -28,6 +28,15 @@ def test_models_lists_the_official_models():
     for name in ("ani-1x", "ani-1ccx", "ani-2x"):
         assert name in out.stdout
     assert "H-C-N-O-S-F-Cl" in out.stdout
+    # each model's calibration: the embedded default states both thresholds it was fitted
+    from aniserve.embedded import DEFAULT_MODEL
+    from aniserve.modelfile import read_description
+    from aniserve.models import resolve
+
+    u = read_description(resolve(DEFAULT_MODEL))["uncertainty"]
+    default = next(line for line in out.stdout.splitlines() if line.startswith(DEFAULT_MODEL + " "))
+    shown = f"spread ×{u['energy_std_scale']:.2f}, collects ρ > {u['collect_threshold_kcal']:.2f} (relative > "
+    assert shown + f"{u['collect_threshold_relative_kcal']:.2f})" in default
 
 
 @pytest.mark.slow

@@ -205,6 +205,7 @@ DESCRIPTION_DAMAGE = {
     "uncertainty not an object": lambda d: d.update(uncertainty=[2.0]),
     "negative spread scale": lambda d: d.update(uncertainty={"energy_std_scale": -1.0}),
     "nan collection threshold": lambda d: d.update(uncertainty={"collect_threshold_kcal": math.nan}),
+    "zero relative threshold": lambda d: d.update(uncertainty={"collect_threshold_relative_kcal": 0.0}),
     "text spread scale": lambda d: d.update(uncertainty={"energy_std_scale": "2"}),
 }
 

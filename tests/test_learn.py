@@ -59,6 +59,25 @@ def test_learn_with_a_teacher_gets_better_and_resumes_as_a_no_op(tmp_path):
         learn.run(plan(tmp_path, per_iteration=11))
 
 
+@pytest.mark.slow
+def test_learn_from_the_embedded_default_collects_against_its_relative_threshold(tmp_path):
+    """The default's members disagree on a molecule's energy zero by ~1 kcal/mol per √atom,
+    which its absolute threshold (1.29) includes: against that, frames scored relative to
+    the start never exceeded it and the loop stopped at once, with nothing learnt.  Its
+    calibration states a threshold for relative ρ too, which learn uses."""
+    from aniserve.collect import stated_threshold
+    from aniserve.embedded import DEFAULT_MODEL
+    from aniserve.models import load_model
+
+    summary = learn.run(plan(tmp_path, model=DEFAULT_MODEL, steps=200, iterations=1))
+    rows = summary["iterations"]
+    base = load_model(DEFAULT_MODEL)
+    assert rows[0]["threshold_kcal"] == pytest.approx(stated_threshold(base, relative=True))
+    assert stated_threshold(base, relative=True) < 0.5 * stated_threshold(base)
+    assert rows[0]["collected_fraction"] > 0.05 and rows[1]["labels"] > 0
+    assert rows[1]["held_out_force_rmse_kcal_per_a"] < 0.8 * rows[0]["held_out_force_rmse_kcal_per_a"]
+
+
 def test_the_spread_is_measured_relative_to_the_starting_structure():
     """ρ is the members' spread of E(frame) − E(start): members that disagree only on the
     energy zero doubt nothing (ρ = 0), and a frame's ρ does not depend on which other

@@ -102,6 +102,20 @@ def calibrated_ani1ccx(scale: float, threshold: float):
     return model
 
 
+def test_the_relative_threshold_falls_back_to_the_absolute_one():
+    """A model states a threshold for ρ relative to a start structure (``aniserve learn``)
+    where its calibration found one; otherwise the absolute one serves, and a model with
+    no calibration gets ANI-1x's 0.23 for both."""
+    from aniserve.collect import ANI1X_ENERGY_STD, stated_threshold
+
+    model = calibrated_ani1ccx(2.0, 1.5)
+    assert stated_threshold(model) == stated_threshold(model, relative=True) == 1.5
+    model.uncertainty["collect_threshold_relative_kcal"] = 0.4
+    assert (stated_threshold(model), stated_threshold(model, relative=True)) == (1.5, 0.4)
+    model.uncertainty = {}
+    assert stated_threshold(model) == stated_threshold(model, relative=True) == ANI1X_ENERGY_STD
+
+
 def raw_rho(step) -> float:
     result = cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step))
     return float(np.std(result.member_energies)) * HARTREE_IN_KCAL_PER_MOL / 3.0  # √9 atoms
@@ -135,6 +149,36 @@ def test_collectors_use_the_threshold_the_model_states(tmp_path):
         Collector("x.extxyz", energy_std="auto")
 
 
+def test_a_relative_collector_judges_each_frame_against_its_trajectorys_first(tmp_path):
+    """``relative``: ρ of E(frame) − E(first frame), each member against itself, scaled by
+    the model's calibration and judged by the threshold it states for relative ρ; the
+    first frame is 0 and a new molecule on the same calculator starts a new trajectory."""
+    members = [
+        cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step)).member_energies
+        for step in range(6)
+    ]
+    rho = [2.0 * float(np.std(m - members[0])) * HARTREE_IN_KCAL_PER_MOL / 3.0 for m in members]
+    assert rho[0] == 0.0 and min(rho[1:]) > 0
+    model = calibrated_ani1ccx(2.0, 1e9)  # an absolute threshold nothing reaches
+    model.uncertainty["collect_threshold_relative_kcal"] = float(np.median(rho[1:]))
+    collector = Collector(tmp_path / "rel.extxyz", relative=True)
+    atoms = Atoms(numbers=ETHANOL_NUMBERS, positions=ETHANOL_POSITIONS)
+    atoms.calc = ANICalculator(model, collect=collector)
+    for step in range(6):
+        atoms.positions = displaced(step)
+        atoms.get_potential_energy()
+    assert collector.energy_std == float(np.median(rho[1:]))
+    frames = ase.io.read(tmp_path / "rel.extxyz", index=":")
+    assert [f.info["step"] for f in frames] == [s for s in range(6) if rho[s] > np.median(rho[1:])]
+    assert frames[0].info["energy_std_per_sqrt_atom_kcal"] == pytest.approx(rho[frames[0].info["step"]], 1e-6)
+    assert all(f.info["rho_relative_to_first_structure"] for f in frames)
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    water.calc = atoms.calc
+    water.get_potential_energy()  # another molecule: a new start, ρ 0, not collected
+    assert len(ase.io.read(tmp_path / "rel.extxyz", index=":")) == len(frames)
+    assert np.array_equal(collector.starts["ase-calculator"][0], water.numbers)
+
+
 @pytest.mark.slow
 def test_drive_collects_at_the_saved_models_threshold(tmp_path):
     """End to end: a calibrated model file served by ``drive --collect`` with no threshold."""
@@ -147,6 +191,28 @@ def test_drive_collects_at_the_saved_models_threshold(tmp_path):
     code, log = serve_steps(FakeServer().start_driver("--collect", str(out), "--model", str(path)), 4)
     assert code == 0, log
     assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho)]
+
+
+@pytest.mark.slow
+def test_drive_collects_relative_to_each_beads_first_structure(tmp_path):
+    """End to end: ``drive --collect --collect-relative`` with a model stating a relative
+    threshold; its absolute one, which nothing reaches, plays no part."""
+    from aniserve.modelfile import save_model
+
+    members = [
+        cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step)).member_energies
+        for step in range(4)
+    ]
+    rho = [3.0 * float(np.std(m - members[0])) * HARTREE_IN_KCAL_PER_MOL / 3.0 for m in members]
+    model = calibrated_ani1ccx(3.0, 1e9)
+    model.uncertainty["collect_threshold_relative_kcal"] = float(np.median(rho[1:]))
+    path = tmp_path / "calibrated.safetensors"
+    save_model(model, path, name="calibrated")
+    out = tmp_path / "collected.extxyz"
+    driver = FakeServer().start_driver("--collect", str(out), "--collect-relative", "--model", str(path))
+    code, log = serve_steps(driver, 4)
+    assert code == 0, log
+    assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho[1:])]
 
 
 def test_driver_and_calculator_share_one_evaluation(tmp_path):

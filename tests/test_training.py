@@ -14,6 +14,7 @@ from conftest import ROOT, cached_model, perturbed_molecules
 from aniserve.modelfile import load_saved
 from aniserve.training import ANIData, DataError, Settings, default_description, new_model, train, transfer_model
 from aniserve.training.data import write_ani_h5
+from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 pytestmark = [pytest.mark.weights]  # the official ANI weights (see conftest)
 
@@ -587,6 +588,27 @@ def test_training_calibrates_the_spread_on_validation_molecules(dft_file, tmp_pa
     assert np.sqrt(np.mean((u["energy_std_scale"] * spread) ** 2)) == pytest.approx(np.sqrt(np.mean(error**2)), 1e-3)
     rho = u["energy_std_scale"] * spread / np.sqrt(atoms)
     assert np.mean(rho > u["collect_threshold_kcal"]) <= 0.05 + 1 / len(rho)
+    # Relative to each molecule's lowest-energy conformation (as ``aniserve learn`` scores
+    # frames against its start): the members' common offset cancels; by hand here.
+    rows = [
+        (saved.evaluate(b.numbers.numpy(), b.positions.numpy()).member_energies[0], b.molecule[0], float(b.energy[0]))
+        for b in validation.batches(1)
+    ]
+    counts = [int((b.numbers > 0).sum()) for b in validation.batches(1)]
+    by_hand = []
+    for molecule in {m for _, m, _ in rows}:
+        index = [i for i, row in enumerate(rows) if row[1] == molecule]
+        start = min(index, key=lambda i: rows[i][2])
+        by_hand += [
+            np.std(rows[i][0] - rows[start][0]) * HARTREE_IN_KCAL_PER_MOL / np.sqrt(counts[i])
+            for i in index
+            if i != start
+        ]
+    rho_relative = u["energy_std_scale"] * np.array(by_hand)
+    assert len(rho_relative) == len(rho) - len({m for _, m, _ in rows})
+    assert 0 < u["collect_threshold_relative_kcal"] < u["collect_threshold_kcal"]
+    assert np.mean(rho_relative > u["collect_threshold_relative_kcal"]) <= 0.05 + 1 / len(rho_relative)
+    assert np.mean(rho_relative > u["collect_threshold_relative_kcal"]) > 0
     _, _, numbers, positions = next(perturbed_molecules(["CH3OH"], 1, np.random.default_rng(1), 0.05))
     result = saved.evaluate(numbers, positions[0])
     assert result.energy_std == pytest.approx(u["energy_std_scale"] * np.std(result.member_energies), 1e-9)

@@ -11,7 +11,14 @@ training and stored in the model file (``uncertainty``), fix both uses:
   against the reference energies (spread ≈ error, in the mean);
 - ``collect_threshold_kcal``: the threshold on ρ = s·σ/√N (kcal/mol) that flags
   ``FLAG_FRACTION`` of the validation conformations, so structures like those the model
-  was validated on are rarely collected and ones it has not learnt are.
+  was validated on are rarely collected and ones it has not learnt are;
+- ``collect_threshold_relative_kcal``: the same for ρ of energies *relative to a start
+  structure* (each member's energy minus its own energy there), as ``aniserve learn``
+  scores its MD frames: each validation conformation relative to its molecule's lowest-
+  energy one.  The members' disagreement on a molecule's energy zero cancels in it, so
+  the absolute threshold, which includes that disagreement, is the wrong yardstick for
+  it: a Δ-learnt model whose members disagree on the zero by kcal/mol would never
+  collect a frame.
 """
 
 from __future__ import annotations
@@ -31,20 +38,46 @@ FLAG_FRACTION = 0.05
 def spread_and_error(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(σ, error, atoms) over ``data``'s conformations with an energy: the members' raw
     population std and the ensemble mean's error, kcal/mol, and each one's atom count."""
-    spread, error, atoms = [], [], []
+    members, reference, atoms, _ = _evaluations(model, data)
+    return members.std(1), members.mean(1) - reference, atoms
+
+
+def relative_spread(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np.ndarray]:
+    """(σ_rel, atoms): the members' raw population std, kcal/mol, of each conformation's
+    energy relative to its molecule's lowest-energy conformation in ``data`` (that one
+    left out; molecules with one conformation give nothing)."""
+    members, reference, atoms, molecules = _evaluations(model, data)
+    spread, counts = [], []
+    for molecule in np.unique(molecules):
+        index = np.nonzero(molecules == molecule)[0]
+        start = index[np.argmin(reference[index])]
+        others = index[index != start]
+        spread.append((members[others] - members[start]).std(1))
+        counts.append(atoms[others])
+    if not spread:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(spread), np.concatenate(counts)
+
+
+def _evaluations(model: ANIPotential, data: ANIData):
+    """Over ``data``'s conformations with an energy: the members' energies (n, k) and the
+    reference energies (n,), kcal/mol; atom counts; molecule names."""
+    members, reference, atoms, molecules = [], [], [], []
     for batch in data.batches(64):
         real = batch.numbers > 0
         result = model.evaluate(batch.numbers.numpy(), batch.positions.numpy())
-        members = np.atleast_2d(result.member_energies)
         keep = np.isfinite(batch.energy.numpy())
-        spread.append(members.std(1)[keep] * HARTREE_IN_KCAL_PER_MOL)
-        error.append((np.atleast_1d(result.energy) - batch.energy.numpy())[keep] * HARTREE_IN_KCAL_PER_MOL)
+        members.append(np.atleast_2d(result.member_energies)[keep] * HARTREE_IN_KCAL_PER_MOL)
+        reference.append(batch.energy.numpy()[keep] * HARTREE_IN_KCAL_PER_MOL)
         atoms.append(real.sum(1).numpy()[keep])
-    return np.concatenate(spread), np.concatenate(error), np.concatenate(atoms)
+        molecules.append(np.array(batch.molecule, dtype=object)[keep])
+    if not members:
+        return np.zeros((0, 1)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+    return np.concatenate(members), np.concatenate(reference), np.concatenate(atoms), np.concatenate(molecules)
 
 
 def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
-    """Fit the spread's scale and the collection threshold on ``data`` (validation
+    """Fit the spread's scale and the collection thresholds on ``data`` (validation
     molecules, never the training ones), set them on ``model`` and return them."""
     spread, error, atoms = spread_and_error(model, data) if len(data) else (np.zeros(0),) * 3
     if len(spread) < 2 or not np.any(spread > 0):
@@ -59,5 +92,9 @@ def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
         "validation_error_rmse_kcal": float(np.sqrt(np.mean(error**2))),
         "validation_raw_spread_rms_kcal": float(np.sqrt(np.mean(spread**2))),
     }
+    relative, counts = relative_spread(model, data)
+    rho_relative = scale * relative / np.sqrt(counts)
+    if len(rho_relative) >= 2 and np.any(rho_relative > 0):
+        uncertainty["collect_threshold_relative_kcal"] = float(np.quantile(rho_relative, 1 - FLAG_FRACTION))
     model.uncertainty = uncertainty
     return uncertainty
