@@ -42,11 +42,10 @@ def spread_and_error(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np
     return members.std(1), members.mean(1) - reference, atoms
 
 
-def relative_spread(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np.ndarray]:
-    """(σ_rel, atoms): the members' raw population std, kcal/mol, of each conformation's
-    energy relative to its molecule's lowest-energy conformation in ``data`` (that one
-    left out; molecules with one conformation give nothing)."""
-    members, reference, atoms, molecules = _evaluations(model, data)
+def _relative(members, reference, atoms, molecules) -> tuple[np.ndarray, np.ndarray]:
+    """(σ_rel, atoms): the members' raw population std of each conformation's energy
+    relative to its molecule's lowest-energy conformation (that one left out; molecules
+    with one conformation give nothing)."""
     spread, counts = [], []
     for molecule in np.unique(molecules):
         index = np.nonzero(molecules == molecule)[0]
@@ -79,7 +78,9 @@ def _evaluations(model: ANIPotential, data: ANIData):
 def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
     """Fit the spread's scale and the collection thresholds on ``data`` (validation
     molecules, never the training ones), set them on ``model`` and return them."""
-    spread, error, atoms = spread_and_error(model, data) if len(data) else (np.zeros(0),) * 3
+    evaluations = _evaluations(model, data)
+    members, reference, atoms, _ = evaluations
+    spread, error = members.std(1), members.mean(1) - reference
     if len(spread) < 2 or not np.any(spread > 0):
         raise ValueError("calibrating needs at least two validation conformations on which the members differ")
     scale = math.sqrt(float(np.mean(error**2)) / float(np.mean(spread**2)))
@@ -92,7 +93,7 @@ def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
         "validation_error_rmse_kcal": float(np.sqrt(np.mean(error**2))),
         "validation_raw_spread_rms_kcal": float(np.sqrt(np.mean(spread**2))),
     }
-    relative, counts = relative_spread(model, data)
+    relative, counts = _relative(*evaluations)
     rho_relative = scale * relative / np.sqrt(counts)
     if len(rho_relative) >= 2 and np.any(rho_relative > 0):
         uncertainty["collect_threshold_relative_kcal"] = float(np.quantile(rho_relative, 1 - FLAG_FRACTION))
