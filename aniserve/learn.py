@@ -518,8 +518,9 @@ def table(summary: dict) -> str:
             f"{r.get('held_out_force_rmse_kcal_per_a', float('nan')):10.2f}"
         )
     lines.append(
-        "collected: frames whose spread ρ = σ_E/√N exceeds the model's stated threshold; held-out: the error of "
-        "the iteration's model (before its training) on labelled MD frames set aside at the start"
+        "collected: frames whose spread ρ = σ_E/√N, of the energy relative to the starting structure, exceeds the "
+        "threshold the base model states for it; held-out: the error of the iteration's model (before its "
+        "training) on labelled MD frames set aside at the start"
     )
     return "\n".join(lines)
 
