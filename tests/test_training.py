@@ -609,6 +609,10 @@ def test_training_calibrates_the_spread_on_validation_molecules(dft_file, tmp_pa
     assert 0 < u["collect_threshold_relative_kcal"] < u["collect_threshold_kcal"]
     assert np.mean(rho_relative > u["collect_threshold_relative_kcal"]) <= 0.05 + 1 / len(rho_relative)
     assert np.mean(rho_relative > u["collect_threshold_relative_kcal"]) > 0
+    from aniserve.training.calibration import calibrate
+
+    with pytest.raises(ValueError, match="at least two validation conformations .*; there is 1$"):
+        calibrate(saved, validation.select(validation.items()[:1]))  # (aniserve learn's first fine-tunes)
     _, _, numbers, positions = next(perturbed_molecules(["CH3OH"], 1, np.random.default_rng(1), 0.05))
     result = saved.evaluate(numbers, positions[0])
     assert result.energy_std == pytest.approx(u["energy_std_scale"] * np.std(result.member_energies), 1e-9)

@@ -82,7 +82,10 @@ def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
     members, reference, atoms, _ = evaluations
     spread, error = members.std(1), members.mean(1) - reference
     if len(spread) < 2 or not np.any(spread > 0):
-        raise ValueError("calibrating needs at least two validation conformations on which the members differ")
+        raise ValueError(
+            f"calibrating needs at least two validation conformations with an energy, on which the members "
+            f"differ; there {'is' if len(spread) == 1 else 'are'} {len(spread)}"
+        )
     scale = math.sqrt(float(np.mean(error**2)) / float(np.mean(spread**2)))
     rho = scale * spread / np.sqrt(atoms)
     uncertainty = {
