@@ -48,6 +48,13 @@ def stated_threshold(model, relative: bool = False) -> float:
     return float(uncertainty.get("collect_threshold_relative_kcal", absolute)) if relative else absolute
 
 
+def relative_rho(members, start, scale: float, atoms: int):
+    """Calibrated spread per √atoms, kcal/mol, of the members' energies relative to their
+    own energies at a start structure: members (..., k) and start (k,) in Hartree."""
+    deviation = np.asarray(members, dtype=np.float64) - np.asarray(start, dtype=np.float64)
+    return scale * deviation.std(-1) * HARTREE_IN_KCAL_PER_MOL / math.sqrt(atoms)
+
+
 class Collector:
     """Append structures whose uncertainty exceeds a threshold to ``path`` (extended XYZ).
 
@@ -128,15 +135,14 @@ class Collector:
         """Calibrated energy spread per √atoms, kcal/mol: absolute, or relative to the
         trajectory's first structure."""
         numbers = np.asarray(structure.numbers)
-        scale = HARTREE_IN_KCAL_PER_MOL / math.sqrt(len(numbers))
         if not self.relative:
-            return float(result.energy_std) * scale
-        members = np.asarray(result.member_energies, dtype=np.float64)
+            return float(result.energy_std) * HARTREE_IN_KCAL_PER_MOL / math.sqrt(len(numbers))
+        members = np.array(result.member_energies, dtype=np.float64)
         start = self.starts.get(key)
         if start is None or not np.array_equal(start[0], numbers):
-            self.starts[key] = (numbers.copy(), members.copy())
+            self.starts[key] = (numbers.copy(), members)
             return 0.0
-        return self.scale * float(np.std(members - start[1])) * scale
+        return float(relative_rho(members, start[1], self.scale, len(numbers)))
 
     def _write(self, structure, result, model, key, step, rho, force_spread) -> None:
         import ase

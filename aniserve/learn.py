@@ -34,14 +34,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
-from aniserve.collect import max_force_spread, stated_threshold
+from aniserve.collect import max_force_spread, relative_rho, stated_threshold
 from aniserve.units import HARTREE_IN_KCAL_PER_MOL
 
 log = logging.getLogger(__name__)
@@ -309,8 +308,7 @@ def _score(model, frames, scale: float, threshold: float, start) -> None:
     positions = np.stack([start.positions] + [f.positions for f in frames])
     result = model.evaluate(numbers, positions, member_forces=True)
     force_std = max_force_spread(result.member_forces[1:])
-    relative = result.member_energies[1:] - result.member_energies[0]  # (frames, members)
-    rho = relative.std(1) * scale * HARTREE_IN_KCAL_PER_MOL / math.sqrt(numbers.shape[1])
+    rho = relative_rho(result.member_energies[1:], result.member_energies[0], scale, numbers.shape[1])
     for f, r, d in zip(frames, rho, force_std):
         f.info.update(
             energy_std_per_sqrt_atom_kcal=float(r),

@@ -62,10 +62,10 @@ def _bonds(atoms) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([i, j], 1), d[i, j]
 
 
-def _calculator(model, dtype: str):
+def _calculator(model, dtype: str, collect=None):
     from aniserve.calculator import ANICalculator
 
-    return ANICalculator(model, dtype=dtype)
+    return ANICalculator(model, dtype=dtype, collect=collect)
 
 
 def nve(model, name: str, dtype: str, seed: int, steps: int) -> dict:
@@ -99,7 +99,6 @@ def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
 
-    from aniserve.calculator import ANICalculator
     from aniserve.collect import Collector, stated_threshold
     from aniserve.learn import thermalize
 
@@ -108,7 +107,7 @@ def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict
     # (the absolute ρ below is `drive --collect`'s); what it writes is not kept.
     scratch = tempfile.TemporaryDirectory()
     relative = Collector(pathlib.Path(scratch.name) / "collected.extxyz", relative=True)
-    calc = ANICalculator(model, dtype="float64", collect=relative)
+    calc = _calculator(model, "float64", collect=relative)
     atoms.calc = calc
     pairs, lengths = _bonds(atoms)
     thermalize(atoms, temperature, np.random.default_rng(seed))

@@ -38,7 +38,11 @@ FLAG_FRACTION = 0.05
 def spread_and_error(model: ANIPotential, data: ANIData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(σ, error, atoms) over ``data``'s conformations with an energy: the members' raw
     population std and the ensemble mean's error, kcal/mol, and each one's atom count."""
-    members, reference, atoms, _ = _evaluations(model, data)
+    return _spread_and_error(_evaluations(model, data))
+
+
+def _spread_and_error(evaluations) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    members, reference, atoms, _ = evaluations
     return members.std(1), members.mean(1) - reference, atoms
 
 
@@ -79,8 +83,7 @@ def calibrate(model: ANIPotential, data: ANIData, where: str = "") -> dict:
     """Fit the spread's scale and the collection thresholds on ``data`` (validation
     molecules, never the training ones), set them on ``model`` and return them."""
     evaluations = _evaluations(model, data)
-    members, reference, atoms, _ = evaluations
-    spread, error = members.std(1), members.mean(1) - reference
+    spread, error, atoms = _spread_and_error(evaluations)
     if len(spread) < 2 or not np.any(spread > 0):
         raise ValueError(
             f"calibrating needs at least two validation conformations with an energy, on which the members "
