@@ -131,6 +131,11 @@ class Collector:
         self.collected += 1
         return True
 
+    def forget(self, key: Hashable) -> None:
+        """End a trajectory: its next structure is a new first one (relative ρ 0, step 0)."""
+        for kept in (self.starts, self.seen, self.last):
+            kept.pop(key, None)
+
     def _rho(self, key: Hashable, structure, result) -> float:
         """Calibrated energy spread per √atoms, kcal/mol: absolute, or relative to the
         trajectory's first structure."""

@@ -55,8 +55,11 @@ class Evaluator:
         return self._lists.get(key)
 
     def forget(self, key: Hashable) -> None:
-        """Drop a slot's neighbour list (its connection is gone)."""
+        """Drop what a slot keeps: its neighbour list and, for the collector, its
+        trajectory (its connection is gone, or a new INIT starts another run)."""
         self._lists.pop(key, None)
+        if self.collector is not None:
+            self.collector.forget(key)
 
     def evaluate(self, slots: Sequence[tuple[Hashable, Structure]]) -> list[Result]:
         """Results in the order of ``slots`` ((key, structure) pairs; the key names the

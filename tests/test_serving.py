@@ -215,6 +215,45 @@ def test_drive_collects_relative_to_each_beads_first_structure(tmp_path):
     assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho[1:])]
 
 
+@pytest.mark.slow
+def test_a_new_init_starts_a_new_trajectory_for_the_relative_collector(tmp_path):
+    """i-PI sends INIT again when it starts another run on the same connection: the
+    relative collector's start, like the neighbour list, does not outlive it.  The second
+    run begins at the first run's most uncertain frame (ρ 0 now: not collected) and
+    returns to the first run's start (collected, step 1 of the new run)."""
+    from aniserve.modelfile import save_model
+
+    members = [
+        cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step)).member_energies
+        for step in range(4)
+    ]
+    rho = [3.0 * float(np.std(m - members[0])) * HARTREE_IN_KCAL_PER_MOL / 3.0 for m in members]
+    model = calibrated_ani1ccx(3.0, 1e9)
+    model.uncertainty["collect_threshold_relative_kcal"] = float(np.median(rho[1:]))
+    path = tmp_path / "calibrated.safetensors"
+    save_model(model, path, name="calibrated")
+    out = tmp_path / "collected.extxyz"
+    server = FakeServer().start_driver("--collect", str(out), "--collect-relative", "--model", str(path))
+    conn = server.accept()
+    worst = 1 + int(np.argmax(rho[1:]))
+    for step in [0, 1, 2, 3, None, worst, 0]:
+        if step is None:
+            conn.sendall(protocol.encode_init(0, ""))
+            continue
+        ask_forces(conn, ethanol_posdata(displaced(step)))
+        conn.sendall(protocol.header("STATUS"))
+        assert conn.recv(12) == protocol.header("READY")
+    conn.sendall(protocol.header("EXIT"))
+    code, log = server.finish()
+    conn.close()
+    assert code == 0, log
+    frames = ase.io.read(out, index=":")
+    first_run = [s for s in range(4) if rho[s] > np.median(rho[1:])]
+    assert [f.info["step"] for f in frames] == first_run + [1]
+    np.testing.assert_allclose(frames[-1].positions, displaced(0), atol=1e-8)
+    assert frames[-1].info["energy_std_per_sqrt_atom_kcal"] == pytest.approx(rho[worst], rel=1e-4)
+
+
 def test_driver_and_calculator_share_one_evaluation(tmp_path):
     """Energies, forces and stress of a periodic box from the in-process calculator equal
     the driver's reply (the same evaluator, two edges with their own units)."""
