@@ -4,17 +4,15 @@ Transport only.  One process holds any number of connections; the loop reads wha
 has arrived, decodes it with ``aniserve.protocol``, and when structures are waiting it
 hands all of them — across connections and batch slots — to the evaluator
 (``aniserve.serving``) at once, which batches them.  Units change here and nowhere else
-on this path: Bohr → Å and i-PI's cell columns → rows on the way in, Hartree/Å →
-Hartree/Bohr on the way out (energies and virials are Hartree on both sides).
+on this path, through ``aniserve.ipi_edge`` (shared with i-PI's in-process PES,
+``aniserve.ipi_pes``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
-import math
 import selectors
 import socket
 import time
@@ -22,9 +20,9 @@ import time
 import numpy as np
 
 from aniserve import exits, protocol
-from aniserve.contracts import Servable, Structure
+from aniserve.contracts import Servable
+from aniserve.ipi_edge import EXTRAS_CHOICES, PBC_CHOICES, extras_json, results_to_ipi, structure_from_ipi
 from aniserve.shm import Segment, SegmentError, peer_uid
-from aniserve.units import BOHR_IN_ANGSTROM
 
 log = logging.getLogger("aniserve.driver")
 
@@ -260,9 +258,9 @@ class IPIDriver:
         reconnect_timeout: float = 10.0,
         gather_s: float = 0.002,
     ):
-        if pbc not in ("auto", "yes", "no"):
+        if pbc not in PBC_CHOICES:
             raise ValueError(f"pbc must be auto, yes or no, got {pbc!r}")
-        if extras not in ("committee", "std", "none"):
+        if extras not in EXTRAS_CHOICES:
             raise ValueError(f"extras must be committee, std or none, got {extras!r}")
         if extras == "committee" and not evaluator.members:
             raise ValueError("extras='committee' needs an evaluator made with members=True")
@@ -624,26 +622,6 @@ class IPIDriver:
         return protocol.shm_posdata(arrays, message.natoms)
 
     # ---------------------------------------------------------------- compute
-    def _periodic(self, cell_h: np.ndarray) -> bool:
-        # Plain floats: for one 3 × 3 cell per structure, numpy's calls cost ~40 µs each
-        # (a 64-connection batch noticed them).
-        flat = cell_h.ravel().tolist()
-        if not all(map(math.isfinite, flat)):  # whatever --pbc says: never read as "no cell"
-            raise ValueError("the cell contains NaN or infinite values")
-        if self.pbc != "auto":
-            return self.pbc == "yes"
-        a0, a1, a2, b0, b1, b2, c0, c1, c2 = flat
-        volume = abs(a0 * (b1 * c2 - b2 * c1) - a1 * (b0 * c2 - b2 * c0) + a2 * (b0 * c1 - b1 * c0))
-        # Singular relative to the cell's own size, so that a tiny but well-formed box
-        # is a box (and refused as too thin), not silently an isolated molecule.  Rows
-        # and columns give the same product bound (Hadamard), either will do.
-        lengths = (
-            math.sqrt(a0 * a0 + a1 * a1 + a2 * a2)
-            * math.sqrt(b0 * b0 + b1 * b1 + b2 * b2)
-            * math.sqrt(c0 * c0 + c1 * c1 + c2 * c2)
-        )
-        return lengths > 0 and volume > 1e-9 * lengths
-
     def _forget(self, conn: Connection) -> None:
         for key in conn.keys:
             self.evaluator.forget(key)
@@ -654,10 +632,8 @@ class IPIDriver:
         try:
             for conn in pending:
                 assert conn.structures is not None  # pending: its POSDATA has arrived
-                positions = conn.structures.positions * BOHR_IN_ANGSTROM
-                for key, h, r in zip(conn.keys, conn.structures.cells, positions):
-                    cell = h.T * BOHR_IN_ANGSTROM if self._periodic(h) else None  # i-PI's h: vectors as columns
-                    slots.append((key, Structure(conn.numbers, r, cell)))
+                for key, h, r in zip(conn.keys, conn.structures.cells, conn.structures.positions):
+                    slots.append((key, structure_from_ipi(conn.numbers, h, r, self.pbc)))
             started = time.perf_counter()
             results = self.evaluator.evaluate(slots)
             self.stats["seconds"] += time.perf_counter() - started
@@ -672,24 +648,9 @@ class IPIDriver:
             assert conn.structures is not None
             done = results[start : start + len(conn.structures.positions)]
             start += len(done)
-            energies = np.array([r.energy for r in done])
-            forces = np.array([r.forces for r in done]) * BOHR_IN_ANGSTROM
-            virials = np.array([r.virial for r in done])
+            energies, forces, virials = results_to_ipi(done)
             conn.reply = protocol.encode_forceready(
-                energies, forces, virials, [self._extras(r) for r in done], conn.mode
+                energies, forces, virials, [extras_json(r, self.extras) for r in done], conn.mode
             )
             conn.shm_results = protocol.shm_forceready(energies, forces, virials) if conn.mode.shm else None
             conn.state, conn.structures = "computed", None
-
-    def _extras(self, result) -> str:
-        if self.extras == "none":
-            return ""
-        extra = {"energy_std": result.energy_std}
-        if self.extras == "committee":
-            k = len(result.member_energies)
-            extra["committee_pot"] = result.member_energies.tolist()
-            extra["committee_force"] = (result.member_forces * BOHR_IN_ANGSTROM).reshape(k, -1).tolist()
-            extra["committee_virial"] = (
-                result.member_virials.reshape(k, 9).tolist() if result.member_virials is not None else [[0.0] * 9] * k
-            )
-        return json.dumps(extra)

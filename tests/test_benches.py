@@ -48,17 +48,21 @@ def test_bench_speed_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ipi_repeats_and_summarises():
-    """Real i-PI runs (2 and 4 steps), the harmonic driver and aniserve batched, twice:
-    each ratio is taken against the harmonic run of its own repeat."""
+    """Real i-PI runs (2 and 4 steps), the harmonic driver, i-PI alone, aniserve batched
+    and aniserve inside i-PI, twice: each ratio is taken against the harmonic run of its
+    own repeat, each overhead also against i-PI alone."""
     from aniserve.bench import ipi
 
-    rows = ipi.run("aniserve-1x-ccsdt", 2, 4, kinds=("harmonic", "aniserve-batched"), latencies=(1e-3,), repeats=2)
-    assert [(r["repeat"], r["client"]) for r in rows] == [
-        (0, "harmonic"),
-        (0, "aniserve-batched"),
-        (1, "harmonic"),
-        (1, "aniserve-batched"),
-    ]
+    kinds = ("harmonic", "ipi-alone", "aniserve-batched", "aniserve-in-ipi")
+    rows = ipi.run("aniserve-1x-ccsdt", 2, 4, kinds=kinds, latencies=(1e-3,), repeats=2)
+    assert [(r["repeat"], r["client"]) for r in rows] == [(repeat, kind) for repeat in (0, 1) for kind in kinds]
+    for r in rows:
+        if r["client"] in ("aniserve-batched", "aniserve-in-ipi"):
+            alone = next(h for h in rows if h["client"] == "ipi-alone" and h["repeat"] == r["repeat"])
+            assert r["over_ipi_alone_ms"] == pytest.approx(r["ms_per_step"] - alone["ms_per_step"])
+            assert r["over_ipi_alone_to_in_process"] == pytest.approx(r["over_ipi_alone_ms"] / r["in_process_ms"])
+        else:
+            assert "over_ipi_alone_ms" not in r
     for r in rows:
         harmonic = next(h for h in rows if h["client"] == "harmonic" and h["repeat"] == r["repeat"])
         assert r["ratio_to_harmonic"] == pytest.approx(r["ms_per_step"] / harmonic["ms_per_step"])
@@ -70,7 +74,7 @@ def test_bench_ipi_repeats_and_summarises():
     # the client's share of a step against the same 8 beads evaluated in-process
     for r in rows:
         assert r["in_process_ms"] > 0
-        if r["client"] != "harmonic":
+        if r["client"] not in ("harmonic", "ipi-alone"):
             harmonic = next(h for h in rows if h["client"] == "harmonic" and h["repeat"] == r["repeat"])
             assert r["over_harmonic_ms"] == pytest.approx(r["ms_per_step"] - harmonic["ms_per_step"])
             assert r["over_harmonic_to_in_process"] == pytest.approx(r["over_harmonic_ms"] / r["in_process_ms"])

@@ -290,15 +290,13 @@ def test_an_interrupted_driver_says_so_and_exits_with_its_status(sig, status):
 def test_a_tiny_box_under_pbc_auto_is_a_box_refused_as_too_thin_not_a_molecule():
     """A 0.009 bohr cubic cell fell under the absolute determinant cut and the isolated
     molecule was served; it is a (much too small) box."""
-    from aniserve.driver import IPIDriver
+    from aniserve.ipi_edge import is_periodic
     from aniserve.serving import Evaluator, Structure
 
-    driver = IPIDriver.__new__(IPIDriver)
-    driver.pbc = "auto"
-    assert driver._periodic(np.eye(3) * 0.009)
-    assert driver._periodic(np.eye(3) * 40)
-    assert not driver._periodic(np.zeros((3, 3)))
-    assert not driver._periodic(np.diag([40.0, 40.0, 0.0]))
+    assert is_periodic(np.eye(3) * 0.009)
+    assert is_periodic(np.eye(3) * 40)
+    assert not is_periodic(np.zeros((3, 3)))
+    assert not is_periodic(np.diag([40.0, 40.0, 0.0]))
     with pytest.raises(ValueError, match="too thin"):
         Evaluator(cached_model(DEFAULT_MODEL, "float64")).evaluate(
             [("k", Structure(np.array(ETHANOL_NUMBERS), np.array(ETHANOL_POSITIONS), np.eye(3) * 0.009 * 0.529))]

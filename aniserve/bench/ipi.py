@@ -1,10 +1,12 @@
 """``aniserve bench ipi``: wall time per i-PI step of 8-bead path-integral NVT of ethanol.
 
 Clients compared on the same i-PI input: i-PI's own Python driver with its harmonic
-potential (the cost of i-PI and the socket round trips alone), aniserve with one
-connection (i-PI sends the 8 beads one by one), aniserve with one batched connection
-(``<batch_size>8``: all beads in one message and one forward pass) and aniserve holding
-8 connections (beads in flight together, gathered into one forward pass).
+potential (the cost of i-PI and the socket round trips alone), i-PI alone (``<ffdirect>``
+with zero forces, in i-PI's process: its own step, the floor for any client), aniserve
+with one connection (i-PI sends the 8 beads one by one), aniserve with one batched
+connection (``<batch_size>8``: all beads in one message and one forward pass), aniserve
+holding 8 connections (beads in flight together, gathered into one forward pass) and
+aniserve inside i-PI (``aniserve.ipi_pes`` under ``<ffdirect>``, the 8 beads in one call).
 Each setting runs twice, for ``short`` and ``long`` steps; the per-step time is
 (t_long − t_short) / (long − short), which removes start-up and connection time.  With
 ``repeats``, the whole set runs again, and the summary gives medians and ranges.
@@ -34,9 +36,7 @@ INPUT = """<simulation verbosity='low'>
   <output prefix='bench'><properties stride='1000' filename='out'> [step, potential] </properties></output>
   <total_steps>{steps}</total_steps>
   <prng><seed>12345</seed></prng>
-  <ffsocket name='ff' mode='unix' pbc='false'>
-    <address>{address}</address><latency>{latency}</latency>{batch}
-  </ffsocket>
+  {forcefield}
   <system>
     <initialize nbeads='8'><file mode='xyz'>ethanol.xyz</file>
       <velocities mode='thermal' units='kelvin'>300</velocities></initialize>
@@ -47,6 +47,29 @@ INPUT = """<simulation verbosity='low'>
   </system>
 </simulation>
 """
+
+
+#: Clients that run inside i-PI (``<ffdirect>``): no socket, no second process.
+IN_IPI = {
+    # i-PI's own step with zero forces: what no force provider can go below.
+    "ipi-alone": "<pes>dummy</pes>",
+    # aniserve.ipi_pes, the 8 beads in one call.
+    "aniserve-in-ipi": "<pes>custom</pes><pes_path>{pes}</pes_path>"
+    "<parameters>{{template: ethanol.xyz, model: {model}}}</parameters><batch_size>8</batch_size>",
+}
+
+
+def _forcefield(kind: str, address: str, latency: float, model: str) -> str:
+    if kind in IN_IPI:
+        from aniserve import ipi_pes
+
+        pes = IN_IPI[kind].format(pes=pathlib.Path(ipi_pes.__file__).resolve(), model=model)
+        return f"<ffdirect name='ff' pbc='false'><latency>{latency}</latency>{pes}</ffdirect>"
+    batch = "<batch_size>8</batch_size>" if kind == "aniserve-batched" else ""
+    return (
+        f"<ffsocket name='ff' mode='unix' pbc='false'><address>{address}</address>"
+        f"<latency>{latency}</latency>{batch}</ffsocket>"
+    )
 
 
 def _script(name: str) -> str:
@@ -82,13 +105,18 @@ def _client(kind: str, address: str, model: str, structure: pathlib.Path) -> lis
 
 def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: float) -> float:
     address = f"bench{uuid.uuid4().hex[:8]}"
-    batch = "<batch_size>8</batch_size>" if kind == "aniserve-batched" else ""
-    (folder / "input.xml").write_text(INPUT.format(steps=steps, address=address, batch=batch, latency=latency))
+    (folder / "input.xml").write_text(INPUT.format(steps=steps, forcefield=_forcefield(kind, address, latency, model)))
     ipi = _script("i-pi")
     start = time.perf_counter()
     server = subprocess.Popen(
         [ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    if kind in IN_IPI:
+        code = server.wait()
+        elapsed = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"i-PI failed ({kind}): {_tail(server)}")
+        return elapsed
     # Start the client once i-PI's socket exists (i-PI's own driver gives up at once if
     # it does not); the difference of two runs cancels the wait.
     socket_path = pathlib.Path(str(Address.unix(address).target))  # i-PI's naming, as the driver knows it
@@ -125,7 +153,14 @@ def run(
     model: str,
     short: int = 20,
     long: int = 120,
-    kinds=("harmonic", "aniserve-1-connection", "aniserve-batched", "aniserve-8-connections"),
+    kinds=(
+        "harmonic",
+        "ipi-alone",
+        "aniserve-1-connection",
+        "aniserve-batched",
+        "aniserve-8-connections",
+        "aniserve-in-ipi",
+    ),
     latencies=(1e-3, 1e-4),
     repeats: int = 1,
 ) -> list[dict]:
@@ -169,21 +204,31 @@ def run(
                         f"{per_step * 1e3:8.2f} ms per step",
                     )
     for r in rows:
-        base = next(
-            (
-                b["ms_per_step"]
-                for b in rows
-                if b["client"] == "harmonic" and b["latency_s"] == r["latency_s"] and b["repeat"] == r["repeat"]
-            ),
-            None,
-        )
+
+        def of(client: str, r=r) -> float | None:
+            """That client's ms per step in r's repeat and latency."""
+            return next(
+                (
+                    b["ms_per_step"]
+                    for b in rows
+                    if b["client"] == client and b["latency_s"] == r["latency_s"] and b["repeat"] == r["repeat"]
+                ),
+                None,
+            )
+
+        base, alone = of("harmonic"), of("ipi-alone")
         if base:
             r["ratio_to_harmonic"] = r["ms_per_step"] / base
-            if r["client"] != "harmonic":
-                # What the client adds to i-PI's own step, against what the same 8 beads
-                # cost evaluated in-process: 1 would be a driver with no cost of its own.
+            if r["client"] not in ("harmonic", "ipi-alone"):
+                # What the client adds to i-PI's step with its harmonic driver (i-PI's own
+                # work and socket round trips), against what the same 8 beads cost
+                # evaluated in-process: 1 would be a driver with no cost of its own.
                 r["over_harmonic_ms"] = r["ms_per_step"] - base
                 r["over_harmonic_to_in_process"] = r["over_harmonic_ms"] / r["in_process_ms"]
+        if alone and r["client"] not in ("harmonic", "ipi-alone"):
+            # The same against i-PI's own step with no forces at all (no sockets either).
+            r["over_ipi_alone_ms"] = r["ms_per_step"] - alone
+            r["over_ipi_alone_to_in_process"] = r["over_ipi_alone_ms"] / r["in_process_ms"]
     return rows
 
 
@@ -217,6 +262,7 @@ def summary(rows: list[dict]) -> list[dict]:
         ms = [r["ms_per_step"] for r in group]
         ratios = [r["ratio_to_harmonic"] for r in group if "ratio_to_harmonic" in r]
         overheads = [r["over_harmonic_to_in_process"] for r in group if "over_harmonic_to_in_process" in r]
+        over_alone = [r["over_ipi_alone_to_in_process"] for r in group if "over_ipi_alone_to_in_process" in r]
         entry = {
             "latency_s": key[0],
             "client": key[1],
@@ -231,6 +277,11 @@ def summary(rows: list[dict]) -> list[dict]:
                 over_harmonic_to_in_process_median=median(overheads),
                 over_harmonic_to_in_process_range=[min(overheads), max(overheads)],
             )
+        if over_alone:
+            entry.update(
+                over_ipi_alone_to_in_process_median=median(over_alone),
+                over_ipi_alone_to_in_process_range=[min(over_alone), max(over_alone)],
+            )
         out.append(entry)
     return out
 
@@ -238,16 +289,19 @@ def summary(rows: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [
         f"{'repeat':>6s} {'latency s':>9s} {'client':24s} {'ms/step':>8s} {'× harmonic':>10s} "
-        f"{'over harmonic ms':>16s} {'÷ in-process':>12s}"
+        f"{'over harmonic ms':>16s} {'÷ in-process':>12s} {'over i-PI alone ms':>18s} {'÷ in-process':>12s}"
     ]
+    nan = float("nan")
     lines += [
         f"{r['repeat'] + 1:6d} {r['latency_s']:9g} {r['client']:24s} {r['ms_per_step']:8.2f} "
-        f"{r.get('ratio_to_harmonic', float('nan')):10.2f} {r.get('over_harmonic_ms', float('nan')):16.2f} "
-        f"{r.get('over_harmonic_to_in_process', float('nan')):12.2f}"
+        f"{r.get('ratio_to_harmonic', nan):10.2f} {r.get('over_harmonic_ms', nan):16.2f} "
+        f"{r.get('over_harmonic_to_in_process', nan):12.2f} {r.get('over_ipi_alone_ms', nan):18.2f} "
+        f"{r.get('over_ipi_alone_to_in_process', nan):12.2f}"
         for r in rows
     ]
     lines.append(
         "over harmonic: the step minus i-PI's harmonic driver's step (i-PI's own work and socket round trips); "
+        "over i-PI alone: minus i-PI's step with zero forces in its own process (ipi-alone); "
         "÷ in-process: that over one in-process evaluation of the same 8 beads, "
         + ", ".join(f"{ms:.2f} ms" for ms in dict.fromkeys(r["in_process_ms"] for r in rows if "in_process_ms" in r))
     )

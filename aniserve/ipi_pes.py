@@ -1,0 +1,104 @@
+"""aniserve inside i-PI: a PES for i-PI's ``<ffdirect>`` force field (i-PI ≥ 3.1), which
+i-PI loads from this file and calls in its own process, with no socket and no second
+process.  In i-PI's input::
+
+    <ffdirect name='ani' pbc='false'>
+      <pes>custom</pes><pes_path>PATH</pes_path>
+      <parameters>{template: init.xyz, model: ani-1ccx}</parameters>
+      <batch_size>8</batch_size>
+    </ffdirect>
+
+PATH is this file (``python -m aniserve.ipi_pes`` prints it).  ``<batch_size>``, the
+number of beads, makes each step one evaluation of all beads.  Parameters: ``template``
+(a structure file giving the atoms, in i-PI's order; required), ``model`` (a name or
+path, default the embedded model), ``dtype`` (float32), ``device`` (cpu), ``pbc`` (auto:
+periodic when i-PI's cell is non-singular; yes; no), ``extras`` (std: the ensemble's
+energy std; committee: also each member's energy, forces and virial; none) and ``skin``
+(Å, 1.0).  i-PI's Python driver takes the same file: ``i-pi-py_driver -m custom -P PATH
+-o template=init.xyz,model=ani-1ccx -u -a NAME``.
+
+i-PI loads the file by path, not as part of the package: imports here are absolute.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from aniserve.ipi_edge import EXTRAS_CHOICES, PBC_CHOICES, extras_json, results_to_ipi, structure_from_ipi
+
+# How i-PI finds the class in a PES file (read from the source as literals).
+__DRIVER_NAME__ = "aniserve"
+__DRIVER_CLASS__ = "ANIServePES"
+
+#: Parameters i-PI adds of its own accord.
+_IPI_OWN = ("verbosity", "verbose")
+
+
+class ANIServePES:
+    """Energies, forces and virials in i-PI's units (Hartree, Bohr) for the structures
+    i-PI hands over: one (cell, positions) or lists of them (a batch)."""
+
+    def __init__(
+        self,
+        template: str | None = None,
+        model: str | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        pbc: str = "auto",
+        extras: str = "std",
+        skin: float = 1.0,
+        **others,
+    ):
+        from aniserve.models import load_model
+        from aniserve.serving import Evaluator
+        from aniserve.structures import read_structures
+
+        unknown = sorted(k for k in others if k not in _IPI_OWN)
+        if unknown:
+            raise ValueError(
+                f"aniserve PES: unknown parameter(s) {', '.join(unknown)}; it takes template, model, dtype, "
+                "device, pbc, extras, skin"
+            )
+        if template is None:
+            raise ValueError("aniserve PES: give the atoms as a structure file: <parameters>{template: init.xyz}")
+        if str(pbc) not in PBC_CHOICES:
+            raise ValueError(f"aniserve PES: pbc must be one of {', '.join(PBC_CHOICES)}, got {pbc!r}")
+        if str(extras) not in EXTRAS_CHOICES:
+            raise ValueError(f"aniserve PES: extras must be one of {', '.join(EXTRAS_CHOICES)}, got {extras!r}")
+        self.pbc, self.extras = str(pbc), str(extras)
+        self.numbers = np.asarray(read_structures(pathlib.Path(str(template)), 0)[0].numbers)
+        potential = load_model(None if model is None else str(model), device=str(device), dtype=str(dtype))
+        self.evaluator = Evaluator(potential, skin=float(skin), members=self.extras == "committee")
+        self.evaluator.check_elements(self.numbers)  # an element the model lacks: fail at start-up
+
+    def __call__(self, cell, pos):
+        """i-PI's call: ``cell`` (3, 3) and ``pos`` (N, 3) in Bohr give (energy, forces,
+        virial, extras); lists of them, a list of such tuples."""
+        batched = isinstance(cell, list)
+        cells, positions = (cell, pos) if batched else ([cell], [pos])
+        if len(cells) != len(positions):
+            raise ValueError(f"aniserve PES: {len(cells)} cells for {len(positions)} structures")
+        slots = []
+        for slot, (h, r) in enumerate(zip(cells, positions)):
+            r = np.asarray(r, dtype=np.float64).reshape(-1, 3)
+            if len(r) != len(self.numbers):
+                raise ValueError(
+                    f"aniserve PES: i-PI sent {len(r)} atoms, the template has {len(self.numbers)}: "
+                    "give the file i-PI starts from as template"
+                )
+            # Slots by batch position: each keeps its neighbour list (rebuilt where
+            # an atom has moved half the skin, so a different bead there is still right).
+            slots.append((slot, structure_from_ipi(self.numbers, np.asarray(h, dtype=np.float64), r, self.pbc)))
+        results = self.evaluator.evaluate(slots)
+        energies, forces, virials = results_to_ipi(results)
+        out = [
+            (float(e), f, v, extras_json(result, self.extras))
+            for e, f, v, result in zip(energies, forces, virials, results)
+        ]
+        return out if batched else out[0]
+
+
+if __name__ == "__main__":
+    print(pathlib.Path(__file__).resolve())
