@@ -170,3 +170,31 @@ def test_the_ipi_input_runs_with_real_ipi(tmp_path):
     assert len(data) == 3 and np.isfinite(data[:, 2]).all()  # steps 0, 10, 20
     served = re.search(r"served (\d+) structures", driver.stderr)
     assert "(8 connections)" in driver.stderr and served and int(served.group(1)) >= 8 * 20, driver.stderr
+
+
+@pytest.mark.slow
+def test_the_ffdirect_block_runs_inside_real_ipi(tmp_path):
+    """docs/serving.md's <ffdirect> block in place of the input's <ffsocket> line, PATH
+    and model filled in: i-PI alone runs the 8 beads through aniserve.ipi_pes."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from aniserve import ipi_pes
+
+    first, direct = blocks(ROOT / "docs" / "serving.md", "xml")[:2]
+    socket_line = next(line for line in first.splitlines() if "<ffsocket" in line)
+    direct = direct.replace("PATH", str(pathlib.Path(ipi_pes.__file__).resolve()))
+    direct = direct.replace("model: ani-1ccx", "model: aniserve-1x-ccsdt")  # no official weights needed
+    xml = first.replace(socket_line, direct).replace("<total_steps>1000</total_steps>", "<total_steps>20</total_steps>")
+    (tmp_path / "input.xml").write_text(xml)
+    (tmp_path / "examples" / "molecules").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "molecules" / "ethanol.xyz", tmp_path / "examples" / "molecules")
+    ipi = str(pathlib.Path(sys.executable).parent / "i-pi")
+    run = subprocess.run([ipi, "input.xml"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = np.loadtxt(tmp_path / "sim.out", ndmin=2)
+    assert len(data) == 3 and np.isfinite(data[:, 2]).all() and data[0, 2] < -150  # steps 0, 10, 20; ethanol, Ha
