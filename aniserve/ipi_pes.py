@@ -13,9 +13,10 @@ number of beads, makes each step one evaluation of all beads.  Parameters: ``tem
 (a structure file giving the atoms, in i-PI's order; required), ``model`` (a name or
 path, default the embedded model), ``dtype`` (float32), ``device`` (cpu), ``pbc`` (auto:
 periodic when i-PI's cell is non-singular; yes; no), ``extras`` (std: the ensemble's
-energy std; committee: also each member's energy, forces and virial; none) and ``skin``
-(Å, 1.0).  i-PI's Python driver takes the same file: ``i-pi-py_driver -m custom -P PATH
--o template=init.xyz,model=ani-1ccx -u -a NAME``.
+energy std; committee: also each member's energy, forces and virial; none), ``skin``
+(Å, 1.0) and ``threads`` (the CPU threads of i-PI's process; default torch's).  i-PI's
+Python driver takes the same file: ``i-pi-py_driver -m custom -P PATH -o
+template=init.xyz,model=ani-1ccx -u -a NAME``.
 
 i-PI loads the file by path, not as part of the package: imports here are absolute.
 """
@@ -49,6 +50,7 @@ class ANIServePES:
         pbc: str = "auto",
         extras: str = "std",
         skin: float = 1.0,
+        threads: int | None = None,
         **others,
     ):
         from aniserve.models import load_model
@@ -59,7 +61,7 @@ class ANIServePES:
         if unknown:
             raise ValueError(
                 f"aniserve PES: unknown parameter(s) {', '.join(unknown)}; it takes template, model, dtype, "
-                "device, pbc, extras, skin"
+                "device, pbc, extras, skin, threads"
             )
         if template is None:
             raise ValueError("aniserve PES: give the atoms as a structure file: <parameters>{template: init.xyz}")
@@ -68,6 +70,10 @@ class ANIServePES:
         if str(extras) not in EXTRAS_CHOICES:
             raise ValueError(f"aniserve PES: extras must be one of {', '.join(EXTRAS_CHOICES)}, got {extras!r}")
         self.pbc, self.extras = str(pbc), str(extras)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(int(threads))  # i-PI's process, as drive --threads sets the driver's
         self.numbers = np.asarray(read_structures(pathlib.Path(str(template)), 0)[0].numbers)
         potential = load_model(None if model is None else str(model), device=str(device), dtype=str(dtype))
         self.evaluator = Evaluator(potential, skin=float(skin), members=self.extras == "committee")

@@ -131,6 +131,17 @@ def test_wrong_atom_count_and_unknown_elements_are_refused(tmp_path):
         ipi_pes.ANIServePES(template=str(tmp_path / "salt.xyz"))
 
 
+def test_threads_sets_the_processs_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        ipi_pes.ANIServePES(template=_write_ethanol(tmp_path), threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_python_m_prints_the_path_to_give_ipi():
     import sys
 

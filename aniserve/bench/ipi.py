@@ -348,7 +348,8 @@ def _tail(process: subprocess.Popen) -> str:
 )
 @common.json_option()
 def command(model, steps, repeats, json_out):
-    """ms per i-PI step, 8-bead PIMD of ethanol: aniserve vs i-PI's harmonic Python driver.
+    """ms per i-PI step, 8-bead PIMD of ethanol: aniserve (socket, and inside i-PI) vs i-PI's
+    harmonic Python driver and vs i-PI alone.
 
     Example: aniserve bench ipi --model ani-1ccx --repeat 4 --json ipi.json
     """
