@@ -2,7 +2,9 @@
 as the socket driver, in real i-PI runs and call by call; bad parameters refused with
 their names."""
 
+import pathlib
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -146,4 +148,38 @@ def test_python_m_prints_the_path_to_give_ipi():
     import sys
 
     out = subprocess.run([sys.executable, "-m", "aniserve.ipi_pes"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(__import__("pathlib").Path(PES_PATH).resolve())
+    assert out.stdout.strip() == str(pathlib.Path(PES_PATH).resolve())
+
+
+@pytest.mark.slow
+def test_ipis_python_driver_serves_the_same_file_over_a_socket(tmp_path):
+    """``i-pi-py_driver -m custom -P PATH -o template=…,model=…``: the same numbers over
+    i-PI's own socket client (embedded default: no official weights needed)."""
+    import sys
+    import uuid
+
+    name = f"pes{uuid.uuid4().hex[:8]}"
+    write_xyz(tmp_path / "init.xyz", ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30)
+    (tmp_path / "input.xml").write_text(
+        INPUT.format(steps=3, mode="unix", address=f"<address>{name}</address>", beads=2, batch="")
+    )
+    server = subprocess.Popen(IPI + ["input.xml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    socket_path = pathlib.Path(f"/tmp/ipi_{name}")
+    for _ in range(600):
+        if socket_path.exists() or server.poll() is not None:
+            break
+        time.sleep(0.05)
+    driver = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "i-pi-py_driver"), "-m", "custom", "-P", PES_PATH]
+        + ["-o", "template=init.xyz,dtype=float64", "-u", "-a", name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = server.communicate(timeout=60)[0].decode()
+    assert driver.returncode == 0, driver.stdout[-2000:] + driver.stderr[-2000:] + out[-2000:]
+    potentials = np.loadtxt(tmp_path / "sim.out", ndmin=2)[:, 1]
+    pes = ipi_pes.ANIServePES(template=str(tmp_path / "init.xyz"), dtype="float64")
+    expected = pes(np.eye(3) * 30 / BOHR_IN_ANGSTROM, np.array(ETHANOL_POSITIONS) / BOHR_IN_ANGSTROM)[0]
+    assert len(potentials) == 4 and abs(potentials[0] - expected) < 1e-6
