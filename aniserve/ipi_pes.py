@@ -1,4 +1,4 @@
-"""aniserve inside i-PI: a PES for i-PI's ``<ffdirect>`` force field (i-PI ≥ 3.1), which
+"""aniserve inside i-PI: a PES for i-PI's ``<ffdirect>`` force field (tested with i-PI 3.3.1), which
 i-PI loads from this file and calls in its own process, with no socket and no second
 process.  In i-PI's input::
 
