@@ -23,8 +23,13 @@ def displaced(step):
 
 
 def serve_steps(server, steps):
+    """Serve displaced(step) for each of ``steps`` (a count, or the steps in order; None
+    sends INIT, as i-PI does when it starts another run on the connection)."""
     conn = server.accept()
-    for step in range(steps):
+    for step in range(steps) if isinstance(steps, int) else steps:
+        if step is None:
+            conn.sendall(protocol.encode_init(0, ""))
+            continue
         ask_forces(conn, ethanol_posdata(displaced(step)))
         conn.sendall(protocol.header("STATUS"))
         assert conn.recv(12) == protocol.header("READY")
@@ -193,10 +198,10 @@ def test_drive_collects_at_the_saved_models_threshold(tmp_path):
     assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho)]
 
 
-@pytest.mark.slow
-def test_drive_collects_relative_to_each_beads_first_structure(tmp_path):
-    """End to end: ``drive --collect --collect-relative`` with a model stating a relative
-    threshold; its absolute one, which nothing reaches, plays no part."""
+def relative_driver(tmp_path):
+    """``drive --collect --collect-relative`` serving a model whose stated relative
+    threshold is the median relative ρ of displaced(1…3) against displaced(0) (its
+    absolute one nothing reaches); the driver, its collection file and those ρ."""
     from aniserve.modelfile import save_model
 
     members = [
@@ -209,7 +214,14 @@ def test_drive_collects_relative_to_each_beads_first_structure(tmp_path):
     path = tmp_path / "calibrated.safetensors"
     save_model(model, path, name="calibrated")
     out = tmp_path / "collected.extxyz"
-    driver = FakeServer().start_driver("--collect", str(out), "--collect-relative", "--model", str(path))
+    return FakeServer().start_driver("--collect", str(out), "--collect-relative", "--model", str(path)), out, rho
+
+
+@pytest.mark.slow
+def test_drive_collects_relative_to_each_beads_first_structure(tmp_path):
+    """End to end: ``drive --collect --collect-relative`` with a model stating a relative
+    threshold; its absolute one, which nothing reaches, plays no part."""
+    driver, out, rho = relative_driver(tmp_path)
     code, log = serve_steps(driver, 4)
     assert code == 0, log
     assert [f.info["step"] for f in ase.io.read(out, index=":")] == [s for s in range(4) if rho[s] > np.median(rho[1:])]
@@ -221,31 +233,9 @@ def test_a_new_init_starts_a_new_trajectory_for_the_relative_collector(tmp_path)
     relative collector's start, like the neighbour list, does not outlive it.  The second
     run begins at the first run's most uncertain frame (ρ 0 now: not collected) and
     returns to the first run's start (collected, step 1 of the new run)."""
-    from aniserve.modelfile import save_model
-
-    members = [
-        cached_model("ani-1ccx", "float64").evaluate(ETHANOL_NUMBERS, displaced(step)).member_energies
-        for step in range(4)
-    ]
-    rho = [3.0 * float(np.std(m - members[0])) * HARTREE_IN_KCAL_PER_MOL / 3.0 for m in members]
-    model = calibrated_ani1ccx(3.0, 1e9)
-    model.uncertainty["collect_threshold_relative_kcal"] = float(np.median(rho[1:]))
-    path = tmp_path / "calibrated.safetensors"
-    save_model(model, path, name="calibrated")
-    out = tmp_path / "collected.extxyz"
-    server = FakeServer().start_driver("--collect", str(out), "--collect-relative", "--model", str(path))
-    conn = server.accept()
+    driver, out, rho = relative_driver(tmp_path)
     worst = 1 + int(np.argmax(rho[1:]))
-    for step in [0, 1, 2, 3, None, worst, 0]:
-        if step is None:
-            conn.sendall(protocol.encode_init(0, ""))
-            continue
-        ask_forces(conn, ethanol_posdata(displaced(step)))
-        conn.sendall(protocol.header("STATUS"))
-        assert conn.recv(12) == protocol.header("READY")
-    conn.sendall(protocol.header("EXIT"))
-    code, log = server.finish()
-    conn.close()
+    code, log = serve_steps(driver, [0, 1, 2, 3, None, worst, 0])
     assert code == 0, log
     frames = ase.io.read(out, index=":")
     first_run = [s for s in range(4) if rho[s] > np.median(rho[1:])]
