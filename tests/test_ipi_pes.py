@@ -133,6 +133,22 @@ def test_wrong_atom_count_and_unknown_elements_are_refused(tmp_path):
         ipi_pes.ANIServePES(template=str(tmp_path / "salt.xyz"))
 
 
+def test_committee_extras_carry_each_member_in_ipi_units(tmp_path):
+    """``extras: committee``: i-PI's <ffcommittee> reads each member's energy, forces
+    (Hartree/Bohr) and virial from the JSON; their mean is the served result."""
+    import json
+
+    pes = ipi_pes.ANIServePES(template=_write_ethanol(tmp_path), dtype="float64", extras="committee")
+    energy, forces, _, extras = pes(np.zeros((3, 3)), np.array(ETHANOL_POSITIONS) / BOHR_IN_ANGSTROM)
+    committee = json.loads(extras)
+    members = np.array(committee["committee_pot"])
+    assert len(members) > 1
+    assert members.mean() == pytest.approx(energy, abs=1e-9) and np.std(members) > 0
+    member_forces = np.array(committee["committee_force"]).reshape(len(members), -1)
+    np.testing.assert_allclose(member_forces.mean(0), forces.ravel(), atol=1e-8)
+    assert np.array(committee["committee_virial"]).shape == (len(members), 9)
+
+
 def test_threads_sets_the_processs_threads(tmp_path):
     import torch
 
