@@ -23,6 +23,7 @@ i-PI loads the file by path, not as part of the package: imports here are absolu
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -70,13 +71,14 @@ class ANIServePES:
         if str(extras) not in EXTRAS_CHOICES:
             raise ValueError(f"aniserve PES: extras must be one of {', '.join(EXTRAS_CHOICES)}, got {extras!r}")
         self.pbc, self.extras = str(pbc), str(extras)
+        skin = _number("skin", skin, float, 0)
         if threads is not None:
             import torch
 
-            torch.set_num_threads(int(threads))  # i-PI's process, as drive --threads sets the driver's
+            torch.set_num_threads(_number("threads", threads, int, 1))  # i-PI's process, as drive --threads
         self.numbers = np.asarray(read_structures(pathlib.Path(str(template)), 0)[0].numbers)
         potential = load_model(None if model is None else str(model), device=str(device), dtype=str(dtype))
-        self.evaluator = Evaluator(potential, skin=float(skin), members=self.extras == "committee")
+        self.evaluator = Evaluator(potential, skin=skin, members=self.extras == "committee")
         self.evaluator.check_elements(self.numbers)  # an element the model lacks: fail at start-up
 
     def __call__(self, cell, pos):
@@ -104,6 +106,18 @@ class ANIServePES:
             for e, f, v, result in zip(energies, forces, virials, results)
         ]
         return out if batched else out[0]
+
+
+def _number(name: str, value, kind, low):
+    """A parameter as a finite number of ``kind`` ≥ ``low``, or a ValueError naming it."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number < low or (kind is int and number != float(value)):
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"aniserve PES: {name} must be {what} ≥ {low}, got {value!r}")
+    return number
 
 
 if __name__ == "__main__":

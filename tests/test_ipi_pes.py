@@ -111,6 +111,10 @@ def test_a_call_returns_the_evaluators_numbers_in_ipi_units(tmp_path):
         ({"pbc": "maybe"}, "pbc must be one of auto, yes, no"),
         ({"extras": "all"}, "extras must be one of committee, std, none"),
         ({"template": "missing.xyz"}, "no such file"),
+        ({"skin": "abc"}, "skin must be a number ≥ 0, got 'abc'"),
+        ({"skin": float("nan")}, "skin must be a number ≥ 0"),
+        ({"threads": 0}, "threads must be a whole number ≥ 1, got 0"),
+        ({"threads": 1.5}, "threads must be a whole number ≥ 1, got 1.5"),
     ],
 )
 def test_bad_parameters_are_named(tmp_path, parameters, message):
