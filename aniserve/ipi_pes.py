@@ -90,12 +90,13 @@ class ANIServePES:
             raise ValueError(f"aniserve PES: {len(cells)} cells for {len(positions)} structures")
         slots = []
         for slot, (h, r) in enumerate(zip(cells, positions)):
-            r = np.asarray(r, dtype=np.float64).reshape(-1, 3)
-            if len(r) != len(self.numbers):
+            r = np.asarray(r, dtype=np.float64)
+            if r.size != 3 * len(self.numbers):
                 raise ValueError(
-                    f"aniserve PES: i-PI sent {len(r)} atoms, the template has {len(self.numbers)}: "
+                    f"aniserve PES: i-PI sent {r.size / 3:g} atoms, the template has {len(self.numbers)}: "
                     "give the file i-PI starts from as template"
                 )
+            r = r.reshape(-1, 3)
             # Slots by batch position: each keeps its neighbour list (rebuilt where
             # an atom has moved half the skin, so a different bead there is still right).
             slots.append((slot, structure_from_ipi(self.numbers, np.asarray(h, dtype=np.float64), r, self.pbc)))

@@ -130,6 +130,8 @@ def test_wrong_atom_count_and_unknown_elements_are_refused(tmp_path):
     pes = ipi_pes.ANIServePES(template=_write_ethanol(tmp_path))
     with pytest.raises(ValueError, match="i-PI sent 3 atoms, the template has 9"):
         pes(np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="i-PI sent 0.333333 atoms"):
+        pes(np.zeros((3, 3)), np.zeros(1))
     with pytest.raises(ValueError, match="NaN|finite"):
         pes(np.zeros((3, 3)), np.full((9, 3), np.nan))
     write_xyz(tmp_path / "salt.xyz", [11, 17], [[0, 0, 0], [2.4, 0, 0]], np.eye(3) * 30)
