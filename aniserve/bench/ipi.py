@@ -112,10 +112,10 @@ def _run_once(kind: str, steps: int, model: str, folder: pathlib.Path, latency: 
         [ipi, "input.xml"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     if kind in IN_IPI:
-        code = server.wait()
+        _, errors = server.communicate()  # (read while it runs: a full pipe would stall i-PI)
         elapsed = time.perf_counter() - start
-        if code != 0:
-            raise RuntimeError(f"i-PI failed ({kind}): {_tail(server)}")
+        if server.returncode != 0:
+            raise RuntimeError(f"i-PI failed ({kind}): {errors[-2000:]}")
         return elapsed
     # Start the client once i-PI's socket exists (i-PI's own driver gives up at once if
     # it does not); the difference of two runs cancels the wait.
