@@ -14,7 +14,9 @@ number of beads, makes each step one evaluation of all beads.  Parameters: ``tem
 path, default the embedded model), ``dtype`` (float32), ``device`` (cpu), ``pbc`` (auto:
 periodic when i-PI's cell is non-singular; yes; no), ``extras`` (std: the ensemble's
 energy std; committee: also each member's energy, forces and virial; none), ``skin``
-(Å, 1.0) and ``threads`` (the CPU threads of i-PI's process; default torch's).  i-PI's
+(Å, 1.0), ``threads`` (the CPU threads of i-PI's process; default torch's), and
+``collect`` (an extended XYZ file to append uncertain structures to), with
+``collect_energy_std`` and ``collect_relative`` as ``drive --collect``'s.  i-PI's
 Python driver takes the same file: ``i-pi-py_driver -m custom -P PATH -o
 template=init.xyz,model=ani-1ccx -u -a NAME``.
 
@@ -52,6 +54,9 @@ class ANIServePES:
         extras: str = "std",
         skin: float = 1.0,
         threads: int | None = None,
+        collect: str | None = None,
+        collect_energy_std: float | None = None,
+        collect_relative: bool | str = False,
         **others,
     ):
         from aniserve.models import load_model
@@ -62,7 +67,7 @@ class ANIServePES:
         if unknown:
             raise ValueError(
                 f"aniserve PES: unknown parameter(s) {', '.join(unknown)}; it takes template, model, dtype, "
-                "device, pbc, extras, skin, threads"
+                "device, pbc, extras, skin, threads, collect, collect_energy_std, collect_relative"
             )
         if template is None:
             raise ValueError("aniserve PES: give the atoms as a structure file: <parameters>{template: init.xyz}")
@@ -78,7 +83,12 @@ class ANIServePES:
             torch.set_num_threads(_number("threads", threads, int, 1))  # i-PI's process, as drive --threads
         self.numbers = np.asarray(read_structures(pathlib.Path(str(template)), 0)[0].numbers)
         potential = load_model(None if model is None else str(model), device=str(device), dtype=str(dtype))
-        self.evaluator = Evaluator(potential, skin=skin, members=self.extras == "committee")
+        self.evaluator = Evaluator(
+            potential,
+            skin=skin,
+            members=self.extras == "committee",
+            collector=None if collect is None else _collector(collect, collect_energy_std, collect_relative),
+        )
         self.evaluator.check_elements(self.numbers)  # an element the model lacks: fail at start-up
 
     def __call__(self, cell, pos):
@@ -99,7 +109,9 @@ class ANIServePES:
             r = r.reshape(-1, 3)
             # Slots by batch position: each keeps its neighbour list (rebuilt where
             # an atom has moved half the skin, so a different bead there is still right).
-            slots.append((slot, structure_from_ipi(self.numbers, np.asarray(h, dtype=np.float64), r, self.pbc)))
+            slots.append(
+                (("i-PI", slot), structure_from_ipi(self.numbers, np.asarray(h, dtype=np.float64), r, self.pbc))
+            )
         results = self.evaluator.evaluate(slots)
         energies, forces, virials = results_to_ipi(results)
         out = [
@@ -107,6 +119,21 @@ class ANIServePES:
             for e, f, v, result in zip(energies, forces, virials, results)
         ]
         return out if batched else out[0]
+
+
+def _collector(path, energy_std, relative):
+    """``drive --collect``'s collector: the model's stated threshold unless one is given
+    (0 turns the energy criterion off), absolute or relative to each slot's first structure."""
+    from aniserve.collect import MODEL_THRESHOLD, Collector
+
+    if isinstance(relative, str):
+        if relative.strip().lower() not in ("true", "false"):
+            raise ValueError(f"aniserve PES: collect_relative must be true or false, got {relative!r}")
+        relative = relative.strip().lower() == "true"
+    threshold = MODEL_THRESHOLD if energy_std is None else (_number("collect_energy_std", energy_std, float, 0) or None)
+    if threshold is None:
+        raise ValueError("aniserve PES: collect_energy_std 0 leaves nothing to collect by")
+    return Collector(pathlib.Path(str(path)), energy_std=threshold, relative=bool(relative))
 
 
 def _number(name: str, value, kind, low):

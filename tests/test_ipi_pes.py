@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import time
 
+import ase.io
 import numpy as np
 import pytest
 from conftest import ETHANOL_NUMBERS, ETHANOL_POSITIONS, reference
@@ -50,10 +51,14 @@ def test_ffdirect_runs_the_socket_drivers_trajectory(tmp_path):
     socket_run, _ = run_ipi(
         tmp_path / "socket", ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, "unix", [], steps=5, batch=4
     )
-    parameters = "template: init.xyz, model: ani-1ccx, dtype: float64"
+    # (collecting every structure changes nothing i-PI sees)
+    parameters = "template: init.xyz, model: ani-1ccx, dtype: float64, collect: all.extxyz, collect_energy_std: 1e-12"
     direct = run_ffdirect(tmp_path / "direct", ETHANOL_NUMBERS, ETHANOL_POSITIONS, np.eye(3) * 30, parameters)
     assert np.ptp(direct) > 1e-5  # the beads really moved
     np.testing.assert_allclose(direct, socket_run, rtol=0, atol=1e-8)
+    frames = ase.io.read(tmp_path / "direct" / "all.extxyz", index=":")
+    assert len(frames) >= 4 * 5 and {f.info["slot"] for f in frames} == {0, 1, 2, 3}
+    assert all(f.info["source"] == "i-PI" and list(f.numbers) == list(ETHANOL_NUMBERS) for f in frames)
 
 
 @pytest.mark.weights
@@ -115,6 +120,8 @@ def test_a_call_returns_the_evaluators_numbers_in_ipi_units(tmp_path):
         ({"skin": float("nan")}, "skin must be a number ≥ 0"),
         ({"threads": 0}, "threads must be a whole number ≥ 1, got 0"),
         ({"threads": 1.5}, "threads must be a whole number ≥ 1, got 1.5"),
+        ({"collect": "c.extxyz", "collect_relative": "maybe"}, "collect_relative must be true or false"),
+        ({"collect": "c.extxyz", "collect_energy_std": 0}, "collect_energy_std 0 leaves nothing"),
     ],
 )
 def test_bad_parameters_are_named(tmp_path, parameters, message):
@@ -153,6 +160,29 @@ def test_committee_extras_carry_each_member_in_ipi_units(tmp_path):
     member_forces = np.array(committee["committee_force"]).reshape(len(members), -1)
     np.testing.assert_allclose(member_forces.mean(0), forces.ravel(), atol=1e-8)
     assert np.array(committee["committee_virial"]).shape == (len(members), 9)
+
+
+def test_collect_writes_uncertain_structures_in_angstrom(tmp_path):
+    """``collect`` as ``drive --collect``: absolute ρ above a given threshold, each batch
+    slot a trajectory; relative, each slot's first structure is its start (never written)."""
+    template = _write_ethanol(tmp_path)
+    positions = np.array(ETHANOL_POSITIONS)
+    moved = [positions + np.random.default_rng(s).normal(scale=0.05, size=positions.shape) for s in range(3)]
+    cells = [np.zeros((3, 3))] * 2
+    pes = ipi_pes.ANIServePES(template=template, collect=str(tmp_path / "a.extxyz"), collect_energy_std=1e-9)
+    pes(cells, [m / BOHR_IN_ANGSTROM for m in moved[:2]])
+    frames = ase.io.read(tmp_path / "a.extxyz", index=":")
+    assert [f.info["slot"] for f in frames] == [0, 1] and not frames[0].info["rho_relative_to_first_structure"]
+    np.testing.assert_allclose(frames[1].positions, moved[1], atol=1e-7)  # (extxyz: 8 decimals)
+    pes = ipi_pes.ANIServePES(
+        template=template, collect=str(tmp_path / "r.extxyz"), collect_energy_std=1e-9, collect_relative="true"
+    )
+    pes(cells, [m / BOHR_IN_ANGSTROM for m in moved[:2]])
+    assert not (tmp_path / "r.extxyz").exists()  # first structures: ρ 0
+    pes(cells, [m / BOHR_IN_ANGSTROM for m in moved[1:]])
+    frames = ase.io.read(tmp_path / "r.extxyz", index=":")
+    assert [f.info["step"] for f in frames] == [1, 1] and frames[0].info["rho_relative_to_first_structure"]
+    np.testing.assert_allclose(frames[0].positions, moved[1], atol=1e-7)
 
 
 def test_threads_sets_the_processs_threads(tmp_path):
