@@ -49,13 +49,23 @@ INPUT = """<simulation verbosity='low'>
 """
 
 
+#: Every client, in the order each repeat runs them (the harmonic driver first).
+CLIENTS = (
+    "harmonic",
+    "ipi-alone",
+    "aniserve-1-connection",
+    "aniserve-batched",
+    "aniserve-8-connections",
+    "aniserve-in-ipi",
+)
+
 #: Clients that run inside i-PI (``<ffdirect>``): no socket, no second process.
 IN_IPI = {
     # i-PI's own step with zero forces: what no force provider can go below.
     "ipi-alone": "<pes>dummy</pes>",
     # aniserve.ipi_pes, the 8 beads in one call.
     "aniserve-in-ipi": "<pes>custom</pes><pes_path>{pes}</pes_path>"
-    "<parameters>{{template: ethanol.xyz, model: {model}}}</parameters><batch_size>8</batch_size>",
+    "<parameters>{{template: ethanol.xyz, model: {model}, pbc: no}}</parameters><batch_size>8</batch_size>",
 }
 
 
@@ -100,6 +110,8 @@ def _client(kind: str, address: str, model: str, structure: pathlib.Path) -> lis
         address,
         "--connections",
         connections,
+        "--pbc",
+        "no",  # a molecule in a box, as docs/serving.md runs it
     ]
 
 
@@ -153,14 +165,7 @@ def run(
     model: str,
     short: int = 20,
     long: int = 120,
-    kinds=(
-        "harmonic",
-        "ipi-alone",
-        "aniserve-1-connection",
-        "aniserve-batched",
-        "aniserve-8-connections",
-        "aniserve-in-ipi",
-    ),
+    kinds=CLIENTS,
     latencies=(1e-3, 1e-4),
     repeats: int = 1,
 ) -> list[dict]:
@@ -346,8 +351,14 @@ def _tail(process: subprocess.Popen) -> str:
     help="Run every setting this many times (each time the harmonic driver first) and summarise "
     "medians and ranges: on a shared machine one run is one sample.",
 )
+@click.option(
+    "--clients",
+    default=",".join(CLIENTS),
+    show_default=True,
+    help="Which clients to time, comma-separated (ratios need harmonic; overheads over i-PI alone need ipi-alone).",
+)
 @common.json_option()
-def command(model, steps, repeats, json_out):
+def command(model, steps, repeats, clients, json_out):
     """ms per i-PI step, 8-bead PIMD of ethanol: aniserve (socket, and inside i-PI) vs i-PI's
     harmonic Python driver and vs i-PI alone.
 
@@ -356,5 +367,12 @@ def command(model, steps, repeats, json_out):
     short, long = (int(s) for s in steps.split(","))
     if not 0 < short < long:
         raise click.BadParameter("need 0 < short < long", param_hint="--steps")
-    rows = run(model, short, long, repeats=repeats)
+    kinds = tuple(c.strip() for c in clients.split(",") if c.strip())
+    unknown = [c for c in kinds if c not in CLIENTS]
+    if unknown or not kinds:
+        raise click.BadParameter(
+            f"unknown client(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CLIENTS)}",
+            param_hint="--clients",
+        )
+    rows = run(model, short, long, kinds=kinds, repeats=repeats)
     common.finish({"model": model, "rows": rows, "summary": summary(rows)}, table(rows), json_out)
