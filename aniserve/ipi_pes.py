@@ -4,7 +4,7 @@ process.  In i-PI's input::
 
     <ffdirect name='ani' pbc='false'>
       <pes>custom</pes><pes_path>PATH</pes_path>
-      <parameters>{template: init.xyz, model: ani-1ccx}</parameters>
+      <parameters>{template: init.xyz, model: ani-1ccx, pbc: no}</parameters>
       <batch_size>8</batch_size>
     </ffdirect>
 
@@ -12,7 +12,7 @@ PATH is this file (``python -m aniserve.ipi_pes`` prints it).  ``<batch_size>``,
 number of beads, makes each step one evaluation of all beads.  Parameters: ``template``
 (a structure file giving the atoms, in i-PI's order; required), ``model`` (a name or
 path, default the embedded model), ``dtype`` (float32), ``device`` (cpu), ``pbc`` (auto:
-periodic when i-PI's cell is non-singular; yes; no), ``extras`` (std: the ensemble's
+periodic when i-PI's cell is non-singular; yes; no, for a molecule in i-PI's box), ``extras`` (std: the ensemble's
 energy std; committee: also each member's energy, forces and virial; none), ``skin``
 (Å, 1.0), ``threads`` (the CPU threads of i-PI's process; default torch's), and
 ``collect`` (an extended XYZ file to append uncertain structures to), with
@@ -123,7 +123,8 @@ class ANIServePES:
 
 def _collector(path, energy_std, relative):
     """``drive --collect``'s collector: the model's stated threshold unless one is given
-    (0 turns the energy criterion off), absolute or relative to each slot's first structure."""
+    (not 0: the PES has no force criterion, so nothing would be collected), absolute or
+    relative to each slot's first structure."""
     from aniserve.collect import MODEL_THRESHOLD, Collector
 
     if isinstance(relative, str):
