@@ -95,18 +95,24 @@ def nve(model, name: str, dtype: str, seed: int, steps: int) -> dict:
 def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict:
     import tempfile
 
-    from ase import units
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
-
-    from aniserve.collect import Collector, stated_threshold
-    from aniserve.learn import thermalize
+    from aniserve.collect import Collector
 
     atoms = _start(name)
     # The collector `drive --collect-relative` runs, at the threshold the model states
     # (the absolute ρ below is `drive --collect`'s); what it writes is not kept.
-    scratch = tempfile.TemporaryDirectory()
-    relative = Collector(pathlib.Path(scratch.name) / "collected.extxyz", relative=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        relative = Collector(pathlib.Path(scratch) / "collected.extxyz", relative=True)
+        return _thermal(model, atoms, relative, temperature, seed, steps)
+
+
+def _thermal(model, atoms, relative, temperature: float, seed: int, steps: int) -> dict:
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+
+    from aniserve.collect import stated_threshold
+    from aniserve.learn import thermalize
+
     calc = _calculator(model, "float64", collect=relative)
     atoms.calc = calc
     pairs, lengths = _bonds(atoms)
@@ -136,7 +142,6 @@ def thermal(model, name: str, temperature: float, seed: int, steps: int) -> dict
 
     dyn.attach(observe, interval=1)
     dyn.run(steps)
-    scratch.cleanup()
     threshold = stated_threshold(calc.model)
     values = np.array(rho)
     return {
