@@ -38,8 +38,18 @@ def _source_tree_status() -> str:
     ).stdout
 
 
-def _ipi_processes() -> int:
-    return len(subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split())
+def _ipi_processes(under: pathlib.Path) -> int:
+    """i-PI processes running in a folder under ``under`` (the example's scratch folders),
+    so that another test's i-PI on the other worker is not counted."""
+    pids = subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split()
+    count = 0
+    for pid in pids:
+        try:
+            cwd = pathlib.Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:  # (ended meanwhile)
+            continue
+        count += cwd.is_relative_to(under)
+    return count
 
 
 @pytest.mark.slow
@@ -59,9 +69,9 @@ def test_ipi_example_runs_in_a_scratch_folder_and_prints_units(tmp_path):
 @pytest.mark.slow
 def test_ipi_example_stops_ipi_when_the_driver_fails(tmp_path):
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
-    before = _ipi_processes()
+    before = _ipi_processes(tmp_path)
     run = subprocess.run(
         IPI_EXAMPLE + ["nosuchmodel"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
     )
     assert run.returncode != 0 and "unknown model 'nosuchmodel'" in run.stderr
-    assert _ipi_processes() == before
+    assert _ipi_processes(tmp_path) == before
