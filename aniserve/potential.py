@@ -143,6 +143,8 @@ class ANIPotential(nn.Module):
         self.self_energies = sae.to(device=self.species_of_number.device)
         self._dtype_device = (self.dtype, self.device)
         self.__dict__.pop("_step_plans", None)
+        self.__dict__.pop("_layouts", None)
+        self.__dict__.pop("_last_joined", None)
         return result
 
     def forward(
@@ -216,19 +218,15 @@ class ANIPotential(nn.Module):
             coordinates = _as_tensor(coordinates, torch.float64, self.device, "coordinates")
         if cell is not None and not isinstance(cell, torch.Tensor):
             cell = _as_tensor(cell, torch.float64, self.device, "cell")
-        batch = _as_batch(numbers, coordinates.detach(), None if cell is None else cell.detach(), self.device)
-        num, single = batch["numbers"], batch["single"]
+        layout = self._layout(numbers)
+        pos64 = _checked_positions(coordinates.detach(), layout.numbers.shape, layout.single, self.device)
+        cell64 = _checked_cell(None if cell is None else cell.detach(), layout.n_structures, self.device)
+        num, single, species, structure = layout.numbers, layout.single, layout.species, layout.structure
+        pairs = batch_pairs(num, pos64, cell64, self.cutoff)
+        if cell is not None:  # (differentiable, where the checked copy above is not)
+            cell64 = cell.to(device=self.device, dtype=torch.float64).expand(len(num), 3, 3)
         pos = coordinates[None] if single else coordinates
-        cell64 = (
-            None
-            if cell is None
-            else torch.as_tensor(cell, dtype=torch.float64, device=self.device).expand(len(num), 3, 3)
-        )
-        real = num > 0
-        species = self.species_indices(num[real])
-        structure = torch.nonzero(real)[:, 0]
-        pairs = batch_pairs(num, batch["positions"], None if cell64 is None else cell64.detach(), self.cutoff)
-        flat = pos.to(device=self.device, dtype=torch.float64)[real]
+        flat = layout.flat(pos.to(device=self.device, dtype=torch.float64))
         vectors = flat.index_select(0, pairs.neighbor) - flat.index_select(0, pairs.center)
         if pairs.shift is not None:
             assert cell64 is not None  # shifts come from a cell
@@ -243,7 +241,8 @@ class ANIPotential(nn.Module):
             features = self.featurizer(species, pairs.center, pairs.neighbor, vectors.to(self.dtype))
             atomic = self.networks(species, features).to(torch.float64).mean(0)
         per_atom = atomic + self.self_energies[species]
-        out = per_atom.new_zeros(num.shape).masked_scatter(real, per_atom)
+        out = per_atom if layout.real is None else per_atom.new_zeros(num.shape).masked_scatter(layout.real, per_atom)
+        out = out.reshape(num.shape)
         return out[0] if single else out
 
     def energies(
@@ -287,50 +286,85 @@ class ANIPotential(nn.Module):
         pairs: neighbour lists to reuse, one per structure, from ``find_pairs`` or a
         ``NeighborList`` (a cutoff with a skin is fine: pairs beyond it are ignored).
         """
-        dtype, device = self._dtype_device
-        batch = _as_batch(numbers, positions, cell, device)  # every input check, before any work
-        num, cell64 = batch["numbers"], batch["cell"]
-        flat = _Flat.of(batch)
-        species = self.species_indices(flat.numbers)
+        device = self._dtype_device[1]
+        # Every input check, before any work.
+        layout = self._layout(numbers)
+        pos64 = _checked_positions(positions, layout.numbers.shape, layout.single, device)
+        cell64 = _checked_cell(cell, layout.n_structures, device)
+        flat_positions = layout.flat(pos64)
         if cell64 is not None and pairs is not None:
             check_cell(cell64, self.cutoff)  # (without given pairs, the neighbour search checks it)
         all_pairs = (
-            batch_pairs(num, batch["positions"], cell64, self.cutoff)
-            if pairs is None
-            else concatenate(pairs, flat.starts)
+            batch_pairs(layout.numbers, pos64, cell64, self.cutoff) if pairs is None else self._joined(pairs, layout)
         )
-        members, grads, member_grads = self._energies_and_gradients(flat, species, all_pairs, cell64, member_forces)
-        std, mean = torch.std_mean(members, dim=0, correction=0)
+        members, grads, member_grads = self._energies_and_gradients(
+            layout, flat_positions, all_pairs, cell64, member_forces
+        )
+        # The results are assembled in numpy: after the step a torch operation on these
+        # few numbers costs ~10 µs (its code is out of the caches), numpy's ~1.
+        values = members.detach().cpu().numpy()  # (k, B) float64
+        shape = layout.numbers.shape
         result = Evaluation(
-            energy=mean.cpu().numpy(),
-            forces=_unflatten(-grads[0], flat.real, num.shape),
-            member_energies=members.T.cpu().numpy(),
-            energy_std=std.cpu().numpy() * self.energy_std_scale,
-            strain_derivative=None if cell64 is None else grads[1].to(torch.float64).cpu().numpy(),
+            energy=values.mean(0),
+            forces=_forces(grads[0], layout.real, shape),
+            member_energies=values.T,
+            energy_std=values.std(0) * self.energy_std_scale,
+            strain_derivative=None if cell64 is None else grads[1].detach().to(torch.float64).cpu().numpy(),
         )
-        _check_finite(result, batch)
+        _check_finite(result, layout, pos64)
         if member_forces:
-            result.member_forces = np.stack([_unflatten(-g[0], flat.real, num.shape) for g in member_grads], axis=1)
+            result.member_forces = np.stack([_forces(g[0], layout.real, shape) for g in member_grads], axis=1)
             if cell64 is not None:
                 result.member_strain_derivatives = np.stack(
                     [g[1].to(torch.float64).cpu().numpy() for g in member_grads], axis=1
                 )
-        return _first(result) if batch["single"] else result
+        return _first(result) if layout.single else result
 
-    def _energies_and_gradients(self, flat: _Flat, species, all_pairs: Pairs, cell64, member_forces: bool):
-        """Member energies (k, B) and the gradients of their mean (and, with
-        ``member_forces``, of each member) with respect to the positions and the strain."""
-        dtype, device = self._dtype_device
-        n_structures = flat.n_structures
+    def _layout(self, numbers) -> _Layout:
+        """The checked layout of these atomic numbers (``_Layout``), from the memo when the
+        same integer array was laid out before (its checks and element lookups are then
+        already done: a few tens of µs of a small molecule's call)."""
+        key = _layout_key(numbers)
+        memo = self.__dict__.setdefault("_layouts", {})  # emptied by _apply (device)
+        if key is not None and key in memo:
+            return memo[key]
+        num, single, padded = _checked_numbers(numbers, self.species_of_number.device)
+        num = num.clone()  # (it may share the caller's array, which the memo must not follow)
+        if padded:
+            real = num > 0
+            counts = real.sum(1)
+            starts = (torch.cumsum(counts, 0) - counts).tolist()
+            flat_numbers, structure = num[real], torch.nonzero(real)[:, 0]
+        else:  # every row full: flattening is a reshape
+            real, (n_structures, width) = None, num.shape
+            flat_numbers = num.reshape(-1)
+            structure = torch.arange(n_structures, device=num.device).repeat_interleave(width)
+            starts = list(range(0, n_structures * width, width))
+        species = self.species_indices(flat_numbers)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
+        layout = _Layout(num, single, padded, flat_numbers, species, structure, starts, real, present)
+        if key is not None:
+            if len(memo) >= 64:  # (distinct arrays in flight: one per batch shape served)
+                memo.clear()
+            memo[key] = layout
+        return layout
+
+    def _energies_and_gradients(
+        self, layout: _Layout, positions: torch.Tensor, all_pairs: Pairs, cell64, member_forces: bool
+    ):
+        """Member energies (k, B) and the gradients of their mean (and, with
+        ``member_forces``, of each member) with respect to the real atoms' float64
+        positions (atoms, 3) and the strain."""
+        dtype, device = self._dtype_device
+        n_structures, species, present = layout.n_structures, layout.species, layout.present
         if not member_forces:
             plan = self._step_plan(present)
             if plan is not None:
-                return self._compiled_step(plan, flat, species, all_pairs, cell64)
+                return self._compiled_step(plan, layout, positions, all_pairs, cell64)
         # Positions stay float64: displacements are formed before the cast to the model's
         # dtype, so a molecule far from the origin loses no precision in float32 (a
         # float32 position 1e4 Å out keeps only ~1e-3 Å).
-        pos = flat.positions.clone().requires_grad_(True)
+        pos = positions.clone().requires_grad_(True)
         inputs = [pos]
         strain = None
         if cell64 is not None:
@@ -342,7 +376,7 @@ class ANIPotential(nn.Module):
         member_grads = [[torch.zeros_like(x) for x in inputs] for _ in range(k)] if member_forces else []
         # Large systems go in blocks of whole center atoms, each differentiated on its
         # own and accumulated: memory stays bounded and the cost linear in atoms.
-        for block in _blocks(all_pairs, flat.structure, species, self.block_pairs):
+        for block in _blocks(all_pairs, layout.structure, species, self.block_pairs):
             vectors = _displacements(pos, block, cell64, strain, dtype)
             part = self.forward(
                 block.species,
@@ -364,6 +398,28 @@ class ANIPotential(nn.Module):
                     ):
                         total += g
         return members, grads, member_grads
+
+    def _joined(self, pairs: list[Pairs], layout: _Layout) -> Pairs:
+        """``concatenate(pairs, layout.starts)``, reused while the same pair lists come
+        for the same layout (a neighbour list hands back its own ``Pairs`` until it is
+        rebuilt, so between rebuilds a batch's joined list does not change)."""
+        last = self.__dict__.get("_last_joined")
+        if last is not None and last[1] is layout and len(last[0]) == len(pairs):
+            if all(a is b for a, b in zip(last[0], pairs)):
+                return last[2]
+        joined = concatenate(pairs, layout.starts)
+        self.__dict__["_last_joined"] = (list(pairs), layout, joined)
+        return joined
+
+    def _self_energy(self, layout: _Layout) -> torch.Tensor:
+        """Σ self energies of each structure's atoms, (B,) float64, kept with the layout
+        until the self energies change (training refits them in place)."""
+        tag = (self.self_energies.data_ptr(), self.self_energies._version)
+        if layout.self_energy is None or layout.self_energy[0] != tag:
+            total = torch.zeros(layout.n_structures, dtype=torch.float64, device=self.self_energies.device)
+            total.index_add_(0, layout.structure, self.self_energies.index_select(0, layout.species))
+            layout.self_energy = (tag, total)
+        return layout.self_energy[1]
 
     def _step_plan(self, present: tuple[int, ...]):
         """The compiled step's plan for this element set (``kernels.StepPlan``), or None
@@ -404,93 +460,94 @@ class ANIPotential(nn.Module):
         cache[present] = plan
         return plan
 
-    def _compiled_step(self, plan, flat: _Flat, species, all_pairs: Pairs, cell64):
+    def _compiled_step(self, plan, layout: _Layout, positions: torch.Tensor, all_pairs: Pairs, cell64):
         """``_energies_and_gradients`` by the compiled step: no autograd graph."""
         from aniserve import kernels
 
         lib, step = plan
-        n_structures = flat.n_structures
+        n_structures, species = layout.n_structures, layout.species
         members = torch.zeros(step.members, n_structures, dtype=torch.float64)
         grad_pos = torch.zeros(len(species), 3, dtype=torch.float64)
         strain = None if cell64 is None else torch.zeros(n_structures, 3, 3, dtype=torch.float64)
-        positions = flat.positions.contiguous()
-        for block in _blocks(all_pairs, flat.structure, species, self.block_pairs):
-            whole = block.centers is None
-            target = grad_pos if whole else torch.zeros(len(block.atoms), 3, dtype=torch.float64)
+        positions = positions.contiguous()
+        for block in _blocks(all_pairs, layout.structure, species, self.block_pairs):
+            target = grad_pos if block.atoms is None else torch.zeros(len(block.atoms), 3, dtype=torch.float64)
             shift = None if cell64 is None or block.shift is None else block.shift.to(torch.float64).contiguous()
             arguments = (
                 block.species.contiguous(),
                 block.center.contiguous(),
                 block.neighbor.contiguous(),
                 positions,
-                None if whole else block.atoms.contiguous(),
+                None if block.atoms is None else block.atoms.contiguous(),
                 shift,
                 None if shift is None else cell64,
                 block.structure.contiguous(),
-                len(block.atoms) if whole else block.centers,
+                len(species) if block.centers is None else block.centers,
                 members,
                 target,
                 strain,
             )
             self._threads.run(len(block.center), lambda count: kernels.step(lib, step, *arguments, threads=count))
-            if not whole:
+            if block.atoms is not None:
                 grad_pos.index_add_(0, block.atoms, target)
-        members += torch.zeros(n_structures, dtype=torch.float64).index_add_(
-            0, flat.structure, self.self_energies.index_select(0, species)
-        )
+        members += self._self_energy(layout)
         return members, [grad_pos] if strain is None else [grad_pos, strain], []
 
 
 @dataclasses.dataclass
-class _Flat:
-    """A checked batch's real atoms in one list: their numbers, float64 positions, the
-    structure each belongs to, where each structure starts, and the mask of real atoms
-    in the (B, N) layout (None when no row is padded)."""
+class _Layout:
+    """What a call's atomic numbers decide, checked: the (B, N) numbers, whether one
+    structure was given, the real atoms in one list (their numbers, model species and
+    structure, where each structure starts, the mask of real atoms in the (B, N) layout,
+    None when no row is padded) and the species present.  A serving loop sends the same
+    numbers call after call, so ``ANIPotential`` keeps the layouts of recent arrays."""
 
     numbers: torch.Tensor
-    positions: torch.Tensor
+    single: bool
+    padded: bool
+    flat_numbers: torch.Tensor
+    species: torch.Tensor
     structure: torch.Tensor
     starts: list[int]
     real: torch.Tensor | None
-    n_structures: int
+    present: tuple[int, ...]
+    #: (the self energies' identity and version, Σ self energies per structure): see
+    #: ``ANIPotential._self_energy``.
+    self_energy: tuple[tuple[int, int], torch.Tensor] | None = None
 
-    @classmethod
-    def of(cls, batch: dict) -> _Flat:
-        num, pos64 = batch["numbers"], batch["positions"]
-        n_structures, width = num.shape
-        if batch["padded"]:
-            real = num > 0
-            counts = real.sum(1)
-            starts = (torch.cumsum(counts, 0) - counts).tolist()
-            return cls(num[real], pos64[real], torch.nonzero(real)[:, 0], starts, real, n_structures)
-        # Every row full: flattening is a reshape.
-        structure = (
-            torch.zeros(width, dtype=torch.long, device=num.device)
-            if n_structures == 1
-            else torch.arange(n_structures, device=num.device).repeat_interleave(width)
-        )
-        starts = list(range(0, n_structures * width, width))
-        return cls(num.reshape(-1), pos64.reshape(-1, 3), structure, starts, None, n_structures)
+    @property
+    def n_structures(self) -> int:
+        return self.numbers.shape[0]
+
+    def flat(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) positions → (atoms, 3) of the real atoms."""
+        return positions.reshape(-1, 3) if self.real is None else positions[self.real]
 
 
-def _check_finite(result: Evaluation, batch: dict) -> None:
+def _layout_key(numbers) -> tuple | None:
+    """A memo key for an integer numpy array of numbers (the driver's and the
+    calculator's); None for anything else, which is laid out afresh every call."""
+    if isinstance(numbers, np.ndarray) and numbers.dtype.kind in "iu":
+        return numbers.shape, numbers.dtype.str, numbers.tobytes()
+    return None
+
+
+def _check_finite(result: Evaluation, layout: _Layout, positions: torch.Tensor) -> None:
     """Never return a NaN or infinite energy, force or strain derivative: say which
     structure, and the closest atoms when they are the likely reason."""
-    fields = [result.energy, result.forces, result.energy_std] + (
-        [result.strain_derivative] if result.strain_derivative is not None else []
-    )
-    if all(math.isfinite(float(np.sum(f))) for f in fields):
+    # One test: NaN and inf propagate through the sums (Python floats: no warning).
+    total = float(np.sum(result.energy)) + float(result.forces.sum()) + float(np.sum(result.energy_std))
+    if result.strain_derivative is not None:
+        total += float(result.strain_derivative.sum())
+    if math.isfinite(total):
         return
     bad = ~(np.isfinite(result.energy) & np.isfinite(result.forces).all((1, 2)) & np.isfinite(result.energy_std))
     if result.strain_derivative is not None:
         bad |= ~np.isfinite(result.strain_derivative).all((1, 2))
     b = int(np.argmax(bad)) if bad.any() else 0
-    numbers = batch["numbers"][b]
-    positions = batch["positions"][b][numbers > 0].cpu().numpy()
-    where = "" if batch["single"] else f" of structure {b}"
-    raise ValueError(
-        f"the model gives a non-finite energy or forces{where}{closest_pair(positions)}; nothing is returned"
-    )
+    atoms = positions[b][layout.numbers[b] > 0].cpu().numpy()
+    where = "" if layout.single else f" of structure {b}"
+    raise ValueError(f"the model gives a non-finite energy or forces{where}{closest_pair(atoms)}; nothing is returned")
 
 
 #: Atoms closer than this (Å) are named when a result is not finite.
@@ -516,9 +573,10 @@ def closest_pair(positions: np.ndarray) -> str:
 @dataclasses.dataclass
 class _Block:
     """A block of center atoms with the neighbours their pairs reach, renumbered so the
-    centers come first.  ``atoms`` maps local to global atom indices."""
+    centers come first.  ``atoms`` maps local to global atom indices; a block of every
+    atom (``centers`` None, the common case) keeps them as they are (``atoms`` None)."""
 
-    atoms: torch.Tensor
+    atoms: torch.Tensor | None
     centers: int | None
     species: torch.Tensor
     structure: torch.Tensor
@@ -534,7 +592,7 @@ def _blocks(pairs: Pairs, structure: torch.Tensor, species: torch.Tensor, block_
     n_atoms = len(species)
     if len(pairs) <= block_pairs:
         yield _Block(
-            torch.arange(n_atoms, device=species.device),
+            None,
             None,
             species,
             structure,
@@ -596,10 +654,10 @@ def _displacements(
     return torch.bmm(vectors[:, None, :], deform.index_select(0, pair_structure))[:, 0]
 
 
-def _unflatten(flat: torch.Tensor, real: torch.Tensor | None, shape: torch.Size) -> np.ndarray:
-    """(atoms, 3) of the real atoms → (B, N, 3) float64, zero on padding (real: None
-    when there is none)."""
-    values = flat.detach().to(torch.float64).cpu().numpy()
+def _forces(gradient: torch.Tensor, real: torch.Tensor | None, shape: torch.Size) -> np.ndarray:
+    """−gradient, (atoms, 3) of the real atoms → (B, N, 3) float64, zero on padding
+    (real: None when there is none)."""
+    values = -gradient.detach().cpu().numpy().astype(np.float64, copy=False)
     if real is None:
         return values.reshape(*shape, 3)
     out = np.zeros((*shape, 3))
@@ -608,8 +666,8 @@ def _unflatten(flat: torch.Tensor, real: torch.Tensor | None, shape: torch.Size)
 
 
 def _first(result: Evaluation) -> Evaluation:
-    values: dict[str, Any] = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    first: dict[str, Any] = {name: None if value is None else value[0] for name, value in values.items()}
+    """One structure's results out of a batch of one."""
+    first: dict[str, Any] = {name: None if value is None else value[0] for name, value in vars(result).items()}
     return Evaluation(**first)
 
 
@@ -662,28 +720,18 @@ def _check_numbers(numbers) -> None:
         raise ValueError("atomic numbers must be an array, one per atom, not a single number")
 
 
-def _as_batch(numbers, positions, cell, device) -> dict:
-    """Check shapes and values; return (B, N) numbers, (B, N, 3) and (B, 3, 3) float64."""
+def _checked_numbers(numbers, device) -> tuple[torch.Tensor, bool, bool]:
+    """Atomic numbers checked: (B, N) long (one structure gets B = 1), whether one
+    structure was given, and whether any row is padded (0 after its real atoms)."""
     _check_numbers(numbers)
     if numbers is not None and len(numbers) == 0:
         raise ValueError("the structure has no atoms")
     num = _as_tensor(numbers, torch.long, device, "numbers")
-    pos = _as_tensor(positions, torch.float64, device, "positions")
-    given = (tuple(num.shape), tuple(pos.shape))
     single = num.dim() == 1
     if single:
-        num, pos = num[None], pos[None]
-    if num.dim() != 2 or pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != num.shape:
-        raise ValueError(
-            f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
-            f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)"
-        )
-    # One reduction in the common case; the sum of finite positions can only overflow
-    # for coordinates near 1e308, which the element-wise test below then clears.
-    if not math.isfinite(float(pos.sum())) and not torch.isfinite(pos).all():
-        bad = torch.nonzero(~torch.isfinite(pos).all(-1))
-        where = ", ".join(f"atom {int(a)}" + (f" of structure {int(b)}" if not single else "") for b, a in bad[:5])
-        raise ValueError(f"positions contain NaN or infinite values ({where})")
+        num = num[None]
+    if num.dim() != 2:
+        raise ValueError(f"atomic numbers must be (N,) or (B, N), got shape {tuple(num.shape)[1 if single else 0 :]}")
     padded = bool((num <= 0).any())
     if padded:
         if (num < 0).any():
@@ -695,12 +743,36 @@ def _as_batch(numbers, positions, cell, device) -> dict:
             )
         if (num[:, 0] == 0).any():
             raise ValueError("every structure needs at least one atom (padding, 0, may only follow real atoms)")
-    c = None
-    if cell is not None:
-        c = _as_tensor(cell, torch.float64, device, "cell")
-        if c.shape == (3, 3):
-            c = c.expand(len(num), 3, 3)
-        if c.shape != (len(num), 3, 3):
-            raise ValueError(f"cell must be (3, 3) or (B, 3, 3), got {tuple(c.shape)}")
-        c = c.contiguous()
-    return {"numbers": num, "positions": pos, "cell": c, "single": single, "padded": padded}
+    return num, single, padded
+
+
+def _checked_positions(positions, shape: torch.Size, single: bool, device) -> torch.Tensor:
+    """Positions checked against the numbers' (B, N) ``shape``: (B, N, 3) float64, finite."""
+    pos = _as_tensor(positions, torch.float64, device, "positions")
+    if single:
+        pos = pos[None]
+    if pos.dim() != 3 or pos.shape[-1] != 3 or pos.shape[:2] != shape:
+        given = (tuple(shape[1:]) if single else tuple(shape), tuple(pos.shape[1:]) if single else tuple(pos.shape))
+        raise ValueError(
+            f"shape mismatch: numbers {given[0]} and positions {given[1]}; "
+            f"expected (N,) and (N, 3), or (B, N) and (B, N, 3)"
+        )
+    # One reduction in the common case; the sum of finite positions can only overflow
+    # for coordinates near 1e308, which the element-wise test below then clears.
+    if not math.isfinite(float(pos.sum())) and not torch.isfinite(pos).all():
+        bad = torch.nonzero(~torch.isfinite(pos).all(-1))
+        where = ", ".join(f"atom {int(a)}" + (f" of structure {int(b)}" if not single else "") for b, a in bad[:5])
+        raise ValueError(f"positions contain NaN or infinite values ({where})")
+    return pos
+
+
+def _checked_cell(cell, structures: int, device) -> torch.Tensor | None:
+    """None, or the cell as (B, 3, 3) float64 (a (3, 3) cell is every structure's)."""
+    if cell is None:
+        return None
+    c = _as_tensor(cell, torch.float64, device, "cell")
+    if c.shape == (3, 3):
+        c = c.expand(structures, 3, 3)
+    if c.shape != (structures, 3, 3):
+        raise ValueError(f"cell must be (3, 3) or (B, 3, 3), got {tuple(c.shape)}")
+    return c.contiguous()

@@ -111,6 +111,78 @@ def test_step_follows_changed_weights():
     assert abs(model.evaluate(numbers, positions).energy - before.energy) < 1e-12
 
 
+def fresh_copy(name="ani-1ccx"):
+    """A float64 potential of its own, sharing the cached model's modules, whose self
+    energies and memos a test may change."""
+    model = cached_model(name, "float64")
+    copy = type(model)(model.featurizer, model.networks, dict(zip(model.elements, model.self_energies.tolist())))
+    return copy.to(torch.float64)
+
+
+def test_self_energies_refit_in_place_are_seen():
+    """Training refits the self energies in place: the next evaluation adds the new
+    ones (the sum kept with a structure's layout is recomputed)."""
+    model = fresh_copy()
+    numbers, positions = np.array(ETHANOL_NUMBERS), np.array(ETHANOL_POSITIONS)
+    before = model.evaluate(numbers, positions)
+    hydrogen = model.elements.index("H")
+    with torch.no_grad():
+        model.self_energies[hydrogen] += 0.25
+    after = model.evaluate(numbers, positions)
+    assert after.energy - before.energy == pytest.approx(0.25 * ETHANOL_NUMBERS.count(1), abs=1e-10)
+    np.testing.assert_allclose(after.forces, before.forces, rtol=0, atol=1e-12)
+
+
+def test_numbers_are_laid_out_once_and_kept_as_given():
+    """A numbers array seen before reuses its checked layout; the memo keeps its own
+    copy, so changing the caller's array in place changes nothing already laid out, and
+    the changed array is laid out anew."""
+    model = fresh_copy()
+    positions = np.array(ETHANOL_POSITIONS)
+    numbers = np.array(ETHANOL_NUMBERS)
+    first = model.evaluate(numbers, positions)
+    assert len(model.__dict__["_layouts"]) == 1
+    numbers[2], numbers[3] = 1, 8  # the O and an H swap places
+    swapped = model.evaluate(numbers, positions)
+    assert len(model.__dict__["_layouts"]) == 2
+    with kernels.using("tensor"):  # (a list is never memoised)
+        assert swapped.energy == pytest.approx(model.evaluate(list(numbers), positions).energy, abs=1e-9)
+    assert abs(swapped.energy - first.energy) > 1e-3
+    again = model.evaluate(np.array(ETHANOL_NUMBERS), positions)
+    assert again.energy == pytest.approx(first.energy, abs=1e-12)
+    np.testing.assert_allclose(again.forces, first.forces, rtol=0, atol=1e-12)
+
+
+def test_a_batchs_joined_pairs_follow_its_neighbour_lists():
+    """Between rebuilds a batch's pair lists are joined once; a list rebuilt for one
+    structure (or another layout with the same lists) is joined anew."""
+    from aniserve.neighbors import NeighborList
+
+    model = fresh_copy()
+    ethanol = np.array(ETHANOL_POSITIONS)
+    numbers = np.stack([ETHANOL_NUMBERS] * 2)
+    positions = np.stack([ethanol, ethanol + 0.05])
+    positions[1, 2] += [12.0, 0.0, 0.0]  # the second structure's O starts out of everyone's range
+    lists = [NeighborList(model.cutoff, skin=1.0) for _ in range(2)]
+    rng = np.random.default_rng(1)
+    for step in range(5):
+        if step == 3:  # ... and comes back: its list must be rebuilt, and joined anew
+            positions[1, 2] -= [12.0, 0.0, 0.0]
+        positions = positions + rng.uniform(-0.05, 0.05, positions.shape)
+        pairs = [lst.pairs(torch.tensor(p)) for lst, p in zip(lists, positions)]
+        served = model.evaluate(numbers, positions, pairs=pairs)
+        fresh = model.evaluate(numbers, positions)
+        np.testing.assert_allclose(served.energy, fresh.energy, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(served.forces, fresh.forces, rtol=0, atol=1e-10)
+    assert [lst.builds for lst in lists] == [1, 2]
+    # The same two lists for the batch written the other way round: joined anew.
+    positions[1, 2] += [12.0, 0.0, 0.0]
+    pairs = [lst.pairs(torch.tensor(p)) for lst, p in zip(lists, positions)]
+    served = model.evaluate(numbers, positions, pairs=pairs)
+    flipped = model.evaluate(numbers, positions[::-1].copy(), pairs=pairs[::-1])
+    np.testing.assert_allclose(flipped.energy, served.energy[::-1], rtol=0, atol=1e-10)
+
+
 def test_member_forces_still_come_from_autograd():
     model = cached_model("ani-1ccx", "float64")
     result = model.evaluate(ETHANOL_NUMBERS, np.array(ETHANOL_POSITIONS), member_forces=True)
