@@ -44,6 +44,10 @@ def test_bench_speed_quick(tmp_path):
     assert report["cases"] and all(c["ms_per_call"] > 0 for c in report["cases"]) and "ms/call" in output
     # each case against its arithmetic floor (aniserve.bench.floor): a fraction, reported, never asserted
     assert all(c["floor_ms"] > 0 and c["fraction_of_floor"] > 0 for c in report["cases"]) and "of floor" in output
+    # and against the memory floor: the weights it reads at the measured read rate
+    for c in report["cases"]:
+        assert c["memory_floor_ms"] == pytest.approx(c["network_mb"] / c["read_gbps"])
+    assert "memory floor" in output
 
 
 @pytest.mark.slow
@@ -115,4 +119,27 @@ def test_the_floor_counts_the_networks_arithmetic_of_a_case():
     default = aniserve.load_model()
     assert network_flops(default, [6, 6, 8, 1, 1, 1, 1, 1, 1]) > expected
     rate = gemm_gflops(seconds=0.05)  # a measured rate: reported by bench speed, only checked to be a rate here
+    assert rate > 0 and rate != float("inf")
+
+
+@pytest.mark.weights
+def test_the_memory_floor_counts_the_weights_a_case_reads():
+    """Ethanol with ANI-1x reads each element's weights and biases once, the first layer
+    over the 240 columns C, H and O can fill, for 8 members in float32: ≈ 6 MB, whatever
+    the atom count; a Δ model reads its corrections as well; a float64 model twice as
+    many bytes."""
+    import aniserve
+    from aniserve.bench.floor import network_bytes, read_gbps
+
+    model = aniserve.load_model("ani-1x")
+    expected = 0
+    for element in ("C", "H", "O"):
+        sizes = [240, *model.networks.mlps[model.elements.index(element)].sizes[1:]]
+        expected += sum(a * b + b for a, b in zip(sizes, sizes[1:])) * 8 * 4
+    ethanol = [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    assert network_bytes(model, ethanol) == expected and 5.5e6 < expected < 6.5e6
+    assert network_bytes(model, [ethanol] * 8) == expected
+    assert network_bytes(aniserve.load_model("ani-1x", dtype="float64"), ethanol) == 2 * expected
+    assert network_bytes(aniserve.load_model(), ethanol) > expected
+    rate = read_gbps(megabytes=64)  # a measured rate: reported by bench speed, only checked to be a rate here
     assert rate > 0 and rate != float("inf")

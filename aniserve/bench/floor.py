@@ -9,6 +9,13 @@ columns of ANI-1x; for water 128).  A Δ model pays for its base and its correct
 The AEV and the neighbour search are left out: the floor is a lower bound, and the
 fraction of it reached says how much of a call is spent outside the networks'
 arithmetic.
+
+A small molecule has a second floor: its few atoms use each weight a handful of times,
+so a call that does not find the weights in the caches (any call after a millisecond of
+other work on these VMs: an MD integrator's step, a socket read) must stream them from
+memory.  ``network_bytes`` counts what the networks of a case read (the same layers,
+first layer over the nonzero columns, every member) and ``read_gbps`` measures how fast
+the machine streams memory; their quotient is that memory floor.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 512, seconds: fl
     return 2 * size**3 / best / 1e9
 
 
+def read_gbps(megabytes: int = 256, repeats: int = 3) -> float:
+    """The rate (GB/s) at which torch, with its current threads, reads a buffer far
+    larger than any cache: the best of ``repeats`` sums."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * buffer.element_size() / best / 1e9
+
+
 def _layer_sizes(networks) -> list[tuple[int, dict[int, list[int]]]]:
     """Per term (a plain model has one, a Δ model two): its members, and element index
     → layer widths."""
@@ -49,18 +69,34 @@ def _layer_sizes(networks) -> list[tuple[int, dict[int, list[int]]]]:
 def network_flops(model, numbers) -> float:
     """Floating-point operations of the networks' forward pass and input gradient for
     the atoms ``numbers`` (any shape; 0 is padding)."""
+    total = 0.0
+    for members, count, sizes in _networks_used(model, numbers):
+        per_pass = 2 * sum(a * b for a, b in zip(sizes, sizes[1:]))
+        total += 2 * per_pass * members * count  # forward, and back to the input
+    return total
+
+
+def network_bytes(model, numbers) -> int:
+    """Bytes of weights and biases the networks read for the atoms ``numbers``: every
+    layer of each element present, the first over the nonzero columns, every member,
+    at the model's precision (each once: what a call must bring from memory)."""
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    total = 0
+    for members, _, sizes in _networks_used(model, numbers):
+        total += sum(a * b + b for a, b in zip(sizes, sizes[1:])) * members * itemsize
+    return total
+
+
+def _networks_used(model, numbers):
+    """(members, atoms, layer widths with the first over the nonzero columns) of each
+    element network (of each term of a Δ model) that the atoms ``numbers`` meet."""
     numbers = np.asarray(numbers).ravel()
     numbers = numbers[numbers > 0]
     species = model.species_indices(torch.as_tensor(numbers)).tolist()
     present = tuple(sorted(set(species)))
     columns = model.featurizer.nonzero_columns(present) if hasattr(model.featurizer, "nonzero_columns") else None
     counts = np.bincount(species, minlength=len(model.elements))
-    total = 0.0
     for members, term in _layer_sizes(model.networks):
         for element, sizes in term.items():
-            if not counts[element]:
-                continue
-            sizes = [len(columns) if columns is not None else sizes[0], *sizes[1:]]
-            per_pass = 2 * sum(a * b for a, b in zip(sizes, sizes[1:]))
-            total += 2 * per_pass * members * counts[element]  # forward, and back to the input
-    return total
+            if counts[element]:
+                yield members, int(counts[element]), [len(columns) if columns is not None else sizes[0], *sizes[1:]]

@@ -113,11 +113,12 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
     ``ms_per_md_step`` reuses a neighbour list with ``skin``, as an MD step does between
     rebuilds (single structures only).  With ``torchani_model``, ``agreement`` is
     (aniserve model, TorchANI runner), both float64, for the energy check."""
-    from aniserve.bench.floor import gemm_gflops, network_flops
+    from aniserve.bench.floor import gemm_gflops, network_bytes, network_flops, read_gbps
     from aniserve.neighbors import NeighborList
 
     rows = []
     gflops = gemm_gflops(model.dtype) if model.device.type == "cpu" else None
+    gbps = read_gbps() if model.device.type == "cpu" else None
     for name, kind, count, (numbers, positions, cell), repeats in cases(quick):
         atoms = int(np.size(numbers))
         if quick:
@@ -139,6 +140,9 @@ def run(model, quick: bool = False, torchani_model=None, agreement=None, skin: f
                 floor_ms=flops / gflops / 1e6,
                 fraction_of_floor=flops / gflops / 1e9 / seconds,
             )
+        if gbps:
+            weights = network_bytes(model, numbers)
+            row.update(network_mb=weights / 1e6, read_gbps=gbps, memory_floor_ms=weights / gbps / 1e6)
         line = f"{name:22s} {atoms:6d} atoms  {seconds * 1e3:9.2f} ms  {atoms / seconds:9.0f} atoms/s"
         if kind != "batch":
             pairs = [
@@ -292,15 +296,16 @@ def table(result: dict, compare_torchani: bool = False) -> str:
     """The printed table of ``aniserve bench speed``."""
     lines = [
         f"{'case':22s} {'atoms':>6s} {'ms/call':>9s} {'atoms/s':>9s} {'MD step ms':>10s} {'atoms/s':>9s} "
-        f"{'floor ms':>9s} {'of floor':>8s} {'peak RSS MB':>11s}"
+        f"{'floor ms':>9s} {'of floor':>8s} {'memory floor ms':>15s} {'peak RSS MB':>11s}"
         + ("  TorchANI ms  speed-up  float64 |ΔE| Ha" if compare_torchani else "")
     ]
     for r in result["cases"]:
         md = f"{r['ms_per_md_step']:10.2f} {r['md_atoms_per_s']:9.0f}" if "ms_per_md_step" in r else f"{'':10s} {'':9s}"
         floor = f"{r['floor_ms']:9.2f} {100 * r['fraction_of_floor']:7.0f}%" if "floor_ms" in r else f"{'':9s} {'':8s}"
+        memory = f"{r['memory_floor_ms']:15.3f}" if "memory_floor_ms" in r else f"{'':15s}"
         lines.append(
             f"{r['case']:22s} {r['atoms']:6d} {r['ms_per_call']:9.2f} {r['atoms_per_s']:9.0f} {md} "
-            f"{floor} {r['peak_rss_mb']:11.0f}"
+            f"{floor} {memory} {r['peak_rss_mb']:11.0f}"
             + (
                 f"  {r['torchani_ms_per_call']:11.2f}  {r['speedup_vs_torchani']:7.1f}×  "
                 f"{r['torchani_float64_energy_diff_hartree']:.1e}"
@@ -320,6 +325,13 @@ def table(result: dict, compare_torchani: bool = False) -> str:
             f"floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at "
             f"this machine's measured {rates.pop():.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / "
             f"measured (100% would be pure network arithmetic at that rate)"
+        )
+    reads = {r["read_gbps"] for r in result["cases"] if "read_gbps" in r}
+    if reads:
+        lines.append(
+            f"memory floor: the networks' weights for the elements present read once from memory at this "
+            f"machine's measured {reads.pop():.1f} GB/s (what a call pays when other work has left them "
+            f"out of the caches)"
         )
     return "\n".join(lines)
 
