@@ -319,20 +319,24 @@ def table(result: dict, compare_torchani: bool = False) -> str:
             f"cost per atom at {s['to_atoms']} atoms / at {s['from_atoms']}: {s['per_atom_cost_ratio']:.2f} "
             f"cold, {s['per_atom_md_step_cost_ratio']:.2f} per MD step (1.00 = linear)"
         )
-    rates = {r["gemm_gflops"] for r in result["cases"] if "gemm_gflops" in r}
-    if rates:
-        lines.append(
-            f"floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at "
-            f"this machine's measured {rates.pop():.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / "
-            f"measured (100% would be pure network arithmetic at that rate)"
-        )
-    reads = {r["read_gbps"] for r in result["cases"] if "read_gbps" in r}
-    if reads:
-        lines.append(
-            f"memory floor: the networks' weights for the elements present read once from memory at this "
-            f"machine's measured {reads.pop():.1f} GB/s (what a call pays when other work has left them "
-            f"out of the caches)"
-        )
+    # Each floor's footnote, with the rate it was measured at (one per run).
+    footnotes = (
+        (
+            "gemm_gflops",
+            "floor: the element networks' forward pass and input gradient (nonzero AEV columns only) at this "
+            "machine's measured {:.0f} GFLOP/s matrix-multiply rate; 'of floor' = floor / measured (100% would "
+            "be pure network arithmetic at that rate)",
+        ),
+        (
+            "read_gbps",
+            "memory floor: the networks' weights for the elements present read once from memory at this "
+            "machine's measured {:.1f} GB/s (what a call pays when other work has left them out of the caches)",
+        ),
+    )
+    for field, text in footnotes:
+        rates = {r[field] for r in result["cases"] if field in r}
+        if rates:
+            lines.append(text.format(rates.pop()))
     return "\n".join(lines)
 
 
