@@ -326,8 +326,9 @@ class ANIPotential(nn.Module):
         already done: a few tens of µs of a small molecule's call)."""
         key = _layout_key(numbers)
         memo = self.__dict__.setdefault("_layouts", {})  # emptied by _apply (device)
-        if key is not None and key in memo:
-            return memo[key]
+        known = None if key is None else memo.get(key)  # (one lookup: another thread may clear it)
+        if known is not None:
+            return known
         num, single, padded = _checked_numbers(numbers, self.species_of_number.device)
         num = num.clone()  # (it may share the caller's array, which the memo must not follow)
         if padded:
@@ -342,7 +343,7 @@ class ANIPotential(nn.Module):
             starts = list(range(0, n_structures * width, width))
         species = self.species_indices(flat_numbers)
         present = tuple(i for i, n in enumerate(torch.bincount(species).tolist()) if n)
-        layout = _Layout(num, single, padded, flat_numbers, species, structure, starts, real, present)
+        layout = _Layout(num, single, species, structure, starts, real, present)
         if key is not None:
             if len(memo) >= 64:  # (distinct arrays in flight: one per batch shape served)
                 memo.clear()
@@ -497,15 +498,13 @@ class ANIPotential(nn.Module):
 @dataclasses.dataclass
 class _Layout:
     """What a call's atomic numbers decide, checked: the (B, N) numbers, whether one
-    structure was given, the real atoms in one list (their numbers, model species and
-    structure, where each structure starts, the mask of real atoms in the (B, N) layout,
-    None when no row is padded) and the species present.  A serving loop sends the same
+    structure was given, the real atoms in one list (their model species and structure,
+    where each structure starts, the mask of real atoms in the (B, N) layout, None when
+    no row is padded) and the species present.  A serving loop sends the same
     numbers call after call, so ``ANIPotential`` keeps the layouts of recent arrays."""
 
     numbers: torch.Tensor
     single: bool
-    padded: bool
-    flat_numbers: torch.Tensor
     species: torch.Tensor
     structure: torch.Tensor
     starts: list[int]
