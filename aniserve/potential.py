@@ -730,7 +730,7 @@ def _checked_numbers(numbers, device) -> tuple[torch.Tensor, bool, bool]:
     if single:
         num = num[None]
     if num.dim() != 2:
-        raise ValueError(f"atomic numbers must be (N,) or (B, N), got shape {tuple(num.shape)[1 if single else 0 :]}")
+        raise ValueError(f"atomic numbers must be (N,) or (B, N), got shape {tuple(num.shape)}")
     padded = bool((num <= 0).any())
     if padded:
         if (num < 0).any():
